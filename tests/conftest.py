@@ -1,0 +1,26 @@
+"""Shared pytest fixtures: tiny random models for fast tests and the real teacher for a few."""
+
+import os
+
+import matplotlib
+import pytest
+import torch
+
+matplotlib.use("Agg")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def tiny():
+    """A tiny random Llama (2 layers, width 32, vocab 256)."""
+    from distill_lab.models import tiny_llama
+
+    return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def teacher():
+    """The real offline teacher and tokenizer (loaded once per test session)."""
+    from distill_lab.models import load_teacher
+
+    return load_teacher(device="cpu")
