@@ -69,6 +69,18 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, bf1
     return math.exp(total / count)
 
 
+def perplexity_units(model: nn.Module, tokenizer, windows: torch.Tensor, batch_size: int = 8,
+                     bf16: bool = False, context: int = 0, progress: bool = True) -> dict[str, float]:
+    """The same likelihood in three units: per-token perplexity, per-word perplexity and bits per byte."""
+    total, count = token_nll(model, windows, batch_size, bf16, context, progress)
+    scored = [tokenizer.decode(w[context + 1:].tolist()) for w in windows]  # the scored text
+    words = sum(len(text.split()) for text in scored)
+    nbytes = sum(len(text.encode("utf-8")) for text in scored)
+    return {"token_ppl": math.exp(total / count), "word_ppl": math.exp(total / words),
+            "bits_per_byte": total / (math.log(2) * nbytes), "tokens": count, "words": words,
+            "bytes": nbytes}
+
+
 @torch.inference_mode()
 def generate_samples(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 40,
                      temperature: float = 0.0, seed: int = 0, chat: bool = False) -> list[str]:
@@ -91,6 +103,40 @@ def generate_samples(model: nn.Module, tokenizer, prompts: list[str], max_new_to
                              pad_token_id=tokenizer.pad_token_id, **kwargs)
         outputs.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     return outputs
+
+
+@torch.inference_mode()
+def next_token_logits(model: nn.Module, tokenizer, prompt: str) -> torch.Tensor:
+    """Return the model's logits for the token that follows ``prompt``, shape (V,)."""
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    return model(ids.to(_device_of(model))).logits[0, -1].float().cpu()  # (V,)
+
+
+def temperature_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Softmax of ``logits / temperature`` (T < 1 sharpens, T > 1 flattens), same shape as ``logits``."""
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature}; allowed: > 0")
+    return torch.softmax(logits.float() / temperature, dim=-1)
+
+
+def top_tokens(probs: torch.Tensor, tokenizer, k: int = 10) -> tuple[list[str], list[float]]:
+    """Return the ``k`` most likely tokens (decoded) and their probabilities from a (V,) distribution."""
+    values, indices = probs.topk(k)
+    return [tokenizer.decode([i]) for i in indices.tolist()], values.tolist()
+
+
+def entropy_bits(probs: torch.Tensor) -> float:
+    """Shannon entropy of a (V,) distribution, in bits."""
+    p = probs.double().clamp_min(1e-30)
+    return float(-(p * p.log2()).sum())
+
+
+def temperature_view(logits: torch.Tensor, tokenizer, temperature: float, k: int = 10) -> dict:
+    """Top-``k`` tokens, their probabilities and the entropy of ``softmax(logits / T)``."""
+    probs = temperature_probs(logits, temperature)
+    tokens, top = top_tokens(probs, tokenizer, k)
+    return {"temperature": temperature, "tokens": tokens, "probs": top,
+            "entropy_bits": entropy_bits(probs)}
 
 
 def _sync(device: torch.device) -> None:

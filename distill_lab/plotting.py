@@ -37,3 +37,10 @@ def plot_bars(values: dict[str, float], xlabel: str = "", title: str = "", ax=No
     ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def plot_temperature_view(view: dict, ax=None):
+    """Draw a ``temperature_view`` result: the top tokens at one temperature, titled with T and entropy."""
+    return plot_token_distribution(view["tokens"], view["probs"], ax=ax,
+                                   title=f"T = {view['temperature']:.2f}   "
+                                         f"entropy = {view['entropy_bits']:.2f} bits")

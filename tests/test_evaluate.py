@@ -1,0 +1,91 @@
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import distill_lab as dl
+from distill_lab import evaluate
+
+
+def test_perplexity_matches_model_loss(tiny):
+    windows = torch.randint(0, 256, (5, 12), generator=torch.Generator().manual_seed(0))
+    ppl = dl.perplexity(tiny, windows, batch_size=2, progress=False)
+    with torch.no_grad():
+        losses = [tiny(w[None], labels=w[None]).loss for w in windows]
+    assert ppl == pytest.approx(math.exp(torch.stack(losses).mean().item()), rel=1e-5)
+    assert ppl > 200  # an untrained model over 256 tokens is close to uniform
+
+
+def test_context_scores_only_the_tail(tiny):
+    windows = torch.randint(0, 256, (2, 10))
+    total, count = evaluate.token_nll(tiny, windows, context=6, progress=False)
+    assert count == 2 * 3
+    logits = tiny(windows).logits[:, 6:-1]
+    ref = F.cross_entropy(logits.reshape(-1, 256), windows[:, 7:].reshape(-1), reduction="sum")
+    assert total == pytest.approx(ref.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="context=9"):
+        evaluate.token_nll(tiny, windows, context=9)
+
+
+def test_bf16_perplexity_close_to_fp32(tiny):
+    windows = torch.randint(0, 256, (4, 16))
+    a = dl.perplexity(tiny, windows, progress=False)
+    b = dl.perplexity(tiny, windows, bf16=True, progress=False)
+    assert b == pytest.approx(a, rel=0.05)
+
+
+def test_latency_reports_positive_rates(tiny):
+    r = dl.latency(tiny, batch=2, seq=8, decode_tokens=3, repeats=2)
+    assert r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0
+    assert r["decode_ms_per_token"] == pytest.approx(1000 / r["decode_tokens_per_s"])
+
+
+def test_model_size_memory_and_disk(tiny):
+    n = dl.count_parameters(tiny)["total"]
+    mem = dl.model_size_bytes(tiny)
+    assert mem >= 4 * n
+    disk = dl.model_size_bytes(tiny, on_disk=True)
+    assert abs(disk - mem) < 0.05 * mem + 4096
+
+
+def test_peak_memory_sees_an_allocation():
+    _, base = dl.peak_memory(lambda: None)
+    _, peak = dl.peak_memory(lambda: torch.ones(64 * 2**20 // 4).sum())  # 64 MiB
+    assert peak >= base
+
+
+def test_temperature_view_and_entropy():
+    logits = torch.tensor([3.0, 1.0, 0.0, -1.0])
+    cold, hot = evaluate.temperature_probs(logits, 0.5), evaluate.temperature_probs(logits, 2.0)
+    assert evaluate.entropy_bits(cold) < evaluate.entropy_bits(hot) <= 2.0
+    assert evaluate.entropy_bits(torch.full((4,), 0.25)) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="temperature=0"):
+        evaluate.temperature_probs(logits, 0)
+
+
+def test_result_roundtrip_and_record(tmp_path, monkeypatch):
+    r = dl.Result("unit", {"ppl": 12.5}, profile="smoke", seed=3)
+    assert {"torch", "transformers", "device", "git_commit"} <= set(r.env)
+    path = r.save(tmp_path / "r.json")
+    assert dl.Result.load(path).metrics == {"ppl": 12.5}
+    monkeypatch.delenv(evaluate.REPORT_ENV, raising=False)
+    assert dl.record(r) is None
+    monkeypatch.setenv(evaluate.REPORT_ENV, str(tmp_path))
+    saved = dl.record(r)
+    assert json.loads(saved.read_text())["seed"] == 3
+
+
+def test_generate_samples_greedy_is_deterministic(tiny):
+    class Tok:  # minimal tokenizer over the tiny vocabulary
+        pad_token_id = 0
+
+        def __call__(self, text, return_tensors=None, add_special_tokens=False):
+            return type("E", (), {"input_ids": torch.tensor([[ord(c) % 256 for c in text]])})()
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(65 + i % 26) for i in ids)
+
+    a = dl.generate_samples(tiny, Tok(), ["hi"], max_new_tokens=5)
+    assert a == dl.generate_samples(tiny, Tok(), ["hi"], max_new_tokens=5) and len(a[0]) == 5
