@@ -1,0 +1,787 @@
+"""Combined compression: prune → distil → quantize, with quality measured after every step.
+
+A :class:`Recipe` is a list of steps (``kind`` + config dict) that loads from and saves to YAML or
+JSON. :func:`run_recipe` applies the steps to a copy of the teacher, saves every intermediate model
+atomically, measures it (perplexity in- and out-of-domain, size on disk, prefill and decode speed)
+and resumes from the last finished step when it is run again. :func:`comparison_table` measures the
+seed's comparison table (INT8, INT4, distillation, 50 % pruning, combined) on the real teacher.
+
+Papers: the order prune → distil → quantize follows Deep Compression (Han et al., 2016,
+"Deep Compression: Compressing Deep Neural Networks with Pruning, Trained Quantization and
+Huffman Coding", arXiv:1510.00149) and Minitron (Muralidharan et al., 2024, "Compact Language
+Models via Pruning and Knowledge Distillation", arXiv:2407.14679); distillation is Hinton et al.,
+2015 (arXiv:1503.02531); quantization-aware training with a distillation loss follows
+LLM-QAT (Liu et al., 2023, arXiv:2305.17888).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .profiles import Profile, get_profile
+
+# ----------------------------------------------------------------------------------------------
+# The step registry
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepKind:
+    """One kind of recipe step: how to validate its config and how to apply it."""
+
+    name: str  # the key used in recipe files, e.g. "prune"
+    apply: Callable  # apply(model, config: dict, ctx: StepContext) -> model (new or changed in place)
+    validate: Callable | None = None  # validate(config: dict) -> None; raises ValueError
+    doc: str = ""  # one line shown by `python -m distill_lab compress --help`
+
+
+STEPS: dict[str, StepKind] = {}
+
+
+def register_step(name: str, apply: Callable, validate: Callable | None = None, doc: str = "") -> StepKind:
+    """Register (or replace) a recipe step kind; ``apply(model, config, ctx)`` returns the model."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"step name={name!r}; allowed: a Python identifier such as 'prune'")
+    STEPS[name] = StepKind(name, apply, validate, doc)
+    return STEPS[name]
+
+
+def step_kinds() -> list[str]:
+    """Names of the registered step kinds."""
+    return sorted(STEPS)
+
+
+def _config_from(cls, config: dict, where: str):
+    """Build dataclass ``cls`` from a dict; unknown keys and bad values raise ValueError naming ``where``."""
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in config if k not in allowed]
+    if unknown:
+        raise ValueError(f"{where}: unknown field {unknown[0]!r}; allowed: {', '.join(allowed)}")
+    try:
+        return cls(**config)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    except TypeError as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Recipes
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Step:
+    """One recipe step: a registered ``kind`` and its config."""
+
+    kind: str  # a registered step kind (see step_kinds())
+    config: dict = field(default_factory=dict)  # the step's knobs, validated by its kind
+
+    def __post_init__(self):
+        if self.kind not in STEPS:
+            raise ValueError(f"unknown recipe step {self.kind!r}; allowed: {', '.join(step_kinds())}")
+        if self.config is None:
+            self.config = {}
+        if not isinstance(self.config, dict):
+            raise ValueError(f"step {self.kind!r}: config={self.config!r}; allowed: a mapping of knobs")
+        spec = STEPS[self.kind]
+        if spec.validate is not None:
+            spec.validate(dict(self.config))
+
+    @property
+    def label(self) -> str:
+        """Short human label, e.g. ``quantize(method=int4, group_size=64)``."""
+        knobs = ", ".join(f"{k}={v}" for k, v in self.config.items())
+        return f"{self.kind}({knobs})" if knobs else self.kind
+
+    def to_dict(self) -> dict:
+        """The step as ``{kind: config}`` (the short form used in recipe files)."""
+        return {self.kind: dict(self.config)}
+
+
+@dataclass
+class Recipe:
+    """A compression recipe: ordered steps plus a quality guard."""
+
+    name: str  # a short name, used for folders and table rows
+    steps: list  # list of Step (dicts are converted: {"kind": k, "config": {...}} or {k: {...}})
+    max_ppl_ratio: float | None = None  # stop when in-domain ppl / teacher ppl exceeds this (None: never)
+    description: str = ""  # one line for humans
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ValueError(f"recipe name={self.name!r}; allowed: a non-empty string")
+        if not isinstance(self.steps, (list, tuple)) or not self.steps:
+            raise ValueError(f"recipe steps={self.steps!r}; allowed: a non-empty list of steps")
+        self.steps = [_as_step(s, i) for i, s in enumerate(self.steps)]
+        if self.max_ppl_ratio is not None:
+            ok = isinstance(self.max_ppl_ratio, (int, float)) and not isinstance(self.max_ppl_ratio, bool)
+            if not ok or not math.isfinite(self.max_ppl_ratio) or self.max_ppl_ratio < 1.0:
+                raise ValueError(f"max_ppl_ratio={self.max_ppl_ratio!r}; allowed: a number >= 1.0 or null")
+            self.max_ppl_ratio = float(self.max_ppl_ratio)
+
+    def to_dict(self) -> dict:
+        """The recipe as plain data (what ``save`` writes)."""
+        return {"name": self.name, "description": self.description, "max_ppl_ratio": self.max_ppl_ratio,
+                "steps": [s.to_dict() for s in self.steps]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Recipe":
+        """Build a recipe from plain data, rejecting unknown top-level fields."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a recipe must be a mapping with 'name' and 'steps', got {type(data).__name__}")
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in data if k not in allowed]
+        if unknown:
+            raise ValueError(f"recipe: unknown field {unknown[0]!r}; allowed: {', '.join(allowed)}")
+        if "steps" not in data:
+            raise ValueError("recipe: missing field 'steps'; allowed: a non-empty list of steps")
+        return cls(name=data.get("name", "recipe"), steps=data["steps"],
+                   max_ppl_ratio=data.get("max_ppl_ratio"), description=data.get("description", ""))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Recipe":
+        """Read a recipe from a ``.yaml``/``.yml`` or ``.json`` file."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe file {str(path)!r} does not exist")
+        text = path.read_text()
+        if path.suffix.lower() == ".json":
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"recipe file {path.name}: invalid JSON ({err})") from None
+        elif path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as err:
+                raise ValueError(f"recipe file {path.name}: invalid YAML ({str(err).splitlines()[0]})") from None
+        else:
+            raise ValueError(f"recipe file {path.name}: suffix {path.suffix!r}; allowed: .yaml, .yml, .json")
+        if isinstance(data, dict) and "name" not in data:
+            data = {**data, "name": path.stem}
+        return cls.from_dict(data)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the recipe as YAML or JSON (by suffix), atomically."""
+        path = Path(path)
+        if path.suffix.lower() == ".json":
+            text = json.dumps(self.to_dict(), indent=2) + "\n"
+        elif path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        else:
+            raise ValueError(f"recipe file {path.name}: suffix {path.suffix!r}; allowed: .yaml, .yml, .json")
+        _atomic_write_text(path, text)
+        return path
+
+    def fingerprint(self, upto: int) -> str:
+        """Hash of steps ``0..upto`` (inclusive): a finished step is reused only if its prefix matches."""
+        blob = json.dumps([s.to_dict() for s in self.steps[:upto + 1]], sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _as_step(obj, index: int) -> Step:
+    if isinstance(obj, Step):
+        return obj
+    if isinstance(obj, dict) and "kind" in obj:
+        extra = [k for k in obj if k not in ("kind", "config")]
+        if extra:
+            raise ValueError(f"recipe step {index + 1}: unknown field {extra[0]!r}; allowed: kind, config")
+        return Step(obj["kind"], obj.get("config") or {})
+    if isinstance(obj, dict) and len(obj) == 1:
+        (kind, config), = obj.items()
+        return Step(kind, config or {})
+    if isinstance(obj, str):
+        return Step(obj, {})
+    raise ValueError(f"recipe step {index + 1}: {obj!r}; allowed: {{kind: {{knobs}}}} or "
+                     f"{{kind: ..., config: {{knobs}}}} with kind in {', '.join(step_kinds())}")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# ----------------------------------------------------------------------------------------------
+# Context: what a step may use (teacher, data, profile)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepContext:
+    """What a step may use: the teacher, its tokenizer, the profile, data, seed and device."""
+
+    teacher: nn.Module  # the uncompressed teacher (never modified)
+    tokenizer: object  # the teacher's tokenizer (None for tiny test models)
+    profile: Profile  # sizes (train steps, batch, calibration windows, ...)
+    seed: int = 0  # seed for every step
+    progress: bool = True  # show tqdm bars
+    train: torch.Tensor | None = None  # (N, T) training windows (loaded lazily from pydoc train)
+    work_dir: Path | None = None  # the recipe's output folder
+    cache_dir: Path | None = None  # where cached teacher logits go (shared between recipes; default work_dir)
+    extras: dict = field(default_factory=dict)  # what the current step reports besides metrics (losses, notes)
+
+    def report(self, key: str, value) -> None:
+        """Attach JSON-serializable information to the current step's record (e.g. a loss history)."""
+        self.extras[key] = value
+
+    def train_windows(self) -> torch.Tensor:
+        """(N, T) training windows from the pydoc train split (cached)."""
+        if self.train is None:
+            from .data import corpus_windows
+
+            self.train = corpus_windows("pydoc", "train", self.tokenizer, self.profile.seq_len)
+        return self.train
+
+    def calibration(self, n: int | None = None) -> list[torch.Tensor]:
+        """Calibration batches of training windows (``profile.calib_windows`` by default)."""
+        from .data import calibration_batches
+
+        n = n or self.profile.calib_windows
+        return calibration_batches(self.train_windows(), n, self.profile.batch_size, seed=self.seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving, loading and measuring one model
+# ----------------------------------------------------------------------------------------------
+
+
+def _has_quantized_modules(model: nn.Module) -> bool:
+    from .quantize import QuantizedModule
+
+    return any(isinstance(m, QuantizedModule) for m in model.modules())
+
+
+def save_model(model: nn.Module, tokenizer, folder: str | Path) -> Path:
+    """Save a (possibly quantized) model and its tokenizer as a safetensors folder that ``load_model`` reloads."""
+    from .models import quiet_transformers
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with quiet_transformers():
+        if _has_quantized_modules(model):
+            from .quantize import save_quantized
+
+            save_quantized(model, folder)
+        else:
+            model.save_pretrained(folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _realign_(model: nn.Module, alignment: int = 64) -> int:
+    """Copy buffers that safetensors left at unaligned addresses (int8 CPU kernels crash on them); return the count."""
+    fixed, copies = 0, {}
+    for module in model.modules():
+        for name, buf in list(module._buffers.items()):
+            if buf is None or buf.device.type != "cpu" or buf.data_ptr() % alignment == 0:
+                continue
+            key = buf.data_ptr()
+            if key not in copies:  # tensors shared by a tied head stay shared
+                copies[key] = buf.clone()
+                fixed += 1
+            module._buffers[name] = copies[key]
+    return fixed
+
+
+def load_saved(folder: str | Path, device=None) -> tuple[nn.Module, object]:
+    """Reload a folder written by ``save_model``: ``(model, tokenizer or None)``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .models import quiet_transformers
+    from .profiles import default_device
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{str(folder)!r} is not a saved model folder (no config.json)")
+    device = torch.device(device) if device is not None else default_device()
+    with quiet_transformers():
+        if (folder / "quantization_config.json").is_file():
+            from .quantize import load_quantized
+
+            model = load_quantized(folder, device=device)
+            _realign_(model)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False)
+        tokenizer = None
+        if (folder / "tokenizer_config.json").is_file():  # tiny test models are saved without one
+            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device).eval(), tokenizer
+
+
+def weights_bytes(folder: str | Path) -> int:
+    """Bytes of the weight files (``*.safetensors``) in a saved model folder."""
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+
+
+def eval_windows(tokenizer, profile: Profile) -> dict[str, torch.Tensor]:
+    """The test windows every step is scored on: pydoc (in-domain) and stdlib-code (out-of-domain)."""
+    from .data import corpus_windows
+
+    return {name: corpus_windows(name, "test", tokenizer, profile.seq_len, max_windows=profile.eval_windows)
+            for name in ("pydoc", "stdlib-code")}
+
+
+def logical_parameters(model: nn.Module) -> int:
+    """Parameters the model's architecture holds (counted from its config, so quantized models count too)."""
+    cfg = model.config
+    h, V, L, I = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers, cfg.intermediate_size
+    d = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
+    H, G = cfg.num_attention_heads, cfg.num_key_value_heads
+    block = 2 * h * H * d + 2 * h * G * d + 3 * h * I + 2 * h
+    return V * h + L * block + h + (0 if cfg.tie_word_embeddings else V * h)
+
+
+def measure(model: nn.Module, windows: dict[str, torch.Tensor], profile: Profile,
+            folder: str | Path | None = None, progress: bool = False) -> dict:
+    """Perplexity on each window set, size on disk, parameters, prefill and decode speed of one model."""
+    from .evaluate import latency, model_size_bytes, perplexity
+
+    metrics = {}
+    for name, w in windows.items():
+        metrics[f"ppl_{name}"] = perplexity(model, w, batch_size=profile.batch_size, progress=progress)
+    metrics["size_bytes"] = weights_bytes(folder) if folder is not None else model_size_bytes(model, on_disk=True)
+    metrics["params"] = logical_parameters(model)
+    lat = latency(model, batch=profile.latency_batch, seq=profile.latency_seq,
+                  decode_tokens=profile.decode_tokens, repeats=profile.repeats)
+    metrics.update({k: lat[k] for k in ("prefill_tokens_per_s", "decode_tokens_per_s", "decode_ms_per_token")})
+    return metrics
+
+
+def relative(metrics: dict, base: dict) -> dict:
+    """Ratios against the teacher: ppl ratio, Δppl %, size reduction, prefill and decode speedups."""
+    out = {}
+    for key in metrics:
+        if key.startswith("ppl_") and key in base:
+            name = key[4:]
+            out[f"ppl_ratio_{name}"] = metrics[key] / base[key]
+            out[f"dppl_pct_{name}"] = 100.0 * (metrics[key] / base[key] - 1.0)
+    out["size_reduction"] = base["size_bytes"] / metrics["size_bytes"]
+    out["prefill_speedup"] = metrics["prefill_tokens_per_s"] / base["prefill_tokens_per_s"]
+    out["decode_speedup"] = metrics["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Running a recipe
+# ----------------------------------------------------------------------------------------------
+
+
+class QualityGuardError(RuntimeError):
+    """Raised when a step's perplexity ratio crosses the recipe's ``max_ppl_ratio``."""
+
+
+@dataclass
+class StepRecord:
+    """What one finished step produced: its folder and measured metrics."""
+
+    index: int  # 1-based position in the recipe
+    kind: str  # step kind
+    config: dict  # step config
+    folder: str  # where the intermediate model is saved
+    metrics: dict  # measured (see ``measure``) plus ratios to the teacher (see ``relative``)
+    seconds: float  # time the step's transform took (0 when resumed)
+    resumed: bool = False  # True when loaded from a previous run instead of recomputed
+    extras: dict = field(default_factory=dict)  # what the step reported (loss history, what stayed in float)
+
+    @property
+    def label(self) -> str:
+        """Short label such as ``2 distil``."""
+        return f"{self.index} {self.kind}"
+
+
+@dataclass
+class RecipeResult:
+    """The outcome of ``run_recipe``: teacher metrics, one record per step, the final model."""
+
+    recipe: Recipe
+    teacher: dict  # the teacher's metrics (same harness)
+    steps: list  # list of StepRecord
+    out_dir: str
+    profile: str
+    model: nn.Module | None = None  # the last step's model (in memory)
+
+    @property
+    def final(self) -> StepRecord:
+        """The last finished step."""
+        return self.steps[-1]
+
+    def rows(self) -> list[dict]:
+        """One row per stage (teacher first): the measured metrics and ratios to the teacher."""
+        base = {"stage": "0 teacher", **self.teacher, **relative(self.teacher, self.teacher)}
+        return [base] + [{"stage": s.label, **s.metrics} for s in self.steps]
+
+    def markdown(self) -> str:
+        """Markdown table of quality, size and speed after every step."""
+        head = ("| stage | ppl pydoc | ppl ratio | ppl stdlib-code | size MiB | size reduction "
+                "| prefill tok/s | decode tok/s |\n|---|---|---|---|---|---|---|---|")
+        lines = [head]
+        for r in self.rows():
+            lines.append(f"| {r['stage']} | {r['ppl_pydoc']:.2f} | {r['ppl_ratio_pydoc']:.3f} | "
+                         f"{r['ppl_stdlib-code']:.2f} | {r['size_bytes'] / 2**20:.1f} | "
+                         f"{r['size_reduction']:.2f}× | {r['prefill_tokens_per_s']:.0f} | "
+                         f"{r['decode_tokens_per_s']:.1f} |")
+        return "\n".join(lines) + "\n"
+
+    def to_dict(self) -> dict:
+        """Plain data for JSON."""
+        return {"recipe": self.recipe.to_dict(), "profile": self.profile, "out_dir": self.out_dir,
+                "teacher": self.teacher,
+                "steps": [{k: v for k, v in dataclasses.asdict(s).items()} for s in self.steps]}
+
+
+STATE_FILE = "step.json"
+
+
+def _step_dir(out_dir: Path, index: int, kind: str) -> Path:
+    return out_dir / "steps" / f"{index:02d}_{kind}"
+
+
+def _finished(folder: Path, fingerprint: str, profile: str) -> dict | None:
+    """Return the saved state of a finished step if it matches this recipe prefix and profile."""
+    state = folder / STATE_FILE
+    if not state.is_file():
+        return None
+    try:
+        data = json.loads(state.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if data.get("fingerprint") != fingerprint or data.get("profile") != profile:
+        return None
+    return data
+
+
+def teacher_metrics(teacher: nn.Module, tokenizer, profile: Profile, windows=None,
+                    cache: str | Path | None = None, progress: bool = True) -> dict:
+    """Measure the teacher with the recipe harness (cached in ``cache`` as JSON when given)."""
+    cache = Path(cache) if cache is not None else None
+    if cache is not None and cache.is_file():
+        data = json.loads(cache.read_text())
+        if data.get("profile") == profile.name:
+            return data["metrics"]
+    windows = windows if windows is not None else eval_windows(tokenizer, profile)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(teacher, None, tmp)  # size on disk measured from the file the teacher saves as
+        metrics = measure(teacher, windows, profile, folder=tmp, progress=progress)
+    if cache is not None:
+        _atomic_write_text(cache, json.dumps({"profile": profile.name, "metrics": metrics}, indent=2))
+    return metrics
+
+
+def run_recipe(teacher: nn.Module, tokenizer, recipe: Recipe, out_dir: str | Path,
+               profile: Profile | str | None = None, seed: int = 0, windows=None,
+               train_windows: torch.Tensor | None = None, teacher_stats: dict | None = None,
+               progress: bool = True, resume: bool = True, keep_model: bool = True,
+               cache_dir: str | Path | None = None) -> RecipeResult:
+    """Apply ``recipe`` to a copy of ``teacher`` step by step, measuring and saving after each step.
+
+    Every finished step is saved atomically under ``out_dir/steps/NN_kind/`` (model folder plus
+    ``step.json`` with its metrics); a second call with the same recipe and profile resumes after
+    the last finished step. ``windows`` (name -> (N, T) ids) overrides the test sets, and
+    ``train_windows`` the training data (both needed for models that do not use the teacher's
+    tokenizer). Raises ``QualityGuardError`` when a step's in-domain perplexity ratio exceeds
+    ``recipe.max_ppl_ratio``; the offending step stays saved so the run can be inspected.
+    """
+    from .profiles import set_seed
+
+    profile = profile if isinstance(profile, Profile) else get_profile(profile)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    recipe.save(out_dir / "recipe.yaml")
+    windows = windows if windows is not None else eval_windows(tokenizer, profile)
+    if teacher_stats is None:
+        teacher_stats = teacher_metrics(teacher, tokenizer, profile, windows, cache=out_dir / "teacher.json",
+                                        progress=progress)
+    ctx = StepContext(teacher=teacher, tokenizer=tokenizer, profile=profile, seed=seed,
+                      progress=progress, train=train_windows, work_dir=out_dir,
+                      cache_dir=Path(cache_dir) if cache_dir is not None else out_dir)
+    first_ppl_key = f"ppl_{next(iter(windows))}"
+
+    # find the finished prefix
+    done: list[dict] = []
+    for i, step in enumerate(recipe.steps):
+        state = _finished(_step_dir(out_dir, i + 1, step.kind), recipe.fingerprint(i), profile.name) \
+            if resume else None
+        if state is None:
+            break
+        done.append(state)
+    records = [StepRecord(index=i + 1, kind=s.kind, config=dict(s.config),
+                          folder=str(_step_dir(out_dir, i + 1, s.kind)), metrics=done[i]["metrics"],
+                          seconds=done[i].get("seconds", 0.0), resumed=True,
+                          extras=done[i].get("extras", {}))
+               for i, s in enumerate(recipe.steps[:len(done)])]
+    if done:
+        if progress:
+            print(f"[{recipe.name}] resuming after step {len(done)} ({recipe.steps[len(done) - 1].kind}); "
+                  f"steps 1..{len(done)} are reused from {len(done)} saved folder(s)")
+        _check_guard(recipe, records[-1], first_ppl_key)
+    model = None
+    if len(done) < len(recipe.steps) or keep_model:
+        if done:
+            model, _ = load_saved(records[-1].folder, device=next(teacher.parameters()).device)
+        else:
+            model = copy.deepcopy(teacher).eval()
+    bar = tqdm(total=len(recipe.steps), initial=len(done), desc=f"recipe {recipe.name}", unit="step",
+               disable=not progress, leave=False)
+    try:
+        for i in range(len(done), len(recipe.steps)):
+            step = recipe.steps[i]
+            spec = STEPS[step.kind]
+            set_seed(seed + i)
+            bar.set_postfix_str(step.kind)
+            start = time.perf_counter()
+            ctx.extras = {}
+            model = spec.apply(model, dict(step.config), ctx)
+            model.eval()
+            seconds = time.perf_counter() - start
+            final = _step_dir(out_dir, i + 1, step.kind)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=final.parent))
+            try:
+                save_model(model, tokenizer, tmp)
+                metrics = measure(model, windows, profile, folder=tmp, progress=False)
+                metrics.update(relative(metrics, teacher_stats))
+                state = {"fingerprint": recipe.fingerprint(i), "profile": profile.name, "kind": step.kind,
+                         "config": step.config, "metrics": metrics, "seconds": seconds,
+                         "extras": ctx.extras}
+                (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+                if final.exists():  # stale folder from a different recipe prefix
+                    shutil.rmtree(final)
+                os.replace(tmp, final)  # atomic: a half-written step is never seen as finished
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            records.append(StepRecord(index=i + 1, kind=step.kind, config=dict(step.config),
+                                      folder=str(final), metrics=metrics, seconds=seconds,
+                                      extras=dict(ctx.extras)))
+            # later steps of an older run are stale now
+            for stale in (out_dir / "steps").glob(f"{i + 2:02d}_*"):
+                if stale.name != final.name:
+                    shutil.rmtree(stale, ignore_errors=True)
+            bar.update(1)
+            if progress:
+                m = metrics
+                print(f"[{recipe.name}] step {i + 1} {step.label}: ppl {m[first_ppl_key]:.2f} "
+                      f"(×{m[f'ppl_ratio_{first_ppl_key[4:]}']:.2f}), {m['size_bytes'] / 2**20:.1f} MiB "
+                      f"({m['size_reduction']:.1f}× smaller), {seconds:.0f} s")
+            _check_guard(recipe, records[-1], first_ppl_key)
+    finally:
+        bar.close()
+    result = RecipeResult(recipe=recipe, teacher=teacher_stats, steps=records, out_dir=str(out_dir),
+                          profile=profile.name, model=model if keep_model else None)
+    _atomic_write_text(out_dir / "result.json", json.dumps(result.to_dict(), indent=2))
+    return result
+
+
+def _check_guard(recipe: Recipe, rec: StepRecord, ppl_key: str) -> None:
+    if recipe.max_ppl_ratio is None:
+        return
+    ratio = rec.metrics[f"ppl_ratio_{ppl_key[4:]}"]
+    if ratio > recipe.max_ppl_ratio:
+        raise QualityGuardError(
+            f"recipe {recipe.name!r} stopped after step {rec.index} ({rec.kind}): perplexity ratio "
+            f"{ratio:.2f} > max_ppl_ratio {recipe.max_ppl_ratio:g} ({ppl_key[4:]} ppl "
+            f"{rec.metrics[ppl_key]:.2f}); the model of that step is kept in {rec.folder}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Built-in steps: student init, structured prune, distil (heal), quantize (PTQ), QAT
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerDropStep:
+    """Start a student from the teacher by keeping every ``keep_every``-th block (DistilBERT init)."""
+
+    keep_every: int = 2  # keep blocks 0, k, 2k, ... (>= 1)
+    layers: list | None = None  # explicit block indices instead of keep_every
+
+    def __post_init__(self):
+        if isinstance(self.keep_every, bool) or not isinstance(self.keep_every, int) or self.keep_every < 1:
+            raise ValueError(f"keep_every={self.keep_every!r}; allowed: an int >= 1")
+        if self.layers is not None and (not isinstance(self.layers, list) or not self.layers
+                                        or not all(isinstance(i, int) and i >= 0 for i in self.layers)):
+            raise ValueError(f"layers={self.layers!r}; allowed: null or a non-empty list of block indices")
+
+
+def _validate_layer_drop(config: dict) -> None:
+    _config_from(LayerDropStep, config, "step 'layer_drop'")
+
+
+def _apply_layer_drop(model: nn.Module, config: dict, ctx: StepContext) -> nn.Module:
+    from .models import make_student
+
+    cfg = _config_from(LayerDropStep, config, "step 'layer_drop'")
+    return make_student(model, "layer_drop", keep_every=cfg.keep_every, layers=cfg.layers, seed=ctx.seed)
+
+
+def _prune_config(config: dict):
+    from .prune import StructuredConfig
+
+    return _config_from(StructuredConfig, config, "step 'prune'")
+
+
+def _apply_prune(model: nn.Module, config: dict, ctx: StepContext) -> nn.Module:
+    from .prune import prune_structured
+
+    cfg = _prune_config(config)
+    calibration = ctx.calibration() if cfg.needs_calibration else None
+    return prune_structured(model, cfg, calibration=calibration, progress=False)
+
+
+@dataclass
+class DistilStep:
+    """Distil the current model toward the teacher (healing after pruning), from cached top-k logits."""
+
+    steps: int | None = None  # optimizer steps (null: profile.train_steps)
+    batch_size: int | None = None  # windows per step (null: profile.train_batch_size)
+    lr: float = 2e-4  # peak AdamW learning rate (warm-up, then cosine)
+    temperature: float = 1.0  # distillation temperature T
+    alpha: float = 1.0  # weight of the KD term (1 - alpha goes to cross-entropy on the labels)
+    kind: str = "forward_kl"  # forward_kl, reverse_kl or jsd
+    top_k: int | None = 64  # cached teacher logits per token (null: a live teacher, full vocabulary)
+    bf16: bool = True  # bf16 autocast for the student's forward (master weights stay fp32)
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "top_k"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name}={v!r}; allowed: null or an int >= 1")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not 0 < self.lr <= 1:
+            raise ValueError(f"lr={self.lr!r}; allowed: a number in (0, 1]")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
+                or not self.temperature > 0:
+            raise ValueError(f"temperature={self.temperature!r}; allowed: a number > 0")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
+            raise ValueError(f"alpha={self.alpha!r}; allowed: a number in [0, 1]")
+        if self.kind not in ("forward_kl", "reverse_kl", "jsd"):
+            raise ValueError(f"kind={self.kind!r}; allowed: forward_kl, reverse_kl, jsd")
+        if not isinstance(self.bf16, bool):
+            raise ValueError(f"bf16={self.bf16!r}; allowed: true or false")
+
+
+def _validate_distil(config: dict) -> None:
+    _config_from(DistilStep, config, "step 'distil'")
+
+
+def _teacher_cache(ctx: StepContext, windows: torch.Tensor, k: int):
+    """Top-k teacher logits for ``windows``, computed once and cached on disk next to the recipe."""
+    from .distill import TeacherCache, cache_teacher_logits
+
+    folder = ctx.cache_dir or ctx.work_dir
+    digest = hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:12]
+    path = Path(folder) / f"teacher_top{k}_{digest}.safetensors" if folder is not None else None
+    if path is not None and path.is_file():
+        return TeacherCache.load(path)
+    return cache_teacher_logits(ctx.teacher, windows, k=k, path=path, batch_size=ctx.profile.batch_size,
+                                progress=ctx.progress)
+
+
+def _distil_train(model: nn.Module, cfg: DistilStep, ctx: StepContext, before_train=None) -> dict:
+    """Run the distillation trainer on ``model`` in place; return its history."""
+    from .distill import DistillationLoss, DistillationTrainer, TrainConfig
+
+    steps = cfg.steps or ctx.profile.train_steps
+    batch = cfg.batch_size or ctx.profile.train_batch_size
+    windows = ctx.train_windows()
+    windows = windows[:min(len(windows), steps * batch)]  # one pass at most; fewer teacher forwards
+    batch = min(batch, len(windows))
+    train = _teacher_cache(ctx, windows, cfg.top_k) if cfg.top_k else windows
+    loss = DistillationLoss(temperature=cfg.temperature, alpha=cfg.alpha, kind=cfg.kind)
+    tcfg = TrainConfig(steps=steps, batch_size=batch, lr=cfg.lr, warmup_steps=max(1, steps // 10),
+                       bf16=cfg.bf16, seed=ctx.seed, progress=ctx.progress)
+    trainer = DistillationTrainer(model, train, teacher=None if cfg.top_k else ctx.teacher,
+                                  loss=loss, config=tcfg)
+    history = trainer.train()
+    model.eval()
+    return history
+
+
+def _apply_distil(model: nn.Module, config: dict, ctx: StepContext) -> nn.Module:
+    cfg = _config_from(DistilStep, config, "step 'distil'")
+    history = _distil_train(model, cfg, ctx)
+    ctx.report("train_loss", [round(r["loss"], 5) for r in history["train"]])
+    return model
+
+
+QUANT_METHODS = ("int8", "w8a8", "int4")
+
+
+@dataclass
+class QuantizeStep:
+    """Post-training quantization with real integer kernels (``distill_lab.quantize``)."""
+
+    method: str = "int4"  # int8 (weight-only), w8a8 (dynamic activations) or int4 (weight-only, grouped)
+    group_size: int = 64  # int4 only: weights per scale along the input dimension
+    symmetric: bool = False  # int4 only: absmax grid (True) or min/max grid with zeros (False)
+    embedding_bits: int | None = 8  # 8: embedding and tied head to int8; null: keep them in float
+
+    def __post_init__(self):
+        if self.method not in QUANT_METHODS:
+            raise ValueError(f"method={self.method!r}; allowed: {', '.join(QUANT_METHODS)}")
+        self.to_config()  # the quantize module checks the rest
+
+    def to_config(self):
+        """The ``distill_lab.quantize`` config this step stands for."""
+        from . import quantize as q
+
+        if self.method == "int8":
+            return q.Int8WeightOnly(embedding_bits=self.embedding_bits)
+        if self.method == "w8a8":
+            return q.Int8Dynamic(embedding_bits=self.embedding_bits)
+        return q.Int4WeightOnly(group_size=self.group_size, symmetric=self.symmetric,
+                                embedding_bits=self.embedding_bits)
+
+
+def _validate_quantize(config: dict) -> None:
+    _config_from(QuantizeStep, config, "step 'quantize'")
+
+
+def _apply_quantize(model: nn.Module, config: dict, ctx: StepContext) -> nn.Module:
+    from .quantize import quantize_
+
+    cfg = _config_from(QuantizeStep, config, "step 'quantize'")
+    summary = quantize_(model, cfg.to_config())
+    ctx.report("quantized", dict(summary.replaced))
+    ctx.report("kept_in_float", dict(summary.float_modules))
+    return model
+
+
+register_step("layer_drop", _apply_layer_drop, _validate_layer_drop,
+              "student = every k-th block of the current model (DistilBERT init); knobs: keep_every, layers")
+register_step("prune", _apply_prune, lambda c: _prune_config(c),
+              "structured pruning of heads / MLP channels / layers (distill_lab.prune.StructuredConfig)")
+register_step("distil", _apply_distil, _validate_distil,
+              "distil toward the teacher from cached top-k logits; knobs: steps, batch_size, lr, temperature, "
+              "alpha, kind, top_k, bf16")
+register_step("quantize", _apply_quantize, _validate_quantize,
+              "post-training quantization with integer kernels; knobs: method (int8, w8a8, int4), group_size, "
+              "symmetric, embedding_bits")

@@ -1,0 +1,206 @@
+"""The combined-compression pipeline on tiny random models: recipes, steps, resume, guard, export."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill_lab import pipeline
+from distill_lab.models import tiny_llama
+from distill_lab.pipeline import QualityGuardError, Recipe, Step, load_saved, run_recipe
+from distill_lab.profiles import get_profile
+
+PROFILE = dataclasses.replace(get_profile("smoke"), seq_len=32, eval_windows=4, batch_size=4,
+                              train_steps=2, train_batch_size=2, calib_windows=2, latency_batch=1,
+                              latency_seq=16, decode_tokens=2, repeats=1)
+
+
+def _windows(n, seed, vocab=256, T=32):
+    g = torch.Generator().manual_seed(seed)
+    # a learnable pattern (token t+1 = token t + 1 mod vocab) with some noise
+    start = torch.randint(0, vocab, (n, 1), generator=g)
+    ids = (start + torch.arange(T)) % vocab
+    noise = torch.rand(n, T, generator=g) < 0.2
+    return torch.where(noise, torch.randint(0, vocab, (n, T), generator=g), ids)
+
+
+@pytest.fixture
+def data():
+    return {"windows": {"pydoc": _windows(4, 1), "stdlib-code": _windows(4, 2)},
+            "train_windows": _windows(8, 3)}
+
+
+@pytest.fixture
+def teacher64():
+    """A tiny Llama whose widths divide the int4 group size 64."""
+    return tiny_llama(hidden_size=64, intermediate_size=128, num_layers=2)
+
+
+@pytest.fixture
+def scratch_steps():
+    """Register test-only steps and remove them afterwards."""
+    added = []
+
+    def add(name, fn):
+        pipeline.register_step(name, fn)
+        added.append(name)
+
+    yield add
+    for name in added:
+        pipeline.STEPS.pop(name, None)
+
+
+def _run(teacher, recipe, out, data, **kw):
+    return run_recipe(teacher, None, recipe, out, profile=PROFILE, progress=False, **kw, **data)
+
+
+# -- recipes -------------------------------------------------------------------------------------
+
+def test_recipe_rejects_bad_input_naming_field_value_and_allowed():
+    with pytest.raises(ValueError, match=r"unknown recipe step 'sparsify'; allowed: .*prune.*quantize"):
+        Recipe("r", [{"sparsify": {}}])
+    with pytest.raises(ValueError, match=r"heads_keep=1\.5.*allowed"):
+        Recipe("r", [{"prune": {"heads_keep": 1.5}}])
+    with pytest.raises(ValueError, match=r"unknown field 'keep'; allowed: .*channels_keep"):
+        Recipe("r", [{"prune": {"keep": 0.5}}])
+    with pytest.raises(ValueError, match=r"method='int3'; allowed: int8, w8a8, int4"):
+        Recipe("r", [{"quantize": {"method": "int3"}}])
+    with pytest.raises(ValueError, match=r"steps=0; allowed"):
+        Recipe("r", [{"distil": {"steps": 0}}])
+    with pytest.raises(ValueError, match=r"max_ppl_ratio=0\.5; allowed"):
+        Recipe("r", [{"quantize": {}}], max_ppl_ratio=0.5)
+    with pytest.raises(ValueError, match=r"non-empty list"):
+        Recipe("r", [])
+    with pytest.raises(ValueError, match=r"unknown field 'stpes'"):
+        Recipe.from_dict({"name": "r", "stpes": []})
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_recipe_round_trips_through_yaml_and_json(tmp_path, suffix):
+    recipe = Recipe("combo", [Step("prune", {"channels_keep": 0.5, "heads_keep": 0.67}),
+                              {"kind": "distil", "config": {"steps": 3, "lr": 1e-4}},
+                              {"quantize": {"method": "int4", "group_size": 64}}],
+                    max_ppl_ratio=2.0, description="test")
+    path = recipe.save(tmp_path / f"r{suffix}")
+    again = Recipe.load(path)
+    assert again.to_dict() == recipe.to_dict()
+    assert [s.kind for s in again.steps] == ["prune", "distil", "quantize"]
+    assert again.fingerprint(0) == recipe.fingerprint(0) != recipe.fingerprint(1)
+
+
+def test_recipe_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Recipe.load(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps:\n  - prune: {channels_keep: 2}\n")
+    with pytest.raises(ValueError, match=r"channels_keep=2"):
+        Recipe.load(bad)
+    (tmp_path / "r.txt").write_text("{}")
+    with pytest.raises(ValueError, match=r"suffix '\.txt'; allowed"):
+        Recipe.load(tmp_path / "r.txt")
+
+
+def test_shipped_recipes_are_valid():
+    folder = Path(__file__).resolve().parent.parent / "recipes"
+    files = sorted(folder.glob("*.yaml"))
+    assert files, "recipes/ should ship at least one recipe"
+    for path in files:
+        assert Recipe.load(path).steps
+
+
+# -- running -------------------------------------------------------------------------------------
+
+def test_run_recipe_measures_every_step_and_saves_reloadable_models(tmp_path, teacher64, data):
+    recipe = Recipe("combo", [{"prune": {"channels_keep": 0.5}},
+                              {"distil": {"steps": 2, "batch_size": 2, "top_k": 8}},
+                              {"quantize": {"method": "int4", "group_size": 64}}])
+    result = _run(teacher64, recipe, tmp_path / "run", data)
+    assert [s.kind for s in result.steps] == ["prune", "distil", "quantize"]
+    t = result.teacher
+    for s in result.steps:
+        m = s.metrics
+        for key in ("ppl_pydoc", "ppl_stdlib-code", "size_bytes", "prefill_tokens_per_s",
+                    "decode_tokens_per_s", "ppl_ratio_pydoc", "size_reduction"):
+            assert key in m and m[key] > 0
+        assert m["ppl_ratio_pydoc"] == pytest.approx(m["ppl_pydoc"] / t["ppl_pydoc"])
+        assert (Path(s.folder) / "step.json").is_file()
+    prune_, distil, quant = result.steps
+    assert prune_.metrics["params"] < t["params"]
+    assert prune_.metrics["size_bytes"] < t["size_bytes"]
+    assert quant.metrics["size_bytes"] < distil.metrics["size_bytes"] / 3  # int4 + int8 embedding
+    assert len(distil.extras["train_loss"]) == 2
+    assert not list((tmp_path / "run" / "steps").glob(".tmp-*"))  # nothing half-written left
+    # the saved final model reloads and computes the same logits
+    reloaded, tok = load_saved(quant.folder, device="cpu")
+    ids = data["windows"]["pydoc"][:2]
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, result.model(ids).logits, atol=1e-4, rtol=1e-4)
+    assert tok is None
+    summary = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert len(summary["steps"]) == 3 and "| 3 quantize |" in result.markdown()
+
+
+def test_interrupted_recipe_resumes_without_redoing_finished_steps(tmp_path, data, scratch_steps):
+    calls = {"scale": 0, "flaky": 0}
+
+    def scale(model, config, ctx):
+        calls["scale"] += 1
+        with torch.no_grad():
+            model.model.norm.weight.mul_(config.get("factor", 1.0))
+        return model
+
+    def flaky(model, config, ctx):
+        calls["flaky"] += 1
+        if calls["flaky"] == 1:
+            raise KeyboardInterrupt  # the run is killed during step 2
+        return model
+
+    scratch_steps("scale", scale)
+    scratch_steps("flaky", flaky)
+    teacher = tiny_llama()
+    recipe = Recipe("resume", [{"scale": {"factor": 0.9}}, {"flaky": {}}])
+    with pytest.raises(KeyboardInterrupt):
+        _run(teacher, recipe, tmp_path / "run", data)
+    assert calls == {"scale": 1, "flaky": 1}
+    assert not (tmp_path / "run" / "steps" / "02_flaky").exists()
+    result = _run(teacher, recipe, tmp_path / "run", data)
+    assert calls == {"scale": 1, "flaky": 2}  # step 1 reused, step 2 run
+    assert result.steps[0].resumed and not result.steps[1].resumed
+    # the resumed model carries step 1's change
+    assert torch.allclose(result.model.model.norm.weight, teacher.model.norm.weight * 0.9)
+    assert torch.equal(teacher.model.norm.weight, tiny_llama().model.norm.weight)  # teacher untouched
+    # a changed step 1 invalidates the saved prefix
+    changed = Recipe("resume", [{"scale": {"factor": 0.8}}, {"flaky": {}}])
+    _run(teacher, changed, tmp_path / "run", data)
+    assert calls["scale"] == 2
+
+
+def test_quality_guard_stops_with_a_clear_message(tmp_path, data, scratch_steps):
+    def scramble(model, config, ctx):
+        with torch.no_grad():
+            model.model.norm.weight.mul_(100.0)  # confident, wrong predictions
+        return model
+
+    def never(model, config, ctx):
+        raise AssertionError("the guard should stop before this step")
+
+    scratch_steps("scramble", scramble)
+    scratch_steps("never", never)
+    recipe = Recipe("guarded", [{"scramble": {}}, {"never": {}}], max_ppl_ratio=1.05)
+    with pytest.raises(QualityGuardError, match=r"stopped after step 1 \(scramble\): perplexity ratio "
+                                                r"[\d.]+ > max_ppl_ratio 1\.05"):
+        _run(tiny_llama(), recipe, tmp_path / "run", data)
+
+
+def test_layer_drop_then_int8_quantize(tmp_path, data):
+    teacher = tiny_llama(num_layers=4)
+    recipe = Recipe("student", [{"layer_drop": {"keep_every": 2}}, {"quantize": {"method": "w8a8"}}])
+    result = _run(teacher, recipe, tmp_path / "run", data)
+    assert result.model.config.num_hidden_layers == 2
+    assert result.steps[1].extras["quantized"]
+    reloaded, _ = load_saved(result.final.folder, device="cpu")
+    ids = data["windows"]["pydoc"][:1]
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, result.model(ids).logits, atol=1e-4, rtol=1e-4)
