@@ -1,28 +1,185 @@
-"""Command line: ``python -m distill_lab <command>`` (also installed as ``distill-lab``)."""
+"""Command line: ``python -m distill_lab <command>`` (also installed as ``distill-lab``).
+
+  course    execute every notebook headless and write a report (``make run``)
+  eval      print a model's card: perplexity in- and out-of-domain, size on disk, speed
+  compress  apply a recipe (prune -> distil -> quantize ...) and export the compressed model
+  report    measure the seed's comparison table (INT8, INT4, distillation, pruning, combined)
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+PROFILE_HELP = ("smoke, laptop or gpu (default: $DISTILL_LAB_PROFILE, else gpu with CUDA, laptop without)")
+
+
+def _profile(name):
+    from .profiles import get_profile
+
+    return get_profile(name)  # ValueError names the allowed profiles
+
+
+def _load(model: str, device=None):
+    """Load ``teacher`` (the offline default) or a model folder / hub id."""
+    from .models import load_model, load_teacher
+
+    if model == "teacher":
+        return load_teacher(device=device)
+    if not Path(model).expanduser().exists() and ("/" not in model or model.startswith((".", "/", "~"))):
+        raise FileNotFoundError(f"model {model!r} does not exist; give 'teacher', a saved model folder "
+                                f"or a hub id such as HuggingFaceTB/SmolLM2-135M")
+    return load_model(model, device=device)
 
 
 def _cmd_course(args) -> int:
     from .course import run_course
 
+    _profile(args.profile)
     out = run_course(args.out, profile=args.profile)
     print(f"report written to {out}/ (results.md, results.json, executed notebooks in notebooks/)")
     return 0
 
 
+def _cmd_eval(args) -> int:
+    import json
+
+    from .evaluate import generate_samples
+    from .models import cache_dir, TEACHER_CACHE_NAME
+    from .pipeline import eval_windows, measure
+
+    profile = _profile(args.profile)
+    model, tokenizer = _load(args.model)
+    folder = cache_dir() / TEACHER_CACHE_NAME if args.model == "teacher" else Path(args.model)
+    print(f"measuring {args.model} ({profile.name} profile: {profile.eval_windows} windows x {profile.seq_len} "
+          f"tokens per corpus)", file=sys.stderr)
+    m = measure(model, eval_windows(tokenizer, profile), profile,
+                folder=folder if folder.is_dir() else None, progress=False)
+    sample = generate_samples(model, tokenizer, [args.prompt], max_new_tokens=profile.gen_tokens)[0]
+    if args.json:
+        print(json.dumps({"model": args.model, "profile": profile.name, **m, "sample": sample}, indent=2))
+        return 0
+    print(f"model            {args.model}")
+    print(f"parameters       {m['params'] / 1e6:.1f} M")
+    print(f"size on disk     {m['size_bytes'] / 2**20:.1f} MiB (weights)")
+    print(f"ppl pydoc        {m['ppl_pydoc']:.2f}   (in-domain, test split)")
+    print(f"ppl stdlib-code  {m['ppl_stdlib-code']:.2f}   (out-of-domain)")
+    print(f"prefill          {m['prefill_tokens_per_s']:.0f} tokens/s  (batch {profile.latency_batch} x "
+          f"{profile.latency_seq})")
+    print(f"decode           {m['decode_tokens_per_s']:.1f} tokens/s  (batch 1)")
+    print(f"sample           {args.prompt!r} ->{sample!r}")
+    return 0
+
+
+def _cmd_compress(args) -> int:
+    import os
+    import shutil
+    import tempfile
+
+    from .evaluate import generate_samples
+    from .models import load_model
+    from .pipeline import Recipe, run_recipe
+
+    profile = _profile(args.profile)
+    recipe = Recipe.load(args.recipe)  # before loading anything: bad recipes fail fast
+    if args.max_ppl_ratio is not None:
+        recipe.max_ppl_ratio = Recipe(recipe.name, recipe.steps, args.max_ppl_ratio).max_ppl_ratio
+    out = Path(args.out).expanduser().resolve()
+    work = Path(args.work).expanduser().resolve() if args.work else out.with_name(out.name + ".steps")
+    teacher, tokenizer = _load(args.teacher)
+    result = run_recipe(teacher, tokenizer, recipe, work, profile=profile, seed=args.seed,
+                        progress=not args.quiet, keep_model=False)
+    # export: the last step's folder, copied atomically to --out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
+    try:
+        shutil.copytree(result.final.folder, tmp / "m")
+        (tmp / "m" / "step.json").rename(tmp / "m" / "compression.json")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp / "m", out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(result.markdown())
+    m = result.final.metrics
+    print(f"compressed model: {out} ({m['size_bytes'] / 2**20:.1f} MiB of weights, {m['size_reduction']:.1f}x "
+          f"smaller than the teacher, ppl ratio {m['ppl_ratio_pydoc']:.2f}); intermediate steps in {work}")
+    model, tok = load_model(out)  # prove the export reloads and generates
+    text = generate_samples(model, tok, [args.prompt], max_new_tokens=profile.gen_tokens)[0]
+    print(f"reloaded with distill_lab.load_model and generated: {args.prompt!r} ->{text!r}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from .pipeline import comparison_table
+
+    profile = _profile(args.profile)
+    from .models import load_teacher
+
+    teacher, tokenizer = load_teacher()
+    table = comparison_table(teacher, tokenizer, profile=profile, work_dir=args.work, progress=not args.quiet)
+    paths = table.save(args.out)
+    print(table.markdown())
+    print("written: " + ", ".join(str(p) for p in paths))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser with one sub-command per job."""
-    parser = argparse.ArgumentParser(prog="distill-lab", description=__doc__)
+    parser = argparse.ArgumentParser(prog="distill-lab", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+
     course = sub.add_parser("course", help="execute every notebook headless and write a report")
     course.add_argument("--out", default="reports", help="report folder (default: reports)")
-    course.add_argument("--profile", default=None,
-                        help="smoke, laptop or gpu (default: $DISTILL_LAB_PROFILE, else gpu with CUDA, laptop without)")
+    course.add_argument("--profile", default=None, help=PROFILE_HELP)
     course.set_defaults(func=_cmd_course)
+
+    ev = sub.add_parser("eval", help="print a model's card: perplexity, size on disk, speed",
+                        description="Measure one model with the course's harness: test perplexity on pydoc "
+                                    "(in-domain) and stdlib code (out-of-domain), size of its weight files, "
+                                    "prefill and decode speed, and a greedy sample.")
+    ev.add_argument("model", help="'teacher' (the offline SmolLM2-135M-Instruct), a saved model folder "
+                                  "(for example the output of `compress`), or a hub id when online")
+    ev.add_argument("--profile", default=None, help=PROFILE_HELP)
+    ev.add_argument("--prompt", default="The Python `with` statement is used to", help="prompt for the sample")
+    ev.add_argument("--json", action="store_true", help="print the card as JSON")
+    ev.set_defaults(func=_cmd_eval)
+
+    from .pipeline import STEPS
+
+    kinds = "\n".join(f"  {k:<11} {STEPS[k].doc}" for k in sorted(STEPS))
+    co = sub.add_parser("compress", help="apply a recipe to the teacher and export the compressed model",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Apply a recipe (YAML or JSON, see recipes/) step by step, measuring "
+                                    "quality, size and speed after every step. Intermediate models are saved "
+                                    "atomically and a re-run resumes after the last finished step. The final "
+                                    "model is written to --out as safetensors + config, loadable with "
+                                    "distill_lab.load_model(OUT).\n\nstep kinds:\n" + kinds)
+    co.add_argument("--recipe", required=True, help="recipe file (.yaml, .yml or .json)")
+    co.add_argument("--out", required=True, help="folder for the compressed model")
+    co.add_argument("--work", default=None, help="folder for intermediate steps (default: OUT.steps)")
+    co.add_argument("--teacher", default="teacher", help="model to compress (default: the offline teacher)")
+    co.add_argument("--profile", default=None, help=PROFILE_HELP)
+    co.add_argument("--max-ppl-ratio", type=float, default=None,
+                    help="stop when a step's perplexity ratio to the teacher exceeds this (overrides the recipe)")
+    co.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    co.add_argument("--prompt", default="The Python `with` statement is used to",
+                    help="prompt for the generation check after reloading")
+    co.add_argument("--quiet", action="store_true", help="no progress bars")
+    co.set_defaults(func=_cmd_compress)
+
+    rep = sub.add_parser("report", help="measure the seed's comparison table and write reports/",
+                         description="Measure INT8, INT4, distillation, 50%% pruning and the combined recipe on "
+                                     "the teacher in the current profile; write comparison.md, comparison.json "
+                                     "and comparison_pareto.png. Finished rows are reused on a re-run.")
+    rep.add_argument("--out", default="reports", help="report folder (default: reports)")
+    rep.add_argument("--work", default=None,
+                     help="folder for the rows' models (default: $DISTILL_LAB_CACHE/compare-<profile>)")
+    rep.add_argument("--profile", default=None, help=PROFILE_HELP)
+    rep.add_argument("--quiet", action="store_true", help="no progress bars")
+    rep.set_defaults(func=_cmd_report)
     return parser
 
 
@@ -32,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as err:
-        print(f"distill-lab {args.command}: error: {err}", file=sys.stderr)
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"distill-lab {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -135,6 +135,10 @@ def load_model(name_or_path, device: str | torch.device | None = None,
     kwargs = dict(trust_remote_code=False, dtype=dtype)
     if Path(name).expanduser().is_dir():
         path = str(Path(name).expanduser())
+        if (Path(path) / "quantization_config.json").is_file():  # written by distill_lab.quantize.save_quantized
+            from .pipeline import load_saved
+
+            return load_saved(path, device=device)
         with quiet_transformers():
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)

@@ -204,3 +204,83 @@ def test_layer_drop_then_int8_quantize(tmp_path, data):
     ids = data["windows"]["pydoc"][:1]
     with torch.no_grad():
         assert torch.allclose(reloaded(ids).logits, result.model(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+# -- the comparison table, the panel, the exercises -----------------------------------------------
+
+def test_verdict_and_claim_text():
+    claim = pipeline.SeedClaim((4, 4), (2, 3), (0, 1))
+    assert claim.text() == "4× / 2–3× / <1%"
+    good = {"size_reduction": 3.9, "prefill_speedup": 1.1, "decode_speedup": 2.5, "dppl_pct_pydoc": 0.5}
+    assert pipeline.verdict(good, claim)["verdict"] == "holds"
+    bad = {"size_reduction": 2.0, "prefill_speedup": 1.0, "decode_speedup": 1.0, "dppl_pct_pydoc": 5.0}
+    assert pipeline.verdict(bad, claim)["verdict"] == "does not hold"
+    mixed = dict(good, dppl_pct_pydoc=4.0)
+    v = pipeline.verdict(mixed, claim)
+    assert v["verdict"] == "partly holds" and "quality ✗" in v["why"]
+
+
+def test_seed_rows_and_shipped_combined_recipe_agree():
+    rows = pipeline.seed_rows()
+    assert [r[0] for r in rows] == ["INT8 quantization", "INT4 quantization", "Distillation", "50% pruning",
+                                    "Combined"]
+    shipped = Recipe.load(Path(__file__).resolve().parent.parent / "recipes" / "combined.yaml")
+    assert [s.to_dict() for s in shipped.steps] == [s.to_dict() for s in pipeline.combined_recipe().steps]
+
+
+def test_comparison_table_on_a_tiny_teacher(tmp_path, teacher64, data, monkeypatch):
+    monkeypatch.setattr(pipeline, "eval_windows", lambda tok, prof: data["windows"])
+    rows = [("INT8 quantization", Recipe("int8", [{"quantize": {"method": "int8"}}]),
+             pipeline.SeedClaim((4, 4), (2, 3), (0, 1))),
+            ("50% pruning", Recipe("p", [{"prune": {"channels_keep": 0.5}}]),
+             pipeline.SeedClaim((2, 2), (1.5, 1.5), (1, 2)))]
+    table = pipeline.comparison_table(teacher64, None, PROFILE, tmp_path / "work", rows=rows, progress=False)
+    assert [r["name"] for r in table.rows] == ["INT8 quantization", "50% pruning"]
+    md = table.markdown()
+    assert md.count("\n| ") == 3 and "| INT8 quantization |" in md and "nan" not in md
+    paths = table.save(tmp_path / "reports")
+    assert [p.name for p in paths] == ["comparison.md", "comparison.json", "comparison_pareto.png"]
+    data_json = json.loads(paths[1].read_text())
+    assert data_json["rows"][0]["metrics"]["size_reduction"] > 1
+    # a second call reuses the finished rows (no new step folders are written)
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "work").rglob("step.json")}
+    pipeline.comparison_table(teacher64, None, PROFILE, tmp_path / "work", rows=rows, progress=False)
+    assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "work").rglob("step.json")}
+
+
+def test_recipe_from_knobs_and_panel_runs_only_on_click():
+    from distill_lab.widgets import recipe_panel
+
+    r = pipeline.recipe_from_knobs(heads_keep=0.67, channels_keep=1.0, distil_steps=5, quantize="int4")
+    assert [s.kind for s in r.steps] == ["prune", "distil", "quantize"]
+    assert r.steps[0].config == {"heads_keep": 0.67, "method": "activation"}
+    with pytest.raises(ValueError, match="no step"):
+        pipeline.recipe_from_knobs()
+    calls = []
+    panel = recipe_panel(lambda **k: calls.append(pipeline.recipe_from_knobs(**k)) or calls[-1], lambda r: None)
+    panel.children[1].value = 0.3  # moving a slider runs nothing
+    assert calls == []
+    panel.children[-2].click()  # the "Run recipe" button
+    assert len(calls) == 1 and panel.result.steps[0].config["channels_keep"] == 0.3
+
+
+def test_exercise_checkers_accept_right_and_reject_wrong(capsys):
+    from distill_lab.exercises.combined import check_overall_reduction, check_pareto_front
+
+    assert check_overall_reduction(lambda e, fe, fb: 1 / (e / fe + (1 - e) / fb))
+    with pytest.raises(AssertionError):
+        check_overall_reduction(lambda e, fe, fb: e * fe + (1 - e) * fb)
+
+    def front(sizes, ppls):
+        return torch.tensor([float(not any((sizes[j] <= sizes[i]) and (ppls[j] <= ppls[i]) and
+                                           ((sizes[j] < sizes[i]) or (ppls[j] < ppls[i]))
+                                           for j in range(len(sizes)))) for i in range(len(sizes))])
+
+    assert check_pareto_front(front)
+    with pytest.raises(AssertionError):
+        check_pareto_front(lambda s, p: (p <= p.min()).float())
+
+    def stub(*args):
+        raise NotImplementedError
+
+    assert check_overall_reduction(stub) is False
