@@ -94,3 +94,152 @@ def plot_recipe_steps(rows: list[dict], ax=None, title: str = "Quality and size 
     ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def plot_distillation_view(view: dict, axes=None):
+    """Draw a ``distillation_view``: teacher vs student softened probabilities, and the weighted loss terms."""
+    import numpy as np
+
+    if axes is None:
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), gridspec_kw={"width_ratios": [2, 1]})
+    ax, bx = axes
+    fig = ax.figure
+    y = np.arange(len(view["tokens"]))[::-1]
+    ax.barh(y + 0.2, view["teacher_probs"], height=0.4, label="teacher", color="tab:blue")
+    ax.barh(y - 0.2, view["student_probs"], height=0.4, label="student", color="tab:orange")
+    ax.set_yticks(y, [repr(t) for t in view["tokens"]])
+    ax.set_xlabel(f"probability at T = {view['temperature']:.2f}")
+    ax.set_title(f"teacher entropy {view['teacher_entropy_bits']:.2f} bits; target {view['target']!r}")
+    ax.legend(loc="lower right")
+    terms = {"α·T²·KL": view["kd_term"], "(1−α)·CE": view["ce_term"], "total": view["total"]}
+    bx.bar(list(terms), list(terms.values()), color=["tab:blue", "tab:orange", "tab:gray"])
+    bx.set_title(f"loss terms (α = {view['alpha']:.2f})")
+    fig.tight_layout()
+    return fig
+
+
+def plot_val_curves(histories: dict, teacher_ppl: float | None = None, ax=None):
+    """Validation perplexity against optimizer steps for several runs (``{name: trainer history}``)."""
+    fig, ax = _axes(ax, figsize=(7, 4))
+    for name, history in histories.items():
+        rows = history["eval"]
+        ax.plot([r["step"] for r in rows], [r["val_ppl"] for r in rows], marker="o", label=name)
+    if teacher_ppl is not None:
+        ax.axhline(teacher_ppl, color="black", linestyle="--", label="teacher")
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("validation perplexity (log scale)")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_topk_fidelity(rows: list[dict], ax=None):
+    """Relative error of the cached-top-k distillation loss and the teacher mass kept, against k."""
+    fig, ax = _axes(ax, figsize=(7, 3.5))
+    ks = [r["k"] for r in rows]
+    ax.plot(ks, [max(r["rel_error"], 1e-7) for r in rows], marker="o", color="tab:red",
+            label="relative error of the KD term")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("k (teacher logits kept per token)")
+    ax.set_ylabel("relative error", color="tab:red")
+    bx = ax.twinx()
+    bx.plot(ks, [r["teacher_mass"] for r in rows], marker="s", color="tab:blue", label="teacher mass kept")
+    bx.set_ylabel("teacher probability mass kept", color="tab:blue")
+    bx.set_ylim(0, 1.02)
+    fig.tight_layout()
+    return fig
+
+
+def plot_quantization_view(view: dict, axes=None):
+    """Two panels for ``quantize.quantization_view``: one group's weights on its grid, and the error histogram."""
+    if axes is None:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
+    fig = axes[0].figure
+    ax, ax2 = axes
+    values = view["group_values"].numpy()
+    ax.hist(values, bins=80, color="tab:blue", alpha=0.7)
+    grid = view["grid"].numpy()
+    for level in grid if len(grid) <= 64 else grid[:: max(1, len(grid) // 64)]:
+        ax.axvline(level, color="tab:red", lw=0.6, alpha=0.6)
+    ax.set_title(f"group with the largest |w| and its {len(grid)} levels", fontsize=10)
+    ax.set_xlabel("weight value")
+    ax2.hist(view["errors"].numpy(), bins=80, color="tab:orange")
+    ax2.set_yscale("log")
+    ax2.set_xlabel("dequantized - original")
+    sym = "symmetric" if view["symmetric"] else "asymmetric"
+    ax2.set_title(f"int{view['bits']} {view['granularity']} {sym}: SQNR {view['sqnr_db']:.1f} dB, "
+                  f"{8 * view['bytes_per_weight']:.2f} bits/weight", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_activation_outliers(rows: list[dict], ax=None, title: str = "Inputs of each Linear: max |x| and mean |x|"):
+    """Per-layer max |x| (solid) and mean |x| (dotted) of every projection's input, log scale (rows of ``outlier_table``)."""
+    fig, ax = _axes(ax, figsize=(9, 4))
+    kinds = {"q_proj": "q/k/v (after input norm)", "o_proj": "o_proj (attention output)",
+             "gate_proj": "gate/up (after post-attention norm)", "down_proj": "down_proj (SiLU(gate)·up)"}
+    colors = dict(zip(kinds, ["tab:blue", "tab:green", "tab:purple", "tab:red"]))
+    for kind, label in kinds.items():
+        sel = [r for r in rows if r["layer"].endswith(kind)]
+        if not sel:
+            continue
+        layers = [int(r["layer"].split(".")[2]) for r in sel]
+        ax.plot(layers, [r["max_abs"] for r in sel], "-o", ms=3, color=colors[kind], label=label)
+        ax.plot(layers, [r["mean_abs"] for r in sel], ":", color=colors[kind])
+    ax.set_yscale("log")
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("|x|  (solid: max, dotted: mean)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_channel_ranges(curves: dict, ax=None, title: str = "max |x| per input channel"):
+    """Per-channel activation ranges, one line per named (K,) tensor (e.g. before / after SmoothQuant)."""
+    fig, ax = _axes(ax, figsize=(9, 3.5))
+    for name, values in curves.items():
+        ax.plot(values.float().numpy(), lw=0.8, label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("input channel")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_loss_histories(histories: dict, ax=None, title: str = "QAT: distillation loss per step"):
+    """Training-loss curves, one per named history (lists of ``{"step", "loss"}``)."""
+    fig, ax = _axes(ax)
+    for name, history in histories.items():
+        ax.plot([h["step"] for h in history], [h["loss"] for h in history], label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("KL(teacher ‖ student)")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_sparsity_curve(view: dict, ax=None):
+    """Test perplexity vs sparsity for magnitude and Wanda (log scale), the chosen point marked."""
+    fig, ax = _axes(ax)
+    curves = view["curves"]
+    xs = [100 * s for s in curves["sparsities"]]
+    for name, color in (("magnitude", "tab:red"), ("wanda", "tab:blue")):
+        ax.plot(xs, curves[name], "o-", color=color, label=name, lw=2 if name == view["method"] else 1,
+                alpha=1.0 if name == view["method"] else 0.5)
+    ax.axhline(curves["dense"], color="gray", ls=":", label=f"dense ({curves['dense']:.1f})")
+    ax.plot([100 * view["sparsity"]], [view["ppl"]], "k*", ms=14)
+    ax.set_yscale("log")
+    ax.set_xlabel("sparsity of every pruned Linear (%)")
+    ax.set_ylabel("test perplexity (log)")
+    ax.set_title(f"{view['method']} at {100 * view['sparsity']:.0f}%: ppl {view['ppl']:.1f} "
+                 f"({view['ratio_to_dense']:.2f}x dense)")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+

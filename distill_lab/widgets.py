@@ -47,3 +47,45 @@ def recipe_panel(run, plot, heads_keep: float = 0.67, channels_keep: float = 0.5
         quantize=widgets.Dropdown(options=["none", "int8", "w8a8", "int4"], value=quantize, description="quantize"),
     )
     return widgets.interactive(wire(run, plot), {"manual": True, "manual_name": "Run recipe"}, **knobs)
+
+
+def distillation_widget(student_logits, teacher_logits, target: int, tokenizer, temperature: float = 2.0,
+                        alpha: float = 0.5, k: int = 8):
+    """Sliders for the distillation temperature and alpha that redraw the softened distributions and loss terms."""
+    from .distill import distillation_view
+    from .plotting import plot_distillation_view
+
+    t_slider = widgets.FloatSlider(value=temperature, min=0.25, max=8.0, step=0.25,
+                                   description="temperature", continuous_update=False)
+    a_slider = widgets.FloatSlider(value=alpha, min=0.0, max=1.0, step=0.05, description="alpha",
+                                   continuous_update=False)
+    compute = lambda temperature, alpha: distillation_view(  # noqa: E731
+        student_logits, teacher_logits, target, tokenizer, temperature, alpha, k)
+    return widgets.interactive(wire(compute, plot_distillation_view), temperature=t_slider, alpha=a_slider)
+
+
+def quantization_widget(weight, bits: int = 4, granularity="per-channel", symmetric: bool = True):
+    """Knobs for bits, granularity (per-tensor, per-channel, group size) and symmetry on a real (out, in) weight."""
+    from .plotting import plot_quantization_view
+    from .quantize import GRANULARITIES, quantization_view
+
+    options = [g for g in GRANULARITIES if not isinstance(g, int) or weight.shape[1] % g == 0]
+    compute = lambda bits, granularity, symmetric: quantization_view(weight, bits, granularity, symmetric)  # noqa: E731
+    return widgets.interactive(
+        wire(compute, plot_quantization_view),
+        bits=widgets.IntSlider(value=bits, min=2, max=8, description="bits", continuous_update=False),
+        granularity=widgets.Dropdown(options=options, value=granularity, description="granularity"),
+        symmetric=widgets.Checkbox(value=symmetric, description="symmetric"))
+
+
+def sparsity_widget(curves: dict, sparsity: float = 0.5, method: str = "wanda"):
+    """Sparsity slider and method picker that redraw precomputed perplexity-vs-sparsity curves (instant)."""
+    from .plotting import plot_sparsity_curve
+    from .prune import sparsity_curve_view
+
+    slider = widgets.SelectionSlider(options=list(curves["sparsities"]), value=sparsity, description="sparsity",
+                                     continuous_update=False)
+    picker = widgets.Dropdown(options=["magnitude", "wanda"], value=method, description="method")
+    compute = lambda sparsity, method: sparsity_curve_view(curves, sparsity, method)  # noqa: E731
+    return widgets.interactive(wire(compute, plot_sparsity_curve), sparsity=slider, method=picker)
+
