@@ -120,7 +120,8 @@ class Recipe:
 
     name: str  # a short name, used for folders and table rows
     steps: list  # list of Step (dicts are converted: {"kind": k, "config": {...}} or {k: {...}})
-    max_ppl_ratio: float | None = None  # stop when in-domain ppl / teacher ppl exceeds this (None: never)
+    max_ppl_ratio: float | None = None  # stop when in-domain ppl / teacher ppl exceeds this after a step
+    # (None: never); a step followed by distil or qat is not checked, since that step heals it
     description: str = ""  # one line for humans
 
     def __post_init__(self):
@@ -438,7 +439,7 @@ class RecipeResult:
     def rows(self) -> list[dict]:
         """One row per stage (teacher first): the measured metrics and ratios to the teacher."""
         base = {"stage": "0 teacher", **self.teacher, **relative(self.teacher, self.teacher)}
-        return [base] + [{"stage": s.label, **s.metrics} for s in self.steps]
+        return [base] + [{"stage": s.label, **s.metrics} for s in self.steps if s.metrics]
 
     def markdown(self) -> str:
         """Markdown table of quality, size and speed after every step."""
@@ -501,7 +502,7 @@ def run_recipe(teacher: nn.Module, tokenizer, recipe: Recipe, out_dir: str | Pat
                profile: Profile | str | None = None, seed: int = 0, windows=None,
                train_windows: torch.Tensor | None = None, teacher_stats: dict | None = None,
                progress: bool = True, resume: bool = True, keep_model: bool = True,
-               cache_dir: str | Path | None = None) -> RecipeResult:
+               cache_dir: str | Path | None = None, measure_steps: str = "all") -> RecipeResult:
     """Apply ``recipe`` to a copy of ``teacher`` step by step, measuring and saving after each step.
 
     Every finished step is saved atomically under ``out_dir/steps/NN_kind/`` (model folder plus
@@ -510,7 +511,11 @@ def run_recipe(teacher: nn.Module, tokenizer, recipe: Recipe, out_dir: str | Pat
     ``train_windows`` the training data (both needed for models that do not use the teacher's
     tokenizer). Raises ``QualityGuardError`` when a step's in-domain perplexity ratio exceeds
     ``recipe.max_ppl_ratio``; the offending step stays saved so the run can be inspected.
+    ``measure_steps="last"`` measures only the final step (intermediate models are still saved);
+    the quality guard then applies to the final step only.
     """
+    if measure_steps not in ("all", "last"):
+        raise ValueError(f"measure_steps={measure_steps!r}; allowed: 'all', 'last'")
     from .profiles import set_seed
 
     profile = profile if isinstance(profile, Profile) else get_profile(profile)
@@ -543,7 +548,8 @@ def run_recipe(teacher: nn.Module, tokenizer, recipe: Recipe, out_dir: str | Pat
         if progress:
             print(f"[{recipe.name}] resuming after step {len(done)} ({recipe.steps[len(done) - 1].kind}); "
                   f"steps 1..{len(done)} are reused from {len(done)} saved folder(s)")
-        _check_guard(recipe, records[-1], first_ppl_key)
+        if records[-1].metrics:
+            _check_guard(recipe, records[-1], first_ppl_key)
     model = None
     if len(done) < len(recipe.steps) or keep_model:
         if done:
@@ -568,8 +574,10 @@ def run_recipe(teacher: nn.Module, tokenizer, recipe: Recipe, out_dir: str | Pat
             tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=final.parent))
             try:
                 save_model(model, tokenizer, tmp)
-                metrics = measure(model, windows, profile, folder=tmp, progress=False)
-                metrics.update(relative(metrics, teacher_stats))
+                metrics = {}
+                if measure_steps == "all" or i == len(recipe.steps) - 1:
+                    metrics = measure(model, windows, profile, folder=tmp, progress=False)
+                    metrics.update(relative(metrics, teacher_stats))
                 state = {"fingerprint": recipe.fingerprint(i), "profile": profile.name, "kind": step.kind,
                          "config": step.config, "metrics": metrics, "seconds": seconds,
                          "extras": ctx.extras}
@@ -587,12 +595,16 @@ def run_recipe(teacher: nn.Module, tokenizer, recipe: Recipe, out_dir: str | Pat
                 if stale.name != final.name:
                     shutil.rmtree(stale, ignore_errors=True)
             bar.update(1)
-            if progress:
+            if progress and metrics:
                 m = metrics
                 print(f"[{recipe.name}] step {i + 1} {step.label}: ppl {m[first_ppl_key]:.2f} "
                       f"(×{m[f'ppl_ratio_{first_ppl_key[4:]}']:.2f}), {m['size_bytes'] / 2**20:.1f} MiB "
                       f"({m['size_reduction']:.1f}× smaller), {seconds:.0f} s")
-            _check_guard(recipe, records[-1], first_ppl_key)
+            if progress and ctx.extras.get("kept_in_float"):
+                print(f"[{recipe.name}] step {i + 1}: {len(ctx.extras['kept_in_float'])} module(s) stayed in float "
+                      f"(see the step's extras['kept_in_float'])")
+            if metrics:
+                _check_guard(recipe, records[-1], first_ppl_key)
     finally:
         bar.close()
     result = RecipeResult(recipe=recipe, teacher=teacher_stats, steps=records, out_dir=str(out_dir),
@@ -601,9 +613,15 @@ def run_recipe(teacher: nn.Module, tokenizer, recipe: Recipe, out_dir: str | Pat
     return result
 
 
+HEALING_STEPS = ("distil", "qat")  # steps that recover quality: the guard skips the step just before them
+
+
 def _check_guard(recipe: Recipe, rec: StepRecord, ppl_key: str) -> None:
     if recipe.max_ppl_ratio is None:
         return
+    nxt = recipe.steps[rec.index] if rec.index < len(recipe.steps) else None
+    if nxt is not None and nxt.kind in HEALING_STEPS:
+        return  # e.g. prune -> distil: the pruned model is expected to be bad until it is healed
     ratio = rec.metrics[f"ppl_ratio_{ppl_key[4:]}"]
     if ratio > recipe.max_ppl_ratio:
         raise QualityGuardError(
@@ -661,8 +679,8 @@ def _apply_prune(model: nn.Module, config: dict, ctx: StepContext) -> nn.Module:
 class DistilStep:
     """Distil the current model toward the teacher (healing after pruning), from cached top-k logits."""
 
-    steps: int | None = None  # optimizer steps (null: profile.train_steps)
-    batch_size: int | None = None  # windows per step (null: profile.train_batch_size)
+    steps: int | None = None  # optimizer steps (null: profile.recipe_steps)
+    batch_size: int | None = None  # windows per step (null: profile.recipe_batch)
     lr: float = 2e-4  # peak AdamW learning rate (warm-up, then cosine)
     temperature: float = 1.0  # distillation temperature T
     alpha: float = 1.0  # weight of the KD term (1 - alpha goes to cross-entropy on the labels)
@@ -709,8 +727,8 @@ def _distil_train(model: nn.Module, cfg: DistilStep, ctx: StepContext, before_tr
     """Run the distillation trainer on ``model`` in place; return its history."""
     from .distill import DistillationLoss, DistillationTrainer, TrainConfig
 
-    steps = cfg.steps or ctx.profile.train_steps
-    batch = cfg.batch_size or ctx.profile.train_batch_size
+    steps = cfg.steps or ctx.profile.recipe_steps
+    batch = cfg.batch_size or ctx.profile.recipe_batch
     windows = ctx.train_windows()
     windows = windows[:min(len(windows), steps * batch)]  # one pass at most; fewer teacher forwards
     batch = min(batch, len(windows))
@@ -733,6 +751,7 @@ def _apply_distil(model: nn.Module, config: dict, ctx: StepContext) -> nn.Module
 
 
 QUANT_METHODS = ("int8", "w8a8", "int4")
+QUANT_ALGORITHMS = {"rtn": QUANT_METHODS, "awq": ("int4",), "gptq": ("int4",), "smoothquant": ("w8a8",)}
 
 
 @dataclass
@@ -743,10 +762,16 @@ class QuantizeStep:
     group_size: int = 64  # int4 only: weights per scale along the input dimension
     symmetric: bool = False  # int4 only: absmax grid (True) or min/max grid with zeros (False)
     embedding_bits: int | None = 8  # 8: embedding and tied head to int8; null: keep them in float
+    algorithm: str = "rtn"  # rtn (round to nearest), awq or gptq (int4), smoothquant (w8a8); calibrated on pydoc train
 
     def __post_init__(self):
         if self.method not in QUANT_METHODS:
             raise ValueError(f"method={self.method!r}; allowed: {', '.join(QUANT_METHODS)}")
+        if self.algorithm not in QUANT_ALGORITHMS:
+            raise ValueError(f"algorithm={self.algorithm!r}; allowed: {', '.join(QUANT_ALGORITHMS)}")
+        if self.method not in QUANT_ALGORITHMS[self.algorithm]:
+            raise ValueError(f"algorithm={self.algorithm!r} with method={self.method!r}; allowed: algorithm "
+                             f"{self.algorithm!r} needs method {' or '.join(QUANT_ALGORITHMS[self.algorithm])}")
         self.to_config()  # the quantize module checks the rest
 
     def to_config(self):
@@ -761,6 +786,17 @@ class QuantizeStep:
                                 embedding_bits=self.embedding_bits)
 
 
+def _quantized_kinds(model: nn.Module) -> dict:
+    """Count the real quantized modules in ``model`` by kind."""
+    from .quantize import QuantizedModule
+
+    kinds: dict = {}
+    for m in model.modules():
+        if isinstance(m, QuantizedModule):
+            kinds[m.kind] = kinds.get(m.kind, 0) + 1
+    return kinds
+
+
 def _validate_quantize(config: dict) -> None:
     _config_from(QuantizeStep, config, "step 'quantize'")
 
@@ -769,7 +805,61 @@ def _apply_quantize(model: nn.Module, config: dict, ctx: StepContext) -> nn.Modu
     from .quantize import quantize_
 
     cfg = _config_from(QuantizeStep, config, "step 'quantize'")
-    summary = quantize_(model, cfg.to_config())
+    config = cfg.to_config()
+    if cfg.algorithm in ("awq", "smoothquant"):
+        from .smoothquant import awq_, collect_activation_stats, smooth_
+
+        stats = collect_activation_stats(model, ctx.calibration(), progress=False, seed=ctx.seed)
+        if cfg.algorithm == "awq":
+            ctx.report("awq_exponents", awq_(model, stats, group_size=cfg.group_size, symmetric=cfg.symmetric,
+                                             progress=False))
+        else:
+            smooth_(model, stats, alpha=0.5)
+    if cfg.algorithm == "gptq":
+        from .gptq import gptq_
+
+        summary = gptq_(model, ctx.calibration(), config, progress=False)
+    else:
+        summary = quantize_(model, config)
+    ctx.report("quantized", _quantized_kinds(model))
+    ctx.report("kept_in_float", dict(summary.float_modules))
+    return model
+
+
+@dataclass
+class QATStep(DistilStep):
+    """Quantization-aware training: fake-quantize the Linears, distil toward the teacher, convert to real int modules."""
+
+    method: str = "int4"  # int8, w8a8 or int4 (as in the quantize step)
+    group_size: int = 64  # int4 only: weights per scale along the input dimension
+    symmetric: bool = False  # int4 only: absmax grid (True) or min/max grid with zeros (False)
+    embedding_bits: int | None = 8  # 8: embedding and tied head to int8 at convert; null: keep them in float
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.quantize_step()  # validates method, group_size, symmetric, embedding_bits
+
+    def quantize_step(self) -> QuantizeStep:
+        """The PTQ step with the same grid (what ``convert_`` produces)."""
+        return QuantizeStep(self.method, self.group_size, self.symmetric, self.embedding_bits)
+
+    def distil_step(self) -> DistilStep:
+        """The distillation part of this step."""
+        return DistilStep(**{f.name: getattr(self, f.name) for f in dataclasses.fields(DistilStep)})
+
+
+def _validate_qat(config: dict) -> None:
+    _config_from(QATStep, config, "step 'qat'")
+
+
+def _apply_qat(model: nn.Module, config: dict, ctx: StepContext) -> nn.Module:
+    from .qat import convert_, prepare_qat_
+
+    cfg = _config_from(QATStep, config, "step 'qat'")
+    prepare_qat_(model, cfg.quantize_step().to_config())
+    history = _distil_train(model, cfg.distil_step(), ctx)
+    summary = convert_(model)
+    ctx.report("train_loss", [round(r["loss"], 5) for r in history["train"]])
     ctx.report("quantized", dict(summary.replaced))
     ctx.report("kept_in_float", dict(summary.float_modules))
     return model
@@ -785,6 +875,9 @@ register_step("distil", _apply_distil, _validate_distil,
 register_step("quantize", _apply_quantize, _validate_quantize,
               "post-training quantization with integer kernels; knobs: method (int8, w8a8, int4), group_size, "
               "symmetric, embedding_bits")
+register_step("qat", _apply_qat, _validate_qat,
+              "quantization-aware training with distillation, then real int modules; knobs: those of quantize "
+              "and distil")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -812,7 +905,7 @@ class SeedClaim:
 def combined_recipe(max_ppl_ratio: float | None = None) -> Recipe:
     """The course's combined recipe: structured prune → distil (heal) → int4 g64 blocks + int8 embedding."""
     return Recipe("combined", [
-        Step("prune", {"heads_keep": 0.67, "channels_keep": 0.5, "layers_keep": 0.8, "method": "activation"}),
+        Step("prune", {"heads_keep": 0.67, "channels_keep": 0.375, "layers_keep": 0.8, "method": "activation"}),
         Step("distil", {"top_k": 64, "lr": 3e-4}),
         Step("quantize", {"method": "int4", "group_size": 64, "embedding_bits": 8}),
     ], max_ppl_ratio=max_ppl_ratio,
@@ -924,7 +1017,8 @@ class ComparisonTable:
 
 def comparison_table(teacher: nn.Module, tokenizer, profile: Profile | str | None = None,
                      work_dir: str | Path | None = None, rows=None, seed: int = 0,
-                     progress: bool = True, results: dict | None = None) -> ComparisonTable:
+                     progress: bool = True, results: dict | None = None,
+                     measure_steps: str = "last") -> ComparisonTable:
     """Measure the seed's five rows on ``teacher`` (each a recipe; finished rows are reused from ``work_dir``).
 
     ``rows`` defaults to ``seed_rows()``; ``results`` maps a row name to a ``RecipeResult`` that was
@@ -946,14 +1040,14 @@ def comparison_table(teacher: nn.Module, tokenizer, profile: Profile | str | Non
         if result is None:
             result = run_recipe(teacher, tokenizer, recipe, work_dir / recipe.name, profile=profile, seed=seed,
                                 windows=windows, teacher_stats=base, progress=progress, keep_model=False,
-                                cache_dir=work_dir)
+                                cache_dir=work_dir, measure_steps=measure_steps)
         m = dict(result.final.metrics)
         m.update(relative(m, base))  # ratios against this table's teacher measurement
         out.append({"name": name, "recipe": recipe.to_dict(), "description": recipe.description,
                     "recipe_text": " → ".join(s.label for s in recipe.steps),
                     "claim": claim.text(), "claim_ranges": dataclasses.asdict(claim),
                     "metrics": m, "verdict": verdict(m, claim),
-                    "steps": [{"stage": s.label, **s.metrics} for s in result.steps]})
+                    "steps": [{"stage": s.label, **s.metrics} for s in result.steps if s.metrics]})
     return ComparisonTable(rows=out, teacher=base, profile=profile.name, env=environment_info())
 
 

@@ -32,6 +32,8 @@ class Profile:
     decode_tokens: int  # new tokens timed at batch 1
     repeats: int  # timing repeats (median is reported)
     gen_tokens: int  # tokens generated for samples
+    recipe_steps: int = 8  # distillation steps per distil/qat step of a compression recipe (lesson 04, report)
+    recipe_batch: int = 4  # windows per distillation step of a compression recipe
 
     def __post_init__(self):
         for field, value in asdict(self).items():
@@ -46,13 +48,16 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     "smoke": Profile("smoke", seq_len=128, eval_windows=8, batch_size=8, train_steps=8,
                      train_batch_size=4, calib_windows=4, latency_batch=2, latency_seq=64,
-                     decode_tokens=8, repeats=2, gen_tokens=16),
+                     decode_tokens=8, repeats=2, gen_tokens=16,
+                     recipe_steps=4, recipe_batch=4),
     "laptop": Profile("laptop", seq_len=256, eval_windows=40, batch_size=8, train_steps=150,
                       train_batch_size=8, calib_windows=16, latency_batch=8, latency_seq=256,
-                      decode_tokens=32, repeats=3, gen_tokens=40),
+                      decode_tokens=32, repeats=3, gen_tokens=40,
+                      recipe_steps=30, recipe_batch=4),
     "gpu": Profile("gpu", seq_len=512, eval_windows=200, batch_size=16, train_steps=1500,
                    train_batch_size=16, calib_windows=64, latency_batch=8, latency_seq=256,
-                   decode_tokens=64, repeats=5, gen_tokens=60),
+                   decode_tokens=64, repeats=5, gen_tokens=60,
+                   recipe_steps=300, recipe_batch=16),
 }
 
 

@@ -28,7 +28,7 @@ def temperature_widget(logits, tokenizer, k: int = 10, value: float = 1.0):
     return widgets.interactive(wire(compute, plot_temperature_view), temperature=slider)
 
 
-def recipe_panel(run, plot, heads_keep: float = 0.67, channels_keep: float = 0.5, layers_keep: float = 0.8,
+def recipe_panel(run, plot, heads_keep: float = 0.67, channels_keep: float = 0.375, layers_keep: float = 0.8,
                  distil_steps: int = 8, quantize: str = "int4", max_steps: int = 300):
     """Recipe knobs (prune, distil, quantize) that run ``run(**knobs)`` only when "Run recipe" is clicked, then ``plot``.
 
@@ -38,8 +38,9 @@ def recipe_panel(run, plot, heads_keep: float = 0.67, channels_keep: float = 0.5
     knobs = dict(
         heads_keep=widgets.Dropdown(options=[("9/9 heads", 1.0), ("6/9 heads", 0.67), ("3/9 heads", 0.34)],
                                     value=heads_keep, description="heads"),
-        channels_keep=widgets.FloatSlider(value=channels_keep, min=0.1, max=1.0, step=0.05,
-                                          description="MLP keep", continuous_update=False),
+        channels_keep=widgets.SelectionSlider(  # multiples of 64 channels: int4 groups of 64 divide them
+            options=[(f"{n * 64}/1536", n / 24) for n in range(2, 25)], value=channels_keep,
+            description="MLP keep", continuous_update=False),
         layers_keep=widgets.FloatSlider(value=layers_keep, min=0.3, max=1.0, step=0.1,
                                         description="layers keep", continuous_update=False),
         distil_steps=widgets.IntSlider(value=distil_steps, min=0, max=max_steps, step=1,

@@ -31,7 +31,7 @@ def test_compress_help_lists_step_kinds(capsys):
     with pytest.raises(SystemExit):
         main(["compress", "--help"])
     out = capsys.readouterr().out
-    for kind in ("prune", "distil", "quantize", "layer_drop"):
+    for kind in ("prune", "distil", "quantize", "qat", "layer_drop"):
         assert kind in out
 
 

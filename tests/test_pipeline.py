@@ -194,6 +194,21 @@ def test_quality_guard_stops_with_a_clear_message(tmp_path, data, scratch_steps)
         _run(tiny_llama(), recipe, tmp_path / "run", data)
 
 
+def test_guard_skips_a_step_that_distillation_heals_next():
+    recipe = Recipe("g", [{"prune": {"channels_keep": 0.5}}, {"distil": {"steps": 1}}, {"quantize": {}}],
+                    max_ppl_ratio=1.5)
+    bad = {"ppl_ratio_pydoc": 9.0, "ppl_pydoc": 99.0}
+
+    def rec(i):
+        return pipeline.StepRecord(index=i, kind=recipe.steps[i - 1].kind, config={}, folder="f", metrics=bad,
+                                   seconds=0.0)
+
+    pipeline._check_guard(recipe, rec(1), "ppl_pydoc")  # prune, healed by the next step: not checked
+    for i in (2, 3):
+        with pytest.raises(QualityGuardError, match=f"after step {i}"):
+            pipeline._check_guard(recipe, rec(i), "ppl_pydoc")
+
+
 def test_layer_drop_then_int8_quantize(tmp_path, data):
     teacher = tiny_llama(num_layers=4)
     recipe = Recipe("student", [{"layer_drop": {"keep_every": 2}}, {"quantize": {"method": "w8a8"}}])
@@ -258,10 +273,10 @@ def test_recipe_from_knobs_and_panel_runs_only_on_click():
         pipeline.recipe_from_knobs()
     calls = []
     panel = recipe_panel(lambda **k: calls.append(pipeline.recipe_from_knobs(**k)) or calls[-1], lambda r: None)
-    panel.children[1].value = 0.3  # moving a slider runs nothing
+    panel.children[1].value = 0.25  # moving a slider runs nothing (384 of 1536 channels)
     assert calls == []
     panel.children[-2].click()  # the "Run recipe" button
-    assert len(calls) == 1 and panel.result.steps[0].config["channels_keep"] == 0.3
+    assert len(calls) == 1 and panel.result.steps[0].config["channels_keep"] == 0.25
 
 
 def test_exercise_checkers_accept_right_and_reject_wrong(capsys):
@@ -284,3 +299,14 @@ def test_exercise_checkers_accept_right_and_reject_wrong(capsys):
         raise NotImplementedError
 
     assert check_overall_reduction(stub) is False
+
+
+def test_qat_step_trains_then_converts_to_real_int4(tmp_path, teacher64, data):
+    recipe = Recipe("qat", [{"qat": {"method": "int4", "group_size": 64, "steps": 2, "batch_size": 2,
+                                     "top_k": 8}}])
+    result = _run(teacher64, recipe, tmp_path / "run", data)
+    step = result.final
+    assert len(step.extras["train_loss"]) == 2 and step.extras["quantized"]["int4_weight_only"] == 14
+    assert step.metrics["size_reduction"] > 3
+    with pytest.raises(ValueError, match=r"step 'qat': .*group_size=63"):
+        Recipe("bad", [{"qat": {"group_size": 63}}])
