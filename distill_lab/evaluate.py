@@ -255,12 +255,23 @@ def _git_commit() -> str | None:
         return None
 
 
+def _cpu_name() -> str:
+    """Return the CPU model name (from /proc/cpuinfo on Linux), else the platform's guess."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment_info() -> dict:
     """Describe where a number was measured: versions, device, CPU threads, git commit."""
     import transformers
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else \
-        (platform.processor() or platform.machine()) + " (CPU)"
+        f"{_cpu_name()} (CPU, {os.cpu_count()} cores)"
     return {"torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "platform": platform.platform(terse=True),
             "device": device, "cpu_threads": torch.get_num_threads(),
