@@ -13,8 +13,6 @@ import statistics
 import sys
 import time
 
-import torch
-
 import distill_lab as dl
 from distill_lab.distill import (DistillationLoss, DistillationTrainer, TrainConfig,
                                  cache_teacher_logits)

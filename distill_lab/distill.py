@@ -707,7 +707,6 @@ class DistillationTrainer:
     def _batch_rows(self, step: int, micro: int) -> torch.Tensor:
         """Row indices of this process's micro-batch: a seeded per-epoch permutation, by position."""
         cfg, n = self.config, len(self.inputs)
-        per_step = cfg.batch_size * cfg.grad_accum * self.world
         start = (step * cfg.grad_accum + micro) * cfg.batch_size * self.world + self.rank * cfg.batch_size
         positions = torch.arange(start, start + cfg.batch_size)
         epochs = positions // n
@@ -716,7 +715,6 @@ class DistillationTrainer:
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + e))
             sel = epochs == e
             rows[sel] = perm[positions[sel] % n]
-        del per_step
         return rows
 
     # -- one optimizer step
