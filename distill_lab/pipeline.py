@@ -481,6 +481,33 @@ def _finished(folder: Path, fingerprint: str, profile: str) -> dict | None:
     return data
 
 
+def _adopt_sibling(out_dir: Path, index: int, kind: str, fingerprint: str, profile: str) -> dict | None:
+    """Copy a finished step with the same recipe prefix from a sibling recipe folder; return its state."""
+    name = f"{index:02d}_{kind}"
+    for other in sorted(out_dir.parent.glob(f"*/steps/{name}")):
+        if other.parent.parent == out_dir:
+            continue
+        state = _finished(other, fingerprint, profile)
+        if state is None:
+            continue
+        final = _step_dir(out_dir, index, kind)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=final.parent))
+        try:
+            for f in other.iterdir():
+                try:
+                    os.link(f, tmp / f.name)  # same file system: no copy
+                except OSError:
+                    shutil.copy2(f, tmp / f.name)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return state
+    return None
+
+
 def teacher_metrics(teacher: nn.Module, tokenizer, profile: Profile, windows=None,
                     cache: str | Path | None = None, progress: bool = True) -> dict:
     """Measure the teacher with the recipe harness (cached in ``cache`` as JSON when given)."""
@@ -502,7 +529,8 @@ def run_recipe(teacher: nn.Module, tokenizer, recipe: Recipe, out_dir: str | Pat
                profile: Profile | str | None = None, seed: int = 0, windows=None,
                train_windows: torch.Tensor | None = None, teacher_stats: dict | None = None,
                progress: bool = True, resume: bool = True, keep_model: bool = True,
-               cache_dir: str | Path | None = None, measure_steps: str = "all") -> RecipeResult:
+               cache_dir: str | Path | None = None, measure_steps: str = "all",
+               share: bool = True) -> RecipeResult:
     """Apply ``recipe`` to a copy of ``teacher`` step by step, measuring and saving after each step.
 
     Every finished step is saved atomically under ``out_dir/steps/NN_kind/`` (model folder plus
@@ -512,7 +540,9 @@ def run_recipe(teacher: nn.Module, tokenizer, recipe: Recipe, out_dir: str | Pat
     tokenizer). Raises ``QualityGuardError`` when a step's in-domain perplexity ratio exceeds
     ``recipe.max_ppl_ratio``; the offending step stays saved so the run can be inspected.
     ``measure_steps="last"`` measures only the final step (intermediate models are still saved);
-    the quality guard then applies to the final step only.
+    the quality guard then applies to the final step only. With ``share``, a step whose recipe prefix
+    (same steps, same profile) was already finished by a sibling recipe in ``out_dir``'s parent folder
+    is copied from there instead of recomputed (e.g. two recipes that start with the same prune step).
     """
     if measure_steps not in ("all", "last"):
         raise ValueError(f"measure_steps={measure_steps!r}; allowed: 'all', 'last'")
@@ -531,11 +561,15 @@ def run_recipe(teacher: nn.Module, tokenizer, recipe: Recipe, out_dir: str | Pat
                       cache_dir=Path(cache_dir) if cache_dir is not None else out_dir)
     first_ppl_key = f"ppl_{next(iter(windows))}"
 
-    # find the finished prefix
+    # find the finished prefix (own folders first, then identical prefixes finished by sibling recipes)
     done: list[dict] = []
     for i, step in enumerate(recipe.steps):
-        state = _finished(_step_dir(out_dir, i + 1, step.kind), recipe.fingerprint(i), profile.name) \
-            if resume else None
+        if not resume:
+            break
+        own = _step_dir(out_dir, i + 1, step.kind)
+        state = _finished(own, recipe.fingerprint(i), profile.name)
+        if state is None and share:
+            state = _adopt_sibling(out_dir, i + 1, step.kind, recipe.fingerprint(i), profile.name)
         if state is None:
             break
         done.append(state)

@@ -310,3 +310,26 @@ def test_qat_step_trains_then_converts_to_real_int4(tmp_path, teacher64, data):
     assert step.metrics["size_reduction"] > 3
     with pytest.raises(ValueError, match=r"step 'qat': .*group_size=63"):
         Recipe("bad", [{"qat": {"group_size": 63}}])
+
+
+def test_sibling_recipes_share_an_identical_first_step(tmp_path, data, scratch_steps):
+    calls = {"scale": 0}
+
+    def scale(model, config, ctx):
+        calls["scale"] += 1
+        with torch.no_grad():
+            model.model.norm.weight.mul_(config["factor"])
+        return model
+
+    def noop(model, config, ctx):
+        return model
+
+    scratch_steps("scale", scale)
+    scratch_steps("noop", noop)
+    teacher = tiny_llama()
+    _run(teacher, Recipe("a", [{"scale": {"factor": 0.5}}, {"noop": {"x": 1}}]), tmp_path / "a", data)
+    b = _run(teacher, Recipe("b", [{"scale": {"factor": 0.5}}, {"noop": {"x": 2}}]), tmp_path / "b", data)
+    assert calls["scale"] == 1 and b.steps[0].resumed
+    assert torch.allclose(b.model.model.norm.weight, teacher.model.norm.weight * 0.5)
+    _run(teacher, Recipe("c", [{"scale": {"factor": 0.7}}]), tmp_path / "c", data)  # different prefix
+    assert calls["scale"] == 2
