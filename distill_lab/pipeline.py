@@ -467,8 +467,8 @@ def _step_dir(out_dir: Path, index: int, kind: str) -> Path:
     return out_dir / "steps" / f"{index:02d}_{kind}"
 
 
-def _finished(folder: Path, fingerprint: str, profile: str) -> dict | None:
-    """Return the saved state of a finished step if it matches this recipe prefix and profile."""
+def _finished(folder: Path, fingerprint: str, profile) -> dict | None:
+    """Return the saved state of a finished step if it matches this recipe prefix and profile (name and sizes)."""
     state = folder / STATE_FILE
     if not state.is_file():
         return None
@@ -476,12 +476,15 @@ def _finished(folder: Path, fingerprint: str, profile: str) -> dict | None:
         data = json.loads(state.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if data.get("fingerprint") != fingerprint or data.get("profile") != profile:
+    name = profile.name if isinstance(profile, Profile) else profile
+    if data.get("fingerprint") != fingerprint or data.get("profile") != name:
         return None
+    if isinstance(profile, Profile) and data.get("profile_sizes", profile.to_dict()) != profile.to_dict():
+        return None  # same profile name, different sizes (e.g. more distillation steps): recompute
     return data
 
 
-def _adopt_sibling(out_dir: Path, index: int, kind: str, fingerprint: str, profile: str) -> dict | None:
+def _adopt_sibling(out_dir: Path, index: int, kind: str, fingerprint: str, profile: Profile) -> dict | None:
     """Copy a finished step with the same recipe prefix from a sibling recipe folder; return its state."""
     name = f"{index:02d}_{kind}"
     for other in sorted(out_dir.parent.glob(f"*/steps/{name}")):
@@ -567,9 +570,9 @@ def run_recipe(teacher: nn.Module, tokenizer, recipe: Recipe, out_dir: str | Pat
         if not resume:
             break
         own = _step_dir(out_dir, i + 1, step.kind)
-        state = _finished(own, recipe.fingerprint(i), profile.name)
+        state = _finished(own, recipe.fingerprint(i), profile)
         if state is None and share:
-            state = _adopt_sibling(out_dir, i + 1, step.kind, recipe.fingerprint(i), profile.name)
+            state = _adopt_sibling(out_dir, i + 1, step.kind, recipe.fingerprint(i), profile)
         if state is None:
             break
         done.append(state)
@@ -612,7 +615,8 @@ def run_recipe(teacher: nn.Module, tokenizer, recipe: Recipe, out_dir: str | Pat
                 if measure_steps == "all" or i == len(recipe.steps) - 1:
                     metrics = measure(model, windows, profile, folder=tmp, progress=False)
                     metrics.update(relative(metrics, teacher_stats))
-                state = {"fingerprint": recipe.fingerprint(i), "profile": profile.name, "kind": step.kind,
+                state = {"fingerprint": recipe.fingerprint(i), "profile": profile.name,
+                         "profile_sizes": profile.to_dict(), "kind": step.kind,
                          "config": step.config, "metrics": metrics, "seconds": seconds,
                          "extras": ctx.extras}
                 (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))

@@ -175,6 +175,10 @@ def test_interrupted_recipe_resumes_without_redoing_finished_steps(tmp_path, dat
     changed = Recipe("resume", [{"scale": {"factor": 0.8}}, {"flaky": {}}])
     _run(teacher, changed, tmp_path / "run", data)
     assert calls["scale"] == 2
+    # the same profile name with other sizes (e.g. more distillation steps) does not reuse either
+    run_recipe(teacher, None, changed, tmp_path / "run", profile=dataclasses.replace(PROFILE, recipe_steps=3),
+               progress=False, **data)
+    assert calls["scale"] == 3
 
 
 def test_quality_guard_stops_with_a_clear_message(tmp_path, data, scratch_steps):
