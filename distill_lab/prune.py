@@ -1197,16 +1197,19 @@ def compare_speed(models: dict[str, nn.Module], batch: int = 8, seq: int = 256, 
     return out
 
 
-def sparsity_curve(model: nn.Module, windows: torch.Tensor, calibration, sparsities=(0.1, 0.3, 0.5, 0.7),
-                   batch_size: int = 8, bf16: bool = True, progress: bool = True) -> dict:
+def sparsity_curve(model: nn.Module, windows: torch.Tensor, calibration=None, sparsities=(0.1, 0.3, 0.5, 0.7),
+                   batch_size: int = 8, bf16: bool = True, progress: bool = True,
+                   norms: dict[str, torch.Tensor] | None = None) -> dict:
     """Test perplexity of magnitude and Wanda pruning at fixed sparsities (precomputed for the slider).
 
-    Wanda uses one set of input norms from the dense model (one-shot), so each point costs one
-    pruning and one evaluation. Returns ``{"sparsities", "magnitude", "wanda", "dense"}``.
+    Wanda uses one set of input norms from the dense model (one-shot; pass ``norms`` from
+    ``input_norms`` or ``calibration``), so each point costs one pruning and one evaluation.
+    Returns ``{"sparsities", "magnitude", "wanda", "dense"}``.
     """
     from .evaluate import perplexity
 
-    norms = input_norms(model, calibration)
+    if norms is None:
+        norms = input_norms(model, calibration)
     dense = perplexity(model, windows, batch_size, bf16, progress=False)
     curves = {"sparsities": [0.0] + [float(s) for s in sparsities], "magnitude": [dense], "wanda": [dense],
               "dense": dense}
