@@ -17,7 +17,6 @@ import argparse
 import copy
 import os
 import sys
-import time
 
 import torch
 

@@ -23,20 +23,25 @@ from .quantize import (Int4WeightOnly, Int4WeightOnlyLinear, _set_module, _shrin
 
 @torch.inference_mode()
 def collect_hessians(model: nn.Module, batches, filter_fn=None, progress: bool = True) -> dict:
-    """Return ``{linear name: XᵀX / n}`` (K, K) in float64 over calibration batches (each (B, T) ids)."""
-    hessians, counts, cache, hooks = {}, {}, {}, []
+    """Return ``{linear name: XᵀX / n}`` (K, K) float64 over calibration batches (each (B, T) ids).
+
+    Linears that read the same input (q/k/v, gate/up) share one tensor object.
+    """
+    sums, counts, alias, hooks = {}, {}, {}, []
+    state = {"key": None, "owner": None}
     device = next(model.parameters()).device
 
     def hook(name):
         def fn(module, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1])  # (N, K)
             key = (x.data_ptr(), tuple(x.shape))
-            if key not in cache:  # q/k/v (and gate/up) share one input: compute XᵀX once
-                cache.clear()
-                xd = x.double()
-                cache[key] = xd.t() @ xd  # (K, K)
-            h = cache[key]
-            hessians[name] = hessians[name] + h if name in hessians else h.clone()
+            if key == state["key"]:  # same input as the Linear just before: share its Hessian
+                alias[name] = state["owner"]
+                return
+            state["key"], state["owner"] = key, name
+            xd = x.double()
+            h = xd.t() @ xd  # (K, K)
+            sums[name] = sums[name] + h if name in sums else h
             counts[name] = counts.get(name, 0) + x.shape[0]
         return fn
 
@@ -46,19 +51,36 @@ def collect_hessians(model: nn.Module, batches, filter_fn=None, progress: bool =
             hooks.append(module.register_forward_pre_hook(hook(name)))
     try:
         for batch in tqdm(list(batches), desc="GPTQ Hessians", leave=False, disable=not progress):
-            cache.clear()
+            state["key"] = None
             model(batch.to(device))
     finally:
         for h in hooks:
             h.remove()
-    return {k: (v / counts[k]).cpu() for k, v in hessians.items()}
+    out = {k: (v / counts[k]).cpu() for k, v in sums.items()}
+    for name, owner in alias.items():
+        out[name] = out[owner]
+    return out
+
+
+def prepare_hessian(hessian: torch.Tensor, damp: float = 0.01, act_order: bool = False) -> dict:
+    """Damp and invert a (K, K) Hessian once: column order, upper Cholesky factor of H⁻¹, dead columns, diag(H)."""
+    h = hessian.float().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    diag = torch.diag(h).clone()  # (K,) E[x²]: how much each input column matters
+    perm = torch.argsort(diag, descending=True) if act_order else torch.arange(h.shape[0])
+    if act_order:
+        h = h[perm][:, perm]
+    h += damp * torch.diag(h).mean() * torch.eye(h.shape[0])
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)  # (K, K)
+    return {"perm": perm, "hinv": hinv, "dead": dead, "diag": diag, "act_order": act_order}
 
 
 @torch.no_grad()
 def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size: int = 64,
                          symmetric: bool = False, damp: float = 0.01, block_size: int = 128,
                          act_order: bool = False, clip: bool = False):
-    """GPTQ one (N, K) weight with its (K, K) Hessian; return a ``QuantizedTensor`` (codes, scales, zeros).
+    """GPTQ one (N, K) weight with its (K, K) Hessian (or ``prepare_hessian``'s output); return a ``QuantizedTensor``.
 
     Codes and scales follow ``quantize_tensor``'s conventions (group-wise along the input dim),
     so the result feeds the same real int4 modules as round-to-nearest. ``act_order`` rounds
@@ -73,27 +95,21 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int 
     if k % group_size:
         raise ValueError(f"group_size={group_size} does not divide in_features={k}")
     block_size = group_size * max(1, block_size // group_size)
+    prep = hessian if isinstance(hessian, dict) else prepare_hessian(hessian, damp, act_order)
+    act_order, perm, hinv, diag = prep["act_order"], prep["perm"], prep["hinv"], prep["diag"]
     w = weight.detach().float().clone()  # (N, K)
-    h = hessian.double().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
+    w[:, prep["dead"]] = 0
     groups = k // group_size
     qmax = 2 ** (bits - 1) - 1 if symmetric else 2 ** bits - 1
     qmin = -qmax if symmetric else 0
     scales = torch.zeros(n, groups)
     zeros = torch.zeros(n, groups)
-    perm = torch.arange(k)
-    diag = torch.diag(h).float()  # (K,) E[x²]: how much each input column matters
     if act_order:
         static = _grid(w, bits, group_size, symmetric, diag if clip else None)
         scales.copy_(static.scales)
         if not symmetric:
             zeros.copy_(static.zero_points)
-        perm = torch.argsort(torch.diag(h), descending=True)
-        w, h = w[:, perm], h[perm][:, perm]
-    h += damp * torch.diag(h).mean() * torch.eye(k, dtype=h.dtype)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()  # (K, K)
+        w = w[:, perm]
     group_of = perm // group_size  # group of the column at each (possibly permuted) position
     codes = torch.zeros(n, k, dtype=torch.int16)
     for i1 in range(0, k, block_size):
@@ -147,16 +163,24 @@ def _int4_module_from_quantized(q, bias) -> Int4WeightOnlyLinear:
 
 
 def gptq_(model: nn.Module, batches, config: Int4WeightOnly | None = None, damp: float = 0.01,
-          act_order: bool = False, clip: bool = False, progress: bool = True):
-    """Quantize every Linear (but the head) with GPTQ onto ``config``'s int4 grid, in place; then the embedding/head per config."""
+          act_order: bool = True, clip: bool = True, progress: bool = True):
+    """Quantize every Linear (but the head) with GPTQ onto ``config``'s int4 grid, in place; then the embedding/head per config.
+
+    Measured on the teacher (INT4 g64, after AWQ scaling, 40 test windows): plain GPTQ +8.7 %
+    perplexity, with act-order and clipped group ranges (the defaults) +7.0 %.
+    """
     config = config or Int4WeightOnly()
     hessians = collect_hessians(model, batches, progress=progress)
+    prepared = {}  # one inverse per distinct Hessian (q/k/v and gate/up share theirs)
     for name, module in tqdm(list(model.named_modules()), desc="GPTQ", leave=False, disable=not progress):
         if name not in hessians or not isinstance(module, nn.Linear):
             continue
         if module.in_features % config.group_size:
             continue
-        q = gptq_quantize_weight(module.weight.float().cpu(), hessians[name], config.bits, config.group_size,
+        h = hessians[name]
+        if id(h) not in prepared:
+            prepared = {id(h): prepare_hessian(h, damp, act_order)}  # keep one at a time: memory
+        q = gptq_quantize_weight(module.weight.float().cpu(), prepared[id(h)], config.bits, config.group_size,
                                  config.symmetric, damp, act_order=act_order, clip=clip)
         qmod = _int4_module_from_quantized(q, module.bias)
         if module.weight.device.type != "cpu":

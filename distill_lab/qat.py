@@ -152,11 +152,15 @@ def train_qat(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, steps
     Linear weights train. The teacher runs once per step under ``inference_mode`` (bf16
     autocast when ``bf16``); the student runs with bf16 autocast too on the CPU, where it is
     faster, with fp32 master weights. ``loss_fn(student_logits, teacher_logits)`` defaults to
-    ``kd_loss``. A cosine schedule decays the learning rate to 10 %.
+    the course's ``distill.DistillationLoss(temperature, alpha=1)`` (pure forward KL, chunked so the
+    49k vocabulary fits), which equals ``kd_loss``. A cosine schedule decays the learning rate to 10 %.
     """
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps={steps}, batch_size={batch_size}; allowed: both >= 1")
-    loss_fn = loss_fn or (lambda s, t: kd_loss(s, t, temperature))
+    if loss_fn is None:
+        from .distill import DistillationLoss
+
+        loss_fn = DistillationLoss(temperature=temperature, alpha=1.0)
     params = qat_parameters(model)
     if not params:
         raise ValueError("no QATLinear in the model: call prepare_qat_(model, config) first")
@@ -182,7 +186,7 @@ def train_qat(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, steps
             t_logits = t_logits.float().clone()  # leave inference mode
             with torch.autocast(**autocast):
                 s_logits = model(batch).logits  # (B, T, V)
-            loss = loss_fn(s_logits.float(), t_logits)
+            loss = loss_fn(s_logits.float(), t_logits)  # (B, T, V) each
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -225,8 +225,26 @@ def dequantize(q: QuantizedTensor) -> torch.Tensor:
 
 def fake_quantize(w: torch.Tensor, bits: int = 8, group_size: int | None = None,
                   symmetric: bool = True, axis: int | None = -1) -> torch.Tensor:
-    """Quantize then dequantize (the rounding error, kept in float): ``dequantize(quantize_tensor(...))``."""
-    return dequantize(quantize_tensor(w, bits, group_size, symmetric, axis))
+    """Quantize then dequantize (the rounding error, kept in float): ``dequantize(quantize_tensor(...))``.
+
+    Computed in place on one float copy, without integer codes (it runs every QAT step and
+    inside the AWQ/clipping searches); the values are the same as ``dequantize(quantize_tensor(...))``.
+    """
+    _check_float_tensor(w)
+    _check_bits(bits)
+    grouped, undo, _ = _grouped(w.detach().float(), group_size, axis)  # (R, G, g)
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        scale = grouped.abs().amax(-1, keepdim=True) / qmax
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        out = torch.div(grouped, scale).round_().clamp_(-qmax, qmax).mul_(scale)
+    else:
+        qmax = 2 ** bits - 1
+        lo = grouped.amin(-1, keepdim=True)
+        scale = (grouped.amax(-1, keepdim=True) - lo) / qmax
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        out = torch.sub(grouped, lo).div_(scale).round_().clamp_(0, qmax).mul_(scale).add_(lo)
+    return undo(out).to(w.dtype)
 
 
 def sqnr_db(w: torch.Tensor, w_hat: torch.Tensor) -> float:
@@ -276,16 +294,24 @@ def int8_weight_only_backend(device: torch.device, in_features: int) -> str:
     return "fallback"
 
 
+INT8_PACK_MAX_ROWS = 32  # measured here: the CPU kernel is a per-row GEMV; above ~32 rows bf16 GEMM wins
+
+
 def int8_weight_only_mm(x: torch.Tensor, w_int8: torch.Tensor, scales: torch.Tensor,
                         backend: str = "kernel") -> torch.Tensor:
-    """``x @ (w_int8 * scales[:, None]).T`` for 2-D ``x`` (M, K), int8 ``w`` (N, K), fp32 ``scales`` (N,) -> (M, N) bf16."""
+    """``x @ (w_int8 * scales[:, None]).T`` for 2-D ``x`` (M, K), int8 ``w`` (N, K), fp32 ``scales`` (N,) -> (M, N) bf16.
+
+    Few rows (decode, memory-bound): ``aten._weight_int8pack_mm`` reads the int8 weight directly.
+    Many rows (prefill, compute-bound): dequantize to bf16 once and use the bf16 GEMM, because the
+    int8 kernel's time grows linearly with the rows (2.1 s vs 0.7 s for 2048 × 576 → 49152 here).
+    """
     x = x.to(torch.bfloat16).contiguous()  # the fp32 CPU kernel is ~30x slower than bf16
-    if backend == "kernel":
+    if backend == "kernel" and x.shape[0] <= INT8_PACK_MAX_ROWS:
         try:
             return aten._weight_int8pack_mm(x, w_int8, scales.to(torch.bfloat16))  # (M, N)
         except (RuntimeError, NotImplementedError):
             pass  # e.g. no CUDA implementation in this build: dequantize instead
-    return F.linear(x, w_int8.to(torch.bfloat16)) * scales.to(torch.bfloat16)  # (M, N)
+    return F.linear(x, w_int8.to(torch.bfloat16) * scales.to(torch.bfloat16)[:, None])  # (M, N)
 
 
 def int_mm_ok(m: int, k: int, n: int, device: torch.device) -> bool:
@@ -430,10 +456,12 @@ class Int8Dynamic:
 
     act_granularity: str = "per_token"  # 'per_token' (one scale per row) or 'per_tensor' (one per call)
     weight_granularity: str = "per_channel"  # 'per_channel' (one scale per output row) or 'per_tensor'
-    embedding_bits: int | None = 8  # 8: embedding to int8 and the (tied) head to W8A8; None: keep in float
+    embedding_bits: int | None = 8  # 8: embedding to int8 and the (tied) head to int8 too; None: keep in float
+    head: str = "weight_only"  # int8 head: 'weight_only' (bf16 activations, the usual choice) or 'w8a8'
 
     def __post_init__(self):
         _check_choice("Int8Dynamic", "act_granularity", self.act_granularity, ("per_token", "per_tensor"))
+        _check_choice("Int8Dynamic", "head", self.head, ("weight_only", "w8a8"))
         _check_choice("Int8Dynamic", "weight_granularity", self.weight_granularity,
                       ("per_channel", "per_tensor"))
         _check_embedding_bits("Int8Dynamic", self.embedding_bits)
@@ -704,8 +732,9 @@ class Int4WeightOnlyLinear(QuantizedModule):
             sz = torch.stack([s, torch.zeros_like(s)], dim=-1)
         else:
             sz = tensors["scales_and_zeros"]
-        return cls(codes, sz.to(device), spec["group_size"], tensors.get("bias"), spec["bits"],
-                   spec["symmetric"])
+        bias = tensors.get("bias")
+        return cls(codes, sz.to(device), spec["group_size"], None if bias is None else bias.to(device),
+                   spec["bits"], spec["symmetric"])
 
     def spec(self) -> dict:
         return {"kind": self.kind, "in_features": self.in_features, "out_features": self.out_features,
@@ -811,7 +840,7 @@ def _linear_from_config(linear: nn.Linear, config) -> QuantizedModule | None:
 
 def _head_module(weight_int8: torch.Tensor, scales: torch.Tensor, config, bias=None) -> QuantizedModule:
     """The int8 output head for a config (shares the embedding's tensors when tied)."""
-    if isinstance(config, Int8Dynamic):
+    if isinstance(config, Int8Dynamic) and config.head == "w8a8":
         return Int8DynamicLinear(weight_int8, scales, bias, config.act_granularity)
     return Int8WeightOnlyLinear(weight_int8, scales, bias)
 
@@ -1129,7 +1158,7 @@ KERNEL_SHAPES = (("decode: 1×576 → 1536 (gate/up)", 1, 576, 1536),
                  ("decode: 1×576 → 49152 (tied head)", 1, 576, 49152))
 
 
-def _median_seconds(fn, repeats: int, warmup: int = 2) -> float:
+def _median_seconds(fn, repeats: int, warmup: int = 3) -> float:
     import time
 
     for _ in range(warmup):
@@ -1160,7 +1189,7 @@ def kernel_benchmark(shapes=KERNEL_SHAPES, repeats: int = 20, seed: int = 0) -> 
                 "int8 weight-only": (Int8WeightOnlyLinear.from_float(lin), x),
                 "W8A8": (Int8DynamicLinear.from_float(lin), x),
                 "int4 g64": (Int4WeightOnlyLinear.from_float(lin, 64), x)}
-        reps = max(3, repeats // 10) if m > 16 else repeats
+        reps = max(5, repeats // 4) if m > 16 else repeats
         ms = {name: 1e3 * _median_seconds(lambda mod=mod, inp=inp: mod(inp), reps) for name, (mod, inp) in mods.items()}
         rows.append({"shape": label, **ms})
     return rows

@@ -187,13 +187,12 @@ def smooth_(model: nn.Module, stats: ActivationStats, alpha: float = 0.5,
     return scales
 
 
-def _quant_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor, bits: int,
-                 group_size: int, symmetric: bool) -> float:
-    """Output error Σ‖x Wᵀ - (x/s) Q(W·s)ᵀ‖² of a group of Linears sharing input ``x`` (S, K)."""
+def _quant_error(x: torch.Tensor, weights: list[torch.Tensor], refs: list[torch.Tensor], s: torch.Tensor,
+                 bits: int, group_size: int, symmetric: bool) -> float:
+    """Output error Σ‖x Wᵀ - (x/s) Q(W·s)ᵀ‖² of a group of Linears sharing input ``x`` (S, K); ``refs`` = x Wᵀ."""
     err = 0.0
     xs = x / s  # (S, K)
-    for w in weights:
-        ref = x @ w.t()  # (S, N)
+    for w, ref in zip(weights, refs):
         q = fake_quantize(w * s, bits, group_size, symmetric, axis=-1)  # (N, K)
         err += (xs @ q.t() - ref).pow(2).sum().item()
     return err
@@ -222,6 +221,7 @@ def awq_(model: nn.Module, stats: ActivationStats, group_size: int = 64, bits: i
             continue
         x = stats.samples[first].float()  # (S, K)
         weights = [lin.weight.detach().float().cpu() for _, lin in group.linears]
+        refs = [x @ w.t() for w in weights]  # (S, N) float outputs
         mean = stats.absmean(first).float().clamp_min(1e-6)  # (K,)
         if group.kind == "v_to_o":
             mean, _ = _group_scale(group, mean)
@@ -229,7 +229,7 @@ def awq_(model: nn.Module, stats: ActivationStats, group_size: int = 64, bits: i
         for a in torch.linspace(0, 1, grid).tolist():
             s = mean.pow(a)
             s = s / (s.max() * s.min()).sqrt()  # keep scales centred around 1
-            err = _quant_error(x, weights, s, bits, group_size, symmetric)
+            err = _quant_error(x, weights, refs, s, bits, group_size, symmetric)
             if err < best[0]:
                 best = (err, a, s)
         _, a, s = best

@@ -541,3 +541,82 @@ def test_cuda_int_mm_small_m_is_padded():
     a = torch.randint(-127, 128, (3, 64), dtype=torch.int8, device="cuda")
     b = torch.randint(-127, 128, (32, 64), dtype=torch.int8, device="cuda")
     assert torch.equal(int_mm(a, b.t()).long().cpu(), (a.long() @ b.long().t()).cpu())
+
+
+# ----------------------------------------------------------------------------- knobs panel, plots
+def test_quantization_view_and_widget():
+    import matplotlib.pyplot as plt
+
+    from distill_lab.plotting import plot_quantization_view
+    from distill_lab.quantize import quantization_view
+    from distill_lab.widgets import quantization_widget
+
+    torch.manual_seed(0)
+    w = torch.randn(32, 192)
+    view = quantization_view(w, 4, 64, True)
+    assert len(view["grid"]) == 15 and view["group_values"].numel() == 64
+    assert view["sqnr_db"] == pytest.approx(sqnr_db(w, fake_quantize(w, 4, 64, True)))
+    assert quantization_view(w, 8, "per-tensor", False)["group_values"].numel() == w.numel()
+    plt.close(plot_quantization_view(view))
+    panel = quantization_widget(w)
+    bits, granularity, symmetric = panel.children[:3]
+    assert 128 not in granularity.options  # 192 is not divisible by 128
+    bits.value, granularity.value, symmetric.value = 8, "per-channel", False
+    assert panel.result["bits"] == 8 and panel.result["granularity"] == "per-channel"
+    assert panel.result["sqnr_db"] > view["sqnr_db"] + 15
+    plt.close("all")
+
+
+def test_outlier_and_loss_plots():
+    import matplotlib.pyplot as plt
+
+    from distill_lab.plotting import plot_activation_outliers, plot_channel_ranges, plot_loss_histories
+
+    rows = [{"layer": f"model.layers.{i}.mlp.down_proj", "max_abs": 10.0 * (i + 1), "mean_abs": 0.1} for i in range(3)]
+    for fig in (plot_activation_outliers(rows), plot_channel_ranges({"a": torch.rand(8)}),
+                plot_loss_histories({"int4": [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]})):
+        assert fig.axes
+        plt.close(fig)
+
+
+def test_int8_dynamic_head_option():
+    model = _tiny()
+    quantize_(model, Int8Dynamic(head="w8a8"))
+    assert isinstance(model.lm_head, Int8DynamicLinear)
+    model = _tiny()
+    quantize_(model, Int8Dynamic())
+    assert isinstance(model.lm_head, Int8WeightOnlyLinear)
+    with pytest.raises(ValueError, match="head"):
+        Int8Dynamic(head="fp8")
+
+
+def test_int8_weight_only_many_rows_uses_bf16_gemm_and_matches():
+    lin = _linear(64, 96)
+    mod = Int8WeightOnlyLinear.from_float(lin)
+    x = torch.randn(100, 96)  # more rows than the int8 kernel serves well
+    ref = x @ mod.dequantized_weight().t()
+    assert ((mod(x) - ref).norm() / ref.norm()) < 1e-2
+
+
+def test_clip_search_never_hurts_the_weighted_error():
+    from distill_lab.quantize import clip_weight_, search_clip_ratios
+
+    torch.manual_seed(0)
+    w = torch.randn(16, 128)
+    w[0, 5] = 9.0  # one outlier stretches its group's grid
+    imp = torch.rand(128)
+    for sym in (False, True):
+        r = search_clip_ratios(w, 4, 64, sym, imp)
+        assert r.shape == (16, 2) and (r <= 1).all() and r[0, 0] <= 1
+        clipped = w.clone()
+        clip_weight_(clipped, 4, 64, sym, imp)
+        err = lambda q: ((q - w) ** 2 * imp).sum()  # noqa: E731
+        assert err(fake_quantize(clipped, 4, 64, sym)) <= err(fake_quantize(w, 4, 64, sym)) + 1e-6
+
+
+def test_qat_default_loss_is_the_course_distillation_loss():
+    from distill_lab.distill import DistillationLoss
+    from distill_lab.qat import kd_loss
+
+    s, t = torch.randn(2, 4, 30), torch.randn(2, 4, 30)
+    assert DistillationLoss(temperature=1.0, alpha=1.0)(s, t).item() == pytest.approx(kd_loss(s, t).item(), rel=1e-5)
