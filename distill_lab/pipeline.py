@@ -941,25 +941,28 @@ class SeedClaim:
 
 
 def combined_recipe(max_ppl_ratio: float | None = None) -> Recipe:
-    """The course's combined recipe: structured prune → distil (heal) → int4 g64 blocks + int8 embedding."""
+    """The course's combined recipe: structured prune → distil (heal) → int4 g64 blocks (AWQ) + int8 embedding."""
     return Recipe("combined", [
         Step("prune", {"heads_keep": 0.67, "channels_keep": 0.375, "layers_keep": 0.8, "method": "activation"}),
         Step("distil", {"top_k": 64, "lr": 3e-4}),
-        Step("quantize", {"method": "int4", "group_size": 64, "embedding_bits": 8}),
+        Step("quantize", {"method": "int4", "group_size": 64, "embedding_bits": 8, "algorithm": "awq"}),
     ], max_ppl_ratio=max_ppl_ratio,
         description="prune heads and MLP channels and drop layers, heal by distillation from cached top-k "
-                    "teacher logits, int4 g64 blocks + int8 embedding")
+                    "teacher logits, int4 g64 blocks (AWQ scaling) + int8 embedding")
 
 
 def seed_rows() -> list[tuple[str, Recipe, SeedClaim]]:
     """The seed's five rows: (name, the recipe that measures it on the teacher, the seed's claim)."""
     return [
-        ("INT8 quantization", Recipe("int8", [Step("quantize", {"method": "w8a8", "embedding_bits": 8})],
-                                     description="W8A8 (torch._int_mm) blocks + int8 embedding and head"),
+        ("INT8 quantization", Recipe("int8", [Step("quantize", {"method": "w8a8", "embedding_bits": 8,
+                                                                 "algorithm": "smoothquant"})],
+                                     description="W8A8 (torch._int_mm) blocks after SmoothQuant (alpha 0.5) "
+                                                 "+ int8 embedding and head"),
          SeedClaim((4, 4), (2, 3), (0, 1))),
         ("INT4 quantization", Recipe("int4", [Step("quantize", {"method": "int4", "group_size": 64,
-                                                                 "embedding_bits": 8})],
-                                     description="int4 g64 weight-only blocks + int8 embedding and head"),
+                                                                 "embedding_bits": 8, "algorithm": "awq"})],
+                                     description="int4 g64 weight-only blocks (AWQ scaling) + int8 embedding "
+                                                 "and head"),
          SeedClaim((8, 8), (3, 4), (1, 3))),
         ("Distillation", Recipe("distillation", [Step("layer_drop", {"keep_every": 2}),
                                                  Step("distil", {"top_k": 64, "lr": 3e-4})],
