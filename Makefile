@@ -31,12 +31,16 @@ run: venv
 	$(if $(PROFILE),DISTILL_LAB_PROFILE=$(PROFILE)) $(PY) -m distill_lab course --out reports
 
 unit: venv
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q --durations=10
 
 nbval: venv
-	DISTILL_LAB_PROFILE=smoke MPLBACKEND=agg $(PY) -m pytest -q -p no:cacheprovider --nbval-lax \
-		--nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg \
-		--nbval-cell-timeout=600 $(NOTEBOOKS)
+	@for nb in $(NOTEBOOKS); do \
+		start=$$SECONDS; \
+		DISTILL_LAB_PROFILE=smoke MPLBACKEND=agg $(PY) -m pytest -q -p no:cacheprovider --nbval-lax \
+			--nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg \
+			--nbval-cell-timeout=600 $$nb || exit 1; \
+		echo "nbval $$nb: $$((SECONDS - start)) s"; \
+	done
 
 test: unit nbval
 
