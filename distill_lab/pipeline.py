@@ -297,21 +297,6 @@ def save_model(model: nn.Module, tokenizer, folder: str | Path) -> Path:
     return folder
 
 
-def _realign_(model: nn.Module, alignment: int = 64) -> int:
-    """Copy buffers that safetensors left at unaligned addresses (int8 CPU kernels crash on them); return the count."""
-    fixed, copies = 0, {}
-    for module in model.modules():
-        for name, buf in list(module._buffers.items()):
-            if buf is None or buf.device.type != "cpu" or buf.data_ptr() % alignment == 0:
-                continue
-            key = buf.data_ptr()
-            if key not in copies:  # tensors shared by a tied head stay shared
-                copies[key] = buf.clone()
-                fixed += 1
-            module._buffers[name] = copies[key]
-    return fixed
-
-
 def load_saved(folder: str | Path, device=None) -> tuple[nn.Module, object]:
     """Reload a folder written by ``save_model``: ``(model, tokenizer or None)``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -328,7 +313,6 @@ def load_saved(folder: str | Path, device=None) -> tuple[nn.Module, object]:
             from .quantize import load_quantized
 
             model = load_quantized(folder, device=device)
-            _realign_(model)
         else:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False)
         tokenizer = None

@@ -1053,7 +1053,9 @@ def load_quantized(folder: str | Path, device: str | torch.device | None = None)
     device = torch.device(device) if device is not None else default_device()
     with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as f:
         qconfig = json.loads(f.metadata()["distill_lab"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        # clone: safetensors may hand back views at unaligned offsets of the file, and the int8
+        # CPU kernel (aten._weight_int8pack_mm) crashes on an unaligned weight
+        tensors = {k: f.get_tensor(k).clone() for k in f.keys()}
     config = AutoConfig.from_pretrained(str(folder))
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config)

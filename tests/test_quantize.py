@@ -296,6 +296,8 @@ def test_quantize_model_save_and_reload(config, tmp_path):
     assert rel < (0.5 if getattr(config, "bits", 8) == 3 else 0.25)
     path = save_quantized(q, tmp_path / "q")
     again = load_quantized(tmp_path / "q", device="cpu")
+    unaligned = [n for n, b in again.named_buffers() if b.data_ptr() % 64]
+    assert not unaligned, f"buffers at unaligned addresses crash the int8 CPU kernel: {unaligned}"
     torch.testing.assert_close(again(ids).logits, out)
     report = compression_report(q)
     assert report["disk_bytes"] == path.stat().st_size
