@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -29,6 +30,31 @@ def find_notebooks(folder: str | Path = NOTEBOOK_DIR) -> list[Path]:
     return sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
 
 
+_PROGRESS_BAR = re.compile(r"^[^\n]*\d+%\|[^\n]*\|[^\n]*$")  # 'desc:  40%|####      | 2/5 [...]'
+
+
+def strip_progress_bars(nb) -> int:
+    """Drop tqdm progress-bar widget outputs from an executed notebook in place; return how many.
+
+    Headless execution records each bar as a widget frozen at 0 % (its updates are comm messages
+    that are not saved), which only adds noise. Other widgets (the lessons' knobs) are kept.
+    """
+    removed = 0
+    for cell in nb.cells:
+        kept = []
+        for out in cell.get("outputs", []):
+            data = out.get("data", {})
+            text = data.get("text/plain", "")
+            text = "".join(text) if isinstance(text, list) else text
+            if "application/vnd.jupyter.widget-view+json" in data and _PROGRESS_BAR.match(text.strip()):
+                removed += 1
+                continue
+            kept.append(out)
+        if "outputs" in cell:
+            cell["outputs"] = kept
+    return removed
+
+
 def execute_notebook(path: Path, out_path: Path, timeout: int = 3600) -> float:
     """Execute one notebook (cwd = its folder) and write the executed copy; return seconds taken."""
     import nbformat
@@ -41,6 +67,7 @@ def execute_notebook(path: Path, out_path: Path, timeout: int = 3600) -> float:
     try:
         client.execute()
     finally:
+        strip_progress_bars(nb)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         nbformat.write(nb, out_path)
     return time.perf_counter() - start

@@ -951,7 +951,7 @@ def seed_rows() -> list[tuple[str, Recipe, SeedClaim]]:
         ("Distillation", Recipe("distillation", [Step("layer_drop", {"keep_every": 2}),
                                                  Step("distil", {"top_k": 64, "lr": 3e-4})],
                                 description="15-layer student (every 2nd block), distilled from top-64 logits"),
-         SeedClaim((2, 10), (2, 10), (5, 15))),
+         SeedClaim((5, 10), (5, 10), (2, 5))),
         ("50% pruning", Recipe("pruning50", [Step("prune", {"heads_keep": 0.67, "channels_keep": 0.45,
                                                             "method": "activation"}),
                                              Step("distil", {"top_k": 64, "lr": 3e-4})],

@@ -337,3 +337,13 @@ def test_sibling_recipes_share_an_identical_first_step(tmp_path, data, scratch_s
     assert torch.allclose(b.model.model.norm.weight, teacher.model.norm.weight * 0.5)
     _run(teacher, Recipe("c", [{"scale": {"factor": 0.7}}]), tmp_path / "c", data)  # different prefix
     assert calls["scale"] == 2
+
+
+def test_seed_rows_carry_the_course_table_claims():
+    """The claims beside each measured row are the seed document's, verbatim."""
+    claims = {name: (c.size, c.speed, c.quality_loss_pct) for name, _, c in pipeline.seed_rows()}
+    assert claims == {"INT8 quantization": ((4, 4), (2, 3), (0, 1)),
+                      "INT4 quantization": ((8, 8), (3, 4), (1, 3)),
+                      "Distillation": ((5, 10), (5, 10), (2, 5)),
+                      "50% pruning": ((2, 2), (1.5, 1.5), (1, 2)),
+                      "Combined": ((10, 20), (5, 10), (3, 8))}
