@@ -44,8 +44,9 @@ nbval: venv
 
 test: unit nbval
 
+# --allow-root only when run as root (containers, workshop VMs); jupyter refuses root otherwise
 lab: venv
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root)
 
 bench: venv
 	@for f in benchmarks/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
