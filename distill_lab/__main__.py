@@ -77,6 +77,7 @@ def _cmd_compress(args) -> int:
     import shutil
     import tempfile
 
+    from ._fs import share_permissions
     from .evaluate import generate_samples
     from .models import load_model
     from .pipeline import Recipe, run_recipe
@@ -96,6 +97,7 @@ def _cmd_compress(args) -> int:
     try:
         shutil.copytree(result.final.folder, tmp / "m")
         (tmp / "m" / "step.json").rename(tmp / "m" / "compression.json")
+        share_permissions(tmp / "m")
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp / "m", out)

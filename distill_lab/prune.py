@@ -46,6 +46,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._fs import share_permissions
+
 GRANULARITIES = ("row", "layer")
 HEAD_GRANULARITIES = ("query", "kv_group")
 IMPORTANCE_METHODS = ("l2_norm", "magnitude", "taylor", "activation")
@@ -454,6 +456,7 @@ def save_sparse(model: nn.Module, folder: str | Path, min_sparsity: float = 0.25
     try:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": SPARSE_FORMAT_TAG})
         model.config.to_json_file(str(tmp / "config.json"))
+        share_permissions(tmp)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)

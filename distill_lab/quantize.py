@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._fs import share_permissions
+
 aten = torch.ops.aten
 
 MIN_BITS, MAX_BITS = 2, 8
@@ -1012,6 +1014,7 @@ def save_quantized(model: nn.Module, folder: str | Path, tokenizer=None) -> Path
             model.config.to_json_file(str(tmp / "config.json"))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        share_permissions(tmp)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)

@@ -622,3 +622,19 @@ def test_qat_default_loss_is_the_course_distillation_loss():
 
     s, t = torch.randn(2, 4, 30), torch.randn(2, 4, 30)
     assert DistillationLoss(temperature=1.0, alpha=1.0)(s, t).item() == pytest.approx(kd_loss(s, t).item(), rel=1e-5)
+
+
+def test_saved_model_is_readable_by_others(tmp_path):
+    """Atomic writes go through mkdtemp (0700); the published folder gets the umask's usual modes."""
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        model = _tiny()
+        quantize_(model, Int8WeightOnly())
+        path = save_quantized(model, tmp_path / "shared")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o755
+    assert all(stat.S_IMODE(f.stat().st_mode) == 0o644 for f in path.parent.iterdir())
