@@ -1078,6 +1078,12 @@ def comparison_table(teacher: nn.Module, tokenizer, profile: Profile | str | Non
     return ComparisonTable(rows=out, teacher=base, profile=profile.name, env=environment_info())
 
 
+# the notebook panel's quantize choices: label -> (method, algorithm); None = no quantize step
+QUANTIZE_KNOBS = {"none": None, "int8": ("int8", "rtn"), "w8a8": ("w8a8", "rtn"),
+                  "w8a8 + SmoothQuant": ("w8a8", "smoothquant"), "int4": ("int4", "rtn"),
+                  "int4 + AWQ": ("int4", "awq")}
+
+
 def recipe_from_knobs(heads_keep: float = 1.0, channels_keep: float = 1.0, layers_keep: float = 1.0,
                       distil_steps: int = 0, quantize: str = "none", method: str = "activation",
                       max_ppl_ratio: float | None = None) -> Recipe:
@@ -1089,9 +1095,13 @@ def recipe_from_knobs(heads_keep: float = 1.0, channels_keep: float = 1.0, layer
         steps.append(Step("prune", {**prune, "method": method}))
     if distil_steps:
         steps.append(Step("distil", {"steps": int(distil_steps), "top_k": 64, "lr": 3e-4}))
-    if quantize != "none":
-        q = {"method": quantize, "embedding_bits": 8}
-        steps.append(Step("quantize", {**q, "group_size": 64} if quantize == "int4" else q))
+    if quantize not in QUANTIZE_KNOBS:
+        raise ValueError(f"quantize={quantize!r}; allowed: {', '.join(map(repr, QUANTIZE_KNOBS))}")
+    if QUANTIZE_KNOBS[quantize] is not None:
+        method, algorithm = QUANTIZE_KNOBS[quantize]
+        q = {"method": method, "group_size": 64, "embedding_bits": 8} if method == "int4" else \
+            {"method": method, "embedding_bits": 8}
+        steps.append(Step("quantize", {**q, "algorithm": algorithm} if algorithm != "rtn" else q))
     if not steps:
         raise ValueError("the knobs select no step; allowed: at least one of heads/MLP/layers < 1, "
                          "distil steps > 0, or a quantize method")

@@ -29,12 +29,14 @@ def temperature_widget(logits, tokenizer, k: int = 10, value: float = 1.0):
 
 
 def recipe_panel(run, plot, heads_keep: float = 0.67, channels_keep: float = 0.375, layers_keep: float = 0.8,
-                 distil_steps: int = 8, quantize: str = "int4", max_steps: int = 300):
+                 distil_steps: int = 8, quantize: str = "int4 + AWQ", max_steps: int = 300):
     """Recipe knobs (prune, distil, quantize) that run ``run(**knobs)`` only when "Run recipe" is clicked, then ``plot``.
 
     ``run`` is a pure compute function (e.g. build a recipe from the knobs and call ``run_recipe``);
     ``plot`` draws its result. Nothing runs when a slider moves: a recipe takes minutes.
     """
+    from .pipeline import QUANTIZE_KNOBS
+
     knobs = dict(
         heads_keep=widgets.Dropdown(options=[("9/9 heads", 1.0), ("6/9 heads", 0.67), ("3/9 heads", 0.34)],
                                     value=heads_keep, description="heads"),
@@ -45,7 +47,7 @@ def recipe_panel(run, plot, heads_keep: float = 0.67, channels_keep: float = 0.3
                                         description="layers keep", continuous_update=False),
         distil_steps=widgets.IntSlider(value=distil_steps, min=0, max=max_steps, step=1,
                                        description="distil steps", continuous_update=False),
-        quantize=widgets.Dropdown(options=["none", "int8", "w8a8", "int4"], value=quantize, description="quantize"),
+        quantize=widgets.Dropdown(options=list(QUANTIZE_KNOBS), value=quantize, description="quantize"),
     )
     return widgets.interactive(wire(run, plot), {"manual": True, "manual_name": "Run recipe"}, **knobs)
 

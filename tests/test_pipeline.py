@@ -275,6 +275,15 @@ def test_recipe_from_knobs_and_panel_runs_only_on_click():
     assert r.steps[0].config == {"heads_keep": 0.67, "method": "activation"}
     with pytest.raises(ValueError, match="no step"):
         pipeline.recipe_from_knobs()
+    with pytest.raises(ValueError, match="quantize='int3'.*'int4 \\+ AWQ'"):
+        pipeline.recipe_from_knobs(quantize="int3")
+    # the panel's default knobs build the shipped combined recipe, step for step (distil's length aside)
+    default = pipeline.recipe_from_knobs(heads_keep=0.67, channels_keep=0.375, layers_keep=0.8, distil_steps=8,
+                                         quantize="int4 + AWQ")
+    shipped = pipeline.combined_recipe()
+    assert [s.kind for s in default.steps] == [s.kind for s in shipped.steps]
+    assert default.steps[0].config == shipped.steps[0].config and default.steps[2].config == shipped.steps[2].config
+    assert pipeline.recipe_from_knobs(quantize="w8a8 + SmoothQuant").steps[0].config["algorithm"] == "smoothquant"
     calls = []
     panel = recipe_panel(lambda **k: calls.append(pipeline.recipe_from_knobs(**k)) or calls[-1], lambda r: None)
     panel.children[1].value = 0.25  # moving a slider runs nothing (384 of 1536 channels)
