@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 
@@ -18,3 +21,22 @@ def share_permissions(path: str | Path) -> None:
     entries = [path, *path.rglob("*")] if path.is_dir() else [path]
     for entry in entries:
         os.chmod(entry, (0o777 if entry.is_dir() else 0o666) & ~umask)
+
+
+@contextlib.contextmanager
+def atomic_folder(folder: str | Path):
+    """Yield a temporary folder beside ``folder``; when the block succeeds it becomes ``folder`` in one rename.
+
+    A half-written folder is never visible under the final name, and the result gets ``share_permissions``.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
+    try:
+        yield tmp
+        share_permissions(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

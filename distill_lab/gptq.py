@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .quantize import (Int4WeightOnly, Int4WeightOnlyLinear, _set_module, _shrink_clamp, quantize_,
-                       quantize_tensor, search_clip_ratios)
+from .quantize import (Int4WeightOnly, Int4WeightOnlyLinear, _set_module, _shrink_clamp, int4_kernel_codes,
+                       quantize_, quantize_tensor, search_clip_ratios)
 
 
 @torch.inference_mode()
@@ -151,14 +151,7 @@ def _grid(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, importan
 
 def _int4_module_from_quantized(q, bias) -> Int4WeightOnlyLinear:
     """Build the real int4 module from a group-wise ``QuantizedTensor`` (kernel convention (q-8)·s + z)."""
-    scale = q.scales.float()  # (N, K/g)
-    if q.symmetric:
-        codes = (q.codes.to(torch.int16) + 8).to(torch.uint8)
-        zero = torch.zeros_like(scale)
-    else:
-        codes = q.codes
-        zero = q.zero_points.float() + 8 * scale
-    sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # (K/g, N, 2)
+    codes, sz = int4_kernel_codes(q)  # (N, K), (K/g, N, 2)
     return Int4WeightOnlyLinear(codes, sz, q.group_size, bias, q.bits, q.symmetric)
 
 

@@ -32,8 +32,6 @@ import copy
 import fnmatch
 import json
 import math
-import os
-import shutil
 import statistics
 import tempfile
 import time
@@ -46,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._fs import share_permissions
+from ._fs import atomic_folder
 
 GRANULARITIES = ("row", "layer")
 HEAD_GRANULARITIES = ("query", "kv_group")
@@ -451,17 +449,9 @@ def save_sparse(model: nn.Module, folder: str | Path, min_sparsity: float = 0.25
             tensors[f"{name}::shape"] = torch.tensor(list(t.shape), dtype=torch.int64)
         else:
             tensors[name] = t
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": SPARSE_FORMAT_TAG})
         model.config.to_json_file(str(tmp / "config.json"))
-        share_permissions(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return (folder / "model.safetensors").stat().st_size
 
 

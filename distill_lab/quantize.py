@@ -25,8 +25,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._fs import share_permissions
+from ._fs import atomic_folder
 
 aten = torch.ops.aten
 
@@ -757,9 +755,13 @@ def int4_codes_and_scales(weight: torch.Tensor, group_size: int, bits: int = 4,
     """
     if bits not in (2, 3, 4):
         raise ValueError(f"bits={bits!r}; allowed: 2, 3 or 4 (the int4 container)")
-    q = quantize_tensor(weight, bits, group_size, symmetric, axis=-1)
+    return int4_kernel_codes(quantize_tensor(weight, bits, group_size, symmetric, axis=-1))
+
+
+def int4_kernel_codes(q: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn a group-wise ``QuantizedTensor`` into the kernel's codes (N, K) in [0, 15] and (K/g, N, 2) scales/zeros."""
     scale = q.scales.float()  # (N, K/g)
-    if symmetric:
+    if q.symmetric:
         codes = (q.codes.to(torch.int16) + 8).to(torch.uint8)
         zero = torch.zeros_like(scale)
     else:
@@ -1005,21 +1007,13 @@ def save_quantized(model: nn.Module, folder: str | Path, tokenizer=None) -> Path
     qconfig = {"format": FORMAT, "config": getattr(model, "quantization_config", None), "modules": modules,
                "tied_float": {}}
     meta = {"distill_lab": json.dumps(qconfig)}
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=meta)
         (tmp / QCONFIG_NAME).write_text(json.dumps(qconfig, indent=2))
         if hasattr(model, "config"):
             model.config.to_json_file(str(tmp / "config.json"))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        share_permissions(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder / WEIGHTS_NAME
 
 
