@@ -127,3 +127,8 @@ def calibration_batches(windows: torch.Tensor, n_windows: int, batch_size: int,
     g = torch.Generator().manual_seed(seed)
     picked = windows[torch.randperm(len(windows), generator=g)[:n_windows]]
     return list(picked.split(batch_size))
+
+
+def sample_batch(windows: torch.Tensor, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """Draw ``batch_size`` windows with replacement from (N, T) ``windows`` -> (batch_size, T); seeded by ``generator``."""
+    return windows[torch.randint(0, len(windows), (batch_size,), generator=generator)]

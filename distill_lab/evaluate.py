@@ -144,6 +144,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timing_prompts(vocab: int, batch: int, seq: int, prompt_len: int = 32, seed: int = 0,
+                   device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded random token ids for speed tests: a (batch, seq) prefill prompt and a (1, prompt_len) decode prompt."""
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, vocab, (batch, seq), generator=g).to(device)  # (B, T)
+    short = torch.randint(0, vocab, (1, prompt_len), generator=g).to(device)  # (1, P)
+    return prompt, short
+
+
 @torch.inference_mode()
 def latency(model: nn.Module, batch: int = 8, seq: int = 256, decode_tokens: int = 32,
             repeats: int = 3, warmup: int = 1, vocab_size: int | None = None,
@@ -151,9 +160,7 @@ def latency(model: nn.Module, batch: int = 8, seq: int = 256, decode_tokens: int
     """Median prefill tokens/s at (batch, seq) and decode tokens/s at batch 1 with a KV cache."""
     device = _device_of(model)
     vocab = vocab_size or model.config.vocab_size
-    g = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(0, vocab, (batch, seq), generator=g).to(device)  # (B, T)
-    short = torch.randint(0, vocab, (1, prompt_len), generator=g).to(device)  # (1, P)
+    prompt, short = timing_prompts(vocab, batch, seq, prompt_len, seed, device)  # (B, T), (1, P)
 
     def prefill():
         with _autocast(device, bf16):

@@ -45,6 +45,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._fs import atomic_folder
+from .data import sample_batch
+from .evaluate import timing_prompts
 
 GRANULARITIES = ("row", "layer")
 HEAD_GRANULARITIES = ("query", "kv_group")
@@ -1088,8 +1090,7 @@ def _heal_local(student, teacher, windows, steps, batch_size, lr, temperature, b
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
     try:
         for _ in tqdm(range(steps), desc="healing", leave=False, disable=not progress):
-            idx = torch.randint(0, len(windows), (batch_size,), generator=g)
-            batch = windows[idx].to(device)  # (B, T)
+            batch = sample_batch(windows, batch_size, g).to(device)  # (B, T)
             with torch.no_grad(), torch.autocast(**autocast):
                 t_logits = teacher(batch, use_cache=False).logits.float()  # (B, T, V)
             with torch.autocast(**autocast):
@@ -1140,9 +1141,7 @@ def compare_speed(models: dict[str, nn.Module], batch: int = 8, seq: int = 256, 
     first = next(iter(models.values()))
     device = _device_of(first)
     vocab = first.config.vocab_size
-    g = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(0, vocab, (batch, seq), generator=g).to(device)  # (B, T)
-    short = torch.randint(0, vocab, (1, 32), generator=g).to(device)  # (1, 32)
+    prompt, short = timing_prompts(vocab, batch, seq, 32, seed, device)  # (B, T), (1, 32)
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def sync():

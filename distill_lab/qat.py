@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .data import sample_batch
 from .quantize import (CONFIGS, Int4WeightOnly, Int8Dynamic, Int8WeightOnly, QuantizationSummary,
                        _linear_from_config, _set_module, config_to_dict, fake_quantize,
                        quantize_embedding_and_head_)
@@ -179,8 +180,7 @@ def train_qat(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, steps
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
     try:
         for step in tqdm(range(steps), desc="QAT", leave=False, disable=not progress):
-            idx = torch.randint(0, len(windows), (batch_size,), generator=gen)
-            batch = windows[idx].to(device)  # (B, T)
+            batch = sample_batch(windows, batch_size, gen).to(device)  # (B, T)
             with torch.inference_mode(), torch.autocast(**autocast):
                 t_logits = teacher(batch).logits  # (B, T, V)
             t_logits = t_logits.float().clone()  # leave inference mode
