@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .calibration import calibration_pass
 from .quantize import (Int4WeightOnly, Int4WeightOnlyLinear, _set_module, _shrink_clamp, int4_kernel_codes,
                        quantize_, quantize_tensor, search_clip_ratios)
 
@@ -29,7 +30,6 @@ def collect_hessians(model: nn.Module, batches, filter_fn=None, progress: bool =
     """
     sums, counts, alias, hooks = {}, {}, {}, []
     state = {"key": None, "owner": None}
-    device = next(model.parameters()).device
 
     def hook(name):
         def fn(module, args):
@@ -49,13 +49,8 @@ def collect_hessians(model: nn.Module, batches, filter_fn=None, progress: bool =
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and module is not head and (filter_fn is None or filter_fn(module, name)):
             hooks.append(module.register_forward_pre_hook(hook(name)))
-    try:
-        for batch in tqdm(list(batches), desc="GPTQ Hessians", leave=False, disable=not progress):
-            state["key"] = None
-            model(batch.to(device))
-    finally:
-        for h in hooks:
-            h.remove()
+    calibration_pass(model, batches, hooks, desc="GPTQ Hessians", progress=progress,
+                     before_batch=lambda batch: state.update(key=None))
     out = {k: (v / counts[k]).cpu() for k, v in sums.items()}
     for name, owner in alias.items():
         out[name] = out[owner]

@@ -45,6 +45,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._fs import atomic_folder
+from .calibration import calibration_pass
 from .data import sample_batch
 from .evaluate import timing_prompts
 
@@ -227,13 +228,8 @@ def input_norms(model: nn.Module, calibration, exclude=DEFAULT_EXCLUDE,
                 progress: bool = False) -> dict[str, torch.Tensor]:
     """One dense forward over the calibration batches; return ``{linear name: ||X_j||_2 (in,)}``."""
     batches = _as_batches(calibration)
-    device = _device_of(model)
     collector = _NormCollector(prunable_linears(model, exclude))
-    try:
-        for batch in tqdm(batches, desc="calibration", leave=False, disable=not progress):
-            model(batch.to(device), use_cache=False)
-    finally:
-        collector.remove()
+    calibration_pass(model, batches, collector.handles, progress=progress, use_cache=False)
     return collector.norms()
 
 
@@ -742,7 +738,6 @@ def _activation_importance(model, batches, progress):
     n_rep = config.num_attention_heads // config.num_key_value_heads
     d, H = _head_dim(config), config.num_attention_heads
     sums = {i: {"heads": 0.0, "channels": 0.0} for i in range(len(blocks))}
-    tokens = [0]
     handles = []
 
     def o_hook(i):
@@ -760,16 +755,9 @@ def _activation_importance(model, batches, progress):
     for i, block in enumerate(blocks):
         handles.append(block.self_attn.o_proj.register_forward_pre_hook(o_hook(i)))
         handles.append(block.mlp.down_proj.register_forward_pre_hook(down_hook(i)))
-    device = _device_of(model)
-    try:
-        for batch in tqdm(batches, desc="activation", leave=False, disable=not progress):
-            model(batch.to(device), use_cache=False)
-            tokens[0] += batch.numel()
-    finally:
-        for h in handles:
-            h.remove()
-    heads = torch.stack([sums[i]["heads"] / tokens[0] for i in sums]).cpu()  # (L, H)
-    channels = torch.stack([sums[i]["channels"] / tokens[0] for i in sums]).cpu()  # (L, I)
+    tokens = calibration_pass(model, batches, handles, desc="activation", progress=progress, use_cache=False)
+    heads = torch.stack([sums[i]["heads"] / tokens for i in sums]).cpu()  # (L, H)
+    channels = torch.stack([sums[i]["channels"] / tokens for i in sums]).cpu()  # (L, I)
     kv = heads.view(len(blocks), -1, n_rep).sum(-1)  # (L, G)
     return {"heads": heads, "kv_groups": kv, "channels": channels}
 
@@ -801,7 +789,6 @@ def block_influence(model: nn.Module, calibration, progress: bool = False) -> to
     _, blocks = _llama_parts(model)
     batches = _as_batches(calibration)
     sums = torch.zeros(len(blocks), dtype=torch.float64)
-    count = [0]
     handles = []
 
     def hook(i):
@@ -813,15 +800,9 @@ def block_influence(model: nn.Module, calibration, progress: bool = False) -> to
 
     for i, block in enumerate(blocks):
         handles.append(block.register_forward_hook(hook(i), with_kwargs=True))
-    device = _device_of(model)
-    try:
-        for batch in tqdm(batches, desc="block influence", leave=False, disable=not progress):
-            model(batch.to(device), use_cache=False)
-            count[0] += batch.numel()
-    finally:
-        for h in handles:
-            h.remove()
-    return (sums / count[0]).float()
+    tokens = calibration_pass(model, batches, handles, desc="block influence", progress=progress,
+                              use_cache=False)
+    return (sums / tokens).float()
 
 
 # ----------------------------------------------------------------------------------------------

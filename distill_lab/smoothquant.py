@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .calibration import calibration_pass
 from .quantize import clip_weight_, fake_quantize
 
 
@@ -47,7 +48,6 @@ def collect_activation_stats(model: nn.Module, batches, sample_tokens: int = 256
                              progress: bool = True, seed: int = 0) -> ActivationStats:
     """Run calibration batches (each (B, T) token ids) and record every ``nn.Linear`` input's statistics."""
     stats = ActivationStats()
-    device = next(model.parameters()).device
     batches = list(batches)
     per_batch = max(1, sample_tokens // max(len(batches), 1))
     gen = torch.Generator().manual_seed(seed)
@@ -73,15 +73,10 @@ def collect_activation_stats(model: nn.Module, batches, sample_tokens: int = 256
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and (filter_fn is None or filter_fn(module, name)):
             hooks.append(module.register_forward_pre_hook(hook(name)))
-    try:
-        for batch in tqdm(batches, desc="calibration", leave=False, disable=not progress):
-            n = batch.numel()
-            state["rows"] = torch.randperm(n, generator=gen)[:per_batch]  # same rows for every Linear
-            model(batch.to(device))
-            stats.tokens += n
-    finally:
-        for h in hooks:
-            h.remove()
+    def pick_rows(batch):  # the same sampled rows for every Linear of this batch
+        state["rows"] = torch.randperm(batch.numel(), generator=gen)[:per_batch]
+
+    stats.tokens = calibration_pass(model, batches, hooks, progress=progress, before_batch=pick_rows)
     return stats
 
 
