@@ -347,19 +347,31 @@ def logical_parameters(model: nn.Module) -> int:
     return V * h + L * block + h + (0 if cfg.tie_word_embeddings else V * h)
 
 
+# speed depends on the machine and its load at the moment, so it is never reused from an earlier run:
+# every speed-up divides two speeds measured in the same run
+SPEED_KEYS = ("prefill_tokens_per_s", "decode_tokens_per_s", "decode_ms_per_token")
+
+
+def measure_speed(model: nn.Module, profile: Profile) -> dict:
+    """Prefill tokens/s, decode tokens/s and ms/token of one model, at the profile's sizes."""
+    from .evaluate import latency
+
+    lat = latency(model, batch=profile.latency_batch, seq=profile.latency_seq,
+                  decode_tokens=profile.decode_tokens, repeats=profile.repeats)
+    return {k: lat[k] for k in SPEED_KEYS}
+
+
 def measure(model: nn.Module, windows: dict[str, torch.Tensor], profile: Profile,
             folder: str | Path | None = None, progress: bool = False) -> dict:
     """Perplexity on each window set, size on disk, parameters, prefill and decode speed of one model."""
-    from .evaluate import latency, model_size_bytes, perplexity
+    from .evaluate import model_size_bytes, perplexity
 
     metrics = {}
     for name, w in windows.items():
         metrics[f"ppl_{name}"] = perplexity(model, w, batch_size=profile.batch_size, progress=progress)
     metrics["size_bytes"] = weights_bytes(folder) if folder is not None else model_size_bytes(model, on_disk=True)
     metrics["params"] = logical_parameters(model)
-    lat = latency(model, batch=profile.latency_batch, seq=profile.latency_seq,
-                  decode_tokens=profile.decode_tokens, repeats=profile.repeats)
-    metrics.update({k: lat[k] for k in ("prefill_tokens_per_s", "decode_tokens_per_s", "decode_ms_per_token")})
+    metrics.update(measure_speed(model, profile))
     return metrics
 
 
@@ -498,18 +510,24 @@ def _adopt_sibling(out_dir: Path, index: int, kind: str, fingerprint: str, profi
 
 def teacher_metrics(teacher: nn.Module, tokenizer, profile: Profile, windows=None,
                     cache: str | Path | None = None, progress: bool = True) -> dict:
-    """Measure the teacher with the recipe harness (cached in ``cache`` as JSON when given)."""
+    """Measure the teacher with the recipe harness; ``cache`` (JSON) keeps perplexity and size, never speed.
+
+    Speed is measured again on every call, so the speed-ups computed against it compare two
+    models timed in the same run (a cached speed from a busier or idler moment would skew them).
+    """
     cache = Path(cache) if cache is not None else None
     if cache is not None and cache.is_file():
         data = json.loads(cache.read_text())
         if data.get("profile") == profile.name:
-            return data["metrics"]
+            quality = {k: v for k, v in data["metrics"].items() if k not in SPEED_KEYS}
+            return {**quality, **measure_speed(teacher, profile)}
     windows = windows if windows is not None else eval_windows(tokenizer, profile)
     with tempfile.TemporaryDirectory() as tmp:
         save_model(teacher, None, tmp)  # size on disk measured from the file the teacher saves as
         metrics = measure(teacher, windows, profile, folder=tmp, progress=progress)
     if cache is not None:
-        _atomic_write_text(cache, json.dumps({"profile": profile.name, "metrics": metrics}, indent=2))
+        quality = {k: v for k, v in metrics.items() if k not in SPEED_KEYS}
+        _atomic_write_text(cache, json.dumps({"profile": profile.name, "metrics": quality}, indent=2))
     return metrics
 
 
@@ -569,7 +587,14 @@ def run_recipe(teacher: nn.Module, tokenizer, recipe: Recipe, out_dir: str | Pat
     if done:
         if progress:
             print(f"[{recipe.name}] resuming after step {len(done)} ({recipe.steps[len(done) - 1].kind}); "
-                  f"steps 1..{len(done)} are reused from {len(done)} saved folder(s)")
+                  f"steps 1..{len(done)} are reused from {len(done)} saved folder(s), their speed measured again")
+        device = next(teacher.parameters()).device
+        for record in records:
+            if record.metrics:  # saved perplexity and size stand; speed is of this run, like the teacher's
+                saved, _ = load_saved(record.folder, device=device)
+                record.metrics = {**record.metrics, **measure_speed(saved, profile)}
+                record.metrics.update(relative(record.metrics, teacher_stats))
+                del saved
         if records[-1].metrics:
             _check_guard(recipe, records[-1], first_ppl_key)
     model = None

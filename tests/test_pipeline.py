@@ -181,6 +181,32 @@ def test_interrupted_recipe_resumes_without_redoing_finished_steps(tmp_path, dat
     assert calls["scale"] == 3
 
 
+def test_speed_is_never_reused_from_an_earlier_run(tmp_path, data, scratch_steps):
+    """Cached teacher metrics and resumed steps keep perplexity and size but are timed again."""
+    scratch_steps("same", lambda model, config, ctx: model)
+    teacher, windows = tiny_llama(), data["windows"]
+    cache = tmp_path / "teacher.json"
+    first = pipeline.teacher_metrics(teacher, None, PROFILE, windows, cache=cache, progress=False)
+    saved = json.loads(cache.read_text())["metrics"]
+    assert "ppl_pydoc" in saved and not set(pipeline.SPEED_KEYS) & set(saved)
+    # a cache written by an older version, with a speed measured at a busy moment
+    cache.write_text(json.dumps({"profile": PROFILE.name, "metrics": {**first, "prefill_tokens_per_s": 1e-3}}))
+    again = pipeline.teacher_metrics(teacher, None, PROFILE, windows, cache=cache, progress=False)
+    assert again["ppl_pydoc"] == first["ppl_pydoc"] and again["prefill_tokens_per_s"] > 1
+
+    recipe = Recipe("timed", [{"same": {}}])
+    _run(teacher, recipe, tmp_path / "run", data, teacher_stats=again)
+    state_file = tmp_path / "run" / "steps" / "01_same" / pipeline.STATE_FILE
+    state = json.loads(state_file.read_text())
+    state["metrics"]["prefill_tokens_per_s"] = 1e-3  # as if timed under heavy load
+    state_file.write_text(json.dumps(state))
+    resumed = _run(teacher, recipe, tmp_path / "run", data, teacher_stats=again)
+    m = resumed.steps[0].metrics
+    assert resumed.steps[0].resumed and m["prefill_tokens_per_s"] > 1
+    assert m["prefill_speedup"] == pytest.approx(m["prefill_tokens_per_s"] / again["prefill_tokens_per_s"])
+    assert m["ppl_pydoc"] == state["metrics"]["ppl_pydoc"]
+
+
 def test_quality_guard_stops_with_a_clear_message(tmp_path, data, scratch_steps):
     def scramble(model, config, ctx):
         with torch.no_grad():
