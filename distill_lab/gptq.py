@@ -26,23 +26,28 @@ from .quantize import (Int4WeightOnly, Int4WeightOnlyLinear, _set_module, _shrin
 def collect_hessians(model: nn.Module, batches, filter_fn=None, progress: bool = True) -> dict:
     """Return ``{linear name: XᵀX / n}`` (K, K) float64 over calibration batches (each (B, T) ids).
 
-    Linears that read the same input (q/k/v, gate/up) share one tensor object.
+    Linears that read the same input (q/k/v, gate/up) share one tensor object. "The same input"
+    means the same memory as the previous Linear's input, which is held until the next Linear runs:
+    comparing addresses alone would also match a new tensor that the allocator placed where a freed
+    one was (o_proj's input, then gate/up's), and give gate/up o_proj's Hessian.
     """
     sums, counts, alias, hooks = {}, {}, {}, []
-    state = {"key": None, "owner": None}
+    state = {"input": None, "owner": None}  # the previous Linear's input, kept alive
+
+    def same_memory(a: torch.Tensor, b: torch.Tensor | None) -> bool:
+        return b is not None and a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
 
     def hook(name):
         def fn(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1])  # (N, K)
-            key = (x.data_ptr(), tuple(x.shape))
-            if key == state["key"]:  # same input as the Linear just before: share its Hessian
+            x = args[0].detach()  # (B, T, K)
+            if same_memory(x, state["input"]):  # q/k/v or gate/up: share the first one's Hessian
                 alias[name] = state["owner"]
                 return
-            state["key"], state["owner"] = key, name
-            xd = x.double()
+            state["input"], state["owner"] = x, name
+            xd = x.reshape(-1, x.shape[-1]).double()  # (N, K)
             h = xd.t() @ xd  # (K, K)
             sums[name] = sums[name] + h if name in sums else h
-            counts[name] = counts.get(name, 0) + x.shape[0]
+            counts[name] = counts.get(name, 0) + xd.shape[0]
         return fn
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -50,7 +55,8 @@ def collect_hessians(model: nn.Module, batches, filter_fn=None, progress: bool =
         if isinstance(module, nn.Linear) and module is not head and (filter_fn is None or filter_fn(module, name)):
             hooks.append(module.register_forward_pre_hook(hook(name)))
     calibration_pass(model, batches, hooks, desc="GPTQ Hessians", progress=progress,
-                     before_batch=lambda batch: state.update(key=None))
+                     before_batch=lambda batch: state.update(input=None))
+    state["input"] = None
     out = {k: (v / counts[k]).cpu() for k, v in sums.items()}
     for name, owner in alias.items():
         out[name] = out[owner]

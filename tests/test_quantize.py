@@ -428,6 +428,38 @@ def test_awq_preserves_function_and_does_not_hurt_calibration_error():
     torch.testing.assert_close(scaled(ids).logits, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_gptq_hessians_are_shared_only_by_linears_that_read_the_same_tensor():
+    """A freed input's address reused by the next Linear's new input must not alias their Hessians."""
+    from distill_lab.gptq import collect_hessians
+
+    class TwoStage(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.a, self.b = nn.Embedding(50, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, ids):
+            y = self.a(self.emb(ids) * 2.0)  # the temporary input of `a` is freed after the call
+            return self.b(torch.tanh(y))     # a new (B, T, 16) input, often at the freed address
+
+    torch.manual_seed(0)
+    net, batches = TwoStage().eval(), [torch.randint(0, 50, (4, 64)) for _ in range(3)]
+    hessians = collect_hessians(net, batches, progress=False)
+    with torch.no_grad():
+        x_a = torch.cat([net.emb(i) * 2.0 for i in batches]).reshape(-1, 16).double()  # (N, 16)
+        x_b = torch.tanh(net.a(x_a.float())).double()                                   # (N, 16)
+    assert hessians["a"] is not hessians["b"]
+    torch.testing.assert_close(hessians["a"], x_a.t() @ x_a / len(x_a))
+    torch.testing.assert_close(hessians["b"], x_b.t() @ x_b / len(x_b))
+
+    llama = tiny_llama().eval()
+    h = collect_hessians(llama, [torch.randint(0, 256, (2, 16)) for _ in range(2)], progress=False)
+    for i in range(2):
+        p = f"model.layers.{i}."
+        assert h[p + "self_attn.q_proj"] is h[p + "self_attn.k_proj"] is h[p + "self_attn.v_proj"]
+        assert h[p + "mlp.gate_proj"] is h[p + "mlp.up_proj"]
+        assert h[p + "self_attn.o_proj"] is not h[p + "mlp.gate_proj"]
+
+
 def test_gptq_beats_rtn_on_its_objective():
     from distill_lab.gptq import gptq_quantize_weight
 
