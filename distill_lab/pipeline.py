@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -460,6 +461,16 @@ class RecipeResult:
 STATE_FILE = "step.json"
 
 
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """Hash of the package's Python sources: saved steps and teacher measurements from other code are not reused."""
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 def _step_dir(out_dir: Path, index: int, kind: str) -> Path:
     return out_dir / "steps" / f"{index:02d}_{kind}"
 
@@ -476,6 +487,8 @@ def _finished(folder: Path, fingerprint: str, profile) -> dict | None:
     name = profile.name if isinstance(profile, Profile) else profile
     if data.get("fingerprint") != fingerprint or data.get("profile") != name:
         return None
+    if data.get("code") != code_version():
+        return None  # saved by another version of distill_lab: its numbers may not be what this code gives
     if isinstance(profile, Profile) and data.get("profile_sizes", profile.to_dict()) != profile.to_dict():
         return None  # same profile name, different sizes (e.g. more distillation steps): recompute
     return data
@@ -514,11 +527,13 @@ def teacher_metrics(teacher: nn.Module, tokenizer, profile: Profile, windows=Non
 
     Speed is measured again on every call, so the speed-ups computed against it compare two
     models timed in the same run (a cached speed from a busier or idler moment would skew them).
+    The cache is read only when it holds the same profile and was written by the same code
+    (``code_version()``).
     """
     cache = Path(cache) if cache is not None else None
     if cache is not None and cache.is_file():
         data = json.loads(cache.read_text())
-        if data.get("profile") == profile.name:
+        if data.get("profile") == profile.name and data.get("code") == code_version():
             quality = {k: v for k, v in data["metrics"].items() if k not in SPEED_KEYS}
             return {**quality, **measure_speed(teacher, profile)}
     windows = windows if windows is not None else eval_windows(tokenizer, profile)
@@ -527,7 +542,8 @@ def teacher_metrics(teacher: nn.Module, tokenizer, profile: Profile, windows=Non
         metrics = measure(teacher, windows, profile, folder=tmp, progress=progress)
     if cache is not None:
         quality = {k: v for k, v in metrics.items() if k not in SPEED_KEYS}
-        _atomic_write_text(cache, json.dumps({"profile": profile.name, "metrics": quality}, indent=2))
+        _atomic_write_text(cache, json.dumps({"profile": profile.name, "code": code_version(), "metrics": quality},
+                                             indent=2))
     return metrics
 
 
@@ -540,8 +556,8 @@ def run_recipe(teacher: nn.Module, tokenizer, recipe: Recipe, out_dir: str | Pat
     """Apply ``recipe`` to a copy of ``teacher`` step by step, measuring and saving after each step.
 
     Every finished step is saved atomically under ``out_dir/steps/NN_kind/`` (model folder plus
-    ``step.json`` with its metrics); a second call with the same recipe and profile resumes after
-    the last finished step. ``windows`` (name -> (N, T) ids) overrides the test sets, and
+    ``step.json`` with its metrics); a second call with the same recipe, profile and distill_lab
+    code (``code_version()``) resumes after the last finished step, timing the reused steps again. ``windows`` (name -> (N, T) ids) overrides the test sets, and
     ``train_windows`` the training data (both needed for models that do not use the teacher's
     tokenizer). Raises ``QualityGuardError`` when a step's in-domain perplexity ratio exceeds
     ``recipe.max_ppl_ratio``; the offending step stays saved so the run can be inspected.
@@ -625,7 +641,7 @@ def run_recipe(teacher: nn.Module, tokenizer, recipe: Recipe, out_dir: str | Pat
                 if measure_steps == "all" or i == len(recipe.steps) - 1:
                     metrics = measure(model, windows, profile, folder=tmp, progress=False)
                     metrics.update(relative(metrics, teacher_stats))
-                state = {"fingerprint": recipe.fingerprint(i), "profile": profile.name,
+                state = {"fingerprint": recipe.fingerprint(i), "code": code_version(), "profile": profile.name,
                          "profile_sizes": profile.to_dict(), "kind": step.kind,
                          "config": step.config, "metrics": metrics, "seconds": seconds,
                          "extras": ctx.extras}

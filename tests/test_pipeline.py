@@ -190,7 +190,8 @@ def test_speed_is_never_reused_from_an_earlier_run(tmp_path, data, scratch_steps
     saved = json.loads(cache.read_text())["metrics"]
     assert "ppl_pydoc" in saved and not set(pipeline.SPEED_KEYS) & set(saved)
     # a cache written by an older version, with a speed measured at a busy moment
-    cache.write_text(json.dumps({"profile": PROFILE.name, "metrics": {**first, "prefill_tokens_per_s": 1e-3}}))
+    cache.write_text(json.dumps({"profile": PROFILE.name, "code": pipeline.code_version(),
+                                 "metrics": {**first, "prefill_tokens_per_s": 1e-3}}))
     again = pipeline.teacher_metrics(teacher, None, PROFILE, windows, cache=cache, progress=False)
     assert again["ppl_pydoc"] == first["ppl_pydoc"] and again["prefill_tokens_per_s"] > 1
 
@@ -205,6 +206,30 @@ def test_speed_is_never_reused_from_an_earlier_run(tmp_path, data, scratch_steps
     assert resumed.steps[0].resumed and m["prefill_tokens_per_s"] > 1
     assert m["prefill_speedup"] == pytest.approx(m["prefill_tokens_per_s"] / again["prefill_tokens_per_s"])
     assert m["ppl_pydoc"] == state["metrics"]["ppl_pydoc"]
+
+
+def test_saved_steps_and_teacher_numbers_from_other_code_are_recomputed(tmp_path, data, scratch_steps, monkeypatch):
+    calls = {"n": 0}
+
+    def counted(model, config, ctx):
+        calls["n"] += 1
+        return model
+
+    scratch_steps("counted", counted)
+    teacher, recipe = tiny_llama(), Recipe("versioned", [{"counted": {}}])
+    _run(teacher, recipe, tmp_path / "run", data)
+    _run(teacher, recipe, tmp_path / "run", data)
+    assert calls["n"] == 1  # same code: resumed
+    cache = tmp_path / "teacher.json"
+    pipeline.teacher_metrics(teacher, None, PROFILE, data["windows"], cache=cache, progress=False)
+    stale = json.loads(cache.read_text())
+    stale["metrics"]["ppl_pydoc"] = 1.0
+    cache.write_text(json.dumps(stale))
+    monkeypatch.setattr(pipeline, "code_version", lambda: "another-version")
+    again = _run(teacher, recipe, tmp_path / "run", data)
+    assert calls["n"] == 2 and not again.steps[0].resumed  # other code: recomputed
+    fresh = pipeline.teacher_metrics(teacher, None, PROFILE, data["windows"], cache=cache, progress=False)
+    assert fresh["ppl_pydoc"] != 1.0 and json.loads(cache.read_text())["code"] == "another-version"
 
 
 def test_quality_guard_stops_with_a_clear_message(tmp_path, data, scratch_steps):
