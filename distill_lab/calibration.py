@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 def calibration_pass(model: nn.Module, batches: Iterable[torch.Tensor], handles: list, *,
                      desc: str = "calibration", progress: bool = False,
                      before_batch: Callable[[torch.Tensor], None] | None = None, **forward_kwargs) -> int:
-    """Run each (B, T) batch through ``model`` (on its device), then remove the hook ``handles``; return the tokens seen."""
+    """Run each (B, T) batch through ``model`` on its device, remove the hook ``handles``; return the tokens seen."""
     device = next(model.parameters()).device
     tokens = 0
     try:

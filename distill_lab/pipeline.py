@@ -557,9 +557,9 @@ def run_recipe(teacher: nn.Module, tokenizer, recipe: Recipe, out_dir: str | Pat
 
     Every finished step is saved atomically under ``out_dir/steps/NN_kind/`` (model folder plus
     ``step.json`` with its metrics); a second call with the same recipe, profile and distill_lab
-    code (``code_version()``) resumes after the last finished step, timing the reused steps again. ``windows`` (name -> (N, T) ids) overrides the test sets, and
-    ``train_windows`` the training data (both needed for models that do not use the teacher's
-    tokenizer). Raises ``QualityGuardError`` when a step's in-domain perplexity ratio exceeds
+    code (``code_version()``) resumes after the last finished step, timing the reused steps again.
+    ``windows`` (name -> (N, T) ids) overrides the test sets, and ``train_windows`` the training
+    data (both needed for models that do not use the teacher's tokenizer). Raises ``QualityGuardError`` when a step's in-domain perplexity ratio exceeds
     ``recipe.max_ppl_ratio``; the offending step stays saved so the run can be inspected.
     ``measure_steps="last"`` measures only the final step (intermediate models are still saved);
     the quality guard then applies to the final step only. With ``share``, a step whose recipe prefix
@@ -604,21 +604,20 @@ def run_recipe(teacher: nn.Module, tokenizer, recipe: Recipe, out_dir: str | Pat
         if progress:
             print(f"[{recipe.name}] resuming after step {len(done)} ({recipe.steps[len(done) - 1].kind}); "
                   f"steps 1..{len(done)} are reused from {len(done)} saved folder(s), their speed measured again")
-        device = next(teacher.parameters()).device
-        for record in records:
-            if record.metrics:  # saved perplexity and size stand; speed is of this run, like the teacher's
-                saved, _ = load_saved(record.folder, device=device)
-                record.metrics = {**record.metrics, **measure_speed(saved, profile)}
-                record.metrics.update(relative(record.metrics, teacher_stats))
-                del saved
         if records[-1].metrics:
             _check_guard(recipe, records[-1], first_ppl_key)
+    device = next(teacher.parameters()).device
     model = None
     if len(done) < len(recipe.steps) or keep_model:
         if done:
-            model, _ = load_saved(records[-1].folder, device=next(teacher.parameters()).device)
+            model, _ = load_saved(records[-1].folder, device=device)
         else:
             model = copy.deepcopy(teacher).eval()
+    for record in records:  # the resumed steps: saved perplexity and size stand, speed is timed in this run
+        if record.metrics:
+            timed = model if record is records[-1] and model is not None else load_saved(record.folder, device)[0]
+            record.metrics = {**record.metrics, **measure_speed(timed, profile)}
+            record.metrics.update(relative(record.metrics, teacher_stats))
     bar = tqdm(total=len(recipe.steps), initial=len(done), desc=f"recipe {recipe.name}", unit="step",
                disable=not progress, leave=False)
     try:
