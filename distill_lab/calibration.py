@@ -15,12 +15,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .evaluate import _device_of
+
 
 def calibration_pass(model: nn.Module, batches: Iterable[torch.Tensor], handles: list, *,
                      desc: str = "calibration", progress: bool = False,
                      before_batch: Callable[[torch.Tensor], None] | None = None, **forward_kwargs) -> int:
     """Run each (B, T) batch through ``model`` on its device, remove the hook ``handles``; return the tokens seen."""
-    device = next(model.parameters()).device
+    device = _device_of(model)
     tokens = 0
     try:
         for batch in tqdm(list(batches), desc=desc, leave=False, disable=not progress):

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from ._fs import atomic_folder
 from .calibration import calibration_pass
 from .data import sample_batch
-from .evaluate import timing_prompts
+from .evaluate import _device_of, timing_prompts
 
 GRANULARITIES = ("row", "layer")
 HEAD_GRANULARITIES = ("query", "kv_group")
@@ -183,10 +183,6 @@ def prunable_linears(model: nn.Module, exclude=DEFAULT_EXCLUDE) -> dict[str, nn.
         if isinstance(module, nn.Linear) and not any(fnmatch.fnmatch(name, p) for p in exclude):
             found[name] = module
     return found
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _as_batches(calibration) -> list[torch.Tensor]:
