@@ -72,12 +72,40 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-def _cmd_compress(args) -> int:
-    import os
-    import shutil
-    import tempfile
+EXPORT_KIND = "export"  # the manifest kind that marks a folder as an earlier `compress` export
 
-    from ._fs import share_permissions
+
+def _out_state(out: Path) -> str:
+    """``missing``, ``empty``, ``export`` (an earlier distill_lab export) or ``foreign`` (anything else)."""
+    from ._fs import DamagedFileError, read_manifest
+
+    if not out.exists() and not out.is_symlink():
+        return "missing"
+    if not out.is_dir() or out.is_symlink():
+        return "foreign"
+    if not any(out.iterdir()):
+        return "empty"
+    try:
+        manifest = read_manifest(out)
+    except DamagedFileError:
+        manifest = None
+    return EXPORT_KIND if manifest is not None and manifest.get("kind") == EXPORT_KIND else "foreign"
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an ``--out`` that holds files distill_lab did not export (or an export, without ``--overwrite``)."""
+    state = _out_state(out)
+    if state == "foreign":
+        what = "is not a folder" if not out.is_dir() else "is not empty and was not written by distill-lab compress"
+        raise FileExistsError(f"--out {out} {what}; refusing to replace it (choose a new or empty folder)")
+    if state == EXPORT_KIND and not overwrite:
+        raise FileExistsError(f"--out {out} holds an earlier distill-lab export; pass --overwrite to replace it")
+
+
+def _cmd_compress(args) -> int:
+    import shutil
+
+    from ._fs import clean_stale_tmp, folder_lock, make_tmp_dir, replace_dir, share_permissions, write_manifest
     from .evaluate import generate_samples
     from .models import load_model
     from .pipeline import Recipe, run_recipe
@@ -88,21 +116,31 @@ def _cmd_compress(args) -> int:
         recipe.max_ppl_ratio = Recipe(recipe.name, recipe.steps, args.max_ppl_ratio).max_ppl_ratio
     out = Path(args.out).expanduser().resolve()
     work = Path(args.work).expanduser().resolve() if args.work else out.with_name(out.name + ".steps")
-    teacher, tokenizer = _load(args.teacher)
-    result = run_recipe(teacher, tokenizer, recipe, work, profile=profile, seed=args.seed,
-                        progress=not args.quiet, keep_model=False)
-    # export: the last step's folder, copied atomically to --out
+    if work == out or out in work.parents:
+        raise ValueError(f"--work {work} must lie outside --out {out}")
+    _check_out(out, args.overwrite)  # before any work: nothing is computed for a refused folder
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
-    try:
-        shutil.copytree(result.final.folder, tmp / "m")
-        (tmp / "m" / "step.json").rename(tmp / "m" / "compression.json")
-        share_permissions(tmp / "m")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp / "m", out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with folder_lock(out.parent / f".{out.name}.distill-lab.lock", f"--out {out}"):
+        clean_stale_tmp(out.parent)
+        teacher, tokenizer = _load(args.teacher)
+        result = run_recipe(teacher, tokenizer, recipe, work, profile=profile, seed=args.seed,
+                            progress=not args.quiet, keep_model=False)
+        for rec in result.steps:  # layers a resumed quantize step left in float: said even with --quiet
+            skipped = [k for k, v in rec.extras.get("kept_in_float", {}).items() if "group_size" in str(v)]
+            if rec.resumed and skipped:
+                print(f"distill-lab compress: step {rec.index} ({rec.kind}) left {len(skipped)} layer(s) in float: "
+                      f"group_size does not divide their input width (e.g. {skipped[0]})", file=sys.stderr)
+        # export: the last step's folder, completed in a temporary folder, then published in one rename
+        tmp = make_tmp_dir(out.parent)
+        try:
+            shutil.copytree(result.final.folder, tmp / "m")
+            (tmp / "m" / "step.json").rename(tmp / "m" / "compression.json")
+            write_manifest(tmp / "m", kind=EXPORT_KIND, extra={"recipe": recipe.name})
+            share_permissions(tmp / "m")
+            _check_out(out, args.overwrite)  # again, under the lock: nothing appeared meanwhile
+            replace_dir(tmp / "m", out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     print(result.markdown())
     m = result.final.metrics
     print(f"compressed model: {out} ({m['size_bytes'] / 2**20:.1f} MiB of weights, {m['size_reduction']:.1f}x "
@@ -160,7 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
                                     "model is written to --out as safetensors + config, loadable with "
                                     "distill_lab.load_model(OUT).\n\nstep kinds:\n" + kinds)
     co.add_argument("--recipe", required=True, help="recipe file (.yaml, .yml or .json)")
-    co.add_argument("--out", required=True, help="folder for the compressed model")
+    co.add_argument("--out", required=True,
+                    help="folder for the compressed model: new or empty, or an earlier export with --overwrite "
+                         "(a folder holding anything else is never touched)")
+    co.add_argument("--overwrite", action="store_true",
+                    help="replace --out when it holds an earlier distill-lab export (and nothing else)")
     co.add_argument("--work", default=None, help="folder for intermediate steps (default: OUT.steps)")
     co.add_argument("--teacher", default="teacher", help="model to compress (default: the offline teacher)")
     co.add_argument("--profile", default=None, help=PROFILE_HELP)
@@ -190,10 +232,32 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as err:
+    except KeyboardInterrupt:
+        print(f"distill-lab {args.command}: interrupted; finished steps are kept and a re-run resumes after them",
+              file=sys.stderr)
+        return 130
+    except _expected_errors() as err:
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"distill-lab {args.command}: error: {message}", file=sys.stderr)
         return 2
+
+
+def _expected_errors() -> tuple:
+    """Exceptions that mean a bad path, value or file (one line, exit 2), not a bug (traceback)."""
+    errors = [ValueError, FileNotFoundError, RuntimeError, OSError]
+    try:
+        from safetensors import SafetensorError
+
+        errors.append(SafetensorError)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+
+        errors.append(StrictDataclassError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
 
 
 if __name__ == "__main__":

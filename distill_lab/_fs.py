@@ -1,12 +1,31 @@
-"""Small filesystem helpers shared by the modules that write models atomically."""
+"""Small filesystem helpers shared by the modules that write models atomically.
+
+Every temporary folder distill_lab creates is named ``.tmp-dl-<pid>-<random>``, so a later run can
+recognise (and only remove) the leftovers of an interrupted one: ``clean_stale_tmp``. Saved
+folders carry a manifest (``distill_lab_manifest.json``, one SHA-256 per weight file) that
+``verify_manifest`` checks on load, and ``folder_lock`` serialises two writers of one folder.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import hashlib
+import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
+
+TMP_PREFIX = ".tmp-dl-"  # distill_lab's own temporary entries: .tmp-dl-<pid>-<random>
+MANIFEST_NAME = "distill_lab_manifest.json"  # {"format": ..., "kind": ..., "files": {name: sha256}}
+MANIFEST_FORMAT = "distill_lab.manifest/1"
+
+
+class DamagedFileError(ValueError):
+    """A saved model, step or cache file is incomplete, truncated or fails its checksum."""
 
 
 def share_permissions(path: str | Path) -> None:
@@ -23,20 +42,203 @@ def share_permissions(path: str | Path) -> None:
         os.chmod(entry, (0o777 if entry.is_dir() else 0o666) & ~umask)
 
 
+def make_tmp_dir(parent: str | Path) -> Path:
+    """Create a private temporary folder in ``parent`` named ``.tmp-dl-<pid>-...`` (see ``clean_stale_tmp``)."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=parent))
+
+
+def make_tmp_file(parent: str | Path, suffix: str = "") -> Path:
+    """Create an empty temporary file in ``parent`` named ``.tmp-dl-<pid>-...`` and return its path."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", suffix=suffix, dir=parent)
+    os.close(fd)
+    return Path(name)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_tmp(parent: str | Path, min_age_s: float = 60.0) -> list[Path]:
+    """Remove distill_lab's leftover ``.tmp-dl-<pid>-*`` entries in ``parent`` whose process is gone; return them.
+
+    Only names with distill_lab's own prefix are touched, never while the process that made them
+    is alive, and never when younger than ``min_age_s`` (a pid may be reused on another machine
+    sharing the folder; age is a second guard).
+    """
+    parent = Path(parent)
+    removed = []
+    if not parent.is_dir():
+        return removed
+    now = time.time()
+    for entry in parent.iterdir():
+        if not entry.name.startswith(TMP_PREFIX):
+            continue
+        pid_text = entry.name[len(TMP_PREFIX):].split("-", 1)[0]
+        if not pid_text.isdigit():
+            continue
+        pid = int(pid_text)
+        try:
+            age = now - entry.lstat().st_mtime
+        except OSError:
+            continue
+        if pid == os.getpid() or _pid_alive(pid) or age < min_age_s:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                entry.unlink()
+        removed.append(entry)
+    return removed
+
+
+_RENAME_EXCHANGE = 2
+
+
+def replace_dir(src: str | Path, dst: str | Path) -> None:
+    """Make folder ``src`` appear as ``dst`` in one step; an older ``dst`` is swapped out, then removed.
+
+    On Linux ``renameat2(RENAME_EXCHANGE)`` swaps the two folders atomically, so a reader of ``dst``
+    sees either the old or the new folder, never a half-deleted one. Elsewhere the old folder is
+    first renamed aside (``dst`` is briefly missing, never partial).
+    """
+    src, dst = Path(src), Path(dst)
+    if not dst.exists() and not dst.is_symlink():
+        os.replace(src, dst)
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is not None:
+        at_fdcwd = -100
+        rc = fn(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), _RENAME_EXCHANGE)
+        if rc == 0:  # src now holds the old folder
+            shutil.rmtree(src, ignore_errors=True)
+            return
+        if ctypes.get_errno() not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()), str(dst))
+    aside = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=dst.parent))
+    os.replace(dst, aside / "old")
+    os.replace(src, dst)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_folder(folder: str | Path):
     """Yield a temporary folder beside ``folder``; when the block succeeds it becomes ``folder`` in one rename.
 
-    A half-written folder is never visible under the final name, and the result gets ``share_permissions``.
+    A half-written folder is never visible under the final name, the result gets
+    ``share_permissions``, and a manifest of its weight files (``write_manifest``).
     """
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
+    tmp = make_tmp_dir(folder.parent)
     try:
         yield tmp
+        write_manifest(tmp)
         share_permissions(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        replace_dir(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    """SHA-256 of a file, read in 4 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while True:
+            block = fh.read(chunk)
+            if not block:
+                break
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weight_files(folder: str | Path) -> list[Path]:
+    """The weight files of a model folder (``*.safetensors``), sorted."""
+    return sorted(Path(folder).glob("*.safetensors"))
+
+
+def write_manifest(folder: str | Path, kind: str = "model", extra: dict | None = None) -> Path:
+    """Write ``distill_lab_manifest.json``: the SHA-256 of each weight file in ``folder``."""
+    folder = Path(folder)
+    files = {p.name: sha256_file(p) for p in weight_files(folder)}
+    data = {"format": MANIFEST_FORMAT, "kind": kind, "files": files, **(extra or {})}
+    path = folder / MANIFEST_NAME
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
+def read_manifest(folder: str | Path) -> dict | None:
+    """The folder's manifest, or None when it has none; a manifest that does not parse raises DamagedFileError."""
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DamagedFileError(f"{path}: unreadable manifest ({err})") from None
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT or not isinstance(data.get("files"), dict):
+        raise DamagedFileError(f"{path}: not a distill_lab manifest")
+    return data
+
+
+def verify_manifest(folder: str | Path) -> dict | None:
+    """Check every weight file listed in the folder's manifest (present, same SHA-256); return the manifest.
+
+    Raises ``DamagedFileError`` naming the folder and the file. A folder without a manifest (a plain
+    Hugging Face folder) passes and returns None.
+    """
+    folder = Path(folder)
+    data = read_manifest(folder)
+    if data is None:
+        return None
+    for name, digest in data["files"].items():
+        path = folder / name
+        if not path.is_file():
+            raise DamagedFileError(f"model folder {str(folder)!r} is incomplete: {name} is missing "
+                                   f"(listed in {MANIFEST_NAME})")
+        if sha256_file(path) != digest:
+            raise DamagedFileError(f"model folder {str(folder)!r} is damaged: {name} fails its checksum "
+                                   f"(truncated or changed after it was saved)")
+    return data
+
+
+class LockedError(RuntimeError):
+    """Another process holds the lock of a folder distill_lab is writing."""
+
+
+@contextlib.contextmanager
+def folder_lock(lock_path: str | Path, what: str, wait: bool = False):
+    """Hold an exclusive ``fcntl.flock`` on ``lock_path`` for the block; raise ``LockedError`` when busy (unless ``wait``)."""
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, as before
+        yield
+        return
+    fh = open(lock_path, "a+")
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise LockedError(f"{what} is being written by another distill-lab run ({holder}, lock file "
+                              f"{lock_path}); wait for it to finish or choose another folder") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
+        yield
+    finally:
+        fh.close()

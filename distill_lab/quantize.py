@@ -97,6 +97,18 @@ def _check_float_tensor(w, name: str = "w") -> None:
         raise ValueError(f"{name} is empty (shape {tuple(w.shape)}); allowed: at least one element")
 
 
+SCALE_EPS = torch.finfo(torch.float32).eps  # smallest quantization step (torchao's clamp for constant groups)
+
+
+def _check_finite(w: torch.Tensor, name: str = "w") -> None:
+    """Raise ValueError when ``w`` holds NaN or Inf (they would spoil the scale of their whole group)."""
+    bad = ~torch.isfinite(w)
+    if bool(bad.any()):
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name} holds {int(bad.sum())} NaN/Inf value(s) (first at index {first}); "
+                         f"allowed: finite weights only")
+
+
 def _check_bits(bits) -> None:
     if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
         raise ValueError(f"bits={bits!r}; allowed: an int from {MIN_BITS} to {MAX_BITS}")
@@ -137,18 +149,20 @@ def quantize_tensor(w: torch.Tensor, bits: int = 8, group_size: int | None = Non
     """Round ``w`` onto a uniform ``bits``-bit grid per tensor (axis=None), per channel, or per group."""
     _check_float_tensor(w)
     _check_bits(bits)
+    _check_finite(w)
     grouped, undo, undo_scales = _grouped(w.detach().float(), group_size, axis)  # (R, G, g)
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
         scale = grouped.abs().amax(-1, keepdim=True) / qmax  # (R, G, 1)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero group: any step works
+        scale = scale.clamp_min(SCALE_EPS)  # all-zero group: any step works
         codes = torch.round(grouped / scale).clamp_(-qmax, qmax).to(torch.int8)
         zero = None
     else:
         qmax = 2 ** bits - 1
         lo = grouped.amin(-1, keepdim=True)  # (R, G, 1)
         scale = (grouped.amax(-1, keepdim=True) - lo) / qmax
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # constant group: code 0 is exact
+        # constant group (max == min): a tiny step, as torchao clamps it, so the zero point stays the value
+        scale = scale.clamp_min(SCALE_EPS)
         codes = torch.round((grouped - lo) / scale).clamp_(0, qmax).to(torch.uint8)
         zero = undo_scales(lo)
     return QuantizedTensor(codes=undo(codes), scales=undo_scales(scale), zero_points=zero, bits=bits,
@@ -875,6 +889,17 @@ def quantize_(model: nn.Module, config, filter_fn=None) -> QuantizationSummary:
     """
     if not isinstance(config, tuple(CONFIGS.values())):
         raise ValueError(f"config={config!r}; allowed: an instance of {', '.join(CONFIGS)}")
+    for name, module in model.named_modules():  # refuse NaN/Inf before anything is replaced
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            _check_finite(module.weight.detach(), f"{name}.weight" if name else "weight")
+    if isinstance(config, Int4WeightOnly):
+        head = _embedding_and_head(model)[1]
+        eligible = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head
+                    and (filter_fn is None or filter_fn(m, n))]
+        if eligible and all(m.in_features % config.group_size for _, m in eligible):
+            widths = sorted({m.in_features for _, m in eligible})
+            raise ValueError(f"Int4WeightOnly.group_size={config.group_size} divides none of the "
+                             f"{len(eligible)} layers' input widths {widths}; allowed: a divisor of one of them")
     summary = QuantizationSummary(config=config_to_dict(config))
     head_name = quantize_embedding_and_head_(model, config, summary)
 
@@ -1044,12 +1069,27 @@ def load_quantized(folder: str | Path, device: str | torch.device | None = None)
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from ._folder import check_model_folder
     from .profiles import default_device
 
     folder = Path(folder)
     device = torch.device(device) if device is not None else default_device()
+    check_model_folder(folder)  # checksums, headers, config sizes: before anything is allocated
+    try:
+        return _load_quantized(folder, device, safe_open, AutoConfig, AutoModelForCausalLM, init_empty_weights)
+    except (KeyError, AttributeError, TypeError, IndexError, json.JSONDecodeError) as err:
+        raise ValueError(f"quantized model folder {str(folder)!r} is damaged or from another version: "
+                         f"{type(err).__name__} {' '.join(str(err).split())[:160]}") from None
+
+
+def _load_quantized(folder: Path, device, safe_open, AutoConfig, AutoModelForCausalLM, init_empty_weights):
+    if not (folder / QCONFIG_NAME).is_file():
+        raise ValueError(f"quantized model folder {str(folder)!r} is incomplete: {QCONFIG_NAME} is missing")
     with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as f:
-        qconfig = json.loads(f.metadata()["distill_lab"])
+        meta = f.metadata() or {}
+        if "distill_lab" not in meta:
+            raise ValueError(f"{folder / WEIGHTS_NAME} was not written by save_quantized (no distill_lab metadata)")
+        qconfig = json.loads(meta["distill_lab"])
         # clone: safetensors may hand back views at unaligned offsets of the file, and the int8
         # CPU kernel (aten._weight_int8pack_mm) crashes on an unaligned weight
         tensors = {k: f.get_tensor(k).clone() for k in f.keys()}
@@ -1081,8 +1121,8 @@ def load_quantized(folder: str | Path, device: str | torch.device | None = None)
         head.weight = emb.weight
         missing = [k for k in missing if k != f"{_module_name(model, head)}.weight"]
     if missing or unexpected:
-        raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+        raise ValueError(f"quantized model folder {str(folder)!r} does not match its config: missing "
+                         f"{missing[:5]} ({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)})")
     model.quantization_config = qconfig["config"]
     return model.to(device).eval()
 
