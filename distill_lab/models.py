@@ -166,14 +166,15 @@ def load_model(name_or_path, device: str | torch.device | None = None,
         if info["meta"].get("format", "").startswith("distill_lab"):
             raise DamagedFileError(f"model folder {path!r} holds a distill_lab {info['meta']['format']} "
                                    f"checkpoint; load it with the function that wrote it (e.g. load_sparse)")
-        with quiet_transformers():
+        with quiet_transformers():  # quiet, so a partial load is turned into an error here
             model, loading = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         problems = loading_problems(model, loading.get("missing_keys", ()), loading.get("unexpected_keys", ()),
                                     loading.get("mismatched_keys", ()))
         if problems:
             raise DamagedFileError(f"model folder {path!r} does not match its config.json: "
                                    + "; ".join(problems))
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     elif not _is_hub_id(name):
         raise FileNotFoundError(f"model folder {name!r} does not exist; {OFFLINE_HINT}")
     else:

@@ -781,8 +781,23 @@ def int4_kernel_codes(q: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor]:
     else:
         codes = q.codes
         zero = q.zero_points.float() + 8 * scale
+        const = scale <= SCALE_EPS  # (N, K/g) constant groups: their value must survive the bf16 zero point
+        if bool(const.any()):
+            codes, scale, zero = _exact_constant_groups(codes, scale, q.zero_points.float(), const)
     sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # (K/g, N, 2)
     return codes, sz
+
+
+def _exact_constant_groups(codes, scale, value, const):
+    """Constant groups: zero = bf16(value) and one code step carries what bf16 rounded away (|error| << 1e-3·|value|)."""
+    z = value.to(torch.bfloat16).float()  # (N, G)
+    r = value - z  # what the bf16 zero point loses
+    step = torch.where(r > 0, r / 7, torch.where(r < 0, -r / 8, torch.zeros_like(r))).clamp_min(SCALE_EPS)
+    code = torch.where(r > 0, 15, torch.where(r < 0, 0, 8)).to(codes.dtype)  # (q - 8)·step = r
+    n, k = codes.shape
+    grouped = codes.clone().reshape(n, const.shape[1], -1)  # (N, G, g)
+    grouped[const] = code[const].unsqueeze(-1).expand(-1, grouped.shape[-1])
+    return grouped.reshape(n, k), torch.where(const, step, scale), torch.where(const, z, value + 8 * scale)
 
 
 class Int8Embedding(QuantizedModule):
