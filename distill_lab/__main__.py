@@ -121,6 +121,7 @@ def _cmd_compress(args) -> int:
     _check_out(out, args.overwrite)  # before any work: nothing is computed for a refused folder
     out.parent.mkdir(parents=True, exist_ok=True)
     with folder_lock(out.parent / f".{out.name}.distill-lab.lock", f"--out {out}"):
+        _check_out(out, args.overwrite)  # again under the lock: a run that just finished may have exported
         clean_stale_tmp(out.parent)
         teacher, tokenizer = _load(args.teacher)
         result = run_recipe(teacher, tokenizer, recipe, work, profile=profile, seed=args.seed,
