@@ -302,6 +302,7 @@ def save_model(model: nn.Module, tokenizer, folder: str | Path) -> Path:
             model.save_pretrained(folder)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
+    write_manifest(folder)  # checksums of the weight files, checked by every load
     return folder
 
 
@@ -722,8 +723,7 @@ def run_recipe(teacher: nn.Module, tokenizer, recipe: Recipe, out_dir: str | Pat
                          "profile": profile.name, "profile_sizes": profile.to_dict(), "kind": step.kind,
                          "config": step.config, "metrics": metrics, "seconds": seconds,
                          "extras": ctx.extras}
-                (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-                write_manifest(tmp, kind="step")  # checked before the step is reused
+                (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))  # save_model wrote the manifest
                 share_permissions(tmp)
                 replace_dir(tmp, final)  # atomic: a half-written step is never seen as finished
             finally:

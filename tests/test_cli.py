@@ -101,3 +101,9 @@ def test_compress_then_load_model_then_generate(tmp_path, teacher, capsys):
     assert main(["eval", str(out), "--profile", "smoke"]) == 0
     card = capsys.readouterr().out
     assert "ppl pydoc" in card and "size on disk" in card
+    # the export is recognised: replaced only with --overwrite (issue 11), then resumed from the saved steps
+    args = ["compress", "--recipe", recipe, "--out", str(out), "--teacher", str(src), "--profile", "smoke", "--quiet"]
+    assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
+    assert main(args + ["--overwrite"]) == 0
+    assert "reloaded with distill_lab.load_model" in capsys.readouterr().out
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
