@@ -82,16 +82,13 @@ def check_model_folder(folder: str | Path) -> dict:
             f"{len(found)} (missing layers {missing}{'...' if len(set(range(layers)) - found) > 3 else ''}"
             f"{f', unexpected layers {extra}' if extra else ''})")
     vocab = _config_value(cfg, "vocab_size")
-    hidden = _config_value(cfg, "hidden_size", "n_embd", "d_model")
+    hidden = _config_value(cfg, "word_embed_proj_dim", "hidden_size", "n_embd", "d_model")  # OPT projects
     for key, shape in shapes.items():
         if key.endswith(_EMBED) and len(shape) == 2:
             if isinstance(vocab, int) and shape[0] != vocab:
                 raise DamagedFileError(f"model folder {str(folder)!r}: config.json says vocab_size={vocab} but "
                                        f"{key} has {shape[0]} rows")
-            if isinstance(hidden, int) and shape[1] != hidden and not key.endswith("_int8"):
-                raise DamagedFileError(f"model folder {str(folder)!r}: config.json says hidden_size={hidden} "
-                                       f"but {key} has {shape[1]} columns")
-            if key.endswith("_int8") and isinstance(hidden, int) and shape[1] != hidden:
+            if isinstance(hidden, int) and shape[1] != hidden:
                 raise DamagedFileError(f"model folder {str(folder)!r}: config.json says hidden_size={hidden} "
                                        f"but {key} has {shape[1]} columns")
             break

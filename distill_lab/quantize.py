@@ -1080,10 +1080,6 @@ def _rebuild(spec: dict, tensors: dict, device) -> QuantizedModule:
 
 def load_quantized(folder: str | Path, device: str | torch.device | None = None) -> nn.Module:
     """Load a model written by ``save_quantized``: float parts, then the packed modules, re-packed for ``device``."""
-    from accelerate import init_empty_weights
-    from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from ._folder import check_model_folder
     from .profiles import default_device
 
@@ -1091,13 +1087,17 @@ def load_quantized(folder: str | Path, device: str | torch.device | None = None)
     device = torch.device(device) if device is not None else default_device()
     check_model_folder(folder)  # checksums, headers, config sizes: before anything is allocated
     try:
-        return _load_quantized(folder, device, safe_open, AutoConfig, AutoModelForCausalLM, init_empty_weights)
-    except (KeyError, AttributeError, TypeError, IndexError, json.JSONDecodeError) as err:
+        return _load_quantized(folder, device)
+    except (KeyError, AttributeError, TypeError, IndexError, json.JSONDecodeError) as err:  # a bad module spec
         raise ValueError(f"quantized model folder {str(folder)!r} is damaged or from another version: "
                          f"{type(err).__name__} {' '.join(str(err).split())[:160]}") from None
 
 
-def _load_quantized(folder: Path, device, safe_open, AutoConfig, AutoModelForCausalLM, init_empty_weights):
+def _load_quantized(folder: Path, device: torch.device) -> nn.Module:
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     if not (folder / QCONFIG_NAME).is_file():
         raise ValueError(f"quantized model folder {str(folder)!r} is incomplete: {QCONFIG_NAME} is missing")
     with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as f:
