@@ -37,6 +37,8 @@ def tensor_headers(folder: Path) -> tuple[dict, dict]:
 
     shapes, meta = {}, {}
     files = weight_files(folder)
+    if not files and any(folder.glob("*.bin")):
+        return shapes, meta  # an older PyTorch checkpoint: transformers reads it (weights_only) and we check its keys
     if not files:
         raise DamagedFileError(f"model folder {str(folder)!r} holds no *.safetensors weight file")
     for path in files:

@@ -188,7 +188,6 @@ def test_finding3_a_changed_weight_file_fails_its_checksum(tmp_path):
 
     model = tiny_llama()
     save_model(model, None, tmp_path / "f")
-    write_manifest(tmp_path / "f")
     q = tiny_llama()
     quantize_(q, Int4WeightOnly(group_size=32))
     save_quantized(q, tmp_path / "q")
@@ -196,7 +195,8 @@ def test_finding3_a_changed_weight_file_fails_its_checksum(tmp_path):
     with torch.no_grad():
         s.model.layers[0].mlp.up_proj.weight[:, ::2] = 0
     save_sparse(s, tmp_path / "s")
-    assert (tmp_path / "q" / MANIFEST_NAME).is_file() and (tmp_path / "s" / MANIFEST_NAME).is_file()
+    for folder in ("f", "q", "s"):
+        assert (tmp_path / folder / MANIFEST_NAME).is_file()
     load_sparse(tmp_path / "s")  # intact: loads
     for folder, loader in ((tmp_path / "f", load_saved), (tmp_path / "q", load_saved), (tmp_path / "s", load_sparse)):
         path = folder / "model.safetensors"
