@@ -116,8 +116,10 @@ def replace_dir(src: str | Path, dst: str | Path) -> None:
     if not dst.exists() and not dst.is_symlink():
         os.replace(src, dst)
         return
-    libc = ctypes.CDLL(None, use_errno=True)
-    fn = getattr(libc, "renameat2", None)
+    try:
+        fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    except (OSError, TypeError):  # no C library to ask (Windows): the two-rename fallback below
+        fn = None
     if fn is not None:
         at_fdcwd = -100
         rc = fn(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), _RENAME_EXCHANGE)
