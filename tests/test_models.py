@@ -77,14 +77,14 @@ def test_missing_local_folder_is_clear():
 
 @pytest.mark.teacher
 def test_real_teacher_converts_once_then_loads_fast(tmp_path, monkeypatch):
-    """The GGUF -> safetensors path: first call converts, second reloads identical weights in < 3 s."""
+    """The GGUF -> safetensors path: first call converts, second reloads identical weights in < 5 s (checksum included)."""
     monkeypatch.setenv("DISTILL_LAB_CACHE", str(tmp_path))
     first, tok = models.load_teacher(device="cpu")
     assert (tmp_path / models.TEACHER_CACHE_NAME / "model.safetensors").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")], "temp folder left behind"
     start = time.perf_counter()
     second, _ = models.load_teacher(device="cpu")
-    assert time.perf_counter() - start < 3
+    assert time.perf_counter() - start < 5  # includes one SHA-256 pass over the 513 MiB weights (~1.3 s idle)
     ids = tok("def add(a, b):\n    return a + b", return_tensors="pt").input_ids
     with torch.inference_mode():
         assert torch.equal(first(ids).logits, second(ids).logits)
