@@ -94,6 +94,9 @@ def prepare_qat_(model: nn.Module, config, filter_fn=None) -> nn.Module:
     """
     if not isinstance(config, tuple(CONFIGS.values())):
         raise ValueError(f"config={config!r}; allowed: an instance of {', '.join(CONFIGS)}")
+    from .arch import check_linear_layout
+
+    check_linear_layout(model, "prepare_qat_")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or module is head:
