@@ -163,6 +163,9 @@ def gptq_(model: nn.Module, batches, config: Int4WeightOnly | None = None, damp:
     Measured on the teacher (INT4 g64, after AWQ scaling, 40 test windows): plain GPTQ +8.7 %
     perplexity, with act-order and clipped group ranges (the defaults) +7.0 %.
     """
+    from .arch import check_linear_layout
+
+    check_linear_layout(model, "gptq_")
     config = config or Int4WeightOnly()
     hessians = collect_hessians(model, batches, progress=progress)
     prepared = {}  # one inverse per distinct Hessian (q/k/v and gate/up share theirs)

@@ -229,8 +229,15 @@ def make_student(teacher: nn.Module, init: str = "layer_drop", *, keep_every: in
                  layers: list[int] | None = None, num_layers: int | None = None,
                  hidden_size: int | None = None, intermediate_size: int | None = None,
                  num_attention_heads: int | None = None, num_key_value_heads: int | None = None,
-                 seed: int = 0) -> LlamaForCausalLM:
-    """Build a smaller ``LlamaForCausalLM`` with the teacher's vocabulary (``layer_drop`` or ``random`` init)."""
+                 seed: int = 0) -> nn.Module:
+    """Build a smaller model of the teacher's family and vocabulary (``layer_drop`` or ``random`` init).
+
+    The student keeps the teacher's class and config (sliding window, norms, ``layer_types`` of
+    the kept blocks); families without an architecture adapter are refused with a ``ValueError``.
+    """
+    from .arch import adapter
+
+    ad = adapter(teacher, "make_student")
     cfg = teacher.config
     n_teacher = cfg.num_hidden_layers
     if init == "layer_drop":
@@ -245,16 +252,8 @@ def make_student(teacher: nn.Module, init: str = "layer_drop", *, keep_every: in
                                        num_key_value_heads)):
             raise ValueError("init='layer_drop' keeps the teacher's widths; use init='random' "
                              "(or distill_lab.prune) to change them")
-        config = LlamaConfig(**{**cfg.to_dict(), "num_hidden_layers": len(layers)})
         torch.manual_seed(seed)
-        student = LlamaForCausalLM(config)
-        student.model.embed_tokens.load_state_dict(teacher.model.embed_tokens.state_dict())
-        student.model.norm.load_state_dict(teacher.model.norm.state_dict())
-        for new_i, old_i in enumerate(layers):
-            student.model.layers[new_i].load_state_dict(teacher.model.layers[old_i].state_dict())
-        if not cfg.tie_word_embeddings:
-            student.lm_head.load_state_dict(teacher.lm_head.state_dict())
-        student.tie_weights()
+        student = ad.shrink(layers).train()
     elif init == "random":
         overrides = {"num_hidden_layers": num_layers, "hidden_size": hidden_size,
                      "intermediate_size": intermediate_size,
@@ -270,8 +269,10 @@ def make_student(teacher: nn.Module, init: str = "layer_drop", *, keep_every: in
             raise ValueError(f"hidden_size={merged['hidden_size']} must divide by "
                              f"num_attention_heads={heads}, which must divide by num_key_value_heads={kv}")
         merged["head_dim"] = merged["hidden_size"] // heads
+        if merged.get("layer_types") is not None:  # rebuilt by the config class for the new depth
+            merged["layer_types"] = None
         torch.manual_seed(seed)
-        student = LlamaForCausalLM(LlamaConfig(**merged))
+        student = AutoModelForCausalLM.from_config(type(cfg)(**merged))
     else:
         raise ValueError(f"init={init!r}; allowed: 'layer_drop', 'random'")
     device = next(teacher.parameters()).device

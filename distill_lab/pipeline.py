@@ -355,12 +355,9 @@ def eval_windows(tokenizer, profile: Profile) -> dict[str, torch.Tensor]:
 
 def logical_parameters(model: nn.Module) -> int:
     """Parameters the model's architecture holds (counted from its config, so quantized models count too)."""
-    cfg = model.config
-    h, V, L, I = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers, cfg.intermediate_size
-    d = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
-    H, G = cfg.num_attention_heads, cfg.num_key_value_heads
-    block = 2 * h * H * d + 2 * h * G * d + 3 * h * I + 2 * h
-    return V * h + L * block + h + (0 if cfg.tie_word_embeddings else V * h)
+    from .arch import parameter_count
+
+    return parameter_count(model.config)  # any family: biases, norms and all experts included
 
 
 # speed depends on the machine and its load at the moment, so it is never reused from an earlier run:

@@ -45,6 +45,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._fs import atomic_folder
+from .arch import adapter, check_linear_layout, decoder_blocks, parameter_count
 from .calibration import calibration_pass
 from .data import sample_batch
 from .evaluate import _device_of, timing_prompts
@@ -246,18 +247,30 @@ class _StopForward(Exception):
 
 
 @torch.inference_mode()
-def _capture_block_inputs(model: nn.Module, batches) -> list[tuple[torch.Tensor, dict]]:
-    """Run the model up to its first decoder block; return ``(hidden (B, T, H), kwargs)`` per batch."""
-    first = model.model.layers[0]
-    captured = []
+def _capture_block_inputs(model: nn.Module, blocks, batches) -> tuple[list[torch.Tensor], list[list[dict]]]:
+    """Return the first block's input ``hidden (B, T, H)`` per batch and every block's own kwargs per batch.
 
-    def hook(module, args, kwargs):
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden, {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}))
-        raise _StopForward
+    Each block gets its own attention mask and position embeddings (sliding vs full attention,
+    local vs global RoPE in Gemma), so the kwargs are recorded per block, from one dense pass that
+    stops after the last block. They do not depend on the hidden states, so pruning earlier
+    blocks does not change them.
+    """
+    hidden_in, kwargs_per_block = [], [[] for _ in blocks]
+    last = len(blocks) - 1
 
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    def hook(i):
+        def fn(module, args, kwargs):
+            kwargs = dict(kwargs)
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            if i == 0:
+                hidden_in.append(hidden)
+            kwargs_per_block[i].append({k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values",
+                                                                                    "layer_past")})
+            if i == last:
+                raise _StopForward
+        return fn
+
+    handles = [block.register_forward_pre_hook(hook(i), with_kwargs=True) for i, block in enumerate(blocks)]
     device = _device_of(model)
     try:
         for batch in batches:
@@ -266,8 +279,9 @@ def _capture_block_inputs(model: nn.Module, batches) -> list[tuple[torch.Tensor,
             except _StopForward:
                 pass
     finally:
-        handle.remove()
-    return captured
+        for handle in handles:
+            handle.remove()
+    return hidden_in, kwargs_per_block
 
 
 def _block_output(block, hidden, kwargs):
@@ -279,10 +293,11 @@ def _block_output(block, hidden, kwargs):
 def _wanda_sequential(model: nn.Module, batches, config: WandaConfig, progress: bool) -> dict[str, float]:
     """Wanda as in the paper's code: block by block, inputs taken from the already-pruned blocks."""
     prefix = {id(m): n for n, m in model.named_modules()}
-    states = _capture_block_inputs(model, batches)
+    blocks = decoder_blocks(model)
+    hidden, kwargs_per_block = _capture_block_inputs(model, blocks, batches)
     report = {}
-    blocks = list(model.model.layers)
-    for block in tqdm(blocks, desc="wanda", leave=False, disable=not progress):
+    for i, block in enumerate(tqdm(blocks, desc="wanda", leave=False, disable=not progress)):
+        states = list(zip(hidden, kwargs_per_block[i]))
         base = prefix[id(block)]
         linears = {f"{base}.{n}": m for n, m in prunable_linears(block, ()).items()}
         linears = {n: m for n, m in linears.items() if not any(fnmatch.fnmatch(n, p) for p in config.exclude)}
@@ -297,7 +312,7 @@ def _wanda_sequential(model: nn.Module, batches, config: WandaConfig, progress: 
             mask = _keep_mask(lin.weight, wanda_scores(lin.weight, norms[name]), config)
             _apply(lin, mask)
             report[name] = 1 - mask.float().mean().item()
-        states = [(_block_output(block, hidden, kwargs), kwargs) for hidden, kwargs in states]
+        hidden = [_block_output(block, h, kwargs) for h, kwargs in states]
     # Linear layers outside the decoder blocks (not excluded) are pruned one-shot.
     rest = {n: m for n, m in prunable_linears(model, config.exclude).items() if n not in report}
     if rest:
@@ -320,11 +335,15 @@ def prune_(model: nn.Module, config: MagnitudeConfig, calibration=None, *,
     if not isinstance(config, MagnitudeConfig):
         raise ValueError(f"config={config!r}; allowed: MagnitudeConfig or WandaConfig "
                          "(structured pruning: prune_structured / prune_heads / prune_channels / prune_layers)")
+    check_linear_layout(model, "prune_")  # Conv1D / 3-D expert weights would stay dense silently
     linears = prunable_linears(model, config.exclude)
     if isinstance(config, WandaConfig):
         if norms is None:
             batches = _as_batches(calibration)
-            if config.sequential and hasattr(model, "model") and hasattr(model.model, "layers"):
+            if config.sequential:
+                if decoder_blocks(model) is None:
+                    raise ValueError(f"{type(model).__name__}: sequential Wanda needs the decoder blocks and "
+                                     "none were found; pass WandaConfig(sequential=False) for one-shot Wanda")
                 return _wanda_sequential(model, batches, config, progress)
             norms = input_norms(model, batches, config.exclude, progress)
         missing = [n for n in linears if n not in norms]
@@ -628,30 +647,28 @@ def _check_keep_ratio(keep_ratio, name: str = "keep_ratio") -> None:
         raise ValueError(f"{name}={keep_ratio!r}; allowed: a number in (0, 1]")
 
 
-def _llama_parts(model: nn.Module):
-    """Return (config, blocks) of a Llama-style causal LM, or raise ValueError."""
-    if not (hasattr(model, "model") and hasattr(model.model, "layers")):
-        raise ValueError(f"{type(model).__name__} is not a Llama-style causal LM (model.model.layers)")
-    return model.config, list(model.model.layers)
+def _llama_parts(model: nn.Module, technique: str = "structured pruning"):
+    """Return (config, blocks) of a causal LM with an architecture adapter, or raise ValueError."""
+    ad = adapter(model, technique)
+    return model.config, ad.blocks
 
 
 def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def _unit_views(block, config):
-    """Per block: weight views grouped by unit (query head, KV group, MLP channel).
+def _views(ad, block, grad: bool = False):
+    """Per block: weight views grouped by unit (query head, KV group, MLP channel); ``grad``: their gradients.
 
-    Returns a dict of tensors shaped so that reducing over the last dims gives one value per unit:
-    ``q`` (H, d, hidden), ``o`` (hidden, H, d), ``k``/``v`` (G, d, hidden), ``gate``/``up``
-    (I, hidden), ``down`` (hidden, I).
+    Reducing over the last dims gives one value per unit: ``q`` (H, d, hidden), ``o``
+    (hidden, H, d), ``k``/``v`` (G, d, hidden), ``gate``/``up`` (I, hidden), ``down`` (hidden, I).
+    Fused projections (Phi-3) are split into row views by the architecture adapter.
     """
-    d = _head_dim(config)
-    H, G = config.num_attention_heads, config.num_key_value_heads
-    attn, mlp = block.self_attn, block.mlp
-    return {"q": attn.q_proj.weight.view(H, d, -1), "o": attn.o_proj.weight.view(-1, H, d),
-            "k": attn.k_proj.weight.view(G, d, -1), "v": attn.v_proj.weight.view(G, d, -1),
-            "gate": mlp.gate_proj.weight, "up": mlp.up_proj.weight, "down": mlp.down_proj.weight}
+    d, H, G = ad.head_dim, ad.heads, ad.kv_heads
+    w = {p: ad.weight(block, p, grad) for p in ("q", "k", "v", "o", "gate", "up", "down")}
+    return {"q": w["q"].reshape(H, d, -1), "o": w["o"].reshape(w["o"].shape[0], H, d),
+            "k": w["k"].reshape(G, d, -1), "v": w["v"].reshape(G, d, -1),
+            "gate": w["gate"], "up": w["up"], "down": w["down"]}
 
 
 def _reduce_units(views: dict[str, torch.Tensor], fn) -> dict[str, torch.Tensor]:
@@ -672,11 +689,11 @@ def _combine(parts: dict[str, torch.Tensor], n_rep: int, post=None) -> dict[str,
 
 @torch.no_grad()
 def _weight_importance(model, method):
-    config, blocks = _llama_parts(model)
-    n_rep = config.num_attention_heads // config.num_key_value_heads
+    ad = adapter(model, "structured pruning")
+    blocks, n_rep = ad.blocks, ad.n_rep
     scores = {"heads": [], "kv_groups": [], "channels": []}
     for block in blocks:
-        views = {k: v.float() for k, v in _unit_views(block, config).items()}
+        views = {k: v.float() for k, v in _views(ad, block).items()}
         if method == "l2_norm":  # Euclidean norm of all parameters of the unit
             parts = _reduce_units(views, lambda t: t.pow(2))
             out = _combine(parts, n_rep, post=torch.sqrt)
@@ -692,8 +709,8 @@ def _weight_importance(model, method):
 
 def _taylor_importance(model, batches, progress):
     """|sum over the unit's parameters of grad * weight|, gradients of the LM loss summed over the batches."""
-    config, blocks = _llama_parts(model)
-    n_rep = config.num_attention_heads // config.num_key_value_heads
+    ad = adapter(model, "structured pruning")
+    blocks, n_rep = ad.blocks, ad.n_rep
     device = _device_of(model)
     was_training = model.training
     flags = {id(p): p.requires_grad for p in model.parameters()}
@@ -710,14 +727,8 @@ def _taylor_importance(model, batches, progress):
         scores = {"heads": [], "kv_groups": [], "channels": []}
         with torch.no_grad():
             for block in blocks:
-                views = _unit_views(block, config)
-                d = _head_dim(config)
-                H, G = config.num_attention_heads, config.num_key_value_heads
-                attn, mlp = block.self_attn, block.mlp
-                grads = {"q": attn.q_proj.weight.grad.view(H, d, -1), "o": attn.o_proj.weight.grad.view(-1, H, d),
-                         "k": attn.k_proj.weight.grad.view(G, d, -1), "v": attn.v_proj.weight.grad.view(G, d, -1),
-                         "gate": mlp.gate_proj.weight.grad, "up": mlp.up_proj.weight.grad,
-                         "down": mlp.down_proj.weight.grad}
+                views = _views(ad, block)
+                grads = _views(ad, block, grad=True)
                 prods = {k: (views[k].float() * grads[k].float()) for k in views}
                 parts = _reduce_units(prods, lambda t: t)
                 out = _combine(parts, n_rep, post=torch.abs)
@@ -734,9 +745,9 @@ def _taylor_importance(model, batches, progress):
 @torch.inference_mode()
 def _activation_importance(model, batches, progress):
     """Mean activation norms on calibration tokens: per head ``||attn_out_h||_2``, per channel ``|act_j|``."""
-    config, blocks = _llama_parts(model)
-    n_rep = config.num_attention_heads // config.num_key_value_heads
-    d, H = _head_dim(config), config.num_attention_heads
+    ad = adapter(model, "structured pruning")
+    blocks, n_rep = ad.blocks, ad.n_rep
+    d, H = ad.head_dim, ad.heads
     sums = {i: {"heads": 0.0, "channels": 0.0} for i in range(len(blocks))}
     handles = []
 
@@ -753,8 +764,8 @@ def _activation_importance(model, batches, progress):
         return hook
 
     for i, block in enumerate(blocks):
-        handles.append(block.self_attn.o_proj.register_forward_pre_hook(o_hook(i)))
-        handles.append(block.mlp.down_proj.register_forward_pre_hook(down_hook(i)))
+        handles.append(ad.linear(block, "o")[0].register_forward_pre_hook(o_hook(i)))
+        handles.append(ad.linear(block, "down")[0].register_forward_pre_hook(down_hook(i)))
     tokens = calibration_pass(model, batches, handles, desc="activation", progress=progress, use_cache=False)
     heads = torch.stack([sums[i]["heads"] / tokens for i in sums]).cpu()  # (L, H)
     channels = torch.stack([sums[i]["channels"] / tokens for i in sums]).cpu()  # (L, I)
@@ -786,7 +797,7 @@ def importance(model: nn.Module, method: str = "l2_norm", calibration=None,
 @torch.inference_mode()
 def block_influence(model: nn.Module, calibration, progress: bool = False) -> torch.Tensor:
     """ShortGPT Block Influence per decoder block: ``1 - mean_t cos(x_in, x_out)``, shape (L,); low = removable."""
-    _, blocks = _llama_parts(model)
+    _, blocks = _llama_parts(model, "layer pruning")
     batches = _as_batches(calibration)
     sums = torch.zeros(len(blocks), dtype=torch.float64)
     handles = []
@@ -818,90 +829,20 @@ def _n_keep(keep_ratio: float, total: int, what: str) -> int:
 
 
 def config_parameter_count(config) -> int:
-    """Number of parameters a Llama config implies (tied head counted once)."""
-    h, V, L = config.hidden_size, config.vocab_size, config.num_hidden_layers
-    d, H, G, I = _head_dim(config), config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
-    bias_attn = getattr(config, "attention_bias", False)
-    bias_mlp = getattr(config, "mlp_bias", False)
-    attn = h * H * d + 2 * h * G * d + H * d * h + (H * d + 2 * G * d + h if bias_attn else 0)
-    mlp = 3 * h * I + (2 * I + h if bias_mlp else 0)
-    block = attn + mlp + 2 * h
-    head = 0 if config.tie_word_embeddings else V * h
-    return V * h + L * block + h + head
+    """Number of parameters a config implies (tied head counted once; biases, norms and all experts included)."""
+    return parameter_count(config)
 
 
-@torch.no_grad()
 def _rebuild(model: nn.Module, layers: list[int], heads: list[torch.Tensor] | None,
              kv: list[torch.Tensor] | None, channels: list[torch.Tensor] | None) -> nn.Module:
-    """Build a new, smaller LlamaForCausalLM keeping the given blocks, query heads, KV heads and channels.
+    """Build a new, smaller model of the same family keeping the given blocks, query heads, KV heads and channels.
 
     ``heads[i]`` / ``kv[i]`` / ``channels[i]`` are sorted index tensors for kept block ``i`` (in
     the order of ``layers``); every block keeps the same counts (one config for all blocks).
     Query heads must be listed group-major: kept head ``j`` belongs to kept KV head ``j // (H' / G')``.
+    The config keeps each kept block's attention type (``layer_types``) and the head size.
     """
-    from transformers import AutoModelForCausalLM
-
-    config = model.config
-    d = _head_dim(config)
-    H, G, I = config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
-    _, blocks = _llama_parts(model)
-    new_H = len(heads[0]) if heads is not None else H
-    new_G = len(kv[0]) if kv is not None else G
-    new_I = len(channels[0]) if channels is not None else I
-    if new_H % new_G:
-        raise ValueError(f"{new_H} query heads do not divide into {new_G} KV heads (GQA needs H % G == 0)")
-    if config.hidden_size % new_H:
-        raise ValueError(f"{new_H} query heads: transformers' LlamaConfig requires hidden_size "
-                         f"({config.hidden_size}) % num_attention_heads == 0; choose a keep ratio "
-                         "that leaves a divisor of the hidden size")
-    new_config = copy.deepcopy(config)
-    new_config.num_hidden_layers = len(layers)
-    new_config.num_attention_heads = new_H
-    new_config.num_key_value_heads = new_G
-    new_config.intermediate_size = new_I
-    new_config.head_dim = d  # keep head_dim explicit: hidden_size / num_attention_heads no longer equals it
-    dtype, device = model.dtype, _device_of(model)
-
-    def rows(w, idx, size):  # keep row blocks of `size` rows
-        return w.view(-1, size, w.shape[-1])[idx].reshape(-1, w.shape[-1])
-
-    def cols(w, idx, size):
-        return w.view(w.shape[0], -1, size)[:, idx].reshape(w.shape[0], -1)
-
-    state = {}
-    for new_i, old_i in enumerate(layers):
-        block = blocks[old_i]
-        src = {k: v for k, v in block.state_dict().items()}
-        hi = heads[new_i] if heads is not None else torch.arange(H)
-        gi = kv[new_i] if kv is not None else torch.arange(G)
-        ci = channels[new_i] if channels is not None else torch.arange(I)
-        out = dict(src)
-        out["self_attn.q_proj.weight"] = rows(src["self_attn.q_proj.weight"], hi, d)
-        out["self_attn.k_proj.weight"] = rows(src["self_attn.k_proj.weight"], gi, d)
-        out["self_attn.v_proj.weight"] = rows(src["self_attn.v_proj.weight"], gi, d)
-        out["self_attn.o_proj.weight"] = cols(src["self_attn.o_proj.weight"], hi, d)
-        for name, idx in (("q_proj", hi), ("k_proj", gi), ("v_proj", gi)):
-            if f"self_attn.{name}.bias" in src:
-                out[f"self_attn.{name}.bias"] = src[f"self_attn.{name}.bias"].view(-1, d)[idx].reshape(-1)
-        out["mlp.gate_proj.weight"] = src["mlp.gate_proj.weight"][ci]
-        out["mlp.up_proj.weight"] = src["mlp.up_proj.weight"][ci]
-        out["mlp.down_proj.weight"] = src["mlp.down_proj.weight"][:, ci]
-        for name in ("gate_proj", "up_proj"):
-            if f"mlp.{name}.bias" in src:
-                out[f"mlp.{name}.bias"] = src[f"mlp.{name}.bias"][ci]
-        state.update({f"model.layers.{new_i}.{k}": v.clone() for k, v in out.items()})
-    for k, v in model.state_dict().items():
-        if not k.startswith("model.layers."):
-            state[k] = v.clone()
-    new = AutoModelForCausalLM.from_config(new_config, dtype=dtype)
-    missing, unexpected = new.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and new_config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise RuntimeError(f"structured rebuild: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    new.tie_weights()
-    if getattr(model, "generation_config", None) is not None:
-        new.generation_config = copy.deepcopy(model.generation_config)
-    return new.to(device).train(model.training)
+    return adapter(model, "structured pruning").shrink(layers, heads, kv, channels)
 
 
 def _select_heads(scores_heads: torch.Tensor, scores_kv: torch.Tensor, keep_ratio: float,

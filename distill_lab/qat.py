@@ -94,6 +94,9 @@ def prepare_qat_(model: nn.Module, config, filter_fn=None) -> nn.Module:
     """
     if not isinstance(config, tuple(CONFIGS.values())):
         raise ValueError(f"config={config!r}; allowed: an instance of {', '.join(CONFIGS)}")
+    from .arch import check_linear_layout
+
+    check_linear_layout(model, "prepare_qat_")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or module is head:
@@ -119,7 +122,10 @@ def convert_(model: nn.Module) -> QuantizationSummary:
                 qmod = _linear_from_config(module, config)  # duck-typed: .weight, .bias, .in_features
             _set_module(model, name, qmod)
             summary.count(qmod.kind)
-    quantize_embedding_and_head_(model, config, summary)
+    head_name = quantize_embedding_and_head_(model, config, summary)
+    for name, module in model.named_modules():  # Linears prepare_qat_ left alone stay in float: say so
+        if isinstance(module, nn.Linear) and name != head_name:
+            summary.float_modules[name] = "not prepared for QAT (filter_fn or in_features not divisible by group_size)"
     model.quantization_config = config_to_dict(config)
     del model.qat_config
     return summary

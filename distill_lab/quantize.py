@@ -805,32 +805,40 @@ class Int8Embedding(QuantizedModule):
 
     kind = "int8_embedding"
 
-    def __init__(self, weight_int8: torch.Tensor, scales: torch.Tensor, out_dtype=torch.float32):
+    def __init__(self, weight_int8: torch.Tensor, scales: torch.Tensor, out_dtype=torch.float32,
+                 embed_scale: float = 1.0):
         super().__init__()
         self.num_embeddings, self.embedding_dim = weight_int8.shape
         self.out_dtype = out_dtype
+        self.embed_scale = float(embed_scale)  # output factor of scaled embeddings (Gemma: sqrt(hidden))
         self.register_buffer("weight_int8", weight_int8)  # (V, D) int8
         self.register_buffer("scales", scales.float().reshape(-1))  # (V,)
 
     @classmethod
     def from_float(cls, emb: nn.Embedding) -> "Int8Embedding":
-        """Quantize each embedding row symmetrically to int8."""
+        """Quantize each embedding row symmetrically to int8 (keeping the embedding's output scale, if any)."""
+        from .arch import embedding_scale
+
         q = quantize_tensor(emb.weight, 8, None, True, -1)
-        return cls(q.codes, q.scales.reshape(-1), emb.weight.dtype)
+        return cls(q.codes, q.scales.reshape(-1), emb.weight.dtype, embedding_scale(emb))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = F.embedding(ids, self.weight_int8).to(self.out_dtype)  # (B, T, D)
-        return rows * self.scales[ids].unsqueeze(-1).to(self.out_dtype)
+        scales = self.scales[ids].unsqueeze(-1)  # (B, T, 1)
+        if self.embed_scale != 1.0:
+            scales = scales * self.embed_scale
+        return rows * scales.to(self.out_dtype)
 
     def logical_numel(self) -> int:
         return self.weight_int8.numel()
 
     def spec(self) -> dict:
-        return {"kind": self.kind, "num_embeddings": self.num_embeddings,
+        return {"kind": self.kind, "num_embeddings": self.num_embeddings, "embed_scale": self.embed_scale,
                 "embedding_dim": self.embedding_dim, "out_dtype": str(self.out_dtype).replace("torch.", "")}
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, int8 per-row"
+        scale = f", x{self.embed_scale:g}" if self.embed_scale != 1.0 else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 per-row{scale}"
 
 
 # ----------------------------------------------------------------------------- quantize_
@@ -904,6 +912,9 @@ def quantize_(model: nn.Module, config, filter_fn=None) -> QuantizationSummary:
     """
     if not isinstance(config, tuple(CONFIGS.values())):
         raise ValueError(f"config={config!r}; allowed: an instance of {', '.join(CONFIGS)}")
+    from .arch import check_linear_layout
+
+    check_linear_layout(model, "quantize_")  # Conv1D / 3-D expert weights would be skipped silently
     for name, module in model.named_modules():  # refuse NaN/Inf before anything is replaced
         if isinstance(module, (nn.Linear, nn.Embedding)):
             _check_finite(module.weight.detach(), f"{name}.weight" if name else "weight")
@@ -1067,7 +1078,8 @@ def _rebuild(spec: dict, tensors: dict, device) -> QuantizedModule:
     kind = spec["kind"]
     t = {k: v.to(device) for k, v in tensors.items()}
     if kind == "int8_embedding":
-        return Int8Embedding(t["weight_int8"], t["scales"], getattr(torch, spec.get("out_dtype", "float32")))
+        return Int8Embedding(t["weight_int8"], t["scales"], getattr(torch, spec.get("out_dtype", "float32")),
+                             spec.get("embed_scale", 1.0))
     if kind == "int8_weight_only":
         return Int8WeightOnlyLinear(t["weight_int8"], t["scales"], t.get("bias"))
     if kind == "int8_dynamic":

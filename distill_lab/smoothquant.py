@@ -12,9 +12,10 @@
   ``s = mean|X|^a``, and pick the exponent ``a`` on calibration data by the error of the
   quantized layer's output.
 
-Both work on Llama-style decoders (``model.model.layers[i].self_attn / .mlp``), with four
-"smoothing groups" per block: input_layernorm → q,k,v; v_proj → o_proj (per KV head, GQA);
-post_attention_layernorm → gate,up; up_proj → down_proj.
+Both work on every family with an architecture adapter (``distill_lab.arch``), with four
+"smoothing groups" per block: attention norm → q,k,v; v rows → o_proj (per KV head, GQA);
+MLP norm (Gemma: pre_feedforward_layernorm) → gate,up; up rows → down_proj. Norms that apply
+``1 + w`` (Gemma) are folded as ``(1 + w) / s - 1``; fused projections (Phi-3) are scaled per row slice.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .arch import adapter
 from .calibration import calibration_pass
 from .quantize import clip_weight_, fake_quantize
 
@@ -103,33 +105,34 @@ class SmoothGroup:
     kind: str  # 'norm', 'linear' or 'v_to_o' (GQA: one scale per value channel, repeated per query head)
     repeat: int = 1  # query heads per KV head ('v_to_o')
     head_dim: int = 0  # ('v_to_o')
+    prev_rows: slice | None = None  # the previous Linear's output rows that feed this group (fused: v of qkv, up of gate_up)
+    norm_offset: float = 0.0  # the previous norm computes x_hat * (norm_offset + w) (Gemma: 1)
 
 
 def smoothing_groups(model: nn.Module, include: tuple = ("qkv", "o", "gate_up", "down")) -> list[SmoothGroup]:
-    """The foldable (previous op → Linears) pairs of every block of a Llama-style decoder."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None:
-        raise ValueError("smoothing needs a Llama-style decoder (model.model.layers[i].self_attn / .mlp)")
-    cfg = model.config
+    """The foldable (previous op → Linears) pairs of every block, read from the model's architecture adapter."""
+    ad = adapter(model, "smoothing (SmoothQuant / AWQ)")
     groups = []
-    for i, layer in enumerate(layers):
-        attn, mlp, pre = layer.self_attn, layer.mlp, f"model.layers.{i}"
+    prefix = ad.blocks_prefix
+    for i, block in enumerate(ad.blocks):
+        pre = f"{prefix}.{i}"
+        inputs = ad.input_groups(block)
+
+        def named(key):
+            return [(f"{pre}.{n}", lin) for n, lin in inputs[key]]
+
         if "qkv" in include:
-            groups.append(SmoothGroup(f"{pre}.self_attn.qkv",
-                                      [(f"{pre}.self_attn.{p}", getattr(attn, p)) for p in ("q_proj", "k_proj", "v_proj")],
-                                      layer.input_layernorm, "norm"))
+            groups.append(SmoothGroup(f"{pre}.self_attn.qkv", named("qkv"), ad.attn_norm(block), "norm",
+                                      norm_offset=ad.norm_offset))
         if "o" in include:
-            heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
-            head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-            groups.append(SmoothGroup(f"{pre}.self_attn.o", [(f"{pre}.self_attn.o_proj", attn.o_proj)],
-                                      attn.v_proj, "v_to_o", heads // kv, head_dim))
+            v, v_rows = ad.linear(block, "v")
+            groups.append(SmoothGroup(f"{pre}.self_attn.o", named("o"), v, "v_to_o", ad.n_rep, ad.head_dim, v_rows))
         if "gate_up" in include:
-            groups.append(SmoothGroup(f"{pre}.mlp.gate_up",
-                                      [(f"{pre}.mlp.{p}", getattr(mlp, p)) for p in ("gate_proj", "up_proj")],
-                                      layer.post_attention_layernorm, "norm"))
+            groups.append(SmoothGroup(f"{pre}.mlp.gate_up", named("gate_up"), ad.mlp_norm(block), "norm",
+                                      norm_offset=ad.norm_offset))
         if "down" in include:
-            groups.append(SmoothGroup(f"{pre}.mlp.down", [(f"{pre}.mlp.down_proj", mlp.down_proj)],
-                                      mlp.up_proj, "linear"))
+            up, up_rows = ad.linear(block, "up")
+            groups.append(SmoothGroup(f"{pre}.mlp.down", named("down"), up, "linear", prev_rows=up_rows))
     return groups
 
 
@@ -149,12 +152,14 @@ def _apply_group_scale(group: SmoothGroup, s_in: torch.Tensor, s_prev: torch.Ten
     """Multiply the Linears' input columns by ``s_in`` and divide the previous op's output by ``s_prev``."""
     for _, lin in group.linears:
         lin.weight.mul_(s_in.to(lin.weight)[None, :])
-    if group.kind == "norm":
-        group.prev.weight.div_(s_prev.to(group.prev.weight))
-    else:  # a Linear: its output rows
-        group.prev.weight.div_(s_prev.to(group.prev.weight)[:, None])
+    if group.kind == "norm":  # the norm's effective gain (offset + w) is divided by s
+        w = group.prev.weight
+        w.copy_((w.double() + group.norm_offset).div_(s_prev.to(w.device).double()).sub_(group.norm_offset))
+    else:  # a Linear: its output rows (a slice of them when fused)
+        rows = group.prev_rows if group.prev_rows is not None else slice(None)
+        group.prev.weight[rows].div_(s_prev.to(group.prev.weight)[:, None])
         if getattr(group.prev, "bias", None) is not None:
-            group.prev.bias.div_(s_prev.to(group.prev.bias))
+            group.prev.bias[rows].div_(s_prev.to(group.prev.bias))
 
 
 def _check_alpha(alpha) -> None:
