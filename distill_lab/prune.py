@@ -1024,8 +1024,9 @@ def heal(student: nn.Module, teacher: nn.Module | None, windows=None, steps: int
 
     Minitron-style healing: forward KL(teacher || student) on the logits only (``alpha = 1``,
     temperature 1), AdamW with a short warm-up and cosine decay. ``windows`` is a (N, T) tensor
-    of token windows (the teacher runs live; bf16 autocast per ``bf16``, 'auto': where measured faster) or a ``distill_lab.distill.TeacherCache``
-    of top-k teacher logits, which several pruned students can share (``teacher`` may then be None).
+    of token windows (the teacher runs live; bf16 autocast per ``bf16``, 'auto': where measured faster)
+    or a ``distill_lab.distill.TeacherCache`` of top-k teacher logits, which several pruned students
+    can share (``teacher`` may then be None).
     It uses ``distill_lab.distill.DistillationTrainer``; ``use_trainer=False`` (or a missing
     ``distill`` module) runs a minimal local loop with the same loss on full-vocabulary logits.
     """

@@ -153,7 +153,8 @@ def train_qat(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, steps
     ``windows`` (N, T) are training token windows, drawn at random (seeded). Only the QAT
     Linear weights train. The teacher runs once per step under ``inference_mode`` (bf16
     autocast when ``bf16``); the student runs with bf16 autocast too, with fp32 master weights.
-    ``bf16='auto'`` turns it on only where it is measured faster on this machine (``distill_lab.hardware``). ``loss_fn(student_logits, teacher_logits)`` defaults to
+    ``bf16='auto'`` turns it on only where it is measured faster here (``distill_lab.hardware``).
+    ``loss_fn(student_logits, teacher_logits)`` defaults to
     the course's ``distill.DistillationLoss(temperature, alpha=1)`` (pure forward KL, chunked so the
     49k vocabulary fits), which equals ``kd_loss``. A cosine schedule decays the learning rate to 10 %.
     """
