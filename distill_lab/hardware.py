@@ -117,7 +117,7 @@ def _bf16_candidates(rows: int = 256, hidden: int = 576, inter: int = 1536) -> d
     w2 = torch.randn(hidden, inter, generator=gen) * 0.05  # (H, I)
 
     def mlp():
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):  # fp32 even inside a caller's autocast
             return F.linear(F.silu(F.linear(x, w1)), w2)  # (T, H)
 
     def mlp_bf16():
