@@ -72,11 +72,12 @@ def w8a8_worker(threads: int, pairs: int = 40) -> dict:
             "raw_min_ms": 1e3 * min(raw), "layer_min_ms": 1e3 * min(lay), "ratio": statistics.median(ratios)}
 
 
-def w8a8_processes(processes: int, threads: int) -> list[dict]:
+def w8a8_processes(processes: int, threads: int, pairs: int = 40) -> list[dict]:
     """Run ``w8a8_worker`` in ``processes`` fresh interpreters; one dict per process."""
     rows = []
     for _ in range(processes):
-        out = subprocess.run([sys.executable, __file__, "--w8a8-worker", "--threads", str(threads)],
+        out = subprocess.run([sys.executable, __file__, "--w8a8-worker", "--threads", str(threads),
+                              "--pairs", str(pairs)],
                              capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
     return rows
@@ -108,17 +109,18 @@ def main(argv=None):
     parser.add_argument("--check", action="store_true", help="exit 1 when a speed target is missed")
     parser.add_argument("--processes", type=int, default=5, help="fresh processes for the W8A8 layer/raw ratio")
     parser.add_argument("--w8a8-only", action="store_true", help="only the W8A8 layer vs raw kernel check")
+    parser.add_argument("--pairs", type=int, default=40, help="(raw, layer) pairs timed in each fresh process")
     parser.add_argument("--w8a8-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.w8a8_worker:
-        print(json.dumps(w8a8_worker(args.threads)))
+        print(json.dumps(w8a8_worker(args.threads, args.pairs)))
         return
     torch.set_num_threads(args.threads)
     env = dl.environment_info()
     print(f"torch {env['torch']} on {env['device']}, {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "")
 
-    ok_w8a8 = report_w8a8(w8a8_processes(args.processes, args.threads))
+    ok_w8a8 = report_w8a8(w8a8_processes(args.processes, args.threads, args.pairs))
     if args.w8a8_only:
         sys.exit(0 if ok_w8a8 or not args.check else 1)
 
