@@ -4,6 +4,7 @@
   eval      print a model's card: perplexity in- and out-of-domain, size on disk, speed
   compress  apply a recipe (prune -> distil -> quantize ...) and export the compressed model
   report    measure the seed's comparison table (INT8, INT4, distillation, pruning, combined)
+  doctor    this machine: CPU, ISA flags, threads, and the measured fp32 / bf16 / int8 / int4 speeds
 """
 
 from __future__ import annotations
@@ -166,6 +167,25 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _cmd_doctor(args) -> int:
+    import json
+    import os
+
+    from . import hardware
+
+    entry = hardware.machine_profile(refresh=args.refresh)
+    if args.json:
+        print(json.dumps(entry, indent=1, sort_keys=True))
+        return 0
+    print(hardware.format_profile(entry))
+    forced = os.environ.get(hardware.ENV_BF16)
+    where = "not stored (busy machine)" if entry.get("busy") else f"stored in {hardware.cache_path()}"
+    print(f"\n{where} under {entry['key']!r}, measured {entry.get('measured_at')} "
+          f"in {entry.get('measured_s', float('nan')):.2f} s (--refresh measures again)"
+          + (f"\n{hardware.ENV_BF16}={forced} is set: it decides bf16='auto' in this shell" if forced else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser with one sub-command per job."""
     parser = argparse.ArgumentParser(prog="distill-lab", description=__doc__,
@@ -225,6 +245,15 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--profile", default=None, help=PROFILE_HELP)
     rep.add_argument("--quiet", action="store_true", help="no progress bars")
     rep.set_defaults(func=_cmd_report)
+
+    doc = sub.add_parser("doctor", help="this machine's CPU, ISA flags, threads and measured speed choices",
+                         description="Print the CPU, its ISA flags and threads, and a short micro-benchmark "
+                                     "(fp32 vs bf16 autocast, fp32 vs the int8 / int4 kernels at the teacher's "
+                                     "shapes) that decides bf16='auto'. The result is cached per CPU model, "
+                                     "torch version and thread count in $DISTILL_LAB_CACHE/hardware.json.")
+    doc.add_argument("--refresh", action="store_true", help="measure again instead of reading the cache")
+    doc.add_argument("--json", action="store_true", help="print the stored entry as JSON")
+    doc.set_defaults(func=_cmd_doctor)
     return parser
 
 

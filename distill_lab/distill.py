@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .hardware import check_bf16, resolve_bf16
+
 IGNORE_INDEX = -100
 KINDS = ("forward_kl", "reverse_kl", "jsd")
 
@@ -354,18 +356,19 @@ class TeacherCache:
         return cls(meta=meta, **tensors)
 
 
-def _autocast(device: torch.device, enabled: bool):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+def _autocast(device: torch.device, enabled):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=resolve_bf16(enabled, device))
 
 
 @torch.no_grad()
 def cache_teacher_logits(teacher: nn.Module, windows: torch.Tensor, k: int = 64,
-                         path: str | Path | None = None, batch_size: int = 8, bf16: bool = True,
+                         path: str | Path | None = None, batch_size: int = 8, bf16: bool | str = "auto",
                          progress: bool = True) -> TeacherCache:
     """Run the teacher once over ``windows`` (N, T) and keep its top-``k`` logits per position.
 
     Stored as float16 values + int32 indices: ``k · 6`` bytes per token instead of ``V · 4``.
-    With ``path`` the cache is also written as safetensors, atomically.
+    With ``path`` the cache is also written as safetensors, atomically. ``bf16='auto'``: bf16
+    autocast where it is measured faster on this machine (``distill_lab.hardware``).
     """
     if windows.dim() != 2:
         raise ValueError(f"windows: shape {tuple(windows.shape)}; allowed: (N, T)")
@@ -373,6 +376,7 @@ def cache_teacher_logits(teacher: nn.Module, windows: torch.Tensor, k: int = 64,
     if not isinstance(k, int) or not 1 <= k <= vocab:
         raise ValueError(f"k={k!r}; allowed: an int in [1, {vocab}]")
     device = next(teacher.parameters()).device
+    bf16 = resolve_bf16(bf16, device)  # the cache records what really ran
     was_training = teacher.training
     teacher.eval()
     values, indices, mass = [], [], []
@@ -565,8 +569,8 @@ class TrainConfig:
     warmup_steps: int = 10  # linear warm-up steps, then cosine decay
     min_lr_ratio: float = 0.1  # the cosine ends at lr · min_lr_ratio
     max_grad_norm: float = 1.0  # global gradient-norm clip; 0 disables clipping
-    bf16: bool = False  # bf16 autocast for the student's forward (master weights stay fp32)
-    teacher_bf16: bool = True  # bf16 autocast for a live teacher (same perplexity, faster on CPU)
+    bf16: bool | str = False  # bf16 autocast for the student's forward (fp32 master weights); 'auto': if faster here
+    teacher_bf16: bool | str = "auto"  # bf16 autocast for a live teacher: True, False or 'auto' (measured here)
     eval_every: int = 0  # validation perplexity every N steps (and at 0 and the end); 0 = start and end
     eval_batch_size: int = 8  # windows per forward pass during evaluation
     checkpoint_dir: str | None = None  # where checkpoint.pt is written (atomically)
@@ -583,6 +587,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"TrainConfig.{name}={value!r}; allowed: an int >= 0")
+        check_bf16(self.bf16, "TrainConfig", "bf16")
+        check_bf16(self.teacher_bf16, "TrainConfig", "teacher_bf16")
         _check_range("TrainConfig.lr", self.lr, 0.0, math.inf, low_open=True)
         _check_range("TrainConfig.weight_decay", self.weight_decay, 0.0, math.inf)
         _check_range("TrainConfig.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)

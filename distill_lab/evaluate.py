@@ -27,13 +27,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .hardware import resolve_bf16
+
 
 def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
 def _autocast(device: torch.device, bf16: bool):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=resolve_bf16(bf16, device))
 
 
 @torch.inference_mode()

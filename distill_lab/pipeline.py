@@ -829,7 +829,7 @@ class DistilStep:
     alpha: float = 1.0  # weight of the KD term (1 - alpha goes to cross-entropy on the labels)
     kind: str = "forward_kl"  # forward_kl, reverse_kl or jsd
     top_k: int | None = 64  # cached teacher logits per token (null: a live teacher, full vocabulary)
-    bf16: bool = True  # bf16 autocast for the student's forward (master weights stay fp32)
+    bf16: bool | str = "auto"  # bf16 autocast for the student's forward (fp32 master weights); auto: if faster here
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "top_k"):
@@ -845,8 +845,8 @@ class DistilStep:
             raise ValueError(f"alpha={self.alpha!r}; allowed: a number in [0, 1]")
         if self.kind not in ("forward_kl", "reverse_kl", "jsd"):
             raise ValueError(f"kind={self.kind!r}; allowed: forward_kl, reverse_kl, jsd")
-        if not isinstance(self.bf16, bool):
-            raise ValueError(f"bf16={self.bf16!r}; allowed: true or false")
+        if not (isinstance(self.bf16, bool) or self.bf16 == "auto"):
+            raise ValueError(f"bf16={self.bf16!r}; allowed: true, false or auto (measured on this machine)")
 
 
 def _validate_distil(config: dict) -> None:

@@ -49,6 +49,7 @@ from .arch import adapter, check_linear_layout, decoder_blocks, parameter_count
 from .calibration import calibration_pass
 from .data import sample_batch
 from .evaluate import _device_of, timing_prompts
+from .hardware import resolve_bf16
 
 GRANULARITIES = ("row", "layer")
 HEAD_GRANULARITIES = ("query", "kv_group")
@@ -962,14 +963,15 @@ def prune_layers(model: nn.Module, keep_ratio: float, calibration, progress: boo
 # ----------------------------------------------------------------------------------------------
 
 def heal(student: nn.Module, teacher: nn.Module | None, windows=None, steps: int = 30,
-         batch_size: int = 4, lr: float = 3e-4, temperature: float = 1.0, bf16: bool = True,
+         batch_size: int = 4, lr: float = 3e-4, temperature: float = 1.0, bf16: bool | str = "auto",
          seed: int = 0, progress: bool = True, use_trainer: bool = True) -> list[float]:
     """Distil a pruned student toward the teacher for ``steps`` steps, in place; return the loss per step.
 
     Minitron-style healing: forward KL(teacher || student) on the logits only (``alpha = 1``,
     temperature 1), AdamW with a short warm-up and cosine decay. ``windows`` is a (N, T) tensor
-    of token windows (the teacher runs live, bf16 autocast) or a ``distill_lab.distill.TeacherCache``
-    of top-k teacher logits, which several pruned students can share (``teacher`` may then be None).
+    of token windows (the teacher runs live; bf16 autocast per ``bf16``, 'auto': where measured faster)
+    or a ``distill_lab.distill.TeacherCache`` of top-k teacher logits, which several pruned students
+    can share (``teacher`` may then be None).
     It uses ``distill_lab.distill.DistillationTrainer``; ``use_trainer=False`` (or a missing
     ``distill`` module) runs a minimal local loop with the same loss on full-vocabulary logits.
     """
@@ -1009,7 +1011,7 @@ def _heal_local(student, teacher, windows, steps, batch_size, lr, temperature, b
     teacher.eval()
     student.train()
     losses = []
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=resolve_bf16(bf16, device))
     try:
         for _ in tqdm(range(steps), desc="healing", leave=False, disable=not progress):
             batch = sample_batch(windows, batch_size, g).to(device)  # (B, T)
@@ -1038,7 +1040,7 @@ def kl_to_teacher(student: nn.Module, teacher: nn.Module, windows: torch.Tensor,
     total, count = 0.0, 0
     for batch in windows.split(batch_size):
         batch = batch.to(device)  # (B, T)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=resolve_bf16(bf16, device)):
             t = F.log_softmax(teacher(batch, use_cache=False).logits.float(), -1)  # (B, T, V)
             s = F.log_softmax(student(batch, use_cache=False).logits.float(), -1)  # (B, T, V)
         total += (t.exp() * (t - s)).sum().item()
@@ -1064,7 +1066,7 @@ def compare_speed(models: dict[str, nn.Module], batch: int = 8, seq: int = 256, 
     device = _device_of(first)
     vocab = first.config.vocab_size
     prompt, short = timing_prompts(vocab, batch, seq, 32, seed, device)  # (B, T), (1, 32)
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=resolve_bf16(bf16, device))
 
     def sync():
         if device.type == "cuda":
@@ -1112,7 +1114,7 @@ def compare_speed(models: dict[str, nn.Module], batch: int = 8, seq: int = 256, 
 
 
 def sparsity_curve(model: nn.Module, windows: torch.Tensor, calibration=None, sparsities=(0.1, 0.3, 0.5, 0.7),
-                   batch_size: int = 8, bf16: bool = True, progress: bool = True,
+                   batch_size: int = 8, bf16: bool | str = "auto", progress: bool = True,
                    norms: dict[str, torch.Tensor] | None = None) -> dict:
     """Test perplexity of magnitude and Wanda pruning at fixed sparsities (precomputed for the slider).
 

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import sample_batch
+from .hardware import resolve_bf16
 from .quantize import (CONFIGS, Int4WeightOnly, Int8Dynamic, Int8WeightOnly, QuantizationSummary,
                        _linear_from_config, _set_module, config_to_dict, fake_quantize,
                        quantize_embedding_and_head_)
@@ -152,13 +153,14 @@ def qat_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def train_qat(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, steps: int = 30,
               batch_size: int = 4, lr: float = 2e-5, temperature: float = 1.0, loss_fn=None,
-              bf16: bool = True, seed: int = 0, progress: bool = True) -> list[dict]:
+              bf16: bool | str = "auto", seed: int = 0, progress: bool = True) -> list[dict]:
     """Distil the fp32 ``teacher`` into the fake-quantized ``model`` for ``steps`` AdamW steps; returns the loss history.
 
     ``windows`` (N, T) are training token windows, drawn at random (seeded). Only the QAT
     Linear weights train. The teacher runs once per step under ``inference_mode`` (bf16
-    autocast when ``bf16``); the student runs with bf16 autocast too on the CPU, where it is
-    faster, with fp32 master weights. ``loss_fn(student_logits, teacher_logits)`` defaults to
+    autocast when ``bf16``); the student runs with bf16 autocast too, with fp32 master weights.
+    ``bf16='auto'`` turns it on only where it is measured faster here (``distill_lab.hardware``).
+    ``loss_fn(student_logits, teacher_logits)`` defaults to
     the course's ``distill.DistillationLoss(temperature, alpha=1)`` (pure forward KL, chunked so the
     49k vocabulary fits), which equals ``kd_loss``. A cosine schedule decays the learning rate to 10 %.
     """
@@ -183,7 +185,7 @@ def train_qat(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, steps
     history = []
     model.train()
     teacher.eval()
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=resolve_bf16(bf16, device))
     try:
         for step in tqdm(range(steps), desc="QAT", leave=False, disable=not progress):
             batch = sample_batch(windows, batch_size, gen).to(device)  # (B, T)

@@ -308,6 +308,7 @@ def int8_weight_only_backend(device: torch.device, in_features: int) -> str:
     return "fallback"
 
 
+W8A8_CHUNK_ELEMENTS = 1 << 22  # int32 elements per W8A8 row chunk (16 MiB): one chunk at 8 x 256 tokens; bounds the head
 INT8_PACK_MAX_ROWS = 32  # measured here: the CPU kernel is a per-row GEMV; above ~32 rows bf16 GEMM wins
 
 
@@ -631,12 +632,51 @@ class Int8DynamicLinear(QuantizedModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2, lead = _flatten(x)  # (M, K)
-        xq, sx = self.quantize_input(x2)
-        acc = int_mm(xq, self.weight_int8.t())  # (M, N) int32; the transposed view is what CUDA wants
-        y = torch.mul(acc, self.scales).mul_(sx)  # (M, N) float32
-        if self.bias is not None:
-            y = y + self.bias
+        if (x2.device.type == "cpu" and x2.shape[0] and int_mm_ok(*x2.shape, self.out_features, x2.device)
+                and not (torch.is_grad_enabled() and x2.requires_grad)):
+            y = self._forward_cpu_chunked(x2)  # same numbers, without the int32 -> fp32 temporaries
+        else:
+            xq, sx = self.quantize_input(x2)
+            acc = int_mm(xq, self.weight_int8.t())  # (M, N) int32; the transposed view is what CUDA wants
+            y = torch.mul(acc, self.scales).mul_(sx)  # (M, N) float32
+            if self.bias is not None:
+                y = y + self.bias
         return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def _forward_cpu_chunked(self, x2: torch.Tensor) -> torch.Tensor:
+        """CPU W8A8 without (M, N) temporaries, in row chunks for very wide layers; bit-identical to the plain path.
+
+        ``torch.mul(int32, fp32)`` first copies the whole accumulator to a new fp32 tensor (type
+        promotion on the CPU), so the plain epilogue allocated and walked two (M, N) temporaries,
+        and its cost depended on the allocator's state in each process. Here ``_int_mm`` writes
+        each chunk's int32 result straight into the fp32 output's own memory, which is then
+        converted and scaled in place: one (M, N) allocation in all, like the raw kernel's. Smaller
+        chunks would keep the epilogue in L2 but multiply the ops, and on a busy CPU each op costs a
+        scheduling delay (measured: 4 chunks ran 3x slower than the plain path under load 10).
+        """
+        m, n = x2.shape[0], self.out_features
+        x2 = x2.float()
+        out = torch.empty(m, n, dtype=torch.float32)  # (M, N)
+        tensor_scale = None
+        if self.act_granularity == "per_tensor":
+            xs = x2 if self.smooth is None else x2 / self.smooth
+            tensor_scale = xs.abs().amax().reshape(1, 1).clamp_min(1e-8) / 127  # (1, 1)
+        chunks = -(-m // max(1, W8A8_CHUNK_ELEMENTS // n))
+        rows = -(-m // chunks)  # even chunks: every op is a parallel region, which costs on a busy CPU
+        wt = self.weight_int8.t()  # (K, N) view
+        for i in range(0, m, rows):
+            xc = x2[i:i + rows]  # (r, K)
+            if self.smooth is not None:
+                xc = xc / self.smooth
+            sc = tensor_scale if tensor_scale is not None else \
+                xc.abs().amax(-1, keepdim=True).clamp_min(1e-8) / 127  # (r, 1)
+            q = torch.div(xc, sc).round_().to(torch.int8)  # (r, K)
+            o = out[i:i + rows]  # (r, N) fp32, contiguous
+            acc = torch._int_mm(q, wt, out=o.view(torch.int32))  # int32 written into o's bytes
+            o.copy_(acc).mul_(self.scales).mul_(sc)  # in place: int32 -> fp32, weight scale, token scale
+        if self.bias is not None:
+            out.add_(self.bias)
+        return out
 
     def dequantized_weight(self) -> torch.Tensor:
         """The (N, K) float weight (before activation quantization)."""

@@ -670,3 +670,27 @@ def test_saved_model_is_readable_by_others(tmp_path):
         os.umask(umask)
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o755
     assert all(stat.S_IMODE(f.stat().st_mode) == 0o644 for f in path.parent.iterdir())
+
+
+@pytest.mark.parametrize("granularity", ["per_token", "per_tensor"])
+@pytest.mark.parametrize("m", [1, 7, 40])
+def test_int8_dynamic_cpu_chunks_are_bit_identical_to_the_plain_path(granularity, m, monkeypatch):
+    """Issue 18: the in-place, row-chunked W8A8 epilogue returns exactly what quantize -> int_mm -> scale gave."""
+    import distill_lab.quantize as Q
+
+    monkeypatch.setattr(Q, "W8A8_CHUNK_ELEMENTS", 3 * 48)  # 3 rows per chunk: several chunks and a ragged end
+    lin = _linear(48, 64, bias=True)
+    mod = Int8DynamicLinear.from_float(lin, granularity)
+    mod.smooth = torch.rand(64) + 0.5
+    x = torch.randn(2, m, 64) * 3
+    x[0, 0, 5] = 80.0  # an outlier
+    with torch.no_grad():
+        got = mod(x)
+        xq, sx = mod.quantize_input(x.reshape(-1, 64))  # the plain path, spelled out
+        want = (torch.mul(int_mm(xq, mod.weight_int8.t()), mod.scales).mul_(sx) + mod.bias).reshape(2, m, 48)
+        with use_kernels(False):
+            fallback = mod(x)
+    assert torch.equal(got, want) and torch.equal(got, fallback)
+    assert mod(x.bfloat16()).dtype == torch.bfloat16
+    xg = x.clone().requires_grad_(True)  # with autograd on, the plain (differentiable) path runs
+    assert torch.equal(mod(xg).detach(), want)

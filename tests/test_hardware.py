@@ -1,0 +1,174 @@
+"""distill_lab.hardware: measured bf16 / kernel choices, their cache, and bf16='auto' everywhere.
+
+The clock is injected (no timed tests): a fake timer returns chosen milliseconds per candidate.
+"""
+
+import json
+
+import pytest
+import torch
+
+from distill_lab import hardware
+
+
+@pytest.fixture(autouse=True)
+def fresh(tmp_path, monkeypatch):
+    """A private cache folder, no forcing env var, nothing memoized."""
+    monkeypatch.setenv("DISTILL_LAB_CACHE", str(tmp_path))
+    monkeypatch.delenv(hardware.ENV_BF16, raising=False)
+    hardware.clear_memo()
+    yield
+    hardware.clear_memo()
+
+
+def fake_timer(bf16_ms: float, fp32_ms: float = 10.0, kernel_ms: float = 5.0):
+    """A timer that runs nothing and reports fixed times: bf16 candidate, fp32, every quantized kernel."""
+    def timer(fns, repeats, deadline):
+        return {name: fp32_ms if name == "fp32" else bf16_ms if name == "bf16" else kernel_ms for name in fns}
+    return timer
+
+
+def idle():
+    return False, 0.1
+
+
+def loaded():
+    return True, 9.0
+
+
+def counting_measure(bf16_ms: float, calls: list, load=idle):
+    def measure():
+        calls.append(1)
+        return hardware.measure(timer=fake_timer(bf16_ms), load=load)
+    return measure
+
+
+@pytest.mark.parametrize("bf16_ms, chosen", [(20.0, False),  # bf16 slower (the Intel Xeon case)
+                                             (9.5, False),  # faster, but within the noise margin
+                                             (4.0, True)])  # clearly faster (the AMD EPYC case)
+def test_auto_follows_the_measured_speed(bf16_ms, chosen):
+    calls = []
+    assert hardware.resolve_bf16("auto", "cpu", measure_fn=counting_measure(bf16_ms, calls)) is chosen
+    assert calls == [1]
+
+
+def test_busy_machine_needs_a_larger_margin_and_is_not_stored(tmp_path, capsys):
+    calls = []
+    # 1.3x faster: enough on an idle machine, not on a busy one
+    assert hardware.resolve_bf16("auto", measure_fn=counting_measure(10 / 1.3, calls, loaded)) is False
+    assert "busy" in capsys.readouterr().err
+    assert not (tmp_path / hardware.CACHE_FILE).exists()
+    assert hardware.resolve_bf16("auto", measure_fn=counting_measure(10 / 1.3, calls, idle)) is False  # memo
+    hardware.clear_memo()
+    assert hardware.resolve_bf16("auto", measure_fn=counting_measure(10 / 1.3, calls, idle)) is True
+    assert len(calls) == 2
+
+
+def test_kernel_rows_and_choices_are_reported():
+    entry = hardware.measure(timer=fake_timer(20.0, fp32_ms=10.0, kernel_ms=20.0), load=idle)
+    assert entry["rows"][0]["path"] == "bf16" and entry["rows"][0]["speed"] == pytest.approx(0.5)
+    kernels = [r for r in entry["rows"] if r["path"] != "bf16"]
+    assert kernels, "no int8 / int4 kernel was measured"
+    assert all(entry["choices"][r["path"]] is False for r in kernels)  # slower than fp32 here
+    table = hardware.format_profile(entry)
+    assert "bf16='auto' means: fp32" in table and entry["cpu"] in table
+
+
+@pytest.mark.parametrize("explicit", [True, False])
+def test_explicit_setting_wins_and_measures_nothing(explicit, monkeypatch):
+    def boom():
+        raise AssertionError("an explicit bf16 must not measure")
+    monkeypatch.setenv(hardware.ENV_BF16, "0" if explicit else "1")  # the env var only decides 'auto'
+    assert hardware.resolve_bf16(explicit, "cpu", measure_fn=boom) is explicit
+
+
+@pytest.mark.parametrize("env, want", [("0", False), ("1", True), ("false", False), ("TRUE", True)])
+def test_env_var_forces_auto(env, want, monkeypatch):
+    monkeypatch.setenv(hardware.ENV_BF16, env)
+    assert hardware.resolve_bf16("auto", "cpu", measure_fn=lambda: pytest.fail("must not measure")) is want
+
+
+def test_bad_values_are_rejected(monkeypatch):
+    with pytest.raises(ValueError, match="bf16='fast'"):
+        hardware.resolve_bf16("fast")
+    monkeypatch.setenv(hardware.ENV_BF16, "maybe")
+    with pytest.raises(ValueError, match="DISTILL_LAB_BF16='maybe'"):
+        hardware.resolve_bf16("auto")
+
+
+def test_cache_is_keyed_by_cpu_model_and_torch_version(tmp_path, monkeypatch):
+    calls = []
+    assert hardware.resolve_bf16("auto", measure_fn=counting_measure(20.0, calls)) is False
+    data = json.loads((tmp_path / hardware.CACHE_FILE).read_text())
+    key = hardware.machine_key()
+    assert list(data) == [key] and data[key]["choices"]["bf16"] is False
+    assert hardware.cpu_model() in key and torch.__version__ in key and f"{torch.get_num_threads()} threads" in key
+
+    hardware.clear_memo()  # a new process: read from the file, no measuring
+    assert hardware.resolve_bf16("auto", measure_fn=counting_measure(4.0, calls)) is False
+    assert len(calls) == 1
+
+    monkeypatch.setattr(hardware.torch, "__version__", "9.9.9")  # another torch: measured again
+    hardware.clear_memo()
+    assert hardware.resolve_bf16("auto", measure_fn=counting_measure(4.0, calls)) is True
+    monkeypatch.setattr(hardware, "cpu_model", lambda: "Some Other CPU")  # another CPU: measured again
+    hardware.clear_memo()
+    assert hardware.resolve_bf16("auto", measure_fn=counting_measure(20.0, calls)) is False
+    assert len(calls) == 3
+    assert len(json.loads((tmp_path / hardware.CACHE_FILE).read_text())) == 3
+    assert [p.name for p in tmp_path.iterdir()] == [hardware.CACHE_FILE]  # no temp file left behind
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", ""])
+def test_corrupt_cache_is_measured_again_with_one_line(content, tmp_path, capsys):
+    (tmp_path / hardware.CACHE_FILE).write_text(content)
+    calls = []
+    assert hardware.resolve_bf16("auto", measure_fn=counting_measure(4.0, calls)) is True
+    err = capsys.readouterr().err.strip()
+    assert len(calls) == 1 and len(err.splitlines()) == 1 and "measuring this machine again" in err
+    assert json.loads((tmp_path / hardware.CACHE_FILE).read_text())[hardware.machine_key()]["choices"]["bf16"]
+
+
+def test_cuda_auto_does_not_measure_the_cpu():
+    want = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    assert hardware.resolve_bf16("auto", "cuda", measure_fn=lambda: pytest.fail("measured")) is want
+
+
+def test_callers_accept_auto_and_reject_nonsense(monkeypatch):
+    from distill_lab.distill import TrainConfig
+    from distill_lab.pipeline import DistilStep
+
+    assert TrainConfig(teacher_bf16="auto", bf16="auto").teacher_bf16 == "auto"
+    with pytest.raises(ValueError, match="TrainConfig.teacher_bf16"):
+        TrainConfig(teacher_bf16="yes please")
+    assert DistilStep().bf16 == "auto"
+    with pytest.raises(ValueError, match="bf16"):
+        DistilStep(bf16="fast")
+
+
+def test_teacher_cache_records_the_resolved_choice(tiny, monkeypatch):
+    from distill_lab.distill import cache_teacher_logits
+
+    monkeypatch.setenv(hardware.ENV_BF16, "0")
+    windows = torch.randint(0, tiny.config.vocab_size, (2, 8))
+    cache = cache_teacher_logits(tiny, windows, k=4, batch_size=2, progress=False)
+    assert cache.meta["bf16"] is False
+
+
+def test_doctor_prints_the_table_and_where_it_is_stored(tmp_path, monkeypatch, capsys):
+    from distill_lab.__main__ import main
+
+    monkeypatch.setattr(hardware, "measure", _fake_measure)
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "CPU:" in out and "ISA flags:" in out and "threads" in out
+    assert "bf16='auto' means: fp32" in out and str(tmp_path / hardware.CACHE_FILE) in out
+    assert main(["doctor", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["choices"]["bf16"] is False
+
+
+_real_measure = hardware.measure
+
+
+def _fake_measure():
+    return _real_measure(timer=fake_timer(20.0), load=idle)
