@@ -108,12 +108,25 @@ class TorchEngine:
     @torch.inference_mode()
     def decode_s(self, prompt: list[int], tokens: int) -> float:
         out = self.model(torch.tensor([prompt]), use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)  # (1, 1)
+        cache, token = out.cache, out.logits[:, -1:].argmax(-1)  # (1, 1)
         start = time.perf_counter()
         for _ in range(tokens):
-            out = self.model(token, past_key_values=cache, use_cache=True)
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = self.model(token, cache=cache, use_cache=True)
+            cache, token = out.cache, out.logits[:, -1:].argmax(-1)
         return time.perf_counter() - start
+
+
+class LeanEngine(TorchEngine):
+    """The same model decoded by ``distill_lab.decode.StaticDecoder`` (static cache, fused projections)."""
+
+    def __init__(self, model, compile: bool = False):
+        from distill_lab.decode import StaticDecoder
+
+        super().__init__(model)
+        self.decoder = StaticDecoder(model, max_len=1024, compile=compile)
+
+    def decode_s(self, prompt: list[int], tokens: int) -> float:
+        return self.decoder.decode_s(torch.tensor([prompt]), tokens)
 
 
 def perplexity(engine, windows) -> float:
@@ -132,6 +145,7 @@ def main(argv=None):
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=256, help="prefill length (batch 1)")
     parser.add_argument("--windows", type=int, default=16, help="pydoc test windows of 256 tokens for perplexity")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the lean decode step (timed once)")
     parser.add_argument("--gguf", default=None, help="an exported GGUF to run in llama.cpp (default: export the "
                                                      "int4 teacher to a temporary file)")
     args = parser.parse_args(argv)
@@ -143,7 +157,12 @@ def main(argv=None):
     teacher, tok = dl.load_teacher(device="cpu")
     int4 = copy.deepcopy(teacher)
     quantize_(int4, Int4WeightOnly(group_size=64))
-    engines = {"distill_lab fp32": TorchEngine(teacher), "distill_lab int4 g64": TorchEngine(int4)}
+    engines = {"distill_lab fp32": TorchEngine(teacher), "distill_lab int4 g64": TorchEngine(int4),
+               "distill_lab fp32 lean": LeanEngine(teacher), "distill_lab int4 lean": LeanEngine(int4, args.compile)}
+    if args.compile:
+        dec = engines["distill_lab int4 lean"].decoder
+        print(f"torch.compile of the decode step: {dec.compile_s:.1f} s once"
+              + (f" (failed, eager used: {dec.compile_error})" if hasattr(dec, "compile_error") else ""))
     tmp = None
     if llama_cpp_available():
         from distill_lab.export import to_gguf
@@ -187,7 +206,9 @@ def main(argv=None):
         p = f"{ppl[name]:7.2f}" if name in ppl else "      -"
         print(f"{name:<26} {dec[name]:12.1f} {dec[name] / dec[ref]:6.2f} {pre[name]:13.0f} "
               f"{pre[name] / pre[ref]:6.2f} {p}")
-    print(f"\nint4 / fp32 in distill_lab: decode {dec['distill_lab int4 g64'] / dec['distill_lab fp32']:.2f}x, "
+    print(f"\nint4 / fp32 in distill_lab: decode {dec['distill_lab int4 g64'] / dec['distill_lab fp32']:.2f}x "
+          f"(HF forward), {dec['distill_lab int4 lean'] / dec['distill_lab fp32']:.2f}x (lean int4 vs HF fp32), "
+          f"{dec['distill_lab int4 lean'] / dec['distill_lab fp32 lean']:.2f}x (both lean); "
           f"prefill {pre['distill_lab int4 g64'] / pre['distill_lab fp32']:.2f}x")
     if "llama.cpp exported int4" in ppl:
         gap = ppl["llama.cpp exported int4"] / ppl["distill_lab int4 g64"] - 1
