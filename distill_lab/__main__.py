@@ -5,6 +5,7 @@
   compress  apply a recipe (prune -> distil -> quantize ...) and export the compressed model
   report    measure the seed's comparison table (INT8, INT4, distillation, pruning, combined)
   doctor    this machine: CPU, ISA flags, threads, and the measured fp32 / bf16 / int8 / int4 speeds
+  export    write a model as a GGUF file that llama.cpp (Ollama, LM Studio) runs
 """
 
 from __future__ import annotations
@@ -186,6 +187,22 @@ def _cmd_doctor(args) -> int:
     return 0
 
 
+EXPORT_FORMATS = ("gguf",)
+
+
+def _cmd_export(args) -> int:
+    if args.format not in EXPORT_FORMATS:  # checked before the (slow) load
+        raise ValueError(f"--format {args.format!r}; allowed: {', '.join(EXPORT_FORMATS)}")
+    from .export import check_exportable, to_gguf
+
+    model, tokenizer = _load(args.model)
+    check_exportable(model)
+    report = to_gguf(model, tokenizer, args.out, float_type=args.float_type)
+    print(report.summary())
+    print(f"run it: llama-cli -m {report.path}   (or python benchmarks/deploy.py --gguf {report.path})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser with one sub-command per job."""
     parser = argparse.ArgumentParser(prog="distill-lab", description=__doc__,
@@ -254,6 +271,18 @@ def build_parser() -> argparse.ArgumentParser:
     doc.add_argument("--refresh", action="store_true", help="measure again instead of reading the cache")
     doc.add_argument("--json", action="store_true", help="print the stored entry as JSON")
     doc.set_defaults(func=_cmd_doctor)
+
+    ex = sub.add_parser("export", help="write a model as a GGUF file for llama.cpp / Ollama / LM Studio",
+                        description="Export 'teacher' or a saved model folder (float, quantized or pruned Llama) "
+                                    "to GGUF: int4 g32/64/128/256 -> Q4_1 and int8 per-channel -> Q8_0 with the "
+                                    "same codes, float -> F32/F16; tokenizer and chat template from the teacher's "
+                                    "GGUF. Other families exit with status 2.")
+    ex.add_argument("model", help="'teacher' or a saved model folder (for example the output of `compress`)")
+    ex.add_argument("--format", default="gguf", help="output format: gguf (the only one)")
+    ex.add_argument("--out", required=True, help="the .gguf file to write")
+    ex.add_argument("--float-type", default="f32", choices=["f32", "f16"],
+                    help="type for weights left in float (default: f32)")
+    ex.set_defaults(func=_cmd_export)
     return parser
 
 
