@@ -1207,22 +1207,33 @@ def sparsity_curve_view(curves: dict, sparsity: float, method: str = "wanda") ->
 
 
 @torch.inference_mode()
-def linear_inputs(model: nn.Module, name: str, calibration, max_tokens: int = 1024) -> torch.Tensor:
-    """Inputs of one named Linear over the calibration batches, as (tokens, in_features) fp32 on the CPU."""
+def linear_inputs(model: nn.Module, name: str, calibration, max_tokens: int = 512) -> torch.Tensor:
+    """Inputs of one named Linear over the calibration batches, as (tokens, in_features) fp32 on the CPU.
+
+    The forward stops at that Linear once ``max_tokens`` are collected (later layers are not run).
+    """
     linear = dict(model.named_modules()).get(name)
     if not isinstance(linear, nn.Linear):
         raise ValueError(f"name={name!r} is not an nn.Linear of this model")
     rows = []
-    handle = linear.register_forward_hook(lambda m, args, out: rows.append(args[0].reshape(-1, args[0].shape[-1])))
+
+    def hook(module, args):
+        rows.append(args[0].reshape(-1, args[0].shape[-1]).float().cpu())  # (B*T, in)
+        raise _StopForward
+
+    handle = linear.register_forward_pre_hook(hook)
     device = _device_of(model)
     try:
         for batch in _as_batches(calibration):
-            model(batch.to(device))
+            try:
+                model(batch.to(device))
+            except _StopForward:
+                pass
             if sum(r.shape[0] for r in rows) >= max_tokens:
                 break
     finally:
         handle.remove()
-    return torch.cat(rows)[:max_tokens].float().cpu()  # (N, in)
+    return torch.cat(rows)[:max_tokens]  # (N, in)
 
 
 @torch.no_grad()
