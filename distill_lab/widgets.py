@@ -17,7 +17,7 @@ import io
 
 import ipywidgets as widgets
 
-SLIDER_WIDTH = "520px"  # >= 400 px: fine steps when dragging
+SLIDER_WIDTH = "720px"  # the whole control; its track stays >= 400 px beside the longest label and the readout
 _STYLE = {"description_width": "initial"}  # full labels ("temperature", not "temperat...")
 
 
