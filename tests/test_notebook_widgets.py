@@ -36,6 +36,11 @@ def test_each_knob_has_saved_state_and_a_default_figure(path):
             children = state[model_id]["state"].get("children", [])
             assert children and all(c.removeprefix("IPY_MODEL_") in state for c in children), \
                 f"{path.name} cell {i}: the widget's controls are not all in the saved state"
+            kids = [state[c.removeprefix("IPY_MODEL_")] for c in children]
+            outputs = [k["state"].get("outputs", []) for k in kids if k["model_name"] == "OutputModel"]
+            if not any(k["model_name"] == "ButtonModel" for k in kids):  # a Run button draws only when clicked
+                assert outputs and any("image/png" in o.get("data", {}) for o in outputs[0]), \
+                    f"{path.name} cell {i}: the widget's saved Output holds no figure"
         following = next((c for c in nb.cells[i + 1:] if c.cell_type == "code"), None)
         assert following is not None and any("image/png" in o.get("data", {}) for o in following.get("outputs", [])), \
             f"{path.name} cell {i}: the next code cell shows no image (the knobs' default figure)"
