@@ -23,6 +23,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -309,20 +310,23 @@ def main() -> int:
     ap.add_argument("notebooks", nargs="*", help="notebook stems (default: all)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per notebook to run all cells")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed run still stops its JupyterLab (finally)
     sys.path.insert(0, str(ROOT))
     from distill_lab.course import find_notebooks
 
     paths = [p for p in find_notebooks(ROOT / "notebooks") if not args.notebooks or p.stem in args.notebooks]
     SHOTS.mkdir(parents=True, exist_ok=True)
-    for old in SHOTS.glob("*.png"):
-        old.unlink()
+    for p in paths:  # only this run's notebooks: several runs may share the folder
+        for old in SHOTS.glob(f"{p.stem}_*.png"):
+            old.unlink()
+    tag = "all" if not args.notebooks else "+".join(p.stem[:2] for p in paths)
     tmp = Path(tempfile.mkdtemp(prefix="distill-lab-browser-"))
     served = tmp / "root"
     (served / "notebooks").mkdir(parents=True)
     for p in paths:
         shutil.copy(p, served / "notebooks" / p.name)
     port, token = free_port(), secrets.token_hex(24)
-    log = open(SHOTS / "jupyterlab.log", "w")
+    log = open(SHOTS / f"jupyterlab-{tag}.log", "w")
     lab = start_lab(served, port, token, log)
     print(f"JupyterLab pid {lab.pid} on 127.0.0.1:{port}", flush=True)
     listing, report, failures = [], {}, []
@@ -360,7 +364,7 @@ def main() -> int:
         stop(lab)
         log.close()
         shutil.rmtree(tmp, ignore_errors=True)
-    (SHOTS / "report.json").write_text(json.dumps({"failures": failures, "moves": report, "screenshots": listing},
+    (SHOTS / f"report-{tag}.json").write_text(json.dumps({"failures": failures, "moves": report, "screenshots": listing},
                                                   indent=2))
     print("screenshots:\n  " + "\n  ".join(listing))
     if failures:
