@@ -168,8 +168,8 @@ def check_complete_figure(png: bytes, where: str) -> tuple[int, int]:
     w, h = im.size
     assert w >= 300 and h >= 200, f"{where}: figure of {w}x{h} px is too small to be complete"
     px = im.load()
-    dark_rows = sum(1 for y in range(h) if sum(px[x, y] < 80 for x in range(w)) > 0.4 * w)
-    dark_cols = sum(1 for x in range(w) if sum(px[x, y] < 80 for y in range(h)) > 0.4 * h)
+    dark_rows = sum(1 for y in range(h) if sum(px[x, y] < 120 for x in range(w)) > 0.3 * w)
+    dark_cols = sum(1 for x in range(w) if sum(px[x, y] < 120 for y in range(h)) > 0.3 * h)
     assert dark_rows >= 1 and dark_cols >= 1, f"{where}: no axes drawn (dark rows {dark_rows}, columns {dark_cols})"
     return w, h
 
