@@ -256,6 +256,7 @@ def plot_layer_pruning_view(view: dict, axes=None):
            edgecolor=["black" if n == view["method"] else "none" for n in names], linewidth=2)  # chosen: outlined
     for i, n in enumerate(names):
         ax.annotate(f"{100 * view['errors'][n]:.1f}%", (i, 100 * view["errors"][n]), ha="center", va="bottom")
+    ax.set_ylim(0, 1.2 * max(100 * e for e in view["errors"].values()) or 1.0)  # room for the labels
     ax.set_ylabel("relative output error (%)")
     ax.set_title(f"{view['name']} at {100 * view['sparsity']:.0f}% sparsity", fontsize=10)
     hi = float(max(view["kept_abs"].max() if view["kept_abs"].numel() else 0, view["largest_pruned"])) or 1.0
