@@ -128,9 +128,14 @@ return {n: n, texts: texts};
 
 
 def wait_for(fn, timeout: float, what: str, poll: float = 0.5):
+    from selenium.common.exceptions import StaleElementReferenceException
+
     end = time.time() + timeout
     while time.time() < end:
-        value = fn()
+        try:
+            value = fn()
+        except StaleElementReferenceException:  # the output was redrawn under our feet: look again
+            value = None
         if value:
             return value
         time.sleep(poll)
@@ -252,9 +257,11 @@ def check_widgets(driver, stem: str, listing: list, report: dict) -> None:
             check_recipe_panel(driver, stem, root, buttons[0], listing, report)
             continue
         for k_i, (el, kind, label) in enumerate(knobs):
-            imgs = wait_for(lambda: images_in(root), 120, f"{stem}: the figure of widget {w_i}")
+            time.sleep(0.5)
+            imgs = wait_for(lambda: (i := images_in(root)) and [png_of(e) for e in i], 120,
+                            f"{stem}: the figure of widget {w_i}")
             assert len(imgs) == 1, f"{stem}: widget {w_i} shows {len(imgs)} figures"
-            before = png_of(imgs[0])
+            before = imgs[0]
             slug = f"{stem}_w{w_i}_{label.split()[0].lower()}"
             shot(root, f"{slug}_before", listing)
             t0 = time.perf_counter()
@@ -265,9 +272,10 @@ def check_widgets(driver, stem: str, listing: list, report: dict) -> None:
                 return len(now) == 1 and now[0].get_attribute("complete") == "true" and png_of(now[0]) != before
             wait_for(changed, 120, f"{stem}: widget {w_i}'s figure to change after moving {label!r}", poll=0.1)
             seconds = time.perf_counter() - t0
-            after = images_in(root)
+            time.sleep(0.5)  # a second (half-built) figure would show up now
+            after = wait_for(lambda: [png_of(e) for e in images_in(root)], 30, f"{stem}: the figure after the move")
             assert len(after) == 1, f"{stem}: {len(after)} figures after moving {label!r}"
-            check_complete_figure(png_of(after[0]), f"{stem} {label}")
+            check_complete_figure(after[0], f"{stem} {label}")
             shot(root, f"{slug}_after", listing)
             report.setdefault(stem, []).append({"knob": label, "move": what, "redraw_s": round(seconds, 2)})
             print(f"  {stem} widget {w_i}: {label!r} {what}: redrawn in {seconds:.2f} s", flush=True)
@@ -293,9 +301,9 @@ def check_recipe_panel(driver, stem, root, button, listing, report) -> None:
             return (button.is_enabled() and len(now) >= 1 and now[0].get_attribute("complete") == "true") and now
         imgs = wait_for(redrawn, 600, f"{stem}: a figure after click {click}", poll=0.2)
         time.sleep(0.5)  # anything drawn twice (or late) would show up now
-        imgs = images_in(root)
+        imgs = wait_for(lambda: [png_of(e) for e in images_in(root)], 30, f"{stem}: the figure after click {click}")
         assert len(imgs) == 1, f"{stem}: click {click}: {len(imgs)} figures in the output"
-        w, h = check_complete_figure(png_of(imgs[0]), f"{stem} click {click}")
+        w, h = check_complete_figure(imgs[0], f"{stem} click {click}")
         logged = log_messages(driver)
         assert logged["n"] == 0, f"{stem}: click {click}: the log console holds {logged['texts']}"
         seconds = time.perf_counter() - t0
@@ -305,26 +313,63 @@ def check_recipe_panel(driver, stem, root, button, listing, report) -> None:
     shot(root, f"{stem}_recipe_after", listing)
 
 
+DEMO_CELLS = [
+    "import time\n\nimport torch\nfrom IPython.display import Markdown, display\n\n"
+    "from distill_lab import widgets as W\nfrom distill_lab.plotting import plot_recipe_steps\n\n"
+    "class Tok:\n    def decode(self, ids):\n        return f'token {ids[0]}'\n\n"
+    "torch.manual_seed(0)\nx = torch.randn(256, 384)\nx[:, :6] *= 80  # loud input features",
+    "W.temperature_widget(torch.randn(200) * 3, Tok(), k=10)",
+    "W.distillation_widget(torch.randn(200), torch.randn(200) * 3, 5, Tok(), k=8)",
+    "W.quantization_widget(torch.randn(64, 384), bits=4, granularity=64)",
+    "W.layer_pruning_widget(torch.randn(96, 384), x, name='a random layer')",
+    "def run(**knobs):  # stands in for run_recipe: some work, then rows to plot\n    time.sleep(1.0)\n"
+    "    keep = knobs['layers_keep']\n"
+    "    return [{'stage': s, 'ppl_ratio_pydoc': 1 + i / keep, 'ppl_ratio_stdlib-code': 1.2 + i / keep,\n"
+    "             'size_bytes': (500 - 100 * i) * 2**20} for i, s in enumerate(['teacher', 'prune', 'distil', 'quantize'])]\n\n\n"
+    "def show(rows, ax):\n    display(Markdown(f'{len(rows)} rows'))\n    return plot_recipe_steps(rows, ax=ax)\n\n\n"
+    "W.recipe_panel(run, show)",
+]
+
+
+def demo_notebook(folder: Path) -> Path:
+    """A scratch notebook with every widget builder on small data (seconds, not the lessons' minutes)."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(src) for src in DEMO_CELLS]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    path = folder / "knobs_demo.ipynb"
+    nbformat.write(nb, path)
+    return path
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("notebooks", nargs="*", help="notebook stems (default: all)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per notebook to run all cells")
+    ap.add_argument("--demo", action="store_true",
+                    help="only a scratch notebook with every widget builder on small data (quick check)")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed run still stops its JupyterLab (finally)
     sys.path.insert(0, str(ROOT))
     from distill_lab.course import find_notebooks
 
-    paths = [p for p in find_notebooks(ROOT / "notebooks") if not args.notebooks or p.stem in args.notebooks]
+    paths = [] if args.demo else [p for p in find_notebooks(ROOT / "notebooks")
+                                  if not args.notebooks or p.stem in args.notebooks]
     SHOTS.mkdir(parents=True, exist_ok=True)
     for p in paths:  # only this run's notebooks: several runs may share the folder
         for old in SHOTS.glob(f"{p.stem}_*.png"):
             old.unlink()
-    tag = "all" if not args.notebooks else "+".join(p.stem[:2] for p in paths)
+    tag = "demo" if args.demo else "all" if not args.notebooks else "+".join(p.stem[:2] for p in paths)
     tmp = Path(tempfile.mkdtemp(prefix="distill-lab-browser-"))
     served = tmp / "root"
     (served / "notebooks").mkdir(parents=True)
     for p in paths:
         shutil.copy(p, served / "notebooks" / p.name)
+    if args.demo:
+        paths = [demo_notebook(served / "notebooks")]
+        for old in SHOTS.glob("knobs_demo_*.png"):
+            old.unlink()
     port, token = free_port(), secrets.token_hex(24)
     log = open(SHOTS / f"jupyterlab-{tag}.log", "w")
     lab = start_lab(served, port, token, log)
