@@ -8,13 +8,14 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
 # unset = gpu with CUDA, laptop without
 PROFILE ?=
 
-.PHONY: help venv run test unit nbval lab bench clean
+.PHONY: help venv run test unit nbval lab bench browser-test clean
 
 help:
 	@echo "make run    execute every notebook headless (default profile) and write reports/"
 	@echo "make test   unit tests + nbval on every notebook in the smoke profile"
 	@echo "make lab    open JupyterLab on notebooks/"
 	@echo "make bench  run the benchmark scripts in benchmarks/"
+	@echo "make browser-test  run every notebook in JupyterLab + headless Chromium and move every knob (smoke profile)"
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +51,14 @@ lab: venv
 
 bench: venv
 	@for f in benchmarks/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+
+# Not part of `make test`: it needs a browser. Installs Debian's chromium + chromium-driver and Selenium if missing.
+browser-test: venv
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+		$(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq && \
+		$(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
+	@$(PY) -c "import selenium" 2>/dev/null || $(PY) -m pip install --quiet selenium
+	$(PY) tests/browser_knobs.py
 
 clean:
 	rm -rf reports .pytest_cache

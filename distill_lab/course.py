@@ -62,7 +62,9 @@ def execute_notebook(path: Path, out_path: Path, timeout: int = 3600) -> float:
 
     nb = nbformat.read(path, as_version=4)
     start = time.perf_counter()
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
+    # store_widget_state: the knobs' models (and each Output's figure) go into metadata.widgets,
+    # so a static view of the committed notebook shows the controls, not "interactive(children=...".
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", store_widget_state=True,
                             resources={"metadata": {"path": str(path.parent)}})
     try:
         client.execute()

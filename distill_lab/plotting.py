@@ -243,3 +243,30 @@ def plot_sparsity_curve(view: dict, ax=None):
     fig.tight_layout()
     return fig
 
+
+
+def plot_layer_pruning_view(view: dict, axes=None):
+    """Two panels for ``prune.layer_pruning_view``: output error of both methods, and the |W| kept vs pruned."""
+    if axes is None:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax, bx = axes
+    fig = ax.figure
+    names = list(view["errors"])
+    ax.bar(names, [100 * view["errors"][n] for n in names], color=["tab:red", "tab:blue"],
+           edgecolor=["black" if n == view["method"] else "none" for n in names], linewidth=2)  # chosen: outlined
+    for i, n in enumerate(names):
+        ax.annotate(f"{100 * view['errors'][n]:.1f}%", (i, 100 * view["errors"][n]), ha="center", va="bottom")
+    ax.set_ylim(0, 1.2 * max(100 * e for e in view["errors"].values()) or 1.0)  # room for the labels
+    ax.set_ylabel("relative output error (%)")
+    ax.set_title(f"{view['name']} at {100 * view['sparsity']:.0f}% sparsity", fontsize=10)
+    hi = float(max(view["kept_abs"].max() if view["kept_abs"].numel() else 0, view["largest_pruned"])) or 1.0
+    bins = [hi * i / 60 for i in range(61)]
+    bx.hist(view["kept_abs"].numpy(), bins=bins, color="tab:gray", alpha=0.6, label="kept")
+    bx.hist(view["pruned_abs"].numpy(), bins=bins, color="tab:red" if view["method"] == "magnitude" else "tab:blue",
+            alpha=0.8, label="pruned")
+    bx.set_yscale("log")
+    bx.set_xlabel("|W|")
+    bx.set_title(f"{view['method']}: largest pruned |W| = {view['largest_pruned']:.3f}", fontsize=10)
+    bx.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

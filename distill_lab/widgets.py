@@ -1,20 +1,81 @@
 """ipywidgets builders: each only wires a pure compute function to a plot function (no logic here).
 
 Test a builder with ``w = builder(...)``; set ``w.children[i].value``; read ``w.result``.
+
+Drawing is thread-safe on purpose. ipykernel 7 handles widget messages on a second thread (a
+subshell), and ``ipywidgets.interactive`` asks matplotlib's inline backend to flush every pyplot
+figure before and after each call. A figure made with ``plt.subplots`` inside a callback can
+therefore be displayed from the other thread while it is still half-drawn (broken images, or the
+figure lands in JupyterLab's log console). So every knob draws on a ``matplotlib.figure.Figure``
+that pyplot never sees, finishes it, and only then shows it once, as a PNG, in its own ``Output``.
+The same PNG path works under any backend (``agg`` in headless runs, inline in JupyterLab).
 """
 
 from __future__ import annotations
 
+import io
+
 import ipywidgets as widgets
 
+SLIDER_WIDTH = "720px"  # the whole control; its track stays >= 400 px beside the longest label and the readout
+_STYLE = {"description_width": "initial"}  # full labels ("temperature", not "temperat...")
 
-def wire(compute, plot):
-    """Return ``view(**knobs)``: ``result = compute(**knobs)``, ``plot(result)``, return ``result``."""
-    def view(**knobs):
+
+def _layout():
+    return widgets.Layout(width=SLIDER_WIDTH)
+
+
+def offscreen_axes(figsize=(6, 3.5), ncols: int = 1, **subplots_kw):
+    """Axes of a new figure that pyplot does not track (no backend can show it before it is finished)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    return fig.subplots(1, ncols, **subplots_kw)
+
+
+def figure_png(fig, dpi: int = 100) -> bytes:
+    """Render a finished figure to PNG bytes."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def show_figure(fig) -> None:
+    """Display a finished figure exactly once, as an ``image/png`` output (any matplotlib backend)."""
+    from IPython.display import Image, display
+
+    display(Image(data=figure_png(fig)))
+
+
+def wire(compute, plot, figsize=(6, 3.5), ncols: int = 1, **subplots_kw):
+    """Return ``view(**knobs)``: ``result = compute(**knobs)``, ``plot(result, axes)`` offscreen, show it, return ``result``.
+
+    ``plot`` takes the result and the axes to draw on (``ax`` or ``axes`` as second argument) and may
+    display other things first (they land in the same ``Output``). ``view.draw(**knobs)`` returns
+    ``(result, figure)`` without showing anything.
+    """
+    def draw(**knobs):
         result = compute(**knobs)
-        plot(result)
+        axes = offscreen_axes(figsize, ncols, **subplots_kw)
+        plot(result, axes)
+        return result, (axes[0].figure if ncols > 1 else axes.figure)
+
+    def view(**knobs):
+        result, fig = draw(**knobs)
+        show_figure(fig)  # only now, complete: see the module docstring
         return result
+
+    view.draw = draw
     return view
+
+
+def _interactive(view, knobs: dict, options: dict | None = None):
+    """``widgets.interactive`` over ``view`` whose ``default_figure()`` redraws the builder's defaults."""
+    defaults = {name: w.value for name, w in knobs.items()}
+    w = widgets.interactive(view, options or {}, **knobs)
+    # the figure of the builder's default knobs, by the same compute and plot functions (not shown)
+    w.default_figure = lambda: view.draw(**defaults)[1]
+    return w
 
 
 def temperature_widget(logits, tokenizer, k: int = 10, value: float = 1.0):
@@ -23,9 +84,9 @@ def temperature_widget(logits, tokenizer, k: int = 10, value: float = 1.0):
     from .plotting import plot_temperature_view
 
     slider = widgets.FloatSlider(value=value, min=0.1, max=4.0, step=0.05, description="temperature",
-                                 continuous_update=False)
+                                 continuous_update=False, style=_STYLE, layout=_layout())
     compute = lambda temperature: temperature_view(logits, tokenizer, temperature, k)  # noqa: E731
-    return widgets.interactive(wire(compute, plot_temperature_view), temperature=slider)
+    return _interactive(wire(compute, plot_temperature_view), {"temperature": slider})
 
 
 def recipe_panel(run, plot, heads_keep: float = 0.67, channels_keep: float = 0.375, layers_keep: float = 0.8,
@@ -33,23 +94,26 @@ def recipe_panel(run, plot, heads_keep: float = 0.67, channels_keep: float = 0.3
     """Recipe knobs (prune, distil, quantize) that run ``run(**knobs)`` only when "Run recipe" is clicked, then ``plot``.
 
     ``run`` is a pure compute function (e.g. build a recipe from the knobs and call ``run_recipe``);
-    ``plot`` draws its result. Nothing runs when a slider moves: a recipe takes minutes.
+    ``plot(result, ax)`` draws its result on ``ax``. Nothing runs when a slider moves: a recipe takes minutes.
     """
     from .pipeline import QUANTIZE_KNOBS
 
     knobs = dict(
         heads_keep=widgets.Dropdown(options=[("9/9 heads", 1.0), ("6/9 heads", 0.67), ("3/9 heads", 0.34)],
-                                    value=heads_keep, description="heads"),
+                                    value=heads_keep, description="attention heads kept", style=_STYLE),
         channels_keep=widgets.SelectionSlider(  # multiples of 64 channels: int4 groups of 64 divide them
             options=[(f"{n * 64}/1536", n / 24) for n in range(2, 25)], value=channels_keep,
-            description="MLP keep", continuous_update=False),
+            description="MLP channels kept", continuous_update=False, style=_STYLE, layout=_layout()),
         layers_keep=widgets.FloatSlider(value=layers_keep, min=0.3, max=1.0, step=0.1,
-                                        description="layers keep", continuous_update=False),
+                                        description="layers kept (fraction)", continuous_update=False,
+                                        style=_STYLE, layout=_layout()),
         distil_steps=widgets.IntSlider(value=distil_steps, min=0, max=max_steps, step=1,
-                                       description="distil steps", continuous_update=False),
-        quantize=widgets.Dropdown(options=list(QUANTIZE_KNOBS), value=quantize, description="quantize"),
+                                       description="distillation steps", continuous_update=False,
+                                       style=_STYLE, layout=_layout()),
+        quantize=widgets.Dropdown(options=list(QUANTIZE_KNOBS), value=quantize, description="quantize",
+                                  style=_STYLE),
     )
-    return widgets.interactive(wire(run, plot), {"manual": True, "manual_name": "Run recipe"}, **knobs)
+    return _interactive(wire(run, plot, figsize=(7.5, 4)), knobs, {"manual": True, "manual_name": "Run recipe"})
 
 
 def distillation_widget(student_logits, teacher_logits, target: int, tokenizer, temperature: float = 2.0,
@@ -58,13 +122,19 @@ def distillation_widget(student_logits, teacher_logits, target: int, tokenizer, 
     from .distill import distillation_view
     from .plotting import plot_distillation_view
 
-    t_slider = widgets.FloatSlider(value=temperature, min=0.25, max=8.0, step=0.25,
-                                   description="temperature", continuous_update=False)
-    a_slider = widgets.FloatSlider(value=alpha, min=0.0, max=1.0, step=0.05, description="alpha",
-                                   continuous_update=False)
+    t_slider = widgets.FloatSlider(value=temperature, min=0.25, max=8.0, step=0.25, description="temperature T",
+                                   continuous_update=False, style=_STYLE, layout=_layout())
+    a_slider = widgets.FloatSlider(value=alpha, min=0.0, max=1.0, step=0.05, description="alpha (weight of KL)",
+                                   continuous_update=False, style=_STYLE, layout=_layout())
     compute = lambda temperature, alpha: distillation_view(  # noqa: E731
         student_logits, teacher_logits, target, tokenizer, temperature, alpha, k)
-    return widgets.interactive(wire(compute, plot_distillation_view), temperature=t_slider, alpha=a_slider)
+    view = wire(compute, plot_distillation_view, figsize=(9, 3.5), ncols=2, gridspec_kw={"width_ratios": [2, 1]})
+    return _interactive(view, {"temperature": t_slider, "alpha": a_slider})
+
+
+def granularity_label(granularity) -> str:
+    """What a granularity option means: ``64`` -> ``"group of 64"``, ``"per-channel"`` -> ``"per channel"``."""
+    return f"group of {granularity}" if isinstance(granularity, int) else granularity.replace("-", " ")
 
 
 def quantization_widget(weight, bits: int = 4, granularity="per-channel", symmetric: bool = True):
@@ -72,23 +142,37 @@ def quantization_widget(weight, bits: int = 4, granularity="per-channel", symmet
     from .plotting import plot_quantization_view
     from .quantize import GRANULARITIES, quantization_view
 
-    options = [g for g in GRANULARITIES if not isinstance(g, int) or weight.shape[1] % g == 0]
+    options = [(granularity_label(g), g) for g in GRANULARITIES if not isinstance(g, int) or weight.shape[1] % g == 0]
     compute = lambda bits, granularity, symmetric: quantization_view(weight, bits, granularity, symmetric)  # noqa: E731
-    return widgets.interactive(
-        wire(compute, plot_quantization_view),
-        bits=widgets.IntSlider(value=bits, min=2, max=8, description="bits", continuous_update=False),
-        granularity=widgets.Dropdown(options=options, value=granularity, description="granularity"),
-        symmetric=widgets.Checkbox(value=symmetric, description="symmetric"))
+    knobs = dict(
+        bits=widgets.IntSlider(value=bits, min=2, max=8, description="bits", continuous_update=False,
+                               style=_STYLE, layout=_layout()),
+        granularity=widgets.Dropdown(options=options, value=granularity, description="scale shared by",
+                                     style=_STYLE),
+        symmetric=widgets.Checkbox(value=symmetric, description="symmetric", style=_STYLE))
+    return _interactive(wire(compute, plot_quantization_view, figsize=(11, 3.5), ncols=2), knobs)
 
 
 def sparsity_widget(curves: dict, sparsity: float = 0.5, method: str = "wanda"):
-    """Sparsity slider and method picker that redraw precomputed perplexity-vs-sparsity curves (instant)."""
+    """Sparsity slider and method picker that mark a point of precomputed perplexity-vs-sparsity curves (instant)."""
     from .plotting import plot_sparsity_curve
     from .prune import sparsity_curve_view
 
     slider = widgets.SelectionSlider(options=list(curves["sparsities"]), value=sparsity, description="sparsity",
-                                     continuous_update=False)
-    picker = widgets.Dropdown(options=["magnitude", "wanda"], value=method, description="method")
+                                     continuous_update=False, style=_STYLE, layout=_layout())
+    picker = widgets.Dropdown(options=["magnitude", "wanda"], value=method, description="method", style=_STYLE)
     compute = lambda sparsity, method: sparsity_curve_view(curves, sparsity, method)  # noqa: E731
-    return widgets.interactive(wire(compute, plot_sparsity_curve), sparsity=slider, method=picker)
+    return _interactive(wire(compute, plot_sparsity_curve), {"sparsity": slider, "method": picker})
 
+
+def layer_pruning_widget(weight, inputs, sparsity: float = 0.5, method: str = "wanda", name: str = "layer"):
+    """Sparsity slider and method picker that prune one real layer live and redraw its output error (recomputed)."""
+    from .plotting import plot_layer_pruning_view
+    from .prune import layer_pruning_view
+
+    slider = widgets.FloatSlider(value=sparsity, min=0.05, max=0.95, step=0.05, description="sparsity",
+                                 readout_format=".0%", continuous_update=False, style=_STYLE, layout=_layout())
+    picker = widgets.Dropdown(options=["magnitude", "wanda"], value=method, description="method", style=_STYLE)
+    compute = lambda sparsity, method: layer_pruning_view(weight, inputs, sparsity, method, name)  # noqa: E731
+    return _interactive(wire(compute, plot_layer_pruning_view, figsize=(10, 3.5), ncols=2),
+                        {"sparsity": slider, "method": picker})

@@ -336,7 +336,7 @@ def test_recipe_from_knobs_and_panel_runs_only_on_click():
     assert default.steps[0].config == shipped.steps[0].config and default.steps[2].config == shipped.steps[2].config
     assert pipeline.recipe_from_knobs(quantize="w8a8 + SmoothQuant").steps[0].config["algorithm"] == "smoothquant"
     calls = []
-    panel = recipe_panel(lambda **k: calls.append(pipeline.recipe_from_knobs(**k)) or calls[-1], lambda r: None)
+    panel = recipe_panel(lambda **k: calls.append(pipeline.recipe_from_knobs(**k)) or calls[-1], lambda r, ax: None)
     panel.children[1].value = 0.25  # moving a slider runs nothing (384 of 1536 channels)
     assert calls == []
     panel.children[-2].click()  # the "Run recipe" button
