@@ -193,6 +193,11 @@ EXPORT_FORMATS = ("gguf",)
 def _cmd_export(args) -> int:
     if args.format not in EXPORT_FORMATS:  # checked before the (slow) load
         raise ValueError(f"--format {args.format!r}; allowed: {', '.join(EXPORT_FORMATS)}")
+    out = Path(args.out)
+    if out.is_dir():
+        raise IsADirectoryError(f"--out {out} is a folder; allowed: a .gguf file path")
+    if out.exists() and not args.overwrite:  # never replace a user's file unasked
+        raise FileExistsError(f"--out {out} exists; pass --overwrite to replace it")
     from .export import check_exportable, to_gguf
 
     model, tokenizer = _load(args.model)
@@ -279,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "GGUF. Other families exit with status 2.")
     ex.add_argument("model", help="'teacher' or a saved model folder (for example the output of `compress`)")
     ex.add_argument("--format", default="gguf", help="output format: gguf (the only one)")
-    ex.add_argument("--out", required=True, help="the .gguf file to write")
+    ex.add_argument("--out", required=True, help="the .gguf file to write (an existing file needs --overwrite)")
+    ex.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     ex.add_argument("--float-type", default="f32", choices=["f32", "f16"],
                     help="type for weights left in float (default: f32)")
     ex.set_defaults(func=_cmd_export)

@@ -198,6 +198,14 @@ def test_cli_export_help_and_errors(tmp_path, capsys):
     capsys.readouterr()
     assert main(["export", str(llama), "--out", str(tmp_path / "l.gguf")]) == 0
     assert "F32" in capsys.readouterr().out and (tmp_path / "l.gguf").stat().st_size > 0
+    mine = tmp_path / "notes.gguf"  # a file the user already has is never replaced unasked
+    mine.write_text("my notes")
+    assert main(["export", str(llama), "--out", str(mine)]) == 2
+    assert "exists; pass --overwrite" in _cli_err(capsys) and mine.read_text() == "my notes"
+    assert main(["export", str(llama), "--out", str(tmp_path)]) == 2
+    assert "is a folder" in _cli_err(capsys)
+    assert main(["export", str(llama), "--out", str(mine), "--overwrite"]) == 0
+    assert mine.read_bytes()[:4] == b"GGUF"
 
 
 @pytest.mark.teacher
