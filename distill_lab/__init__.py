@@ -8,6 +8,7 @@ its own module: ``distill_lab.distill``, ``distill_lab.quantize``, ``distill_lab
 from ._startup import frozen_imports as _frozen_imports
 
 with _frozen_imports():  # torch + transformers: ~570k import-time objects; see _startup.py
+    from .claims import ClaimError, claim, verdict  # noqa: F401
     from .data import (calibration_batches, corpus_windows, load_corpus, token_windows,  # noqa: F401
                        tokenize)
     from .evaluate import (Result, environment_info, generate_samples, latency,  # noqa: F401

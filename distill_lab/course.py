@@ -20,6 +20,14 @@ from .evaluate import REPORT_ENV, environment_info
 from .profiles import ENV_VAR, get_profile
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+# The kernel draws with ipykernel's inline backend even when the caller set MPLBACKEND=agg (CI
+# does): only the inline backend turns a figure into an image/png output of its cell.
+INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
+
+
+def kernel_env() -> dict:
+    """Environment of the notebook kernel: this process's, with the inline matplotlib backend."""
+    return {**os.environ, "MPLBACKEND": INLINE_BACKEND}
 
 
 def find_notebooks(folder: str | Path = NOTEBOOK_DIR) -> list[Path]:
@@ -67,7 +75,7 @@ def execute_notebook(path: Path, out_path: Path, timeout: int = 3600) -> float:
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3", store_widget_state=True,
                             resources={"metadata": {"path": str(path.parent)}})
     try:
-        client.execute()
+        client.execute(env=kernel_env())
     finally:
         strip_progress_bars(nb)
         out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,7 +119,6 @@ def run_course(out: str | Path = "reports", profile: str | None = None,
         old.unlink()
     os.environ[ENV_VAR] = prof.name
     os.environ[REPORT_ENV] = str(out)
-    os.environ.setdefault("MPLBACKEND", "agg")
     notebooks = notebooks or find_notebooks()
     timings, failed = {}, None
     for path in tqdm(notebooks, desc=f"notebooks ({prof.name})", unit="nb"):

@@ -1121,7 +1121,7 @@ class ComparisonTable:
                  f"{t['prefill_tokens_per_s']:.0f} tok/s, decode {t['decode_tokens_per_s']:.1f} tok/s), "
                  f"{self.profile} profile.", "",
                  "| technique | size on disk | size reduction | prefill speed-up | decode speed-up | "
-                 "Δppl pydoc | ppl ratio | Δppl stdlib-code | seed claim (size / speed / loss) | verdict |",
+                 "Δppl pydoc | ppl ratio | Δppl stdlib-code | claimed (size / speed / loss) | verdict |",
                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in self.rows:
             m, v = r["metrics"], r["verdict"]
@@ -1160,7 +1160,7 @@ class ComparisonTable:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         md, js, png = folder / "comparison.md", folder / "comparison.json", folder / "comparison_pareto.png"
-        _atomic_write_text(md, f"# The seed's comparison table, measured ({self.profile} profile)\n\n"
+        _atomic_write_text(md, f"# The claims table (size, speed, quality), measured ({self.profile} profile)\n\n"
                                + self.markdown())
         _atomic_write_text(js, json.dumps(self.to_dict(), indent=2))
         fig = plot_pareto(self.pareto_points())

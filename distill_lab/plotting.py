@@ -1,4 +1,9 @@
-"""Matplotlib helpers for the lessons: each takes ``ax=None`` and returns the figure (never ``plt.show()``)."""
+"""Matplotlib helpers for the lessons: each takes ``ax=None`` and returns the figure (never ``plt.show()``).
+
+Readability rules every helper follows: axes name their quantity and unit; a value axis whose
+positive values span more than 10x is drawn on a log scale (:func:`wide_range`); several series
+get a legend; long tick labels are rotated, never overlapped.
+"""
 
 from __future__ import annotations
 
@@ -13,26 +18,42 @@ def _axes(ax=None, figsize=(6, 3.5)):
     return ax.figure, ax
 
 
+def wide_range(values, factor: float = 10.0) -> bool:
+    """True when the positive values span more than ``factor`` times (then plot them on a log axis)."""
+    pos = [float(v) for v in values if v == v and float(v) > 0]
+    return len(pos) >= 2 and max(pos) > factor * min(pos)
+
+
 def plot_token_distribution(tokens: list[str], probs, title: str = "", ax=None):
-    """Horizontal bar chart of the most likely next tokens and their probabilities."""
+    """Horizontal bar chart of the most likely next tokens and their probabilities (axis fitted to them)."""
     fig, ax = _axes(ax)
     labels = [repr(t) for t in tokens][::-1]
-    ax.barh(labels, list(probs)[::-1], color="tab:blue")
-    ax.set_xlabel("probability")
-    ax.set_xlim(0, 1)
+    probs = [float(p) for p in probs][::-1]
+    bars = ax.barh(labels, probs, color="tab:blue")
+    for bar, p in zip(bars, probs):  # the axis is fitted to the bars, so print each value beside its bar
+        ax.annotate(f"{p:.3f}", (bar.get_width(), bar.get_y() + bar.get_height() / 2),
+                    xytext=(2, 0), textcoords="offset points", va="center", fontsize=7)
+    # fitted to the largest probability, not 0-1: a softened (T = 2, 4) distribution stays visible
+    ax.set_xlim(0, 1.25 * max(probs + [1e-6]))
+    ax.set_xlabel("probability (axis fitted to the top bar)")
     ax.set_title(title)
     fig.tight_layout()
     return fig
 
 
-def plot_bars(values: dict[str, float], xlabel: str = "", title: str = "", ax=None, fmt="{:.3g}"):
-    """Bar chart of named values, each bar labelled with its number."""
+def plot_bars(values: dict[str, float], xlabel: str = "", title: str = "", ax=None, fmt="{:.3g}",
+              log: bool | None = None):
+    """Bar chart of named values, each bar labelled with its number; log scale when they span > 10x."""
     fig, ax = _axes(ax)
     names, nums = list(values), list(values.values())
     bars = ax.bar(names, nums, color="tab:blue")
     for bar, v in zip(bars, nums):
         ax.annotate(fmt.format(v), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                     ha="center", va="bottom", fontsize=8)
+    if wide_range(nums) if log is None else log:
+        ax.set_yscale("log")
+        xlabel = f"{xlabel} (log scale)"
+    ax.margins(y=0.12)  # room for the number above the tallest bar
     ax.set_ylabel(xlabel)
     ax.set_title(title)
     fig.tight_layout()
@@ -53,9 +74,10 @@ def plot_pareto(points: list[dict], ax=None, title: str = "Size vs quality (colo
     ratios = [p["ppl_ratio"] for p in points]
     sc = ax.scatter(sizes, ratios, c=[p["decode_ms"] for p in points], cmap="viridis_r", s=70,
                     edgecolors="black", zorder=3)
-    for p in points:
-        ax.annotate(p["name"], (p["size_mib"], p["ppl_ratio"]), textcoords="offset points", xytext=(5, 4),
-                    fontsize=8)
+    # labels alternate above and below their points, in order of size, so neighbours do not overlap
+    for i, p in enumerate(sorted(points, key=lambda q: q["size_mib"])):
+        ax.annotate(p["name"], (p["size_mib"], p["ppl_ratio"]), textcoords="offset points",
+                    xytext=(6, 7 if i % 2 == 0 else -13), fontsize=8)
     front, best = [], float("inf")  # smallest ppl ratio reachable at each size or below
     for p in sorted(points, key=lambda q: q["size_mib"]):
         if p["ppl_ratio"] < best:
@@ -65,7 +87,12 @@ def plot_pareto(points: list[dict], ax=None, title: str = "Size vs quality (colo
             color="gray", zorder=2, label="Pareto front")
     ax.set_xscale("log")
     ax.set_xlabel("size on disk (MiB, log scale)")
-    ax.set_ylabel("perplexity ratio (student / teacher)")
+    ylabel = "perplexity ratio (student / teacher)"
+    if wide_range(ratios):
+        ax.set_yscale("log")
+        ylabel += ", log scale"
+    ax.set_ylabel(ylabel)
+    ax.margins(x=0.15, y=0.15)
     ax.set_title(title)
     ax.legend(loc="upper right", fontsize=8)
     fig.colorbar(sc, ax=ax, label="decode ms / token (batch 1)")
@@ -81,7 +108,12 @@ def plot_recipe_steps(rows: list[dict], ax=None, title: str = "Quality and size 
     ax.plot(x, [r["ppl_ratio_pydoc"] for r in rows], "o-", label="ppl ratio, pydoc (in-domain)")
     ax.plot(x, [r["ppl_ratio_stdlib-code"] for r in rows], "s--", label="ppl ratio, stdlib code (out-of-domain)")
     ax.set_xticks(list(x), stages, rotation=15)
-    ax.set_ylabel("perplexity ratio to teacher")
+    ratios = [r[k] for r in rows for k in ("ppl_ratio_pydoc", "ppl_ratio_stdlib-code")]
+    if wide_range(ratios):  # a pruned model at ~800x next to a healed one at ~4x
+        ax.set_yscale("log")
+        ax.set_ylabel("perplexity ratio to teacher (log scale)")
+    else:
+        ax.set_ylabel("perplexity ratio to teacher")
     ax.axhline(1.0, color="gray", lw=0.8)
     ax2 = ax.twinx()
     ax2.bar(list(x), [r["size_bytes"] / 2**20 for r in rows], alpha=0.2, color="tab:green", label="size MiB")
@@ -113,6 +145,7 @@ def plot_distillation_view(view: dict, axes=None):
     ax.legend(loc="lower right")
     terms = {"α·T²·KL": view["kd_term"], "(1−α)·CE": view["ce_term"], "total": view["total"]}
     bx.bar(list(terms), list(terms.values()), color=["tab:blue", "tab:orange", "tab:gray"])
+    bx.set_ylabel("loss (nats per token)")
     bx.set_title(f"loss terms (α = {view['alpha']:.2f})")
     fig.tight_layout()
     return fig
@@ -129,6 +162,7 @@ def plot_val_curves(histories: dict, teacher_ppl: float | None = None, ax=None):
     ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation perplexity (log scale)")
+    ax.set_title("Validation perplexity while training")
     ax.legend()
     fig.tight_layout()
     return fig
@@ -138,16 +172,21 @@ def plot_topk_fidelity(rows: list[dict], ax=None):
     """Relative error of the cached-top-k distillation loss and the teacher mass kept, against k."""
     fig, ax = _axes(ax, figsize=(7, 3.5))
     ks = [r["k"] for r in rows]
-    ax.plot(ks, [max(r["rel_error"], 1e-7) for r in rows], marker="o", color="tab:red",
-            label="relative error of the KD term")
+    # a linear axis from a true zero: k = V (the live teacher) has no error at all, which a log axis cannot show
+    ax.plot(ks, [100 * r["rel_error"] for r in rows], marker="o", color="tab:red",
+            label="relative error of the KD term (%)")
     ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("k (teacher logits kept per token)")
-    ax.set_ylabel("relative error", color="tab:red")
+    ax.set_ylim(0, 105 * max([r["rel_error"] for r in rows] + [1e-9]))
+    ax.set_xlabel("k (teacher logits kept per token, log scale)")
+    ax.set_ylabel("relative error (%)", color="tab:red")
     bx = ax.twinx()
     bx.plot(ks, [r["teacher_mass"] for r in rows], marker="s", color="tab:blue", label="teacher mass kept")
     bx.set_ylabel("teacher probability mass kept", color="tab:blue")
     bx.set_ylim(0, 1.02)
+    lines, labels = ax.get_legend_handles_labels()
+    more, more_labels = bx.get_legend_handles_labels()
+    ax.legend(lines + more, labels + more_labels, loc="center right", fontsize=8)
+    ax.set_title("What a top-k teacher cache keeps and costs")
     fig.tight_layout()
     return fig
 
@@ -164,10 +203,12 @@ def plot_quantization_view(view: dict, axes=None):
     for level in grid if len(grid) <= 64 else grid[:: max(1, len(grid) // 64)]:
         ax.axvline(level, color="tab:red", lw=0.6, alpha=0.6)
     ax.set_title(f"group with the largest |w| and its {len(grid)} levels", fontsize=10)
-    ax.set_xlabel("weight value")
+    ax.set_xlabel("weight value (red lines: the grid)")
+    ax.set_ylabel("weights in the group")
     ax2.hist(view["errors"].numpy(), bins=80, color="tab:orange")
     ax2.set_yscale("log")
-    ax2.set_xlabel("dequantized - original")
+    ax2.set_xlabel("dequantized - original weight")
+    ax2.set_ylabel("weights of the layer (log)")
     sym = "symmetric" if view["symmetric"] else "asymmetric"
     ax2.set_title(f"int{view['bits']} {view['granularity']} {sym}: SQNR {view['sqnr_db']:.1f} dB, "
                   f"{8 * view['bytes_per_weight']:.2f} bits/weight", fontsize=10)
@@ -190,7 +231,7 @@ def plot_activation_outliers(rows: list[dict], ax=None, title: str = "Inputs of 
         ax.plot(layers, [r["mean_abs"] for r in sel], ":", color=colors[kind])
     ax.set_yscale("log")
     ax.set_xlabel("decoder layer")
-    ax.set_ylabel("|x|  (solid: max, dotted: mean)")
+    ax.set_ylabel("|x| (log; solid: max, dotted: mean)")
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -204,6 +245,7 @@ def plot_channel_ranges(curves: dict, ax=None, title: str = "max |x| per input c
         ax.plot(values.float().numpy(), lw=0.8, label=name)
     ax.set_yscale("log")
     ax.set_xlabel("input channel")
+    ax.set_ylabel("max |x| (log scale)")
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -215,8 +257,8 @@ def plot_loss_histories(histories: dict, ax=None, title: str = "QAT: distillatio
     fig, ax = _axes(ax)
     for name, history in histories.items():
         ax.plot([h["step"] for h in history], [h["loss"] for h in history], label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("KL(teacher ‖ student)")
+    ax.set_xlabel("QAT step")
+    ax.set_ylabel("KL(teacher ‖ student), nats (log)")
     ax.set_yscale("log")
     ax.set_title(title)
     ax.legend(fontsize=8)

@@ -30,3 +30,20 @@ def test_find_notebooks_in_lesson_order_and_markdown_report():
                           {"device": "cpu", "cpu_threads": 2, "torch": "2", "transformers": "5",
                            "git_commit": "abc", "time_utc": "now"}, {"00_baseline": 12.0})
     assert "| ppl.pydoc | 15.71 |" in md and "| 00_baseline | 12 |" in md
+
+
+def test_headless_run_captures_figures_even_under_agg(tmp_path, monkeypatch):
+    """The course runner executes with the inline backend, so a plot becomes an image/png output."""
+    from distill_lab.course import INLINE_BACKEND, execute_notebook, kernel_env
+
+    monkeypatch.setenv("MPLBACKEND", "agg")  # what CI and the nbval target set
+    assert kernel_env()["MPLBACKEND"] == INLINE_BACKEND
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("import matplotlib.pyplot as plt\nplt.plot([1, 2], [3, 4]);"),
+        nbformat.v4.new_code_cell("print('no figure here')")])
+    src = tmp_path / "fig.ipynb"
+    nbformat.write(nb, src)
+    execute_notebook(src, tmp_path / "out.ipynb", timeout=120)
+    done = nbformat.read(tmp_path / "out.ipynb", as_version=4)
+    kinds = [[k for o in c.outputs for k in o.get("data", {})] for c in done.cells]
+    assert "image/png" in kinds[0] and "image/png" not in kinds[1]

@@ -1,0 +1,42 @@
+"""Check a lesson's claims in one readable line: ``✓ forward KL beats CE: 219 < 291``.
+
+A lesson states what it measured with :func:`claim` instead of a bare ``assert``. The line is
+printed whether the claim holds or not, so a reader sees the evidence next to the verdict. A
+failed quality claim raises :class:`ClaimError` (an ``AssertionError``, so nbval and CI fail on
+it). A speed claim passes ``warn=True``: a busy laptop can make any timing lose, so it prints
+``⚠`` and does not raise.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ClaimError", "claim", "verdict"]
+
+
+class ClaimError(AssertionError):
+    """A lesson's claim did not hold on this run."""
+
+
+def claim(ok, text: str, *, warn: bool = False) -> bool:
+    """Print ``✓ text`` when ``ok`` holds; otherwise ``⚠ text`` (``warn=True``) or raise ``ClaimError``."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"text={text!r}; allowed: a non-empty string that states the claim")
+    ok = bool(ok)
+    if ok:
+        print(f"✓ {text}")
+    elif warn:
+        print(f"⚠ {text} (did not hold on this run: a timing, not a failure)")
+    else:
+        raise ClaimError(f"✗ {text}")
+    return ok
+
+
+def verdict(checks: dict[str, bool]) -> str:
+    """Summarise named checks: ``'holds'``, ``'does not hold'`` or ``'partly holds (a ✓, b ✗)'``."""
+    if not checks:
+        raise ValueError("checks={}; allowed: at least one named check")
+    if all(checks.values()):
+        return "holds"
+    if not any(checks.values()):
+        return "does not hold"
+    marks = ", ".join(f"{name} {'✓' if ok else '✗'}" for name, ok in checks.items())
+    return f"partly holds ({marks})"

@@ -1,0 +1,47 @@
+"""distill_lab.claims: a claim prints one readable line; a failed one raises unless it only warns."""
+
+import pytest
+
+import distill_lab as dl
+from distill_lab.claims import ClaimError, claim, verdict
+
+
+def test_claim_that_holds_prints_a_tick(capsys):
+    assert claim(219 < 291, "forward KL beats CE: 219 < 291") is True
+    assert capsys.readouterr().out == "✓ forward KL beats CE: 219 < 291\n"
+
+
+def test_failed_quality_claim_raises_an_assertion_error(capsys):
+    with pytest.raises(ClaimError, match="✗ W8A8 within 3 %: \\+4.1 %"):
+        claim(4.1 <= 3, "W8A8 within 3 %: +4.1 %")
+    assert issubclass(ClaimError, AssertionError)  # nbval and pytest count it as a failed check
+    assert capsys.readouterr().out == ""
+
+
+def test_failed_speed_claim_only_warns(capsys):
+    assert claim(0.9 > 1.2, "width 50% prefill faster: 0.90x", warn=True) is False
+    out = capsys.readouterr().out
+    assert out.startswith("⚠ width 50% prefill faster: 0.90x") and "✓" not in out
+
+
+def test_claim_accepts_numpy_and_torch_booleans(capsys):
+    import torch
+    assert claim(torch.tensor(1.0) < 2, "a tensor comparison") is True
+    assert "✓" in capsys.readouterr().out
+
+
+def test_claim_needs_a_statement():
+    with pytest.raises(ValueError, match="text="):
+        claim(True, "  ")
+
+
+def test_verdict_names_what_fails():
+    assert verdict({"size": True, "speed": True}) == "holds"
+    assert verdict({"size": False, "speed": False}) == "does not hold"
+    assert verdict({"size": True, "quality": False}) == "partly holds (size ✓, quality ✗)"
+    with pytest.raises(ValueError):
+        verdict({})
+
+
+def test_exported_from_the_package():
+    assert dl.claim is claim and dl.ClaimError is ClaimError and dl.verdict is verdict

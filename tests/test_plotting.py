@@ -1,0 +1,48 @@
+"""distill_lab.plotting: the readability rules (log scale past 10x, legends, a true zero, fitted axes)."""
+
+import matplotlib
+
+matplotlib.use("agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+
+from distill_lab.plotting import (plot_bars, plot_pareto, plot_recipe_steps, plot_token_distribution,  # noqa: E402
+                                  plot_topk_fidelity, wide_range)
+
+
+def teardown_function():
+    plt.close("all")
+
+
+def test_wide_range_rule():
+    assert wide_range([4.49, 829.0]) and not wide_range([1.0, 9.9]) and not wide_range([5.0])
+    assert not wide_range([0.0, float("nan"), 3.0])  # zeros and NaN do not count
+
+
+def test_bars_switch_to_log_only_past_10x():
+    assert plot_bars({"a": 4.49, "b": 829.0}, "ppl ratio").axes[0].get_yscale() == "log"
+    assert "log scale" in plot_bars({"a": 4.49, "b": 829.0}, "ppl ratio").axes[0].get_ylabel()
+    assert plot_bars({"a": 650, "b": 1760}, "tokens/s").axes[0].get_yscale() == "linear"
+
+
+def test_softened_distribution_is_not_squashed_against_one():
+    fig = plot_token_distribution(["a", "b", "c"], [0.02, 0.015, 0.01], title="T = 4")
+    assert fig.axes[0].get_xlim()[1] < 0.05
+
+
+def test_topk_fidelity_has_a_legend_and_a_true_zero():
+    rows = [{"k": k, "rel_error": e, "teacher_mass": m}
+            for k, e, m in ((1, 0.55, 0.45), (64, 0.09, 0.88), (49152, 0.0, 1.0))]
+    ax = plot_topk_fidelity(rows).axes[0]
+    assert ax.get_yscale() == "linear" and ax.get_ylim()[0] == 0
+    assert len(ax.get_legend().get_texts()) == 2  # both axes' series in one legend
+
+
+def test_recipe_steps_and_pareto_use_log_for_wide_ratios():
+    rows = [{"stage": s, "ppl_ratio_pydoc": r, "ppl_ratio_stdlib-code": r * 1.2, "size_bytes": 2**20}
+            for s, r in (("teacher", 1.0), ("prune", 829.0), ("distil", 4.49))]
+    assert plot_recipe_steps(rows).axes[0].get_yscale() == "log"
+    points = [{"name": n, "size_mib": s, "ppl_ratio": r, "decode_ms": 10.0}
+              for n, s, r in (("INT8", 129, 1.02), ("Distillation", 310, 47.6), ("Combined", 48.7, 5.41))]
+    ax = plot_pareto(points).axes[0]
+    assert ax.get_yscale() == "log" and ax.get_xscale() == "log" and ax.get_legend() is not None
