@@ -9,14 +9,32 @@ it). A speed claim passes ``warn=True``: a busy laptop can make any timing lose,
 
 from __future__ import annotations
 
-__all__ = ["ClaimError", "claim", "verdict"]
+__all__ = ["Claim", "ClaimError", "claim", "verdict"]
 
 
 class ClaimError(AssertionError):
     """A lesson's claim did not hold on this run."""
 
 
-def claim(ok, text: str, *, warn: bool = False) -> bool:
+class Claim:
+    """What :func:`claim` returns: true when the claim held. Shows nothing as a cell's last value."""
+
+    __slots__ = ("ok", "text")
+
+    def __init__(self, ok: bool, text: str):
+        self.ok, self.text = ok, text
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    def __repr__(self) -> str:
+        return f"Claim({'held' if self.ok else 'did not hold'}: {self.text!r})"
+
+    def _ipython_display_(self) -> None:
+        """The line is already printed; a notebook cell ending in ``dl.claim(...)`` adds no ``Out[]``."""
+
+
+def claim(ok, text: str, *, warn: bool = False) -> Claim:
     """Print ``✓ text`` when ``ok`` holds; otherwise ``⚠ text`` (``warn=True``) or raise ``ClaimError``."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"text={text!r}; allowed: a non-empty string that states the claim")
@@ -27,7 +45,7 @@ def claim(ok, text: str, *, warn: bool = False) -> bool:
         print(f"⚠ {text} (did not hold on this run: a timing, not a failure)")
     else:
         raise ClaimError(f"✗ {text}")
-    return ok
+    return Claim(ok, text)
 
 
 def verdict(checks: dict[str, bool]) -> str:

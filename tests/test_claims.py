@@ -7,7 +7,7 @@ from distill_lab.claims import ClaimError, claim, verdict
 
 
 def test_claim_that_holds_prints_a_tick(capsys):
-    assert claim(219 < 291, "forward KL beats CE: 219 < 291") is True
+    assert bool(claim(219 < 291, "forward KL beats CE: 219 < 291")) is True
     assert capsys.readouterr().out == "✓ forward KL beats CE: 219 < 291\n"
 
 
@@ -19,14 +19,14 @@ def test_failed_quality_claim_raises_an_assertion_error(capsys):
 
 
 def test_failed_speed_claim_only_warns(capsys):
-    assert claim(0.9 > 1.2, "width 50% prefill faster: 0.90x", warn=True) is False
+    assert bool(claim(0.9 > 1.2, "width 50% prefill faster: 0.90x", warn=True)) is False
     out = capsys.readouterr().out
     assert out.startswith("⚠ width 50% prefill faster: 0.90x") and "✓" not in out
 
 
 def test_claim_accepts_numpy_and_torch_booleans(capsys):
     import torch
-    assert claim(torch.tensor(1.0) < 2, "a tensor comparison") is True
+    assert bool(claim(torch.tensor(1.0) < 2, "a tensor comparison")) is True
     assert "✓" in capsys.readouterr().out
 
 
@@ -45,3 +45,9 @@ def test_verdict_names_what_fails():
 
 def test_exported_from_the_package():
     assert dl.claim is claim and dl.ClaimError is ClaimError and dl.verdict is verdict
+
+
+def test_a_claim_as_a_cells_last_value_shows_nothing():
+    result = claim(True, "shown once, by the printed line")
+    assert hasattr(result, "_ipython_display_") and result._ipython_display_() is None
+    assert "held" in repr(result) and result.text == "shown once, by the printed line"
