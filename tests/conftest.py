@@ -27,3 +27,19 @@ def teacher():
     from distill_lab.models import load_teacher
 
     return load_teacher(device="cpu")
+
+
+@pytest.fixture
+def scratch_steps():
+    """Register test-only steps and remove them afterwards."""
+    from distill_lab import pipeline
+
+    added = []
+
+    def add(name, fn):
+        pipeline.register_step(name, fn)
+        added.append(name)
+
+    yield add
+    for name in added:
+        pipeline.STEPS.pop(name, None)

@@ -44,19 +44,6 @@ def data():
     return {"windows": {"pydoc": _windows(4, 1), "stdlib-code": _windows(4, 2)}, "train_windows": _windows(8, 3)}
 
 
-@pytest.fixture
-def scratch_steps():
-    added = []
-
-    def add(name, fn):
-        pipeline.register_step(name, fn)
-        added.append(name)
-
-    yield add
-    for name in added:
-        pipeline.STEPS.pop(name, None)
-
-
 def _run(teacher, recipe, out, data, **kw):
     return run_recipe(teacher, None, recipe, out, profile=PROFILE, progress=False, **kw, **data)
 

@@ -38,20 +38,6 @@ def teacher64():
     return tiny_llama(hidden_size=64, intermediate_size=128, num_layers=2)
 
 
-@pytest.fixture
-def scratch_steps():
-    """Register test-only steps and remove them afterwards."""
-    added = []
-
-    def add(name, fn):
-        pipeline.register_step(name, fn)
-        added.append(name)
-
-    yield add
-    for name in added:
-        pipeline.STEPS.pop(name, None)
-
-
 def _run(teacher, recipe, out, data, **kw):
     return run_recipe(teacher, None, recipe, out, profile=PROFILE, progress=False, **kw, **data)
 
