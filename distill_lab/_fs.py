@@ -58,6 +58,39 @@ def make_tmp_file(parent: str | Path, suffix: str = "") -> Path:
     return Path(name)
 
 
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path, suffix: str = "", mode: int | None = None):
+    """Write ``path`` all at once: yield a temporary path beside it, then rename it into place.
+
+    The one atomic-write helper of the package. The temporary file is ``.tmp-dl-<pid>-...`` in the same
+    folder (a rename is atomic only within one filesystem); on an exception it is removed and ``path``
+    is untouched. The file gets the modes a plain write would have had (or ``mode`` when given)::
+
+        with atomic_file(out / "result.json") as tmp:
+            tmp.write_text(text)
+    """
+    path = Path(path)
+    tmp = make_tmp_file(path.parent, suffix=suffix or path.suffix)
+    try:
+        yield tmp
+        if mode is None:
+            share_permissions(tmp)
+        else:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically (see ``atomic_file``) and return the path."""
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return path
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .evaluate import _device_of
+from .runtime import device_of as _device_of
 
 
 def calibration_pass(model: nn.Module, batches: Iterable[torch.Tensor], handles: list, *,

@@ -27,15 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .hardware import resolve_bf16
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _autocast(device: torch.device, bf16: bool):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=resolve_bf16(bf16, device))
+from ._fs import atomic_write_text
+from .runtime import autocast as _autocast
+from .runtime import device_of as _device_of
+from .runtime import sync as _sync
+from .runtime import timed
 
 
 @torch.inference_mode()
@@ -141,11 +137,6 @@ def temperature_view(logits: torch.Tensor, tokenizer, temperature: float, k: int
             "entropy_bits": entropy_bits(probs)}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timing_prompts(vocab: int, batch: int, seq: int, prompt_len: int = 32, seed: int = 0,
                    device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded random token ids for speed tests: a (batch, seq) prefill prompt and a (1, prompt_len) decode prompt."""
@@ -183,13 +174,7 @@ def latency(model: nn.Module, batch: int = 8, seq: int = 256, decode_tokens: int
     for _ in range(warmup):
         prefill()
         decode()
-    prefill_times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        prefill()
-        _sync(device)
-        prefill_times.append(time.perf_counter() - start)
+    prefill_times = [timed(prefill, device) for _ in range(repeats)]
     decode_times = [decode() for _ in range(repeats)]
     p, d = statistics.median(prefill_times), statistics.median(decode_times)
     return {"prefill_tokens_per_s": batch * seq / p, "prefill_s": p,
@@ -304,12 +289,7 @@ class Result:
 
     def save(self, path: str | Path) -> Path:
         """Write the record as JSON (atomically) and return the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(self.to_json())
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> "Result":

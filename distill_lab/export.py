@@ -28,8 +28,6 @@ moves blocks and never changes a value. A tied head is not written: llama.cpp re
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._fs import atomic_file
+from .tensors import same_tensor
 from .quantize import (Int4WeightOnlyLinear, Int8DynamicLinear, Int8Embedding, Int8WeightOnlyLinear,
                        QuantizedModule)
 
@@ -292,11 +292,8 @@ def to_gguf(model: nn.Module, tokenizer, path: str | Path, float_type: str = "f3
     if not use_teacher_vocab and tokenizer is None:
         raise ValueError("a tokenizer is needed: this model's vocabulary is not the teacher's")
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".gguf", dir=path.parent)
-    os.close(fd)
-    try:
-        writer = gguf.GGUFWriter(tmp, "llama")
+    with atomic_file(path, suffix=".gguf", mode=0o644) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), "llama")
         writer.add_name(name or getattr(cfg, "_name_or_path", "") or "distill_lab model")
         writer.add_context_length(int(getattr(cfg, "max_position_embeddings", 2048)))
         writer.add_embedding_length(cfg.hidden_size)
@@ -353,11 +350,6 @@ def to_gguf(model: nn.Module, tokenizer, path: str | Path, float_type: str = "f3
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return report
 
 
@@ -367,7 +359,7 @@ def _shares_codes(emb: nn.Module, head: nn.Module | None) -> bool:
         return True
     a = getattr(emb, "weight_int8", None) if isinstance(emb, Int8Embedding) else getattr(emb, "weight", None)
     b = getattr(head, "weight_int8", None) if hasattr(head, "weight_int8") else getattr(head, "weight", None)
-    return a is not None and b is not None and a.data_ptr() == b.data_ptr() and a.shape == b.shape
+    return same_tensor(a, b)
 
 
 # ----------------------------------------------------------------------------- reading back

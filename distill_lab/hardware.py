@@ -22,12 +22,13 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from ._fs import atomic_write_text
 
 CACHE_FILE = "hardware.json"
 ENV_BF16 = "DISTILL_LAB_BF16"
@@ -209,21 +210,10 @@ def _read_cache(path: Path) -> dict:
 def _write_cache(path: Path, data: dict) -> None:
     """Write the JSON atomically (temp file beside it, then one rename); a read-only cache only loses the memo."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True))
     except OSError as err:
         print(f"distill_lab: could not write {path} ({err}); the measurement is kept for this process only",
               file=sys.stderr)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def machine_profile(refresh: bool = False, measure_fn=None) -> dict:

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._fs import DamagedFileError, clean_stale_tmp, make_tmp_dir, replace_dir, share_permissions, write_manifest
+from ._fs import DamagedFileError, atomic_write_text, clean_stale_tmp, make_tmp_dir, replace_dir, share_permissions, write_manifest
 from .profiles import Profile, get_profile
 
 # ----------------------------------------------------------------------------------------------
@@ -198,7 +198,7 @@ class Recipe:
             text = yaml.safe_dump(self.to_dict(), sort_keys=False)
         else:
             raise ValueError(f"recipe file {path.name}: suffix {path.suffix!r}; allowed: .yaml, .yml, .json")
-        _atomic_write_text(path, text)
+        atomic_write_text(path, text)
         return path
 
     def fingerprint(self, upto: int) -> str:
@@ -222,18 +222,6 @@ def _as_step(obj, index: int) -> Step:
         return Step(obj, {})
     raise ValueError(f"recipe step {index + 1}: {obj!r}; allowed: {{kind: {{knobs}}}} or "
                      f"{{kind: ..., config: {{knobs}}}} with kind in {', '.join(step_kinds())}")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-dl-{os.getpid()}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -614,7 +602,7 @@ def teacher_metrics(teacher: nn.Module, tokenizer, profile: Profile, windows=Non
         metrics = measure(teacher, windows, profile, folder=tmp, progress=progress)
     if cache is not None:
         quality = {k: v for k, v in metrics.items() if k not in SPEED_KEYS}
-        _atomic_write_text(cache, json.dumps({"profile": profile.name, "code": code_version(),
+        atomic_write_text(cache, json.dumps({"profile": profile.name, "code": code_version(),
                                               "profile_sizes": profile.to_dict(), "input": digest,
                                               "metrics": quality}, indent=2))
     return metrics
@@ -752,7 +740,7 @@ def run_recipe(teacher: nn.Module, tokenizer, recipe: Recipe, out_dir: str | Pat
         bar.close()
     result = RecipeResult(recipe=recipe, teacher=teacher_stats, steps=records, out_dir=str(out_dir),
                           profile=profile.name, model=model if keep_model else None)
-    _atomic_write_text(out_dir / "result.json", json.dumps(result.to_dict(), indent=2))
+    atomic_write_text(out_dir / "result.json", json.dumps(result.to_dict(), indent=2))
     return result
 
 
@@ -1160,9 +1148,9 @@ class ComparisonTable:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         md, js, png = folder / "comparison.md", folder / "comparison.json", folder / "comparison_pareto.png"
-        _atomic_write_text(md, f"# The claims table (size, speed, quality), measured ({self.profile} profile)\n\n"
+        atomic_write_text(md, f"# The claims table (size, speed, quality), measured ({self.profile} profile)\n\n"
                                + self.markdown())
-        _atomic_write_text(js, json.dumps(self.to_dict(), indent=2))
+        atomic_write_text(js, json.dumps(self.to_dict(), indent=2))
         fig = plot_pareto(self.pareto_points())
         fig.savefig(png, dpi=110, bbox_inches="tight")
         plt.close(fig)

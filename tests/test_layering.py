@@ -1,0 +1,201 @@
+"""The package is a stack of layers: a module imports only from its own layer or below, and nothing cycles.
+
+The import graph is read from the source (``ast``), counting imports inside functions too, so a cycle
+cannot hide behind a function-level import. ``LAYERS`` is the rule written down; docs/architecture.md
+explains it. A new module must be given a layer here, which is the moment to decide where it belongs.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "distill_lab"
+
+# Lower numbers are closer to torch. The longest matching prefix of a module's dotted name (relative
+# to distill_lab) gives its layer; "" is the package's __init__.
+LAYERS = {
+    # 0: foundations that know nothing of models
+    "_startup": 0, "_fs": 0, "claims": 0, "profiles": 0, "hardware": 0, "tensors": 0,
+    # 1: devices, timers, families, data
+    "runtime": 1, "arch": 1, "data": 1, "_folder": 1, "_hf": 1,
+    # 2: numeric primitives and layer types of the techniques (no model-level logic)
+    "quantization.primitives": 2, "quantization.kernels": 2, "quantization.configs": 2,
+    "quantization.modules": 3, "pruning.sparse_storage": 3,
+    # 4: saving and loading every kind of model the package writes
+    "serialization": 4,
+    # 5: models and measurements
+    "models": 5, "evaluate": 5, "calibration": 5,
+    # 6: distillation (its trainer is the one training loop; pruning and QAT use it)
+    "distillation": 6,
+    # 7: the techniques that transform a model
+    "quantization": 7, "pruning": 7,
+    # 8: what combines or ships techniques
+    "pipeline": 8, "export": 8, "decode": 8,
+    # 9: what a lesson shows
+    "views": 9, "speed": 9, "plotting": 9, "exercises": 9, "course": 9, "support": 9,
+    "widgets": 10,
+    # 11: entry points
+    "__main__": 11, "": 11,
+}
+
+# Function-level imports of package modules are allowed only here: the CLI keeps ``--help`` and its
+# one-line errors fast by importing torch-heavy modules when a subcommand runs.
+LAZY_OK = {"__main__"}
+
+
+def _module_names() -> dict[str, Path]:
+    out = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+def _resolve(module: str, is_package: bool, node: ast.ImportFrom | ast.Import, modules) -> list[str]:
+    """Package-relative modules ``node`` imports (``from . import x`` yields ``x`` if it is a module)."""
+    names = []
+    if isinstance(node, ast.Import):
+        for alias in node.names:
+            if alias.name == "distill_lab" or alias.name.startswith("distill_lab."):
+                names.append(alias.name[len("distill_lab."):] if "." in alias.name else "")
+        return names
+    if node.level == 0:
+        if node.module and (node.module == "distill_lab" or node.module.startswith("distill_lab.")):
+            base = node.module[len("distill_lab."):] if "." in node.module else ""
+        else:
+            return []
+    else:
+        here = module.split(".") if module else []
+        if not is_package:
+            here = here[:-1]
+        up = node.level - 1
+        here = here[:len(here) - up] if up else here
+        base = ".".join(here + ([node.module] if node.module else []))
+    for alias in node.names:  # from . import quantization -> the submodule itself, else the package
+        sub = f"{base}.{alias.name}" if base else alias.name
+        names.append(sub if sub in modules else base)
+    return names
+
+
+def import_graph() -> tuple[dict[str, set[str]], dict[str, list[str]]]:
+    """{module: modules it imports} and {module: 'line: statement' of function-level package imports}."""
+    modules = _module_names()
+    graph, lazy = {}, {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(), str(path))
+        deps = set()
+        function_level = set()
+        for fn in ast.walk(tree):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for node in ast.walk(fn):
+                    if isinstance(node, (ast.Import, ast.ImportFrom)):
+                        function_level.add(id(node))
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            found = [m for m in _resolve(name, path.name == "__init__.py", node, modules) if m in modules and m != name]
+            deps.update(found)
+            if found and id(node) in function_level:
+                lazy.setdefault(name, []).append(f"{node.lineno}: {ast.unparse(node)}")
+        graph[name] = deps
+    return graph, lazy
+
+
+def layer_of(module: str) -> int:
+    best = None
+    for prefix in LAYERS:
+        if module == prefix or (prefix and module.startswith(prefix + ".")) or (prefix == "" and module == ""):
+            if best is None or len(prefix) > len(best):
+                best = prefix
+    if best is None:
+        raise KeyError(module)
+    return LAYERS[best]
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_every_module_has_a_layer():
+    missing = []
+    for m in _module_names():
+        try:
+            layer_of(m)
+        except KeyError:
+            missing.append(m)
+    assert not missing, f"give these modules a layer in tests/test_layering.py LAYERS: {missing}"
+
+
+def test_no_import_cycle():
+    graph, _ = import_graph()
+    cycles = _cycles(graph)
+    assert not cycles, f"import cycles among distill_lab modules: {cycles}"
+
+
+def test_lower_layers_never_import_higher_ones():
+    graph, _ = import_graph()
+    bad = []
+    for module, deps in graph.items():
+        for dep in deps:
+            if module.startswith(dep + ".") or (dep == "" and module):
+                bad.append(f"{module} imports its own package {dep or 'distill_lab'} (import the module instead)")
+            elif dep.startswith(module + ".") if module else False:
+                continue  # a package's __init__ re-exports its submodules
+            elif layer_of(dep) > layer_of(module):
+                bad.append(f"{module} (layer {layer_of(module)}) imports {dep} (layer {layer_of(dep)})")
+    assert not bad, "\n".join(sorted(bad))
+
+
+def test_function_level_imports_only_for_optional_dependencies():
+    _, lazy = import_graph()
+    bad = {m: lines for m, lines in lazy.items() if m not in LAZY_OK}
+    assert not bad, f"package modules imported inside functions (move them to the top): {bad}"
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("from .quantization.api import quantize_", {"quantization.api"}),
+    ("from . import runtime", {"runtime"}),
+    ("from ..runtime import device_of", {"runtime"}),
+])
+def test_resolver_reads_relative_imports(source, expected):
+    node = ast.parse(source).body[0]
+    module = "pruning.structured" if source.startswith("from ..") else "evaluate"
+    modules = set(_module_names()) | {"quantization.api"}
+    assert {m for m in _resolve(module, False, node, modules) if m in modules} == expected
+
+
+def test_the_checker_sees_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]
