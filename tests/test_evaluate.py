@@ -50,10 +50,20 @@ def test_model_size_memory_and_disk(tiny):
     assert abs(disk - mem) < 0.05 * mem + 4096
 
 
-def test_peak_memory_sees_an_allocation():
-    _, base = dl.peak_memory(lambda: None)
-    _, peak = dl.peak_memory(lambda: torch.ones(64 * 2**20 // 4).sum())  # 64 MiB
-    assert peak >= base
+def _touch(mib: int) -> float:
+    t = torch.ones(mib * 2**20 // 4)  # float32: mib MiB, every page written
+    return float(t[::4096].sum())
+
+
+def test_peak_memory_sees_an_allocation_and_forgets_earlier_peaks():
+    if not evaluate._reset_rss_peak():
+        pytest.skip("this kernel cannot reset the RSS high-water mark (/proc/self/clear_refs)")
+    _touch(384)  # an earlier, larger peak that a reset must forget
+    _, idle = dl.peak_memory(lambda: None)
+    _, peak = dl.peak_memory(lambda: _touch(256))
+    assert peak - idle >= 200 * 2**20, f"a 256 MiB tensor raised the measured peak by {(peak - idle) / 2**20:.0f} MiB"
+    _, again = dl.peak_memory(lambda: None)
+    assert again < peak - 200 * 2**20, "the high-water mark was not reset: an old peak leaked into a new measurement"
 
 
 def test_temperature_view_and_entropy():
