@@ -251,7 +251,7 @@ def make_student(teacher: nn.Module, init: str = "layer_drop", *, keep_every: in
         if any(v is not None for v in (hidden_size, intermediate_size, num_attention_heads,
                                        num_key_value_heads)):
             raise ValueError("init='layer_drop' keeps the teacher's widths; use init='random' "
-                             "(or distill_lab.prune) to change them")
+                             "(or distill_lab.pruning) to change them")
         torch.manual_seed(seed)
         student = ad.shrink(layers).train()
     elif init == "random":
