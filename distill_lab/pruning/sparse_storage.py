@@ -21,6 +21,7 @@ from torch import nn
 
 from .._folder import check_model_folder
 from .._fs import atomic_folder
+from .._hf import quiet_transformers
 from ..tensors import storage_key
 from .masks import is_nm_sparse
 from .selection import prunable_linears, resolve_filter
@@ -188,16 +189,9 @@ def sparse_bytes_on_disk(model: nn.Module, filter_fn=None, *, exclude=None) -> i
 
 def save_dense_bytes(model: nn.Module) -> int:
     """Bytes of the safetensors weights ``save_pretrained`` writes for this model (what "stored dense" costs)."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # no info logs of the throw-away save
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            model.save_pretrained(tmp)
-            return sum(p.stat().st_size for p in Path(tmp).glob("*.safetensors"))
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    with tempfile.TemporaryDirectory() as tmp, quiet_transformers():
+        model.save_pretrained(tmp)
+        return sum(p.stat().st_size for p in Path(tmp).glob("*.safetensors"))
 
 
 # ----------------------------------------------------------------------------------------------
