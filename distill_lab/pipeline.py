@@ -793,13 +793,13 @@ def _apply_layer_drop(model: nn.Module, config: dict, ctx: StepContext) -> nn.Mo
 
 
 def _prune_config(config: dict):
-    from .prune import StructuredConfig
+    from .pruning.structured import StructuredConfig
 
     return _config_from(StructuredConfig, config, "step 'prune'")
 
 
 def _apply_prune(model: nn.Module, config: dict, ctx: StepContext) -> nn.Module:
-    from .prune import prune_structured
+    from .pruning.structured import prune_structured
 
     cfg = _prune_config(config)
     calibration = ctx.calibration() if cfg.needs_calibration else None
@@ -1007,7 +1007,7 @@ def _apply_qat(model: nn.Module, config: dict, ctx: StepContext) -> nn.Module:
 register_step("layer_drop", _apply_layer_drop, _validate_layer_drop,
               "student = every k-th block of the current model (DistilBERT init); knobs: keep_every, layers")
 register_step("prune", _apply_prune, lambda c: _prune_config(c),
-              "structured pruning of heads / MLP channels / layers (distill_lab.prune.StructuredConfig)")
+              "structured pruning of heads / MLP channels / layers (distill_lab.pruning.StructuredConfig)")
 register_step("distil", _apply_distil, _validate_distil,
               "distil toward the teacher from cached top-k logits; knobs: steps, batch_size, lr, temperature, "
               "alpha, kind, top_k, bf16")

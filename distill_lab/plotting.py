@@ -288,7 +288,7 @@ def plot_sparsity_curve(view: dict, ax=None):
 
 
 def plot_layer_pruning_view(view: dict, axes=None):
-    """Two panels for ``prune.layer_pruning_view``: output error of both methods, and the |W| kept vs pruned."""
+    """Two panels for ``views.pruning.layer_pruning_view``: output error of both methods, and the |W| kept vs pruned."""
     if axes is None:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     ax, bx = axes

@@ -17,6 +17,9 @@ import io
 
 import ipywidgets as widgets
 
+from .plotting import plot_layer_pruning_view, plot_sparsity_curve
+from .views.pruning import layer_pruning_view, sparsity_curve_view
+
 SLIDER_WIDTH = "720px"  # the whole control; its track stays >= 400 px beside the longest label and the readout
 _STYLE = {"description_width": "initial"}  # full labels ("temperature", not "temperat...")
 
@@ -155,9 +158,6 @@ def quantization_widget(weight, bits: int = 4, granularity="per-channel", symmet
 
 def sparsity_widget(curves: dict, sparsity: float = 0.5, method: str = "wanda"):
     """Sparsity slider and method picker that mark a point of precomputed perplexity-vs-sparsity curves (instant)."""
-    from .plotting import plot_sparsity_curve
-    from .prune import sparsity_curve_view
-
     slider = widgets.SelectionSlider(options=list(curves["sparsities"]), value=sparsity, description="sparsity",
                                      continuous_update=False, style=_STYLE, layout=_layout())
     picker = widgets.Dropdown(options=["magnitude", "wanda"], value=method, description="method", style=_STYLE)
@@ -167,9 +167,6 @@ def sparsity_widget(curves: dict, sparsity: float = 0.5, method: str = "wanda"):
 
 def layer_pruning_widget(weight, inputs, sparsity: float = 0.5, method: str = "wanda", name: str = "layer"):
     """Sparsity slider and method picker that prune one real layer live and redraw its output error (recomputed)."""
-    from .plotting import plot_layer_pruning_view
-    from .prune import layer_pruning_view
-
     slider = widgets.FloatSlider(value=sparsity, min=0.05, max=0.95, step=0.05, description="sparsity",
                                  readout_format=".0%", continuous_update=False, style=_STYLE, layout=_layout())
     picker = widgets.Dropdown(options=["magnitude", "wanda"], value=method, description="method", style=_STYLE)

@@ -30,7 +30,7 @@ def test_greedy_tokens_equal_hf_generate(quantized):
 
 
 def test_pruned_shapes_and_unfused_path():
-    from distill_lab.prune import StructuredConfig, prune_structured
+    from distill_lab.pruning import StructuredConfig, prune_structured
 
     model = tiny_llama(vocab_size=256, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2)
     small = prune_structured(model, StructuredConfig(heads_keep=0.5, channels_keep=0.5)).eval()

@@ -56,7 +56,7 @@ def test_q8_0_blocks_keep_codes_and_round_scales_to_fp16():
 
 def _pruned_tiny():
     from distill_lab.models import tiny_llama
-    from distill_lab.prune import StructuredConfig, prune_structured
+    from distill_lab.pruning import StructuredConfig, prune_structured
 
     model = tiny_llama(vocab_size=49152, hidden_size=64, num_layers=3, intermediate_size=128, num_heads=4,
                        num_kv_heads=2)

@@ -107,25 +107,28 @@ def test_gemma_int8_embedding_keeps_the_scale(ids):
 # ------------------------------------------------------------------------------------------------ Wanda
 def _wanda_reference(model, batches, config):
     """Sequential Wanda through whole-model forwards: block i's input norms come from the model with blocks < i pruned."""
-    from distill_lab.prune import _keep_mask, input_norms, prunable_linears, wanda_scores
+    from distill_lab.pruning.masks import wanda_scores
+    from distill_lab.pruning.selection import prunable_linears
+    from distill_lab.pruning.unstructured import input_norms, keep_mask
 
+    every = lambda module, name: True  # noqa: E731
     blocks = arch.decoder_blocks(model)
     prefix = {id(m): n for n, m in model.named_modules()}
     for block in blocks:
-        names = [f"{prefix[id(block)]}.{n}" for n in prunable_linears(block, ())]
-        norms = input_norms(model, batches, exclude=())
-        linears = prunable_linears(model, ())
+        names = [f"{prefix[id(block)]}.{n}" for n in prunable_linears(block, every)]
+        norms = input_norms(model, batches, every)
+        linears = prunable_linears(model, every)
         for name in names:
             lin = linears[name]
             with torch.no_grad():
-                lin.weight.mul_(_keep_mask(lin.weight, wanda_scores(lin.weight, norms[name]), config))
+                lin.weight.mul_(keep_mask(lin.weight, wanda_scores(lin.weight, norms[name]), config))
     return model
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("pattern", ["50%", "2:4"])
 def test_wanda_sequential(family, pattern, ids):
-    from distill_lab.prune import WandaConfig, prune_
+    from distill_lab.pruning import WandaConfig, prune_
 
     model = tiny_model(family)
     config = WandaConfig(sparsity=0.5) if pattern == "50%" else WandaConfig(pattern="2:4")
@@ -175,8 +178,8 @@ def _skip_blocks(model, drop):
 def test_structured(family, ids, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from distill_lab.prune import (StructuredConfig, _select_channels, _select_heads, _select_layers,
-                                   block_influence, importance, prune_structured)
+    from distill_lab.pruning.structured import (StructuredConfig, block_influence, importance, prune_structured,
+                                                select_channels, select_heads, select_layers)
 
     model = tiny_model(family)
     width = StructuredConfig(heads_keep=0.5, channels_keep=0.5)
@@ -185,8 +188,8 @@ def test_structured(family, ids, tmp_path):
         return
     ad = arch.adapter(model)
     scores = importance(model, "l2_norm")
-    heads, _ = _select_heads(scores["heads"], scores["kv_groups"], 0.5, "query", ad.n_rep)
-    channels = _select_channels(scores["channels"], 0.5)
+    heads, _ = select_heads(scores["heads"], scores["kv_groups"], 0.5, "query", ad.n_rep)
+    channels = select_channels(scores["channels"], 0.5)
     small = prune_structured(model, width)
     assert type(small) is type(model)
     assert small.config.num_attention_heads == ad.heads // 2
@@ -196,7 +199,7 @@ def test_structured(family, ids, tmp_path):
     small.save_pretrained(tmp_path / "w")
     assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "w"), ids), _logits(small, ids))
 
-    keep = _select_layers(block_influence(model, [ids]), 0.67)
+    keep = select_layers(block_influence(model, [ids]), 0.67)
     short = prune_structured(model, StructuredConfig(layers_keep=0.67), calibration=[ids])
     types = getattr(model.config, "layer_types", None)
     if types is not None:
@@ -327,11 +330,10 @@ def test_qat_summary_lists_every_linear_left_in_float():
 def test_parameter_counts(family):
     from distill_lab.models import count_parameters
     from distill_lab.pipeline import logical_parameters
-    from distill_lab.prune import config_parameter_count
 
     model = tiny_model(family)
     real = count_parameters(model)["total"]
-    assert config_parameter_count(model.config) == real
+    assert arch.parameter_count(model.config) == real
     assert logical_parameters(model) == real
 
 

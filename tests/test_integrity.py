@@ -170,7 +170,7 @@ def test_finding3_config_with_an_extra_layer_is_an_error(tmp_path):
 
 
 def test_finding3_a_changed_weight_file_fails_its_checksum(tmp_path):
-    from distill_lab.prune import load_sparse, save_sparse
+    from distill_lab.pruning import load_sparse, save_sparse
     from distill_lab.quantize import Int4WeightOnly, quantize_, save_quantized
 
     model = tiny_llama()

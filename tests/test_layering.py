@@ -23,6 +23,7 @@ LAYERS = {
     "runtime": 1, "arch": 1, "data": 1, "_folder": 1, "_hf": 1,
     # 2: numeric primitives and layer types of the techniques (no model-level logic)
     "quantization.primitives": 2, "quantization.kernels": 2, "quantization.configs": 2,
+    "pruning.masks": 2, "pruning.selection": 2,
     "quantization.modules": 3, "pruning.sparse_storage": 3,
     # 4: saving and loading every kind of model the package writes
     "serialization": 4,
@@ -36,6 +37,7 @@ LAYERS = {
     "pipeline": 8, "export": 8, "decode": 8,
     # 9: what a lesson shows
     "views": 9, "speed": 9, "plotting": 9, "exercises": 9, "course": 9, "support": 9,
+    "prune": 9,  # the issue-13 shim: re-exports pruning, views.pruning and speed.pruning; keeps healing
     "widgets": 10,
     # 11: entry points
     "__main__": 11, "": 11,

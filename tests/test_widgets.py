@@ -4,7 +4,7 @@ import matplotlib.pyplot as plt
 import pytest
 import torch
 
-from distill_lab import prune as P
+from distill_lab.views import pruning as P
 from distill_lab import widgets as W
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..prune import nm_mask, unstructured_mask
+from ..pruning.masks import nm_mask, unstructured_mask
 from ._check import check
 
 

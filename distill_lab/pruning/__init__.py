@@ -1,0 +1,28 @@
+"""Pruning that is honest about bytes and time: unstructured, N:M (2:4) and structured.
+
+* ``masks``: keep-masks and scores of one weight matrix (magnitude, Wanda, N:M); pure tensors.
+* ``selection``: which Linear layers a pass prunes (``filter_fn``) and its calibration batches.
+* ``unstructured``: ``MagnitudeConfig`` / ``WandaConfig`` and ``prune_``, the in-place entry point
+  (it takes a ``StructuredConfig`` too).
+* ``structured``: ``StructuredConfig``, importance scores, Block Influence and the smaller rebuild.
+* ``sparse_storage``: what zeros cost and save: sparse files, CSR and 2:4 layers.
+
+Lesson views live in ``distill_lab.views.pruning``, speed comparisons in ``distill_lab.speed.pruning``.
+"""
+
+from .masks import GRANULARITIES, is_nm_sparse, magnitude_scores, nm_mask, unstructured_mask, wanda_scores
+from .selection import DEFAULT_EXCLUDE, default_filter, exclude_globs, prunable_linears
+from .sparse_storage import (STORAGE_FORMATS, CSRLinear, load_sparse, save_dense_bytes, save_sparse,
+                             semi_structured_available, sparse_bytes, sparse_bytes_on_disk, sparsity_stats,
+                             to_semi_structured_, to_sparse_csr_)
+from .structured import (HEAD_GRANULARITIES, IMPORTANCE_METRICS, StructuredConfig, block_influence, importance,
+                         prune_channels, prune_heads, prune_layers, prune_structured, prune_structured_)
+from .unstructured import MagnitudeConfig, WandaConfig, input_norms, prune_
+
+__all__ = ["CSRLinear", "DEFAULT_EXCLUDE", "GRANULARITIES", "HEAD_GRANULARITIES", "IMPORTANCE_METRICS",
+           "MagnitudeConfig", "STORAGE_FORMATS", "StructuredConfig", "WandaConfig", "block_influence",
+           "default_filter", "exclude_globs", "importance", "input_norms", "is_nm_sparse", "load_sparse",
+           "magnitude_scores", "nm_mask", "prunable_linears", "prune_", "prune_channels", "prune_heads",
+           "prune_layers", "prune_structured", "prune_structured_", "save_dense_bytes", "save_sparse",
+           "semi_structured_available", "sparse_bytes", "sparse_bytes_on_disk", "sparsity_stats",
+           "to_semi_structured_", "to_sparse_csr_", "unstructured_mask", "wanda_scores"]

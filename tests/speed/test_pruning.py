@@ -1,0 +1,28 @@
+"""Tests for distill_lab.speed.pruning: the 2:4 kernel timing and interleaved model timing."""
+
+import copy
+
+import torch
+
+from distill_lab.pruning.unstructured import MagnitudeConfig, prune_
+from distill_lab.speed.pruning import compare_speed, semi_structured_speed
+
+
+def test_semi_structured_speed_on_this_device():
+    r = semi_structured_speed(256, 128, 64, repeats=2)
+    assert r["dense_s"] > 0 and r["sparse_24_s"] > 0 and r["speedup_24"] > 0
+    if not torch.cuda.is_available():
+        assert "no 2:4 sparse kernel on the CPU" in r["kernel"]
+        assert "csr_s" in r
+
+
+def test_compare_speed_times_every_model(tiny):
+    pruned = copy.deepcopy(tiny)
+    prune_(pruned, MagnitudeConfig(0.5))
+    out = compare_speed({"dense": tiny, "pruned": pruned}, batch=1, seq=8, decode_tokens=2, repeats=1, warmup=0)
+    assert list(out) == ["dense", "pruned"]
+    for r in out.values():
+        assert r["prefill_s"] > 0 and r["prefill_tokens_per_s"] == 8 / r["prefill_s"]
+        assert r["decode_tokens_per_s"] > 0 and r["decode_ms_per_token"] > 0
+    no_decode = compare_speed({"dense": tiny}, batch=1, seq=8, repeats=1, warmup=0, decode=False)["dense"]
+    assert no_decode["prefill_s"] > 0 and no_decode["decode_tokens_per_s"] != no_decode["decode_tokens_per_s"]  # NaN
