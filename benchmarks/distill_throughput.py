@@ -14,8 +14,7 @@ import sys
 import time
 
 import distill_lab as dl
-from distill_lab.distill import (DistillationLoss, DistillationTrainer, TrainConfig,
-                                 cache_teacher_logits)
+from distill_lab.distillation import DistillationLoss, DistillationTrainer, TrainConfig, cache_teacher_logits
 
 
 def _rss_bytes() -> int:

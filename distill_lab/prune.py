@@ -8,12 +8,10 @@ Healing (``heal``, ``kl_to_teacher``) still lives here; it moves to ``distill_la
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from .data import sample_batch
-from .hardware import resolve_bf16
+from .distillation import (DistillationLoss, DistillationTrainer, TeacherCache, TrainConfig,
+                           divergence_reference, soft_target_loss)
 from .pruning.masks import GRANULARITIES, is_nm_sparse, magnitude_scores, nm_mask, unstructured_mask, wanda_scores
 from .pruning.selection import DEFAULT_EXCLUDE, prunable_linears
 from .pruning.sparse_storage import (SPARSE_FORMAT_TAG, STORAGE_FORMATS, CSRLinear, load_sparse, save_dense_bytes,
@@ -23,7 +21,7 @@ from .pruning.structured import (HEAD_GRANULARITIES, StructuredConfig, block_inf
                                  prune_heads, prune_layers, prune_structured)
 from .pruning.structured import IMPORTANCE_METRICS as IMPORTANCE_METHODS
 from .pruning.unstructured import MagnitudeConfig, WandaConfig, input_norms, prune_
-from .runtime import device_of as _device_of
+from .runtime import autocast, device_of
 from .speed.pruning import compare_speed, semi_structured_speed
 from .views.pruning import (describe, layer_pruning_view, linear_inputs, sparsity_curve, sparsity_curve_view,
                             to_json)
@@ -48,81 +46,56 @@ def heal(student: nn.Module, teacher: nn.Module | None, windows=None, steps: int
     """Distil a pruned student toward the teacher for ``steps`` steps, in place; return the loss per step.
 
     Minitron-style healing: forward KL(teacher || student) on the logits only (``alpha = 1``,
-    temperature 1), AdamW with a short warm-up and cosine decay. ``windows`` is a (N, T) tensor
-    of token windows (the teacher runs live; bf16 autocast per ``bf16``, 'auto': where measured faster)
-    or a ``distill_lab.distill.TeacherCache`` of top-k teacher logits, which several pruned students
-    can share (``teacher`` may then be None).
-    It uses ``distill_lab.distill.DistillationTrainer``; ``use_trainer=False`` (or a missing
-    ``distill`` module) runs a minimal local loop with the same loss on full-vocabulary logits.
+    temperature 1), AdamW with a short warm-up and cosine decay, run by the package's one training
+    loop, ``distill_lab.distillation.DistillationTrainer``. ``windows`` is a (N, T) tensor of token
+    windows (the teacher runs live; bf16 autocast per ``bf16``, 'auto': where measured faster) or a
+    ``distill_lab.distillation.TeacherCache`` of top-k teacher logits, which several pruned students
+    can share (``teacher`` may then be None). ``use_trainer=False`` keeps the settings of the former
+    minimal local loop (``_heal_local``: windows drawn with replacement, every position, a constant
+    learning rate); it needs token windows and a live teacher.
     """
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps={steps!r}; allowed: an int >= 1")
-    trainer_mod = None
-    if use_trainer:
-        try:
-            from . import distill as trainer_mod
-        except ImportError:  # the distillation module is optional for this lesson
-            trainer_mod = None
-    is_cache = trainer_mod is not None and isinstance(windows, trainer_mod.TeacherCache)
+    is_cache = use_trainer and isinstance(windows, TeacherCache)
     if not is_cache and (not isinstance(windows, torch.Tensor) or windows.dim() != 2):
-        raise ValueError("windows: allowed a (N, T) tensor of token ids or a distill.TeacherCache")
+        raise ValueError("windows: allowed a (N, T) tensor of token ids or a distillation.TeacherCache")
     if teacher is None and not is_cache:
         raise ValueError("heal needs a teacher, or a TeacherCache of its logits as windows")
-    if trainer_mod is None:
+    if not use_trainer:
         return _heal_local(student, teacher, windows, steps, batch_size, lr, temperature, bf16, seed, progress)
-    config = trainer_mod.TrainConfig(steps=steps, batch_size=batch_size, lr=lr, weight_decay=0.0,
-                                     warmup_steps=min(5, max(1, steps // 5)), bf16=bf16,
-                                     teacher_bf16=bf16, seed=seed, progress=progress)
-    loss = trainer_mod.DistillationLoss(temperature=temperature, alpha=1.0, kind="forward_kl")
-    trainer = trainer_mod.DistillationTrainer(student, windows, teacher=None if is_cache else teacher,
-                                              loss=loss, config=config)
-    try:
-        history = trainer.train()
-    finally:
-        student.eval()
-    return [row["loss"] for row in history["train"]]
+    config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, weight_decay=0.0,
+                         warmup_steps=min(5, max(1, steps // 5)), bf16=bf16,
+                         teacher_bf16=bf16, seed=seed, progress=progress)
+    loss = DistillationLoss(temperature=temperature, alpha=1.0, kind="forward_kl")
+    trainer = DistillationTrainer(student, windows, teacher=None if is_cache else teacher,
+                                  loss=loss, config=config, desc="healing", eval_after=True)
+    return [row["loss"] for row in trainer.train()["train"]]
 
 
 def _heal_local(student, teacher, windows, steps, batch_size, lr, temperature, bf16, seed, progress):
-    """The fallback healing loop: KL(teacher || student) on full logits, AdamW, gradient clipping."""
-    device = _device_of(student)
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    teacher.eval()
-    student.train()
-    losses = []
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=resolve_bf16(bf16, device))
-    try:
-        for _ in tqdm(range(steps), desc="healing", leave=False, disable=not progress):
-            batch = sample_batch(windows, batch_size, g).to(device)  # (B, T)
-            with torch.no_grad(), torch.autocast(**autocast):
-                t_logits = teacher(batch, use_cache=False).logits.float()  # (B, T, V)
-            with torch.autocast(**autocast):
-                s_logits = student(batch, use_cache=False).logits
-            s_logp = F.log_softmax(s_logits.float() / temperature, -1)  # (B, T, V)
-            t_logp = F.log_softmax(t_logits / temperature, -1)  # (B, T, V)
-            loss = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean() * temperature ** 2  # per-token KL
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            opt.step()
-            losses.append(loss.item())
-    finally:
-        student.eval()
-    return losses
+    """Healing with the former local loop's settings, on the one trainer: T² · KL(teacher || student) by
+    autograd on every position of windows drawn with replacement, AdamW (unfused, no decay) at a
+    constant rate, clipping at 1."""
+    config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, weight_decay=0.0, betas=(0.9, 0.999),
+                         warmup_steps=0, schedule="constant", sampling="random", fused=False, reseed=False,
+                         bf16=bf16, teacher_bf16=bf16, seed=seed, progress=progress)
+    trainer = DistillationTrainer(student, windows, teacher=teacher, config=config,
+                                  loss=lambda s, t: soft_target_loss(s, t, temperature),
+                                  every_position=True, freeze_teacher=False, desc="healing", eval_after=True)
+    return [row["loss"] for row in trainer.train()["train"]]
 
 
 @torch.no_grad()
 def kl_to_teacher(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, batch_size: int = 8,
                   bf16: bool = False) -> float:
     """Mean per-token KL(teacher || student) over (N, T) windows: how far a pruned model is from its teacher."""
-    device = _device_of(student)
+    device = device_of(student)
     total, count = 0.0, 0
     for batch in windows.split(batch_size):
         batch = batch.to(device)  # (B, T)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=resolve_bf16(bf16, device)):
-            t = F.log_softmax(teacher(batch, use_cache=False).logits.float(), -1)  # (B, T, V)
-            s = F.log_softmax(student(batch, use_cache=False).logits.float(), -1)  # (B, T, V)
-        total += (t.exp() * (t - s)).sum().item()
+        with autocast(device, bf16):
+            t = teacher(batch, use_cache=False).logits.float()  # (B, T, V)
+            s = student(batch, use_cache=False).logits.float()  # (B, T, V)
+        total += divergence_reference(s, t).sum().item()  # the package's one divergence, per position
         count += batch.numel()
     return total / count

@@ -12,15 +12,12 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from .data import sample_batch
-from .hardware import resolve_bf16
+from .arch import check_linear_layout
+from .distillation import DistillationLoss, DistillationTrainer, TrainConfig, soft_target_loss
 from .quantize import (CONFIGS, Int4WeightOnly, Int8Dynamic, Int8WeightOnly, QuantizationSummary,
                        _linear_from_config, _set_module, config_to_dict, fake_quantize,
                        quantize_embedding_and_head_)
@@ -95,8 +92,6 @@ def prepare_qat_(model: nn.Module, config, filter_fn=None) -> nn.Module:
     """
     if not isinstance(config, tuple(CONFIGS.values())):
         raise ValueError(f"config={config!r}; allowed: an instance of {', '.join(CONFIGS)}")
-    from .arch import check_linear_layout
-
     check_linear_layout(model, "prepare_qat_")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for name, module in list(model.named_modules()):
@@ -133,11 +128,12 @@ def convert_(model: nn.Module) -> QuantizationSummary:
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Token-level ``T² · KL(p_teacher^T ‖ p_student^T)``, averaged over tokens; logits (B, T, V)."""
-    t = temperature
-    s = F.log_softmax(student_logits.float() / t, dim=-1).flatten(0, -2)  # (N, V)
-    p = F.log_softmax(teacher_logits.float() / t, dim=-1).flatten(0, -2)  # (N, V)
-    return F.kl_div(s, p, log_target=True, reduction="batchmean") * t * t
+    """Token-level ``T² · KL(p_teacher^T ‖ p_student^T)``, averaged over tokens; logits (..., V).
+
+    The package's one divergence on every position, in its unchunked autograd form
+    (``distillation.soft_target_loss``), in float32.
+    """
+    return soft_target_loss(student_logits.float(), teacher_logits.float(), temperature)
 
 
 def qat_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -156,51 +152,40 @@ def train_qat(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, steps
               bf16: bool | str = "auto", seed: int = 0, progress: bool = True) -> list[dict]:
     """Distil the fp32 ``teacher`` into the fake-quantized ``model`` for ``steps`` AdamW steps; returns the loss history.
 
-    ``windows`` (N, T) are training token windows, drawn at random (seeded). Only the QAT
-    Linear weights train. The teacher runs once per step under ``inference_mode`` (bf16
-    autocast when ``bf16``); the student runs with bf16 autocast too, with fp32 master weights.
-    ``bf16='auto'`` turns it on only where it is measured faster here (``distill_lab.hardware``).
-    ``loss_fn(student_logits, teacher_logits)`` defaults to
-    the course's ``distill.DistillationLoss(temperature, alpha=1)`` (pure forward KL, chunked so the
-    49k vocabulary fits), which equals ``kd_loss``. A cosine schedule decays the learning rate to 10 %.
+    ``windows`` (N, T) are training token windows, drawn at random with replacement (seeded). Only
+    the QAT Linear weights train. The loop is ``distillation.DistillationTrainer``: the teacher runs
+    live once per step under ``no_grad`` (bf16 autocast when ``bf16``); the student runs with bf16
+    autocast too, with fp32 master weights. ``bf16='auto'`` turns it on only where it is measured
+    faster here (``distill_lab.hardware``). ``loss_fn(student_logits, teacher_logits)`` defaults to
+    ``distillation.DistillationLoss(temperature, alpha=1)`` on every position (pure forward KL, chunked
+    so the 49k vocabulary fits), which is ``kd_loss``. A cosine schedule decays the learning rate
+    to 10 %. Each history row is ``{"step", "loss", "lr"}`` with the learning rate after that step.
     """
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps={steps}, batch_size={batch_size}; allowed: both >= 1")
     if loss_fn is None:
-        from .distill import DistillationLoss
-
         loss_fn = DistillationLoss(temperature=temperature, alpha=1.0)
     params = qat_parameters(model)
     if not params:
         raise ValueError("no QATLinear in the model: call prepare_qat_(model, config) first")
+    # the former loop's settings, kept so that its numbers do not move: AdamW's defaults without decay
+    # (unfused), cosine from the first step to 10 %, windows drawn with replacement, the caller's RNG
+    config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, weight_decay=0.0, betas=(0.9, 0.999),
+                         warmup_steps=0, min_lr_ratio=0.1, schedule="cosine", sampling="random",
+                         fused=False, reseed=False, bf16=bf16, teacher_bf16=bf16, seed=seed,
+                         progress=progress)
     trainable = {id(p) for p in params}
     frozen = [p for p in model.parameters() if id(p) not in trainable and p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
-    device = next(model.parameters()).device
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
-    gen = torch.Generator().manual_seed(seed)
     history = []
-    model.train()
-    teacher.eval()
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=resolve_bf16(bf16, device))
+
+    def record(trainer, step, row):
+        history.append({"step": step, "loss": row["loss"], "lr": trainer.scheduler.get_last_lr()[0]})
+
     try:
-        for step in tqdm(range(steps), desc="QAT", leave=False, disable=not progress):
-            batch = sample_batch(windows, batch_size, gen).to(device)  # (B, T)
-            with torch.inference_mode(), torch.autocast(**autocast):
-                t_logits = teacher(batch).logits  # (B, T, V)
-            t_logits = t_logits.float().clone()  # leave inference mode
-            with torch.autocast(**autocast):
-                s_logits = model(batch).logits  # (B, T, V)
-            loss = loss_fn(s_logits.float(), t_logits)  # (B, T, V) each
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            history.append({"step": step + 1, "loss": loss.item(), "lr": sched.get_last_lr()[0]})
+        DistillationTrainer(model, windows, teacher=teacher, loss=loss_fn, config=config, every_position=True,
+                            freeze_teacher=False, callbacks=[record], desc="QAT").train()
     finally:
         model.eval()
         for p in frozen:

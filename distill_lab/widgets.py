@@ -17,7 +17,10 @@ import io
 
 import ipywidgets as widgets
 
+from .plotting import plot_distillation_view, plot_temperature_view
 from .plotting import plot_layer_pruning_view, plot_sparsity_curve
+from .views.baseline import temperature_view
+from .views.distillation import distillation_view
 from .views.pruning import layer_pruning_view, sparsity_curve_view
 
 SLIDER_WIDTH = "720px"  # the whole control; its track stays >= 400 px beside the longest label and the readout
@@ -83,9 +86,6 @@ def _interactive(view, knobs: dict, options: dict | None = None):
 
 def temperature_widget(logits, tokenizer, k: int = 10, value: float = 1.0):
     """Slider over sampling temperature that redraws the next-token distribution of ``logits`` (V,)."""
-    from .evaluate import temperature_view
-    from .plotting import plot_temperature_view
-
     slider = widgets.FloatSlider(value=value, min=0.1, max=4.0, step=0.05, description="temperature",
                                  continuous_update=False, style=_STYLE, layout=_layout())
     compute = lambda temperature: temperature_view(logits, tokenizer, temperature, k)  # noqa: E731
@@ -122,9 +122,6 @@ def recipe_panel(run, plot, heads_keep: float = 0.67, channels_keep: float = 0.3
 def distillation_widget(student_logits, teacher_logits, target: int, tokenizer, temperature: float = 2.0,
                         alpha: float = 0.5, k: int = 8):
     """Sliders for the distillation temperature and alpha that redraw the softened distributions and loss terms."""
-    from .distill import distillation_view
-    from .plotting import plot_distillation_view
-
     t_slider = widgets.FloatSlider(value=temperature, min=0.25, max=8.0, step=0.25, description="temperature T",
                                    continuous_update=False, style=_STYLE, layout=_layout())
     a_slider = widgets.FloatSlider(value=alpha, min=0.0, max=1.0, step=0.05, description="alpha (weight of KL)",

@@ -66,15 +66,6 @@ def test_peak_memory_sees_an_allocation_and_forgets_earlier_peaks():
     assert again < peak - 200 * 2**20, "the high-water mark was not reset: an old peak leaked into a new measurement"
 
 
-def test_temperature_view_and_entropy():
-    logits = torch.tensor([3.0, 1.0, 0.0, -1.0])
-    cold, hot = evaluate.temperature_probs(logits, 0.5), evaluate.temperature_probs(logits, 2.0)
-    assert evaluate.entropy_bits(cold) < evaluate.entropy_bits(hot) <= 2.0
-    assert evaluate.entropy_bits(torch.full((4,), 0.25)) == pytest.approx(2.0)
-    with pytest.raises(ValueError, match="temperature=0"):
-        evaluate.temperature_probs(logits, 0)
-
-
 def test_result_roundtrip_and_record(tmp_path, monkeypatch):
     r = dl.Result("unit", {"ppl": 12.5}, profile="smoke", seed=3)
     assert {"torch", "transformers", "device", "git_commit"} <= set(r.env)

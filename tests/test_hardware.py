@@ -135,7 +135,7 @@ def test_cuda_auto_does_not_measure_the_cpu():
 
 
 def test_callers_accept_auto_and_reject_nonsense(monkeypatch):
-    from distill_lab.distill import TrainConfig
+    from distill_lab.distillation import TrainConfig
     from distill_lab.pipeline import DistilStep
 
     assert TrainConfig(teacher_bf16="auto", bf16="auto").teacher_bf16 == "auto"
@@ -147,7 +147,7 @@ def test_callers_accept_auto_and_reject_nonsense(monkeypatch):
 
 
 def test_teacher_cache_records_the_resolved_choice(tiny, monkeypatch):
-    from distill_lab.distill import cache_teacher_logits
+    from distill_lab.distillation import cache_teacher_logits
 
     monkeypatch.setenv(hardware.ENV_BF16, "0")
     windows = torch.randint(0, tiny.config.vocab_size, (2, 8))

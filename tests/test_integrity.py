@@ -236,7 +236,7 @@ def test_finding4_corrupt_teacher_json_and_truncated_topk_cache_are_rebuilt(tmp_
     err = capsys.readouterr().err
     assert "teacher.json" in err and "teacher_top4_" in err
     assert result.final.metrics["ppl_pydoc"] > 0
-    from distill_lab.distill import TeacherCache
+    from distill_lab.distillation import TeacherCache
 
     assert TeacherCache.load(tops[0]).k == 4  # rebuilt whole
     assert json.loads((tmp_path / "run" / "teacher.json").read_text())["profile"] == PROFILE.name
@@ -391,7 +391,7 @@ def test_finding7_group_size_that_divides_no_layer_is_an_error(tmp_path, data, c
 
 
 def test_finding7_labels_other_than_ids_and_minus_100_are_refused():
-    from distill_lab.distill import DistillationLoss
+    from distill_lab.distillation import DistillationLoss
 
     loss = DistillationLoss(alpha=0.5)
     s, t = torch.randn(2, 3, 10), torch.randn(2, 3, 10)

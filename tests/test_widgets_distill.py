@@ -4,9 +4,9 @@ import matplotlib.pyplot as plt
 import pytest
 import torch
 
-from distill_lab.distill import distillation_view
 from distill_lab.exercises.distillation import check_kd_loss, check_reverse_kl, check_topk_teacher
 from distill_lab.plotting import plot_topk_fidelity, plot_val_curves
+from distill_lab.views.distillation import distillation_view
 from distill_lab.widgets import distillation_widget
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..distill import DistillationLoss, TopKLogits
+from ..distillation import DistillationLoss, TopKLogits
 from ._check import check
 
 

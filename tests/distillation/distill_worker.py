@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from distill_lab.distill import DistillationLoss, DistillationTrainer, TrainConfig
+from distill_lab.distillation import DistillationLoss, DistillationTrainer, TrainConfig
 from distill_lab.models import tiny_llama
 
 

@@ -1,0 +1,24 @@
+"""Knowledge distillation: the one divergence, cached teacher logits, distillation data, the one training loop.
+
+* ``losses``: ``DistillationLoss`` (forward KL / reverse KL / generalized JSD with a temperature and
+  the T² scaling, plus CE; live or top-k teachers), its unchunked autograd form ``soft_target_loss``,
+  ``divergence_reference`` (per position), ``HiddenStateLoss``, ``TopKLogits``.
+* ``cache``: ``TeacherCache``, ``cache_teacher_logits``, ``topk_fidelity``.
+* ``data``: ``SequenceData``, ``generate_distillation_data`` (sequence-level KD), ``shift_labels``.
+* ``trainer``: ``TrainConfig``, ``lr_factor``, ``DistillationTrainer`` (also what ``prune.heal`` and
+  ``qat.train_qat`` run), ``distributed_context``, ``final_val_ppl``.
+
+The lesson's view of one position under the loss is ``distill_lab.views.distillation.distillation_view``.
+"""
+
+from .cache import TeacherCache, cache_teacher_logits, topk_fidelity
+from .data import SequenceData, generate_distillation_data, shift_labels
+from .losses import (IGNORE_INDEX, KINDS, DistillationLoss, HiddenStateLoss, TopKLogits, divergence_reference,
+                     soft_target_loss)
+from .trainer import (SAMPLINGS, SCHEDULES, DistillationTrainer, TrainConfig, distributed_context,
+                      final_val_ppl, lr_factor)
+
+__all__ = ["IGNORE_INDEX", "KINDS", "SAMPLINGS", "SCHEDULES", "DistillationLoss", "DistillationTrainer",
+           "HiddenStateLoss", "SequenceData", "TeacherCache", "TopKLogits", "TrainConfig",
+           "cache_teacher_logits", "distributed_context", "divergence_reference", "final_val_ppl",
+           "generate_distillation_data", "lr_factor", "shift_labels", "soft_target_loss", "topk_fidelity"]
