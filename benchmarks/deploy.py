@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import distill_lab as dl  # noqa: E402
-from distill_lab.quantize import Int4WeightOnly, quantize_  # noqa: E402
+from distill_lab.quantization import Int4WeightOnlyConfig, quantize_  # noqa: E402
 
 INSTALL_HINT = ("llama.cpp columns skipped: llama-cpp-python is not installed. Install it with\n"
                 "  pip install cmake ninja && CMAKE_ARGS=\"-DGGML_NATIVE=ON\" pip install 'distill_lab[deploy]'\n"
@@ -156,7 +156,7 @@ def main(argv=None):
 
     teacher, tok = dl.load_teacher(device="cpu")
     int4 = copy.deepcopy(teacher)
-    quantize_(int4, Int4WeightOnly(group_size=64))
+    quantize_(int4, Int4WeightOnlyConfig(group_size=64))
     engines = {"distill_lab fp32": TorchEngine(teacher), "distill_lab int4 g64": TorchEngine(int4),
                "distill_lab fp32 lean": LeanEngine(teacher), "distill_lab int4 lean": LeanEngine(int4, args.compile)}
     if args.compile:

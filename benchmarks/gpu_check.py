@@ -1,8 +1,8 @@
-"""Check the CUDA paths of distill_lab.quantize in one short run: correctness against the CPU reference, speed against bf16.
+"""Check the CUDA paths of distill_lab.quantization in one short run: correctness against the CPU reference, speed against bf16.
 
     python benchmarks/gpu_check.py [--no-teacher]
 
-Without a CUDA GPU it says so and exits 0 (the CPU paths are covered by tests/test_quantize.py).
+Without a CUDA GPU it says so and exits 0 (the CPU paths are covered by tests/quantization/).
 With one it checks, on the teacher's shapes:
   * ``Int4WeightOnlyLinear`` re-packed for ``aten._weight_int4pack_mm`` (tinygemm layout),
   * ``Int8WeightOnlyLinear`` (``aten._weight_int8pack_mm`` or its dequantize fallback),
@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from distill_lab.quantize import (Int4WeightOnly, Int4WeightOnlyLinear, Int8Dynamic,  # noqa: E402
-                                  Int8DynamicLinear, Int8WeightOnly, Int8WeightOnlyLinear, quantize_)
+from distill_lab.quantization import (Int4WeightOnlyConfig, Int4WeightOnlyLinear, Int8DynamicConfig,  # noqa: E402
+                                      Int8DynamicLinear, Int8WeightOnlyConfig, Int8WeightOnlyLinear, quantize_)
 
 
 def cuda_time(fn, repeats=50, warmup=5):
@@ -100,8 +100,8 @@ def time_teacher():
     print("\nTeacher on CUDA: prefill 8 x 256, decode batch 1 (32 tokens), test ppl on 16 windows")
     base = model.to(torch.bfloat16)
     rows = {}
-    for name, config in [("bf16", None), ("INT8 weight-only", Int8WeightOnly()), ("W8A8", Int8Dynamic()),
-                         ("INT4 g64", Int4WeightOnly())]:
+    for name, config in [("bf16", None), ("INT8 weight-only", Int8WeightOnlyConfig()), ("W8A8", Int8DynamicConfig()),
+                         ("INT4 g64", Int4WeightOnlyConfig())]:
         m = copy.deepcopy(base)
         if config is not None:
             quantize_(m, config)
@@ -121,7 +121,7 @@ def main(argv=None):
     if not torch.cuda.is_available():
         print("No CUDA GPU here: the CUDA kernel paths (aten._weight_int4pack_mm, torch._int_mm on CUDA, "
               "aten._weight_int8pack_mm) are not checked. The CPU kernels and the pure-PyTorch fallbacks are "
-              "tested by tests/test_quantize.py; run this script on a machine with a GPU.")
+              "tested by tests/quantization/; run this script on a machine with a GPU.")
         return 0
     print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     ok = check_modules()

@@ -26,15 +26,17 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import distill_lab as dl  # noqa: E402
-from distill_lab.quantize import (Int4WeightOnly, Int8Dynamic, Int8WeightOnly, format_kernel_table,  # noqa: E402
-                                  kernel_benchmark, quantize_, saved_size_bytes)
+from distill_lab.quantization import (Int4WeightOnlyConfig, Int8DynamicConfig, Int8WeightOnlyConfig,  # noqa: E402
+                                      quantize_, saved_size_bytes)
+from distill_lab.quantization.modules import Int8DynamicLinear  # noqa: E402
+from distill_lab.runtime import timed  # noqa: E402
+from distill_lab.speed.quantization import format_kernel_table, kernel_benchmark  # noqa: E402
 
 
 W8A8_SHAPE = (2048, 576, 1536)  # 8 x 256 tokens through gate/up_proj
@@ -44,8 +46,6 @@ W8A8_AIM = 1.3  # issue 17
 
 def w8a8_worker(threads: int, pairs: int = 40) -> dict:
     """In this process: (raw ``_int_mm``, ``Int8DynamicLinear``) pairs on W8A8_SHAPE, alternating."""
-    from distill_lab.quantize import Int8DynamicLinear
-
     torch.set_num_threads(threads)
     m, k, n = W8A8_SHAPE
     gen = torch.Generator().manual_seed(0)
@@ -59,14 +59,11 @@ def w8a8_worker(threads: int, pairs: int = 40) -> dict:
     raw, lay = [], []
     with torch.no_grad():
         for i in range(pairs + 3):
-            t0 = time.perf_counter()
-            torch._int_mm(xq, wt)  # (M, N) int32, its own fresh output like the layer's
-            t1 = time.perf_counter()
-            layer(x)
-            t2 = time.perf_counter()
+            t_raw = timed(lambda: torch._int_mm(xq, wt))  # (M, N) int32, its own fresh output like the layer's
+            t_layer = timed(lambda: layer(x))
             if i >= 3:
-                raw.append(t1 - t0)
-                lay.append(t2 - t1)
+                raw.append(t_raw)
+                lay.append(t_layer)
     ratios = [b / a for a, b in zip(raw, lay)]
     return {"raw_ms": 1e3 * statistics.median(raw), "layer_ms": 1e3 * statistics.median(lay),
             "raw_min_ms": 1e3 * min(raw), "layer_min_ms": 1e3 * min(lay), "ratio": statistics.median(ratios)}
@@ -129,8 +126,8 @@ def main(argv=None):
 
     model, tok = dl.load_teacher(device="cpu")
     windows = dl.corpus_windows("pydoc", "test", tok, args.seq)[:args.ppl_windows] if args.ppl_windows else None
-    variants = {"fp32": None, "bf16": "bf16", "INT8 weight-only": Int8WeightOnly(), "W8A8": Int8Dynamic(),
-                "INT4 g64": Int4WeightOnly(group_size=64)}
+    variants = {"fp32": None, "bf16": "bf16", "INT8 weight-only": Int8WeightOnlyConfig(),
+                "W8A8": Int8DynamicConfig(), "INT4 g64": Int4WeightOnlyConfig(group_size=64)}
     try:
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_ as ao_quantize_
         variants["torchao W8A8"] = ("torchao", Int8DynamicActivationInt8WeightConfig, ao_quantize_)

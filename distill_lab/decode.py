@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quantize import Int4WeightOnlyLinear
+from .quantization.modules import Int4WeightOnlyLinear
 
 
 def _fuse(mods: list[nn.Module]) -> nn.Module | None:

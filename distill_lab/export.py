@@ -37,8 +37,8 @@ from torch import nn
 
 from ._fs import atomic_file
 from .tensors import same_tensor
-from .quantize import (Int4WeightOnlyLinear, Int8DynamicLinear, Int8Embedding, Int8WeightOnlyLinear,
-                       QuantizedModule)
+from .quantization.modules import (Int4WeightOnlyLinear, Int8DynamicLinear, Int8Embedding, Int8WeightOnlyLinear,
+                                   QuantizedModule)
 
 SUPPORTED_FAMILIES = ("llama",)
 FLOAT_TYPES = ("f32", "f16")

@@ -270,7 +270,7 @@ class StepContext:
 
 
 def _has_quantized_modules(model: nn.Module) -> bool:
-    from .quantize import QuantizedModule
+    from .quantization.modules import QuantizedModule
 
     return any(isinstance(m, QuantizedModule) for m in model.modules())
 
@@ -283,7 +283,7 @@ def save_model(model: nn.Module, tokenizer, folder: str | Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     with quiet_transformers():
         if _has_quantized_modules(model):
-            from .quantize import save_quantized
+            from .quantization.serialization import save_quantized
 
             save_quantized(model, folder)
         else:
@@ -309,7 +309,7 @@ def load_saved(folder: str | Path, device=None) -> tuple[nn.Module, object]:
     device = torch.device(device) if device is not None else default_device()
     with quiet_transformers():
         if (folder / "quantization_config.json").is_file() or "distill_lab" in check_model_folder(folder)["meta"]:
-            from .quantize import load_quantized
+            from .quantization.serialization import load_quantized
 
             model = load_quantized(folder, device=device)  # checks the folder itself
         else:
@@ -895,7 +895,7 @@ QUANT_ALGORITHMS = {"rtn": QUANT_METHODS, "awq": ("int4",), "gptq": ("int4",), "
 
 @dataclass
 class QuantizeStep:
-    """Post-training quantization with real integer kernels (``distill_lab.quantize``)."""
+    """Post-training quantization with real integer kernels (``distill_lab.quantization``)."""
 
     method: str = "int4"  # int8 (weight-only), w8a8 (dynamic activations) or int4 (weight-only, grouped)
     group_size: int = 64  # int4 only: weights per scale along the input dimension
@@ -914,20 +914,20 @@ class QuantizeStep:
         self.to_config()  # the quantize module checks the rest
 
     def to_config(self):
-        """The ``distill_lab.quantize`` config this step stands for."""
-        from . import quantize as q
+        """The ``distill_lab.quantization`` config this step stands for."""
+        from .quantization import configs as q
 
         if self.method == "int8":
-            return q.Int8WeightOnly(embedding_bits=self.embedding_bits)
+            return q.Int8WeightOnlyConfig(embedding_bits=self.embedding_bits)
         if self.method == "w8a8":
-            return q.Int8Dynamic(embedding_bits=self.embedding_bits)
-        return q.Int4WeightOnly(group_size=self.group_size, symmetric=self.symmetric,
-                                embedding_bits=self.embedding_bits)
+            return q.Int8DynamicConfig(embedding_bits=self.embedding_bits)
+        return q.Int4WeightOnlyConfig(group_size=self.group_size, symmetric=self.symmetric,
+                                      embedding_bits=self.embedding_bits)
 
 
 def _quantized_kinds(model: nn.Module) -> dict:
     """Count the real quantized modules in ``model`` by kind."""
-    from .quantize import QuantizedModule
+    from .quantization.modules import QuantizedModule
 
     kinds: dict = {}
     for m in model.modules():
@@ -941,23 +941,24 @@ def _validate_quantize(config: dict) -> None:
 
 
 def _apply_quantize(model: nn.Module, config: dict, ctx: StepContext) -> nn.Module:
-    from .quantize import quantize_
+    from .quantization.api import quantize_
 
     cfg = _config_from(QuantizeStep, config, "step 'quantize'")
     config = cfg.to_config()
     if cfg.algorithm in ("awq", "smoothquant"):
-        from .smoothquant import awq_, collect_activation_stats, smooth_
+        from .quantization.awq import awq_
+        from .quantization.configs import SmoothQuantConfig
+        from .quantization.smoothquant import collect_activation_stats, smooth_
 
         stats = collect_activation_stats(model, ctx.calibration(), progress=False, seed=ctx.seed)
         if cfg.algorithm == "awq":
-            ctx.report("awq_exponents", awq_(model, stats, group_size=cfg.group_size, symmetric=cfg.symmetric,
-                                             progress=False))
+            ctx.report("awq_exponents", awq_(model, config, calibration=stats, progress=False))
         else:
-            smooth_(model, stats, alpha=0.5)
+            smooth_(model, SmoothQuantConfig(alpha=0.5), calibration=stats)
     if cfg.algorithm == "gptq":
-        from .gptq import gptq_
+        from .quantization.gptq import gptq_
 
-        summary = gptq_(model, ctx.calibration(), config, progress=False)
+        summary = gptq_(model, config, calibration=ctx.calibration(), progress=False)
     else:
         summary = quantize_(model, config)
     ctx.report("quantized", _quantized_kinds(model))

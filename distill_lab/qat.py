@@ -18,9 +18,14 @@ from torch import nn
 
 from .arch import check_linear_layout
 from .distillation import DistillationLoss, DistillationTrainer, TrainConfig, soft_target_loss
-from .quantize import (CONFIGS, Int4WeightOnly, Int8Dynamic, Int8WeightOnly, QuantizationSummary,
-                       _linear_from_config, _set_module, config_to_dict, fake_quantize,
-                       quantize_embedding_and_head_)
+from .quantization.api import QuantizationSummary, quantize_embedding_and_head_
+from .quantization.api import linear_from_config as _linear_from_config
+from .quantization.configs import CONFIGS, config_to_dict
+from .quantization.configs import Int4WeightOnlyConfig as Int4WeightOnly  # the body keeps its names until QAT moves
+from .quantization.configs import Int8DynamicConfig as Int8Dynamic
+from .quantization.configs import Int8WeightOnlyConfig as Int8WeightOnly
+from .quantization.modules import set_module as _set_module
+from .quantization.primitives import fake_quantize
 
 
 class FakeQuantize(nn.Module):

@@ -22,6 +22,8 @@ from .plotting import plot_layer_pruning_view, plot_sparsity_curve
 from .views.baseline import temperature_view
 from .views.distillation import distillation_view
 from .views.pruning import layer_pruning_view, sparsity_curve_view
+from .quantization.primitives import Granularity
+from .views.quantization import GRANULARITY_OPTIONS, quantization_view
 
 SLIDER_WIDTH = "720px"  # the whole control; its track stays >= 400 px beside the longest label and the readout
 _STYLE = {"description_width": "initial"}  # full labels ("temperature", not "temperat...")
@@ -133,22 +135,39 @@ def distillation_widget(student_logits, teacher_logits, target: int, tokenizer, 
 
 
 def granularity_label(granularity) -> str:
-    """What a granularity option means: ``64`` -> ``"group of 64"``, ``"per-channel"`` -> ``"per channel"``."""
-    return f"group of {granularity}" if isinstance(granularity, int) else granularity.replace("-", " ")
+    """What a granularity option means: ``64`` -> ``"group of 64"``, ``PER_CHANNEL`` -> ``"per channel"``."""
+    if isinstance(granularity, int):
+        return f"group of {granularity}"
+    return Granularity(granularity).value.replace("_", " ")  # also the spelling "per-channel"
 
 
-def quantization_widget(weight, bits: int = 4, granularity="per-channel", symmetric: bool = True):
-    """Knobs for bits, granularity (per-tensor, per-channel, group size) and symmetry on a real (out, in) weight."""
+def _same_granularity(option, value) -> bool:
+    """Dropdown equality that also reads a granularity's other spellings ("per-channel" selects PER_CHANNEL)."""
+    if isinstance(option, Granularity) and isinstance(value, str):
+        try:
+            return Granularity(value) is option
+        except ValueError:
+            return False
+    return option == value
+
+
+def quantization_widget(weight, bits: int = 4, granularity=Granularity.PER_CHANNEL, symmetric: bool = True):
+    """Knobs for bits, granularity (per tensor, per channel, group size) and symmetry on a real (out, in) weight.
+
+    ``granularity``: a ``Granularity`` (or its string, e.g. "per_channel" or "per-channel") or a group size.
+    """
     from .plotting import plot_quantization_view
-    from .quantize import GRANULARITIES, quantization_view
 
-    options = [(granularity_label(g), g) for g in GRANULARITIES if not isinstance(g, int) or weight.shape[1] % g == 0]
+    if not isinstance(granularity, int):
+        granularity = Granularity(granularity)
+    options = [(granularity_label(g), g) for g in GRANULARITY_OPTIONS
+               if not isinstance(g, int) or weight.shape[1] % g == 0]
     compute = lambda bits, granularity, symmetric: quantization_view(weight, bits, granularity, symmetric)  # noqa: E731
     knobs = dict(
         bits=widgets.IntSlider(value=bits, min=2, max=8, description="bits", continuous_update=False,
                                style=_STYLE, layout=_layout()),
         granularity=widgets.Dropdown(options=options, value=granularity, description="scale shared by",
-                                     style=_STYLE),
+                                     equals=_same_granularity, style=_STYLE),
         symmetric=widgets.Checkbox(value=symmetric, description="symmetric", style=_STYLE))
     return _interactive(wire(compute, plot_quantization_view, figsize=(11, 3.5), ncols=2), knobs)
 

@@ -5,7 +5,7 @@ import torch
 
 from distill_lab.decode import StaticDecoder
 from distill_lab.models import tiny_llama
-from distill_lab.quantize import Int4WeightOnly, quantize_
+from distill_lab.quantization import Int4WeightOnlyConfig, quantize_
 
 
 def _ids(vocab=256, n=7, seed=0):
@@ -20,7 +20,7 @@ def _hf(model, ids, n):
 def test_greedy_tokens_equal_hf_generate(quantized):
     model = tiny_llama(vocab_size=256, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2)
     if quantized:
-        quantize_(model, Int4WeightOnly(group_size=32))
+        quantize_(model, Int4WeightOnlyConfig(group_size=32))
     ids = _ids()
     dec = StaticDecoder(model, max_len=64)
     assert torch.equal(dec.generate(ids, 20), _hf(model, ids, 20))
@@ -61,6 +61,6 @@ def test_teacher_int4_greedy_equals_hf(teacher):
 
     model, tok = teacher
     q4 = copy.deepcopy(model)
-    quantize_(q4, Int4WeightOnly(group_size=64))
+    quantize_(q4, Int4WeightOnlyConfig(group_size=64))
     ids = tok("The Python `with` statement is used to", return_tensors="pt").input_ids
     assert torch.equal(StaticDecoder(q4, max_len=128).generate(ids, 16), _hf(q4, ids, 16))

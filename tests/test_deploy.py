@@ -37,11 +37,11 @@ def test_llama_cpp_runs_an_exported_tiny_model(tmp_path):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (pip install 'distill_lab[deploy]')")
     from distill_lab.export import to_gguf
     from distill_lab.models import tiny_llama
-    from distill_lab.quantize import Int4WeightOnly, quantize_
+    from distill_lab.quantization import Int4WeightOnlyConfig, quantize_
 
     deploy = _deploy()
     model = tiny_llama(vocab_size=49152, hidden_size=64, intermediate_size=128)
-    quantize_(model, Int4WeightOnly(group_size=32))
+    quantize_(model, Int4WeightOnlyConfig(group_size=32))
     path = tmp_path / "t.gguf"
     to_gguf(model, None, path)
     window = torch.randint(0, 49152, (64,), generator=torch.Generator().manual_seed(1)).tolist()

@@ -6,7 +6,8 @@ import torch
 
 from distill_lab.export import (float_copy, int4_q4_1_parts, load_gguf, q4_1_blocks, q8_0_blocks, read_gguf_tensor,
                                 read_gguf_tensors, to_gguf)
-from distill_lab.quantize import Int4WeightOnly, Int4WeightOnlyLinear, Int8Embedding, Int8WeightOnly, quantize_
+from distill_lab.quantization import (Int4WeightOnlyConfig, Int4WeightOnlyLinear, Int8Embedding, Int8WeightOnlyConfig,
+                                      quantize_)
 
 gguf = pytest.importorskip("gguf")
 
@@ -98,7 +99,7 @@ def _check_q4_1_exact(model, path, n_head, n_kv):
 
 def test_pruned_tiny_llama_int4_round_trip(tmp_path):
     model = _pruned_tiny()
-    quantize_(model, Int4WeightOnly(group_size=32))
+    quantize_(model, Int4WeightOnlyConfig(group_size=32))
     assert isinstance(model.model.embed_tokens, Int8Embedding)
     path = tmp_path / "tiny.gguf"
     report = to_gguf(model, None, path)
@@ -133,7 +134,7 @@ def test_float_and_int8_tiny_export_matches(tmp_path):
     with torch.inference_mode():
         torch.testing.assert_close(back(ids).logits, ref, rtol=0, atol=1e-4)  # float: the same model
 
-    quantize_(model, Int8WeightOnly())
+    quantize_(model, Int8WeightOnlyConfig())
     with torch.inference_mode():
         exact = float_copy(model)(ids).logits
     report = to_gguf(model, None, tmp_path / "int8.gguf")
@@ -214,7 +215,7 @@ def test_teacher_int4_export_round_trip(teacher, tmp_path):
 
     model, tokenizer = teacher
     model = copy.deepcopy(model)
-    quantize_(model, Int4WeightOnly(group_size=64))
+    quantize_(model, Int4WeightOnlyConfig(group_size=64))
     path = tmp_path / "teacher-int4.gguf"
     report = to_gguf(model, tokenizer, path)
     assert report.counts() == {"Q4_1": 210, "Q8_0": 1, "F32": 61}

@@ -52,14 +52,14 @@ def _assert_refused(family, model, fn):
 
 def _fake_quant_reference(model, config):
     """A float copy whose weights (every Linear, the embedding, the head) are quantize-dequantized like ``config``."""
-    from distill_lab.quantize import Int4WeightOnly, fake_quantize
+    from distill_lab.quantization import Int4WeightOnlyConfig, fake_quantize
 
     ref = copy.deepcopy(model)
     emb, head = ref.get_input_embeddings(), ref.get_output_embeddings()
     with torch.no_grad():
         for name, m in ref.named_modules():
             if isinstance(m, nn.Linear) and m is not head:
-                if isinstance(config, Int4WeightOnly):
+                if isinstance(config, Int4WeightOnlyConfig):
                     m.weight.copy_(fake_quantize(m.weight, config.bits, config.group_size, config.symmetric, -1))
                 else:
                     m.weight.copy_(fake_quantize(m.weight, 8, None, True, -1))
@@ -72,14 +72,15 @@ def _fake_quant_reference(model, config):
 # ------------------------------------------------------------------------------------------------ quantize_
 @pytest.mark.parametrize("family", FAMILIES)
 def test_quantize(family, ids, tmp_path):
-    from distill_lab.quantize import Int4WeightOnly, Int8Dynamic, Int8WeightOnly, load_quantized, quantize_, save_quantized
+    from distill_lab.quantization import (Int4WeightOnlyConfig, Int8DynamicConfig, Int8WeightOnlyConfig, load_quantized,
+                                          quantize_, save_quantized)
 
     base = tiny_model(family)
     if not supported(family, "quantize"):
-        _assert_refused(family, base, lambda: quantize_(base, Int8WeightOnly()))
+        _assert_refused(family, base, lambda: quantize_(base, Int8WeightOnlyConfig()))
         return
     float_logits = _logits(base, ids)
-    for config, band in ((Int8WeightOnly(), 0.02), (Int4WeightOnly(group_size=32), 0.02), (Int8Dynamic(), 0.1)):
+    for config, band in ((Int8WeightOnlyConfig(), 0.02), (Int4WeightOnlyConfig(group_size=32), 0.02), (Int8DynamicConfig(), 0.1)):
         model = copy.deepcopy(base)
         summary = quantize_(model, config)
         assert not summary.float_modules, f"{family}: {summary}"
@@ -88,14 +89,14 @@ def test_quantize(family, ids, tmp_path):
         got = _logits(model, ids)
         # close to the fake-quant model, and closer to it than the float model is
         assert _rel(got, ref) < band and _rel(got, ref) < _rel(float_logits, ref), (family, config)
-        if isinstance(config, Int4WeightOnly):
+        if isinstance(config, Int4WeightOnlyConfig):
             save_quantized(model, tmp_path / "q")
             assert torch.equal(_logits(load_quantized(tmp_path / "q", device="cpu"), ids), got)
 
 
 def test_gemma_int8_embedding_keeps_the_scale(ids):
     """The ×sqrt(hidden) embedding scale survives quantization (and a reload)."""
-    from distill_lab.quantize import Int8Embedding
+    from distill_lab.quantization import Int8Embedding
 
     model = tiny_model("gemma2")
     emb = model.get_input_embeddings()
@@ -231,18 +232,17 @@ def test_make_student(family, ids):
 # ------------------------------------------------------------------------------------------------ GPTQ / AWQ / SmoothQuant / QAT
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gptq(family, ids):
-    from distill_lab.gptq import gptq_
-    from distill_lab.quantize import Int4WeightOnly, quantize_
+    from distill_lab.quantization import Int4WeightOnlyConfig, gptq_, quantize_
 
     model = tiny_model(family)
-    config = Int4WeightOnly(group_size=32)
+    config = Int4WeightOnlyConfig(group_size=32)
     if not supported(family, "gptq"):
-        _assert_refused(family, model, lambda: gptq_(model, [ids], config, progress=False))
+        _assert_refused(family, model, lambda: gptq_(model, config, calibration=[ids], progress=False))
         return
     float_logits = _logits(model, ids)
     rtn = copy.deepcopy(model)
     quantize_(rtn, config)
-    summary = gptq_(model, [ids], config, clip=False, progress=False)
+    summary = gptq_(model, config, calibration=[ids], clip=False, progress=False)
     assert not summary.float_modules
     assert not any(isinstance(m, nn.Linear) for m in model.modules())
     # on its own calibration batch GPTQ is no worse than round-to-nearest (with slack)
@@ -251,38 +251,40 @@ def test_gptq(family, ids):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_smoothquant_and_awq_keep_the_float_function(family, ids):
-    from distill_lab.smoothquant import awq_, collect_activation_stats, smooth_
+    from distill_lab.quantization import (Int4WeightOnlyConfig, SmoothQuantConfig, awq_, collect_activation_stats,
+                                          smooth_)
 
     model = tiny_model(family)
     if supported(family, "smoothquant"):
         model = model.double()  # float64: the function is kept to rounding, far below the tolerance
     stats = collect_activation_stats(model, [ids], progress=False)
     if not supported(family, "smoothquant"):
-        _assert_refused(family, model, lambda: smooth_(model, stats, alpha=0.5))
-        _assert_refused(family, model, lambda: awq_(model, stats, group_size=32, progress=False))
+        _assert_refused(family, model, lambda: smooth_(model, SmoothQuantConfig(alpha=0.5), calibration=stats))
+        _assert_refused(family, model,
+                        lambda: awq_(model, Int4WeightOnlyConfig(group_size=32), calibration=stats, progress=False))
         return
     want = _logits(model, ids)
     smoothed = copy.deepcopy(model)
-    scales = smooth_(smoothed, stats, alpha=0.5)
+    scales = smooth_(smoothed, SmoothQuantConfig(alpha=0.5), calibration=stats)
     assert len(scales) == 4 * len(arch.decoder_blocks(model))
     assert any((s - 1).abs().max() > 0.1 for s in scales.values())  # something really moved
     torch.testing.assert_close(_logits(smoothed, ids), want, rtol=1e-5, atol=1e-5)
     scaled = copy.deepcopy(model)
-    awq_(scaled, stats, group_size=32, grid=3, clip=False, progress=False)
+    awq_(scaled, Int4WeightOnlyConfig(group_size=32), calibration=stats, grid=3, clip=False, progress=False)
     torch.testing.assert_close(_logits(scaled, ids), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_awq_then_int4(family, ids, tmp_path):
-    from distill_lab.quantize import Int4WeightOnly, load_quantized, quantize_, save_quantized
-    from distill_lab.smoothquant import awq_, collect_activation_stats
+    from distill_lab.quantization import (Int4WeightOnlyConfig, awq_, collect_activation_stats, load_quantized,
+                                          quantize_, save_quantized)
 
     if not supported(family, "awq"):
         pytest.skip("refusal checked in test_smoothquant_and_awq_keep_the_float_function")
     model = tiny_model(family)
     stats = collect_activation_stats(model, [ids], progress=False)
-    awq_(model, stats, group_size=32, grid=3, progress=False)
-    config = Int4WeightOnly(group_size=32)
+    config = Int4WeightOnlyConfig(group_size=32)
+    awq_(model, config, calibration=stats, grid=3, progress=False)
     ref = _logits(_fake_quant_reference(model, config), ids)
     quantize_(model, config)
     got = _logits(model, ids)
@@ -294,10 +296,10 @@ def test_awq_then_int4(family, ids, tmp_path):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_qat(family, ids):
     from distill_lab.qat import convert_, prepare_qat_
-    from distill_lab.quantize import Int4WeightOnly
+    from distill_lab.quantization import Int4WeightOnlyConfig
 
     model = tiny_model(family)
-    config = Int4WeightOnly(group_size=32)
+    config = Int4WeightOnlyConfig(group_size=32)
     if not supported(family, "qat"):
         _assert_refused(family, model, lambda: prepare_qat_(model, config))
         return
@@ -316,10 +318,10 @@ def test_qat(family, ids):
 
 def test_qat_summary_lists_every_linear_left_in_float():
     from distill_lab.qat import convert_, prepare_qat_
-    from distill_lab.quantize import Int4WeightOnly
+    from distill_lab.quantization import Int4WeightOnlyConfig
 
     model = tiny_model("llama")  # intermediate 96: down_proj's inputs do not divide into groups of 64
-    prepare_qat_(model, Int4WeightOnly(group_size=64))
+    prepare_qat_(model, Int4WeightOnlyConfig(group_size=64))
     summary = convert_(model)
     assert sorted(summary.float_modules) == [f"model.layers.{i}.mlp.down_proj" for i in range(3)]
     assert "kept in float: none" not in repr(summary)

@@ -134,10 +134,10 @@ def test_finding2_teacher_measurement_is_keyed_by_the_teacher(tmp_path, data):
 # -- 3. loads are complete or they fail -------------------------------------------------------------
 
 def test_finding3_quantized_export_without_its_config_is_an_error(tmp_path):
-    from distill_lab.quantize import Int8WeightOnly, quantize_, save_quantized
+    from distill_lab.quantization import Int8WeightOnlyConfig, quantize_, save_quantized
 
     model = tiny_llama()
-    quantize_(model, Int8WeightOnly())
+    quantize_(model, Int8WeightOnlyConfig())
     save_quantized(model, tmp_path / "q")
     (tmp_path / "q" / "quantization_config.json").unlink()
     with pytest.raises(ValueError, match="quantization_config.json"):
@@ -171,12 +171,12 @@ def test_finding3_config_with_an_extra_layer_is_an_error(tmp_path):
 
 def test_finding3_a_changed_weight_file_fails_its_checksum(tmp_path):
     from distill_lab.pruning import load_sparse, save_sparse
-    from distill_lab.quantize import Int4WeightOnly, quantize_, save_quantized
+    from distill_lab.quantization import Int4WeightOnlyConfig, quantize_, save_quantized
 
     model = tiny_llama()
     save_model(model, None, tmp_path / "f")
     q = tiny_llama()
-    quantize_(q, Int4WeightOnly(group_size=32))
+    quantize_(q, Int4WeightOnlyConfig(group_size=32))
     save_quantized(q, tmp_path / "q")
     s = tiny_llama()
     with torch.no_grad():
@@ -340,7 +340,7 @@ def test_finding6_replace_dir_swaps_a_complete_folder_in_one_step(tmp_path):
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_finding7_nan_or_inf_weights_are_refused(bad):
-    from distill_lab.quantize import Int4WeightOnly, quantize_, quantize_tensor
+    from distill_lab.quantization import Int4WeightOnlyConfig, quantize_, quantize_tensor
 
     w = torch.randn(4, 64)
     w[1, 3] = bad
@@ -350,12 +350,12 @@ def test_finding7_nan_or_inf_weights_are_refused(bad):
     with torch.no_grad():
         model.model.layers[1].self_attn.q_proj.weight[0, 0] = bad
     with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.q_proj\.weight holds 1 NaN/Inf"):
-        quantize_(model, Int4WeightOnly(group_size=32))
+        quantize_(model, Int4WeightOnlyConfig(group_size=32))
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_finding7_a_constant_group_keeps_its_value(symmetric):
-    from distill_lab.quantize import Int4WeightOnlyLinear, dequantize, quantize_tensor
+    from distill_lab.quantization import Int4WeightOnlyLinear, dequantize, quantize_tensor
 
     lin = nn.Linear(64, 8, bias=False)
     with torch.no_grad():
@@ -373,15 +373,15 @@ def test_finding7_a_constant_group_keeps_its_value(symmetric):
 
 
 def test_finding7_group_size_that_divides_no_layer_is_an_error(tmp_path, data, capsys):
-    from distill_lab.quantize import Int4WeightOnly, quantize_
+    from distill_lab.quantization import Int4WeightOnlyConfig, quantize_
 
     with pytest.raises(ValueError, match=r"group_size=100 divides none"):
-        quantize_(tiny_llama(), Int4WeightOnly(group_size=100))
+        quantize_(tiny_llama(), Int4WeightOnlyConfig(group_size=100))
     with pytest.raises(ValueError, match=r"group_size=100 divides none"):
         _run(tiny_llama(), Recipe("g", [{"quantize": {"method": "int4", "group_size": 100}}]), tmp_path / "g", data)
     # one that skips some layers is reported in the summary and printed without progress bars
     model = tiny_llama(hidden_size=64, intermediate_size=128)
-    summary = quantize_(tiny_llama(hidden_size=64, intermediate_size=128), Int4WeightOnly(group_size=128))
+    summary = quantize_(tiny_llama(hidden_size=64, intermediate_size=128), Int4WeightOnlyConfig(group_size=128))
     assert any("group_size=128" in why for why in summary.float_modules.values())
     capsys.readouterr()
     result = _run(model, Recipe("g", [{"quantize": {"method": "int4", "group_size": 128}}]), tmp_path / "h", data)
@@ -428,7 +428,7 @@ def test_finding8_huge_layer_count_is_refused_quickly(tmp_path, capsys):
 # -- 9. one line, not a traceback ------------------------------------------------------------------------
 
 def test_finding9_damaged_files_and_bad_paths_are_one_line_errors(tmp_path, capsys):
-    from distill_lab.quantize import Int8WeightOnly, quantize_, save_quantized
+    from distill_lab.quantization import Int8WeightOnlyConfig, quantize_, save_quantized
 
     # a weight file that is not safetensors at all
     tiny_llama().save_pretrained(tmp_path / "garbage")
@@ -446,7 +446,7 @@ def test_finding9_damaged_files_and_bad_paths_are_one_line_errors(tmp_path, caps
     _one_line_err(capsys)
     # a quantized export whose module spec is damaged
     model = tiny_llama()
-    quantize_(model, Int8WeightOnly())
+    quantize_(model, Int8WeightOnlyConfig())
     save_quantized(model, tmp_path / "q")
     qc = json.loads((tmp_path / "q" / "quantization_config.json").read_text())
     from safetensors import safe_open

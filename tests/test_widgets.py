@@ -22,7 +22,7 @@ def shown(monkeypatch):
 
 
 def _builders():
-    from distill_lab.quantize import GRANULARITIES  # noqa: F401  (import check: the module loads)
+    from distill_lab.views.quantization import GRANULARITY_OPTIONS  # noqa: F401  (import check: the module loads)
 
     torch.manual_seed(0)
     logits = torch.linspace(-2, 2, 20)

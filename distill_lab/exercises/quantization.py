@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quantize import fake_quantize, quantize_tensor, sqnr_db
+from ..quantization.primitives import fake_quantize, quantize_tensor, sqnr_db
 from ._check import check
 
 

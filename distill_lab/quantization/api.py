@@ -1,0 +1,196 @@
+"""The torchao-style entry point: ``quantize_(model, config, filter_fn)`` swaps modules in place; then measure sizes.
+
+``quantize_`` replaces every ``nn.Linear`` (and, per ``config.embedding_bits``, the token embedding
+and the output head) with the real quantized module of ``config``, and returns a
+``QuantizationSummary`` that says what stayed in float and why. ``memory_bytes``,
+``fp32_equivalent_bytes`` and ``compression_report`` measure what the swap saved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..arch import check_linear_layout
+from ..tensors import storage_key, unique_tensors
+from .configs import CONFIGS, Int4WeightOnlyConfig, Int8DynamicConfig, Int8WeightOnlyConfig, config_to_dict
+from .modules import (Int4WeightOnlyLinear, Int8DynamicLinear, Int8Embedding, Int8WeightOnlyLinear, QuantizedModule,
+                      embedding_and_head, module_name, set_module)
+from .primitives import check_finite, quantize_tensor
+from .serialization import saved_size_bytes
+
+__all__ = ["QuantizationSummary", "compression_report", "fp32_equivalent_bytes", "linear_from_config",
+           "memory_bytes", "quantize_", "quantize_embedding_and_head_"]
+
+
+@dataclass
+class QuantizationSummary:
+    """What ``quantize_`` did: modules replaced per kind, modules left in float, and why."""
+
+    config: dict  # the config as a dict
+    replaced: dict = field(default_factory=dict)  # kind -> count
+    float_modules: dict = field(default_factory=dict)  # module name -> reason it stayed in float
+    tied_head: bool = False  # True when the head shares the embedding's int8 codes
+
+    def count(self, kind: str) -> None:
+        """Count one replaced module of ``kind``."""
+        self.replaced[kind] = self.replaced.get(kind, 0) + 1
+
+    def __repr__(self) -> str:
+        kinds = ", ".join(f"{v}× {k}" for k, v in self.replaced.items()) or "nothing"
+        floats = "; ".join(f"{k} ({v})" for k, v in self.float_modules.items()) or "none"
+        return f"QuantizationSummary({self.config['type']}: {kinds}; kept in float: {floats})"
+
+
+def linear_from_config(linear: nn.Linear, config) -> QuantizedModule | None:
+    """The quantized module ``config`` turns ``linear`` into (None: int4 groups do not divide its inputs).
+
+    Duck-typed: anything with ``.weight``, ``.bias`` and ``.in_features`` works (QAT's ``QATLinear``).
+    """
+    if isinstance(config, Int8WeightOnlyConfig):
+        return Int8WeightOnlyLinear.from_float(linear)
+    if isinstance(config, Int8DynamicConfig):
+        return Int8DynamicLinear.from_float(linear, config.act_granularity, config.weight_granularity)
+    if isinstance(config, Int4WeightOnlyConfig):
+        if linear.in_features % config.group_size:
+            return None
+        return Int4WeightOnlyLinear.from_float(linear, config.group_size, config.bits, config.symmetric)
+    raise ValueError(f"config={config!r}; allowed: {', '.join(CONFIGS)}")
+
+
+def _head_module(weight_int8: torch.Tensor, scales: torch.Tensor, config, bias=None) -> QuantizedModule:
+    """The int8 output head for a config (shares the embedding's tensors when tied)."""
+    if isinstance(config, Int8DynamicConfig) and config.head == "w8a8":
+        return Int8DynamicLinear(weight_int8, scales, bias, config.act_granularity)
+    return Int8WeightOnlyLinear(weight_int8, scales, bias)
+
+
+def quantize_(model: nn.Module, config, filter_fn=None) -> QuantizationSummary:
+    """Replace the model's ``nn.Linear`` (and, per config, embedding and head) with real quantized modules, in place.
+
+    ``filter_fn(module, name) -> bool`` picks which Linear layers to quantize (default: all but
+    the output head, which follows ``config.embedding_bits``). Returns a summary that says what
+    stayed in float.
+    """
+    if not isinstance(config, tuple(CONFIGS.values())):
+        raise ValueError(f"config={config!r}; allowed: an instance of {', '.join(CONFIGS)}")
+    check_linear_layout(model, "quantize_")  # Conv1D / 3-D expert weights would be skipped silently
+    for name, module in model.named_modules():  # refuse NaN/Inf before anything is replaced
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            check_finite(module.weight.detach(), f"{name}.weight" if name else "weight")
+    if isinstance(config, Int4WeightOnlyConfig):
+        head = embedding_and_head(model)[1]
+        eligible = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head
+                    and (filter_fn is None or filter_fn(m, n))]
+        if eligible and all(m.in_features % config.group_size for _, m in eligible):
+            widths = sorted({m.in_features for _, m in eligible})
+            raise ValueError(f"{type(config).__name__}.group_size={config.group_size} divides none of the "
+                             f"{len(eligible)} layers' input widths {widths}; allowed: a divisor of one of them")
+    summary = QuantizationSummary(config=config_to_dict(config))
+    head_name = quantize_embedding_and_head_(model, config, summary)
+
+    # 2. every other Linear
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or name == head_name:
+            continue
+        if filter_fn is not None and not filter_fn(module, name):
+            summary.float_modules[name] = "filter_fn"
+            continue
+        qmod = linear_from_config(module, config)
+        if qmod is None:
+            summary.float_modules[name] = (f"in_features={module.in_features} not divisible by "
+                                           f"group_size={config.group_size}")
+            continue
+        set_module(model, name, qmod)
+        summary.count(qmod.kind)
+    model.quantization_config = config_to_dict(config)  # read by save_quantized
+    return summary
+
+
+def quantize_embedding_and_head_(model: nn.Module, config, summary: QuantizationSummary | None = None) -> str | None:
+    """Quantize the token embedding to int8 and the output head with it (shared codes when tied), per ``config.embedding_bits``.
+
+    Returns the head's module name (so callers can skip it). The tied 49k × 576 head is the
+    largest single matmul of a decode step, so leaving it in float caps the speed-up.
+    """
+    summary = summary if summary is not None else QuantizationSummary(config=config_to_dict(config))
+    emb, head = embedding_and_head(model)
+    emb_name, head_name = module_name(model, emb), module_name(model, head)
+    if config.embedding_bits == 8 and isinstance(emb, nn.Embedding):
+        tied = isinstance(head, nn.Linear) and head.weight is emb.weight
+        qemb = Int8Embedding.from_float(emb)
+        set_module(model, emb_name, qemb)
+        summary.count(qemb.kind)
+        if tied:
+            qhead = _head_module(qemb.weight_int8, qemb.scales, config)  # same tensors: stored once
+            set_module(model, head_name, qhead)
+            summary.tied_head = True
+            summary.count(qhead.kind)
+        elif isinstance(head, nn.Linear):
+            q = quantize_tensor(head.weight, 8, None, True, -1)
+            qhead = _head_module(q.codes, q.scales.reshape(-1), config, head.bias)
+            set_module(model, head_name, qhead)
+            summary.count(qhead.kind)
+    else:
+        if emb_name is not None and isinstance(emb, nn.Embedding):
+            summary.float_modules[emb_name] = "embedding_bits=None"
+        if head_name is not None and isinstance(head, nn.Linear):
+            summary.float_modules[head_name] = "output head follows embedding_bits=None"
+    return head_name
+
+
+# ----------------------------------------------------------------------------- sizes
+def _all_tensors(model: nn.Module) -> list[torch.Tensor]:
+    return unique_tensors(list(model.parameters()) + list(model.buffers()))
+
+
+def memory_bytes(model: nn.Module) -> int:
+    """Bytes of unique parameters and buffers (tied or shared tensors counted once)."""
+    return sum(t.numel() * t.element_size() for t in _all_tensors(model))
+
+
+def fp32_equivalent_bytes(model: nn.Module) -> int:
+    """What the model's weights would take in fp32 (quantized modules counted by the weights they stand for)."""
+    total, seen = 0, set()
+    quantized = set()  # tensors owned by quantized modules
+    for m in model.modules():
+        if not isinstance(m, QuantizedModule):
+            continue
+        own = {storage_key(b) for b in m.buffers(recurse=False)}
+        main = storage_key(next(iter(m.buffers(recurse=False))))  # codes
+        quantized |= own
+        if main in seen:  # a tied head that shares the embedding's codes
+            continue
+        seen.add(main)
+        bias = getattr(m, "bias", None)
+        total += 4 * (m.logical_numel() + (0 if bias is None else bias.numel()))
+    for t in _all_tensors(model):
+        if t.is_floating_point() and storage_key(t) not in quantized:
+            total += 4 * t.numel()
+    return total
+
+
+def compression_report(model: nn.Module, fp32_bytes: int | None = None, on_disk: bool = True) -> dict:
+    """Measured size of a model in memory and on disk, its ratio to fp32 and the memory saved.
+
+    ``fp32_bytes`` defaults to the fp32 size of the weights the model stands for; the disk size
+    is the safetensors file ``save_quantized`` writes (measured, not estimated).
+    """
+    mem = memory_bytes(model)
+    ref = fp32_equivalent_bytes(model) if fp32_bytes is None else int(fp32_bytes)
+    report = {"memory_bytes": mem, "fp32_bytes": ref, "ratio_memory": ref / mem,
+              "memory_saved_bytes": ref - mem}
+    if on_disk:
+        disk = saved_size_bytes(model)
+        report.update(disk_bytes=disk, ratio_disk=ref / disk)
+    kinds, floats = {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, QuantizedModule):
+            kinds[m.kind] = kinds.get(m.kind, 0) + 1
+        elif isinstance(m, (nn.Linear, nn.Embedding)):
+            floats.append(name)
+    report["quantized_modules"] = kinds
+    report["float_modules"] = floats
+    return report

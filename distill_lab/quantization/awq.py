@@ -1,0 +1,83 @@
+"""AWQ: scale up the weight columns that meet large activations before rounding them to int4.
+
+Lin et al., 2024, "AWQ: Activation-aware Weight Quantization for LLM Compression and
+Acceleration", arXiv:2306.00978. For weight-only int4, each smoothing group (the Linears that read
+one input, ``distill_lab.quantization.smoothquant.smoothing_groups``) gets ``s = mean|X|^a``, with
+the exponent ``a`` picked on calibration rows by the error of the quantized layers' output; the
+inverse scale is folded into the previous op, so the float model computes the same function.
+Then each weight's group ranges are clipped where that lowers the rounding error (AWQ's clipping step).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .configs import Int4WeightOnlyConfig
+from .primitives import clip_weight_, fake_quantize
+from .smoothquant import apply_group_scale, check_stats, group_scale, smoothing_groups
+
+__all__ = ["awq_"]
+
+
+def _quant_error(x: torch.Tensor, weights: list[torch.Tensor], refs: list[torch.Tensor], s: torch.Tensor,
+                 bits: int, group_size: int, symmetric: bool) -> float:
+    """Output error Σ‖x Wᵀ - (x/s) Q(W·s)ᵀ‖² of a group of Linears sharing input ``x`` (S, K); ``refs`` = x Wᵀ."""
+    err = 0.0
+    xs = x / s  # (S, K)
+    for w, ref in zip(weights, refs):
+        q = fake_quantize(w * s, bits, group_size, symmetric, axis=-1)  # (N, K)
+        err += (xs @ q.t() - ref).pow(2).sum().item()
+    return err
+
+
+@torch.no_grad()
+def awq_(model: nn.Module, config: Int4WeightOnlyConfig | None = None, *, calibration, grid: int = 11,
+         include: tuple = ("qkv", "o", "gate_up", "down"), clip: bool = True,
+         progress: bool = True) -> dict[str, float]:
+    """AWQ-style scaling in place for ``config``'s int4 grid: per group, ``s = mean|x|^a`` with ``a`` searched.
+
+    ``calibration``: the ``ActivationStats`` of ``collect_activation_stats`` on the float model.
+    For each group the exponent ``a`` in ``linspace(0, 1, grid)`` that minimizes the output
+    error of the round-to-nearest quantized Linears is kept (``a = 0`` is plain RTN, so the
+    search never does worse on the calibration rows). With ``clip``, each scaled weight is then
+    clamped to the per-group range that minimizes its rounding error weighted by ``E[x²]`` (AWQ's
+    clipping step; ``primitives.search_clip_ratios``). Returns ``{group: a}``. Quantize afterwards
+    with the same config: ``quantize_(model, config)``.
+    """
+    config = Int4WeightOnlyConfig() if config is None else config
+    if not isinstance(config, Int4WeightOnlyConfig):
+        raise ValueError(f"config={config!r}; allowed: an Int4WeightOnlyConfig (AWQ serves weight-only int4)")
+    if not isinstance(grid, int) or grid < 2:
+        raise ValueError(f"grid={grid!r}; allowed: an int >= 2")
+    stats = check_stats(calibration)
+    bits, group_size, symmetric = config.bits, config.group_size, config.symmetric
+    chosen = {}
+    groups = smoothing_groups(model, include)
+    for group in tqdm(groups, desc="AWQ search", leave=False, disable=not progress):
+        first = group.linears[0][0]
+        if group.linears[0][1].in_features % group_size:
+            continue
+        x = stats.samples[first].float()  # (S, K)
+        weights = [lin.weight.detach().float().cpu() for _, lin in group.linears]
+        refs = [x @ w.t() for w in weights]  # (S, N) float outputs
+        mean = stats.absmean(first).float().clamp_min(1e-6)  # (K,)
+        if group.kind == "v_to_o":
+            mean, _ = group_scale(group, mean)
+        best = (float("inf"), 0.0, None)
+        for a in torch.linspace(0, 1, grid).tolist():
+            s = mean.pow(a)
+            s = s / (s.max() * s.min()).sqrt()  # keep scales centred around 1
+            err = _quant_error(x, weights, refs, s, bits, group_size, symmetric)
+            if err < best[0]:
+                best = (err, a, s)
+        _, a, s = best
+        s_in, s_prev = group_scale(group, s)
+        apply_group_scale(group, s_in, s_prev)
+        if clip:
+            importance = (x / s_in).pow(2).mean(0)  # (K,) E[x²] of the scaled input
+            for _, lin in group.linears:
+                clip_weight_(lin.weight, bits, group_size, symmetric, importance.to(lin.weight.device))
+        chosen[group.name] = a
+    return chosen

@@ -1,0 +1,134 @@
+"""What to quantize to: one dataclass per scheme, validated on construction, serializable to a dict.
+
+The configs follow torchao's (``Int8WeightOnlyConfig``, ``Int8DynamicActivationInt8WeightConfig``,
+``Int4WeightOnlyConfig``): ``quantize_(model, config)`` reads them, and so do ``awq_``, ``gptq_``
+and QAT. ``SmoothQuantConfig`` holds the knob of ``smooth_``.
+
+The names without the ``Config`` suffix (``Int8WeightOnly``, ``Int8Dynamic``, ``Int4WeightOnly``)
+are deprecated aliases of the same classes for one release: using one warns (DeprecationWarning),
+and ``config_from_dict`` still reads files saved under them.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+
+from .kernels import INT4_KERNEL_GROUPS
+from .primitives import Granularity
+
+__all__ = ["CONFIGS", "DEPRECATED_NAMES", "Int4WeightOnlyConfig", "Int8DynamicConfig", "Int8WeightOnlyConfig",
+           "SmoothQuantConfig", "config_from_dict", "config_to_dict", "deprecated_config"]
+
+
+def _check_choice(owner: str, name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{owner}.{name}={value!r}; allowed: {', '.join(map(repr, allowed))}")
+
+
+def _check_embedding_bits(owner: str, value) -> None:
+    if value not in (None, 8):
+        raise ValueError(f"{owner}.embedding_bits={value!r}; allowed: None (keep the embedding and "
+                         "tied head in float) or 8")
+
+
+@dataclass
+class Int8WeightOnlyConfig:
+    """int8 weights (per output channel), bf16 activations: ``aten._weight_int8pack_mm``."""
+
+    embedding_bits: int | None = 8  # 8: token embedding and (tied) head to int8 too; None: keep them in float
+
+    def __post_init__(self):
+        _check_embedding_bits(type(self).__name__, self.embedding_bits)
+
+
+@dataclass
+class Int8DynamicConfig:
+    """W8A8: int8 weights (per channel) and int8 activations (dynamic scales), integer matmul ``torch._int_mm``."""
+
+    act_granularity: Granularity | str = "per_token"  # 'per_token' (one scale per row) or 'per_tensor' (one per call)
+    weight_granularity: Granularity | str = "per_channel"  # 'per_channel' (one scale per output row) or 'per_tensor'
+    embedding_bits: int | None = 8  # 8: embedding to int8 and the (tied) head to int8 too; None: keep in float
+    head: str = "weight_only"  # int8 head: 'weight_only' (bf16 activations, the usual choice) or 'w8a8'
+
+    def __post_init__(self):
+        owner = type(self).__name__
+        self.act_granularity = Granularity.parse(self.act_granularity, f"{owner}.act_granularity",
+                                                 (Granularity.PER_TOKEN, Granularity.PER_TENSOR))
+        _check_choice(owner, "head", self.head, ("weight_only", "w8a8"))
+        self.weight_granularity = Granularity.parse(self.weight_granularity, f"{owner}.weight_granularity",
+                                                    (Granularity.PER_CHANNEL, Granularity.PER_TENSOR))
+        _check_embedding_bits(owner, self.embedding_bits)
+
+
+@dataclass
+class Int4WeightOnlyConfig:
+    """Group-wise int4 weights packed two per byte, bf16 activations: ``aten._weight_int4pack_mm[_for_cpu]``.
+
+    ``bits`` below 4 (3 or 2) keeps the same 4-bit container and kernel with fewer levels used:
+    a harder grid for experiments (QAT), not a smaller file.
+    """
+
+    group_size: int = 64  # weights per scale along the input dim; kernels take 32, 64, 128, 256
+    symmetric: bool = False  # False: min/max grid with a zero per group; True: absmax grid, no zeros stored
+    bits: int = 4  # levels actually used: 2**bits (2, 3 or 4)
+    embedding_bits: int | None = 8  # 8: embedding and (tied) head to int8; None: keep them in float
+
+    def __post_init__(self):
+        owner = type(self).__name__
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 2 \
+                or self.group_size % 2:
+            raise ValueError(f"{owner}.group_size={self.group_size!r}; allowed: an even int >= 2 "
+                             f"(the int4 kernels take {', '.join(map(str, INT4_KERNEL_GROUPS))}; "
+                             "others use the pure-PyTorch path)")
+        if not isinstance(self.symmetric, bool):
+            raise ValueError(f"{owner}.symmetric={self.symmetric!r}; allowed: True or False")
+        if isinstance(self.bits, bool) or self.bits not in (2, 3, 4):
+            raise ValueError(f"{owner}.bits={self.bits!r}; allowed: 2, 3 or 4")
+        _check_embedding_bits(owner, self.embedding_bits)
+
+
+@dataclass
+class SmoothQuantConfig:
+    """SmoothQuant's migration strength: ``s_j = max|X_j|^alpha / max|W_j|^(1-alpha)`` (then quantize W8A8)."""
+
+    alpha: float = 0.5  # 0: nothing moves into the weights; 1: the whole activation range does
+
+    def __post_init__(self):
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
+            raise ValueError(f"{type(self).__name__}.alpha={self.alpha!r}; allowed: a number in [0, 1]")
+
+
+CONFIGS = {c.__name__: c for c in (Int8WeightOnlyConfig, Int8DynamicConfig, Int4WeightOnlyConfig)}  # for quantize_
+DEPRECATED_NAMES = {"Int8WeightOnly": "Int8WeightOnlyConfig", "Int8Dynamic": "Int8DynamicConfig",
+                    "Int4WeightOnly": "Int4WeightOnlyConfig"}  # old name -> new name, for one release
+_BY_NAME = {**CONFIGS, SmoothQuantConfig.__name__: SmoothQuantConfig}
+
+
+def config_to_dict(config) -> dict:
+    """Serialize a config dataclass to ``{"type": name, **fields}``."""
+    return {"type": type(config).__name__, **asdict(config)}
+
+
+def config_from_dict(d: dict):
+    """Inverse of ``config_to_dict`` (also reads dicts saved under the deprecated names, e.g. ``"Int4WeightOnly"``)."""
+    d = dict(d)
+    kind = d.pop("type")
+    kind = DEPRECATED_NAMES.get(kind, kind)
+    if kind not in _BY_NAME:
+        raise ValueError(f"unknown quantization config {kind!r}; allowed: {', '.join(_BY_NAME)}")
+    return _BY_NAME[kind](**d)
+
+
+def deprecated_config(name: str):
+    """The class a deprecated name stands for, with a DeprecationWarning (for a module's ``__getattr__``)."""
+    new = DEPRECATED_NAMES[name]
+    warnings.warn(f"{name} is deprecated; use {new} (from distill_lab.quantization); the old name is removed "
+                  "in the next release", DeprecationWarning, stacklevel=3)
+    return _BY_NAME[new]
+
+
+def __getattr__(name: str):
+    if name in DEPRECATED_NAMES:
+        return deprecated_config(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,233 @@
+"""The integer kernels quantized modules call, each with a pure-PyTorch fallback that the tests compare against.
+
+* W8A8: the integer matmul ``torch._int_mm`` (the int8 recipe of LLM.int8() without its fp16
+  outlier path, Dettmers et al., 2022, arXiv:2208.07339, and of ZeroQuant, Yao et al., 2022,
+  arXiv:2206.01861).
+* Weight-only int8: ``aten._weight_int8pack_mm``.
+* Weight-only int4 with group-wise scales and zeros: ``aten._weight_int4pack_mm[_for_cpu]``, the
+  "tinygemm" layout torchao uses, with its packing (``to_kernel_layout``) and a way back to the codes.
+
+``use_kernels(False)`` forces every fallback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from .primitives import SCALE_EPS, QuantizedTensor, quantize_tensor
+
+__all__ = ["INT4_KERNEL_GROUPS", "INT8_PACK_MAX_ROWS", "dequantize_int4", "int4_codes_and_scales",
+           "int4_kernel_codes", "int4_layout_for", "int4_mm", "int8_weight_only_backend", "int8_weight_only_mm",
+           "int_mm", "int_mm_ok", "kernels_enabled", "pack_int4", "to_kernel_layout", "unpack_int4",
+           "unpack_kernel_layout", "use_kernels"]
+
+aten = torch.ops.aten
+
+INT4_KERNEL_GROUPS = (32, 64, 128, 256)  # group sizes PyTorch's int4 kernels accept
+INT8_PACK_MAX_ROWS = 32  # measured here: the CPU kernel is a per-row GEMV; above ~32 rows bf16 GEMM wins
+
+_KERNELS = {"enabled": True}
+
+
+@contextlib.contextmanager
+def use_kernels(enabled: bool = True):
+    """Context manager: ``use_kernels(False)`` forces the pure-PyTorch fallbacks (for tests and comparisons)."""
+    old = _KERNELS["enabled"]
+    _KERNELS["enabled"] = bool(enabled)
+    try:
+        yield
+    finally:
+        _KERNELS["enabled"] = old
+
+
+def kernels_enabled() -> bool:
+    """Return True unless inside ``use_kernels(False)``."""
+    return _KERNELS["enabled"]
+
+
+# ----------------------------------------------------------------------------- int8
+def int8_weight_only_backend(device: torch.device, in_features: int) -> str:
+    """'kernel' when ``aten._weight_int8pack_mm`` accepts the shape on this device, else 'fallback'."""
+    if not kernels_enabled() or not hasattr(aten, "_weight_int8pack_mm"):
+        return "fallback"
+    # measured here: the CPU kernel returns garbage or crashes unless K is a multiple of 16
+    if device.type == "cpu" and in_features % 16 == 0:
+        return "kernel"
+    if device.type == "cuda" and in_features % 16 == 0:
+        return "kernel"
+    return "fallback"
+
+
+def int8_weight_only_mm(x: torch.Tensor, w_int8: torch.Tensor, scales: torch.Tensor,
+                        backend: str = "kernel") -> torch.Tensor:
+    """``x @ (w_int8 * scales[:, None]).T`` for 2-D ``x`` (M, K), int8 ``w`` (N, K), fp32 ``scales`` (N,) -> (M, N) bf16.
+
+    Few rows (decode, memory-bound): ``aten._weight_int8pack_mm`` reads the int8 weight directly.
+    Many rows (prefill, compute-bound): dequantize to bf16 once and use the bf16 GEMM, because the
+    int8 kernel's time grows linearly with the rows (2.1 s vs 0.7 s for 2048 × 576 → 49152 here).
+    """
+    x = x.to(torch.bfloat16).contiguous()  # the fp32 CPU kernel is ~30x slower than bf16
+    if backend == "kernel" and x.shape[0] <= INT8_PACK_MAX_ROWS:
+        try:
+            return aten._weight_int8pack_mm(x, w_int8, scales.to(torch.bfloat16))  # (M, N)
+        except (RuntimeError, NotImplementedError):
+            pass  # e.g. no CUDA implementation in this build: dequantize instead
+    return F.linear(x, w_int8.to(torch.bfloat16) * scales.to(torch.bfloat16)[:, None])  # (M, N)
+
+
+def int_mm_ok(m: int, k: int, n: int, device: torch.device) -> bool:
+    """True when ``torch._int_mm`` accepts (M, K) @ (K, N) on ``device`` (CUDA: M > 16, K and N multiples of 8)."""
+    if not kernels_enabled() or not hasattr(torch, "_int_mm"):
+        return False
+    if device.type == "cuda":
+        return m > 16 and k % 8 == 0 and n % 8 == 0 and k > 0
+    return device.type == "cpu"
+
+
+def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact int8 × int8 → int32 matmul, (M, K) @ (K, N): ``torch._int_mm`` where it applies, else a float fallback.
+
+    On CUDA, ``_int_mm`` needs M > 16: smaller M is padded with zero rows up to 32. Other
+    shapes it refuses fall back to a float64 matmul, which is exact for int8 inputs (|sum| < 2^53).
+    """
+    m, k = a.shape
+    n = b.shape[1]
+    if a.device.type == "cuda" and m <= 16 and int_mm_ok(32, k, n, a.device):
+        padded = torch.zeros(32, k, dtype=a.dtype, device=a.device)
+        padded[:m] = a
+        return torch._int_mm(padded, b)[:m]
+    if int_mm_ok(m, k, n, a.device):
+        return torch._int_mm(a, b)  # (M, N) int32
+    return (a.double() @ b.double()).to(torch.int32)  # exact fallback
+
+
+# ----------------------------------------------------------------------------- int4
+def _int4_inner_k_tiles(k: int) -> int:
+    for tiles in (8, 4, 2):
+        if k % (tiles * 16) == 0:
+            return tiles
+    return 0
+
+
+def int4_layout_for(device: torch.device, out_features: int, in_features: int, group_size: int) -> str:
+    """Which int4 layout serves this shape: 'cpu' / 'cuda' (PyTorch kernels) or 'plain' (pure-PyTorch fallback)."""
+    if not kernels_enabled() or group_size not in INT4_KERNEL_GROUPS or in_features % group_size:
+        return "plain"
+    if device.type == "cpu" and hasattr(aten, "_weight_int4pack_mm_for_cpu") and out_features % 16 == 0:
+        return "cpu"
+    if (device.type == "cuda" and hasattr(aten, "_weight_int4pack_mm") and out_features % 8 == 0
+            and _int4_inner_k_tiles(in_features) and torch.cuda.get_device_capability(device)[0] >= 8):
+        return "cuda"
+    return "plain"
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Pack (N, K) codes in [0, 15] two per byte: (N, K/2) uint8, even k in the low nibble."""
+    if codes.shape[-1] % 2:
+        raise ValueError(f"the last dimension ({codes.shape[-1]}) must be even to pack two codes per byte")
+    c = codes.to(torch.uint8)
+    return c[..., 0::2] | (c[..., 1::2] << 4)  # (N, K/2)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``pack_int4``: (N, K/2) uint8 -> (N, K) uint8 codes in [0, 15]."""
+    low, high = packed & 0x0F, packed >> 4
+    return torch.stack([low, high], dim=-1).reshape(*packed.shape[:-1], -1)  # (N, K)
+
+
+def to_kernel_layout(codes: torch.Tensor, layout: str) -> torch.Tensor:
+    """(N, K) uint8 codes in [0, 15] -> the tensor the int4 kernel of ``layout`` expects."""
+    if layout == "plain":
+        return pack_int4(codes)
+    if layout == "cpu":
+        return aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+    if layout == "cuda":  # tinygemm: (N, K/2) uint8 with the even k in the high nibble, then tiled
+        c = codes.to(torch.uint8)
+        packed = ((c[:, 0::2] << 4) | c[:, 1::2]).contiguous()
+        return aten._convert_weight_to_int4pack(packed, _int4_inner_k_tiles(codes.shape[1]))
+    raise ValueError(f"layout={layout!r}; allowed: 'plain', 'cpu', 'cuda'")
+
+
+def int4_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor,
+            layout: str) -> torch.Tensor:
+    """(M, K) @ int4 weight (N, K) -> (M, N) bf16, with ``w = (q - 8)·scale + zero`` per group."""
+    x = x.to(torch.bfloat16).contiguous()
+    if layout == "cpu":
+        return aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros)
+    if layout == "cuda":
+        return aten._weight_int4pack_mm(x, packed, group_size, scales_and_zeros)
+    return F.linear(x, dequantize_int4(unpack_int4(packed), group_size, scales_and_zeros, torch.bfloat16))
+
+
+def dequantize_int4(codes: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """(N, K) codes and (K/g, N, 2) scales/zeros -> (N, K) weights, ``(q - 8)·scale + zero``."""
+    n, k = codes.shape
+    sz = scales_and_zeros.float()
+    scale = sz[..., 0].t().unsqueeze(-1)  # (N, K/g, 1)
+    zero = sz[..., 1].t().unsqueeze(-1)  # (N, K/g, 1)
+    w = (codes.float().reshape(n, k // group_size, group_size) - 8) * scale + zero  # (N, K/g, g)
+    return w.reshape(n, k).to(dtype)
+
+
+def unpack_kernel_layout(packed: torch.Tensor, layout: str, out_features: int, in_features: int,
+                         group_size: int) -> torch.Tensor:
+    """Read (N, K) codes back from a kernel layout by asking the kernel itself.
+
+    The CPU layout depends on the instruction set (AVX-512 vs AVX2) and the CUDA one is tiled,
+    so instead of re-implementing them: multiply the identity by the packed weight with scale 1
+    and zero 8, which returns ``q`` exactly (small integers are exact in bf16).
+    """
+    if layout == "plain":
+        return unpack_int4(packed)
+    groups = in_features // group_size
+    unit = torch.zeros(groups, out_features, 2, dtype=torch.bfloat16, device=packed.device)
+    unit[..., 0], unit[..., 1] = 1.0, 8.0
+    eye = torch.eye(in_features, dtype=torch.bfloat16, device=packed.device)  # (K, K)
+    fn = aten._weight_int4pack_mm_for_cpu if layout == "cpu" else aten._weight_int4pack_mm
+    codes_t = fn(eye, packed, group_size, unit)  # (K, N) = q^T
+    return codes_t.t().round().to(torch.uint8).contiguous()  # (N, K)
+
+
+def int4_codes_and_scales(weight: torch.Tensor, group_size: int, bits: int = 4,
+                          symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize an (N, K) weight group-wise; return kernel codes (N, K) in [0, 15] and (K/g, N, 2) scales/zeros.
+
+    The kernel computes ``(q - 8)·scale + zero``. Symmetric codes ``c`` in [-(2^(b-1)-1), 2^(b-1)-1]
+    become ``q = c + 8`` with zero 0; asymmetric codes ``c`` in [0, 2^b - 1] (``c·s + min``) keep
+    ``q = c`` with zero ``min + 8·s``.
+    """
+    if bits not in (2, 3, 4):
+        raise ValueError(f"bits={bits!r}; allowed: 2, 3 or 4 (the int4 container)")
+    return int4_kernel_codes(quantize_tensor(weight, bits, group_size, symmetric, axis=-1))
+
+
+def int4_kernel_codes(q: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn a group-wise ``QuantizedTensor`` into the kernel's codes (N, K) in [0, 15] and (K/g, N, 2) scales/zeros."""
+    scale = q.scales.float()  # (N, K/g)
+    if q.symmetric:
+        codes = (q.codes.to(torch.int16) + 8).to(torch.uint8)
+        zero = torch.zeros_like(scale)
+    else:
+        codes = q.codes
+        zero = q.zero_points.float() + 8 * scale
+        const = scale <= SCALE_EPS  # (N, K/g) constant groups: their value must survive the bf16 zero point
+        if bool(const.any()):
+            codes, scale, zero = _exact_constant_groups(codes, scale, q.zero_points.float(), const)
+    sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # (K/g, N, 2)
+    return codes, sz
+
+
+def _exact_constant_groups(codes, scale, value, const):
+    """Constant groups: zero = bf16(value) and one code step carries what bf16 rounded away (|error| << 1e-3·|value|)."""
+    z = value.to(torch.bfloat16).float()  # (N, G)
+    r = value - z  # what the bf16 zero point loses
+    step = torch.where(r > 0, r / 7, torch.where(r < 0, -r / 8, torch.zeros_like(r))).clamp_min(SCALE_EPS)
+    code = torch.where(r > 0, 15, torch.where(r < 0, 0, 8)).to(codes.dtype)  # (q - 8)·step = r
+    n, k = codes.shape
+    grouped = codes.clone().reshape(n, const.shape[1], -1)  # (N, G, g)
+    grouped[const] = code[const].unsqueeze(-1).expand(-1, grouped.shape[-1])
+    return grouped.reshape(n, k), torch.where(const, step, scale), torch.where(const, z, value + 8 * scale)

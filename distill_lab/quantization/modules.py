@@ -1,0 +1,368 @@
+"""Quantized layer types: Linear and Embedding modules whose weights live in integer buffers.
+
+* ``Int8WeightOnlyLinear``: int8 weights per output channel, bf16 activations (``aten._weight_int8pack_mm``).
+* ``Int8DynamicLinear``: W8A8, activations quantized per token at run time (``torch._int_mm``).
+* ``Int4WeightOnlyLinear``: group-wise 4-bit weights in the layout of the kernel that runs them.
+* ``Int8Embedding``: int8 rows with one scale per token.
+
+Each reports its real storage (``storage_bytes``), the weights it stands for (``logical_numel``) and
+what a checkpoint needs to rebuild it (``export_tensors``, ``spec``). ``set_module``,
+``embedding_and_head`` and ``module_name`` find and swap modules inside a model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..arch import embedding_scale
+from .kernels import (dequantize_int4, int4_codes_and_scales, int4_layout_for, int4_mm, int8_weight_only_backend,
+                      int8_weight_only_mm, int_mm, int_mm_ok, pack_int4, to_kernel_layout, unpack_int4,
+                      unpack_kernel_layout)
+from .primitives import Granularity, quantize_tensor
+
+__all__ = ["W8A8_CHUNK_ELEMENTS", "Int4WeightOnlyLinear", "Int8DynamicLinear", "Int8Embedding",
+           "Int8WeightOnlyLinear", "QuantizedModule", "embedding_and_head", "module_name", "set_module"]
+
+W8A8_CHUNK_ELEMENTS = 1 << 22  # int32 elements per W8A8 row chunk (16 MiB): one chunk at 8 x 256 tokens; bounds the head
+
+
+class QuantizedModule(nn.Module):
+    """Base class: a module whose weights live in integer buffers; reports its real storage bytes."""
+
+    kind = "quantized"
+
+    def storage_bytes(self) -> int:
+        """Bytes of this module's own buffers (what it really holds in memory)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers(recurse=False))
+
+    def logical_numel(self) -> int:
+        """Number of weights it stands for (to compare with fp32)."""
+        raise NotImplementedError
+
+    def export_tensors(self) -> dict[str, torch.Tensor]:
+        """Device-independent tensors to save (packed codes in the portable layout)."""
+        return {name: b for name, b in self.named_buffers(recurse=False)}
+
+    def spec(self) -> dict:
+        """JSON-serializable description needed to rebuild the module from ``export_tensors``."""
+        raise NotImplementedError
+
+
+def _flatten(x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    return x.reshape(-1, x.shape[-1]), x.shape[:-1]
+
+
+class Int8WeightOnlyLinear(QuantizedModule):
+    """Linear with int8 weights (N, K) and per-output-channel fp32 scales; bf16 activations."""
+
+    kind = "int8_weight_only"
+
+    def __init__(self, weight_int8: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = weight_int8.shape
+        self.register_buffer("weight_int8", weight_int8)  # (N, K) int8
+        self.register_buffer("scales", scales.float().reshape(-1))  # (N,)
+        self.register_buffer("bias", None if bias is None else bias.detach().float())  # (N,)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear) -> "Int8WeightOnlyLinear":
+        """Quantize an ``nn.Linear`` per output channel (symmetric absmax, 8 bits)."""
+        q = quantize_tensor(linear.weight, 8, None, True, -1)
+        return cls(q.codes, q.scales.reshape(-1), linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2, lead = _flatten(x)  # (M, K)
+        backend = int8_weight_only_backend(x.device, self.in_features)
+        y = int8_weight_only_mm(x2, self.weight_int8, self.scales, backend).to(x.dtype)  # (M, N)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The (N, K) float weight the module computes with."""
+        return self.weight_int8.float() * self.scales[:, None]
+
+    def logical_numel(self) -> int:
+        return self.weight_int8.numel()
+
+    def spec(self) -> dict:
+        return {"kind": self.kind, "in_features": self.in_features, "out_features": self.out_features}
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+class Int8DynamicLinear(QuantizedModule):
+    """W8A8 Linear: activations quantized per token (or per tensor) at run time, ``torch._int_mm`` in int32.
+
+    An optional ``smooth`` vector (K,) divides the input before quantization (SmoothQuant when
+    the factor cannot be folded into the previous layer).
+    """
+
+    kind = "int8_dynamic"
+
+    def __init__(self, weight_int8: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
+                 act_granularity: str = "per_token", smooth: torch.Tensor | None = None):
+        super().__init__()
+        self.act_granularity = Granularity.parse(act_granularity, "Int8DynamicLinear.act_granularity",
+                                                 (Granularity.PER_TOKEN, Granularity.PER_TENSOR))
+        self.out_features, self.in_features = weight_int8.shape
+        self.register_buffer("weight_int8", weight_int8)  # (N, K) int8
+        self.register_buffer("scales", scales.float().reshape(-1).expand(self.out_features).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+        self.register_buffer("smooth", None if smooth is None else smooth.detach().float())  # (K,)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, act_granularity: str = "per_token",
+                   weight_granularity: str = "per_channel") -> "Int8DynamicLinear":
+        """Quantize an ``nn.Linear``'s weight to int8 (per channel or per tensor, symmetric)."""
+        axis = Granularity.parse(weight_granularity, "weight_granularity",
+                                 (Granularity.PER_CHANNEL, Granularity.PER_TENSOR)).axis
+        q = quantize_tensor(linear.weight, 8, None, True, axis)
+        return cls(q.codes, q.scales.reshape(-1), linear.bias, act_granularity)
+
+    def quantize_input(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M, K) float -> int8 codes (M, K) and scales (M, 1) (or (1, 1) per tensor)."""
+        x2 = x2.float()
+        if self.smooth is not None:
+            x2 = x2 / self.smooth
+        absmax = x2.abs().amax(-1, keepdim=True) if self.act_granularity == "per_token" \
+            else x2.abs().amax().reshape(1, 1)
+        scale = absmax.clamp_min(1e-8) / 127  # (M, 1)
+        return torch.round(x2 / scale).to(torch.int8), scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2, lead = _flatten(x)  # (M, K)
+        if (x2.device.type == "cpu" and x2.shape[0] and int_mm_ok(*x2.shape, self.out_features, x2.device)
+                and not (torch.is_grad_enabled() and x2.requires_grad)):
+            y = self._forward_cpu_chunked(x2)  # same numbers, without the int32 -> fp32 temporaries
+        else:
+            xq, sx = self.quantize_input(x2)
+            acc = int_mm(xq, self.weight_int8.t())  # (M, N) int32; the transposed view is what CUDA wants
+            y = torch.mul(acc, self.scales).mul_(sx)  # (M, N) float32
+            if self.bias is not None:
+                y = y + self.bias
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def _forward_cpu_chunked(self, x2: torch.Tensor) -> torch.Tensor:
+        """CPU W8A8 without (M, N) temporaries, in row chunks for very wide layers; bit-identical to the plain path.
+
+        ``torch.mul(int32, fp32)`` first copies the whole accumulator to a new fp32 tensor (type
+        promotion on the CPU), so the plain epilogue allocated and walked two (M, N) temporaries,
+        and its cost depended on the allocator's state in each process. Here ``_int_mm`` writes
+        each chunk's int32 result straight into the fp32 output's own memory, which is then
+        converted and scaled in place: one (M, N) allocation in all, like the raw kernel's. Smaller
+        chunks would keep the epilogue in L2 but multiply the ops, and on a busy CPU each op costs a
+        scheduling delay (measured: 4 chunks ran 3x slower than the plain path under load 10).
+        """
+        m, n = x2.shape[0], self.out_features
+        x2 = x2.float()
+        out = torch.empty(m, n, dtype=torch.float32)  # (M, N)
+        tensor_scale = None
+        if self.act_granularity == "per_tensor":
+            xs = x2 if self.smooth is None else x2 / self.smooth
+            tensor_scale = xs.abs().amax().reshape(1, 1).clamp_min(1e-8) / 127  # (1, 1)
+        chunks = -(-m // max(1, W8A8_CHUNK_ELEMENTS // n))
+        rows = -(-m // chunks)  # even chunks: every op is a parallel region, which costs on a busy CPU
+        wt = self.weight_int8.t()  # (K, N) view
+        for i in range(0, m, rows):
+            xc = x2[i:i + rows]  # (r, K)
+            if self.smooth is not None:
+                xc = xc / self.smooth
+            sc = tensor_scale if tensor_scale is not None else \
+                xc.abs().amax(-1, keepdim=True).clamp_min(1e-8) / 127  # (r, 1)
+            q = torch.div(xc, sc).round_().to(torch.int8)  # (r, K)
+            o = out[i:i + rows]  # (r, N) fp32, contiguous
+            acc = torch._int_mm(q, wt, out=o.view(torch.int32))  # int32 written into o's bytes
+            o.copy_(acc).mul_(self.scales).mul_(sc)  # in place: int32 -> fp32, weight scale, token scale
+        if self.bias is not None:
+            out.add_(self.bias)
+        return out
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The (N, K) float weight (before activation quantization)."""
+        w = self.weight_int8.float() * self.scales[:, None]
+        return w if self.smooth is None else w * self.smooth
+
+    def logical_numel(self) -> int:
+        return self.weight_int8.numel()
+
+    def spec(self) -> dict:
+        return {"kind": self.kind, "in_features": self.in_features, "out_features": self.out_features,
+                "act_granularity": self.act_granularity, "smooth": self.smooth is not None}
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"W8A8 {self.act_granularity} activations")
+
+
+class Int4WeightOnlyLinear(QuantizedModule):
+    """Linear with group-wise 4-bit weights, two codes per byte, bf16 group scales and zeros.
+
+    The kernel convention is ``w = (q - 8)·scale + zero`` with ``q`` in [0, 15] (tinygemm). The
+    packed tensor is in the layout of the kernel that runs it: ``'cpu'``
+    (``_weight_int4pack_mm_for_cpu``), ``'cuda'`` (``_weight_int4pack_mm``) or ``'plain'``
+    (the pure-PyTorch fallback: unpack, dequantize, matmul). All three hold ``in·out/2`` bytes.
+    """
+
+    kind = "int4_weight_only"
+
+    def __init__(self, codes: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
+                 bias: torch.Tensor | None = None, bits: int = 4, symmetric: bool = False,
+                 layout: str | None = None):
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        self.group_size, self.bits, self.symmetric = group_size, bits, symmetric
+        self.layout = layout or int4_layout_for(codes.device, self.out_features, self.in_features,
+                                                group_size)
+        self.register_buffer("packed", to_kernel_layout(codes, self.layout))  # in·out/2 bytes
+        self.register_buffer("scales_and_zeros", scales_and_zeros.to(torch.bfloat16).contiguous())  # (K/g, N, 2)
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, group_size: int = 64, bits: int = 4,
+                   symmetric: bool = False) -> "Int4WeightOnlyLinear":
+        """Quantize an ``nn.Linear`` group-wise along its input dimension."""
+        codes, sz = int4_codes_and_scales(linear.weight, group_size, bits, symmetric)
+        return cls(codes, sz, group_size, linear.bias, bits, symmetric)
+
+    def codes(self) -> torch.Tensor:
+        """The (N, K) uint8 codes in [0, 15], read back from the packed layout."""
+        return unpack_kernel_layout(self.packed, self.layout, self.out_features, self.in_features,
+                                     self.group_size)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The (N, K) float weight the kernel computes with (bf16 scales and zeros applied in fp32)."""
+        return dequantize_int4(self.codes(), self.group_size, self.scales_and_zeros, torch.float32)
+
+    def repack(self, device: torch.device | str | None = None, layout: str | None = None) -> "Int4WeightOnlyLinear":
+        """Move to ``device`` and re-pack for its kernel (or for ``layout``, e.g. 'plain' for the fallback)."""
+        device = torch.device(device) if device is not None else self.packed.device
+        codes = self.codes().to(device)
+        self.layout = layout or int4_layout_for(device, self.out_features, self.in_features, self.group_size)
+        self.packed = to_kernel_layout(codes, self.layout)
+        self.scales_and_zeros = self.scales_and_zeros.to(device)
+        if self.bias is not None:
+            self.bias = self.bias.to(device)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout != "plain" and self.packed.device.type != self.layout:
+            self._repack_in_place()  # moved with .to(device): the layouts differ between devices
+        x2, lead = _flatten(x)  # (M, K)
+        y = int4_mm(x2, self.packed, self.group_size, self.scales_and_zeros, self.layout).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def _repack_in_place(self) -> None:
+        """Re-pack a kernel layout that was moved to another device (read back on its home device)."""
+        device = self.packed.device
+        home = torch.device("cpu") if self.layout == "cpu" else torch.device("cuda")
+        codes = unpack_kernel_layout(self.packed.to(home), self.layout, self.out_features,
+                                      self.in_features, self.group_size).to(device)
+        self.layout = int4_layout_for(device, self.out_features, self.in_features, self.group_size)
+        self.packed = to_kernel_layout(codes, self.layout)
+
+    def logical_numel(self) -> int:
+        return self.out_features * self.in_features
+
+    def export_tensors(self) -> dict[str, torch.Tensor]:
+        out = {"packed": pack_int4(self.codes()).cpu()}  # portable layout: (N, K/2), even k low nibble
+        sz = self.scales_and_zeros.cpu()
+        if self.symmetric:  # zeros are all 0: store scales only
+            out["scales"] = sz[..., 0].contiguous()
+        else:
+            out["scales_and_zeros"] = sz
+        if self.bias is not None:
+            out["bias"] = self.bias.cpu()
+        return out
+
+    @classmethod
+    def from_exported(cls, tensors: dict, spec: dict, device) -> "Int4WeightOnlyLinear":
+        """Rebuild from ``export_tensors`` output and ``spec`` on ``device``."""
+        codes = unpack_int4(tensors["packed"]).to(device)
+        if "scales" in tensors:
+            s = tensors["scales"]
+            sz = torch.stack([s, torch.zeros_like(s)], dim=-1)
+        else:
+            sz = tensors["scales_and_zeros"]
+        bias = tensors.get("bias")
+        return cls(codes, sz.to(device), spec["group_size"], None if bias is None else bias.to(device),
+                   spec["bits"], spec["symmetric"])
+
+    def spec(self) -> dict:
+        return {"kind": self.kind, "in_features": self.in_features, "out_features": self.out_features,
+                "group_size": self.group_size, "bits": self.bits, "symmetric": self.symmetric}
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"int{self.bits} g{self.group_size} {'sym' if self.symmetric else 'asym'}, layout={self.layout}")
+
+
+class Int8Embedding(QuantizedModule):
+    """Token embedding with int8 rows and one fp32 scale per token (per-row absmax)."""
+
+    kind = "int8_embedding"
+
+    def __init__(self, weight_int8: torch.Tensor, scales: torch.Tensor, out_dtype=torch.float32,
+                 embed_scale: float = 1.0):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = weight_int8.shape
+        self.out_dtype = out_dtype
+        self.embed_scale = float(embed_scale)  # output factor of scaled embeddings (Gemma: sqrt(hidden))
+        self.register_buffer("weight_int8", weight_int8)  # (V, D) int8
+        self.register_buffer("scales", scales.float().reshape(-1))  # (V,)
+
+    @classmethod
+    def from_float(cls, emb: nn.Embedding) -> "Int8Embedding":
+        """Quantize each embedding row symmetrically to int8 (keeping the embedding's output scale, if any)."""
+        q = quantize_tensor(emb.weight, 8, None, True, -1)
+        return cls(q.codes, q.scales.reshape(-1), emb.weight.dtype, embedding_scale(emb))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(ids, self.weight_int8).to(self.out_dtype)  # (B, T, D)
+        scales = self.scales[ids].unsqueeze(-1)  # (B, T, 1)
+        if self.embed_scale != 1.0:
+            scales = scales * self.embed_scale
+        return rows * scales.to(self.out_dtype)
+
+    def logical_numel(self) -> int:
+        return self.weight_int8.numel()
+
+    def spec(self) -> dict:
+        return {"kind": self.kind, "num_embeddings": self.num_embeddings, "embed_scale": self.embed_scale,
+                "embedding_dim": self.embedding_dim, "out_dtype": str(self.out_dtype).replace("torch.", "")}
+
+    def extra_repr(self) -> str:
+        scale = f", x{self.embed_scale:g}" if self.embed_scale != 1.0 else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 per-row{scale}"
+
+
+# ----------------------------------------------------------------------------- finding modules in a model
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted ``name`` inside ``model`` (replacing what was there)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def embedding_and_head(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+    """The model's input embedding and output head (None where it has none)."""
+    get_in = getattr(model, "get_input_embeddings", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    emb = get_in() if get_in else None
+    head = get_out() if get_out else None
+    return emb, head
+
+
+def module_name(model: nn.Module, target: nn.Module | None) -> str | None:
+    """The dotted name of ``target`` inside ``model`` (None when it is not there)."""
+    if target is None:
+        return None
+    for name, m in model.named_modules():
+        if m is target:
+            return name
+    return None

@@ -1,0 +1,68 @@
+"""Tests for distill_lab.quantization.awq: awq_ keeps the float function and searches on its config's grid."""
+
+import copy
+
+import pytest
+import torch
+
+from distill_lab.quantization import awq
+from distill_lab.quantization.awq import awq_
+from distill_lab.quantization.configs import Int4WeightOnlyConfig, Int8WeightOnlyConfig
+from distill_lab.quantization.smoothquant import collect_activation_stats
+
+from .helpers import calibration, tiny
+
+
+def test_awq_preserves_function_and_does_not_hurt_calibration_error():
+    model = tiny()
+    ids = torch.randint(0, 256, (2, 10))
+    ref = model(ids).logits
+    stats = collect_activation_stats(model, calibration(), sample_tokens=64, progress=False)
+    scaled = copy.deepcopy(model)
+    config = Int4WeightOnlyConfig(group_size=32)
+    chosen = awq_(scaled, config, calibration=stats, grid=5, clip=False, progress=False)  # scaling alone: same function
+    assert len(chosen) == 8 and all(0 <= a <= 1 for a in chosen.values())
+    torch.testing.assert_close(scaled(ids).logits, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("config", [Int4WeightOnlyConfig(group_size=32, bits=3),
+                                    Int4WeightOnlyConfig(group_size=64, symmetric=True, bits=2)], ids=repr)
+def test_awq_searches_and_clips_on_the_configs_grid(config, monkeypatch):
+    """bits, group_size and symmetric all come from the one config (no loose keyword can disagree with it)."""
+    seen = []
+    search, clip = awq._quant_error, awq.clip_weight_
+
+    def spy_search(x, weights, refs, s, bits, group_size, symmetric):
+        seen.append(("search", bits, group_size, symmetric))
+        return search(x, weights, refs, s, bits, group_size, symmetric)
+
+    def spy_clip(weight, bits, group_size, symmetric, importance):
+        seen.append(("clip", bits, group_size, symmetric))
+        return clip(weight, bits, group_size, symmetric, importance)
+
+    monkeypatch.setattr(awq, "_quant_error", spy_search)
+    monkeypatch.setattr(awq, "clip_weight_", spy_clip)
+    model = tiny()
+    stats = collect_activation_stats(model, calibration(), sample_tokens=32, progress=False)
+    awq_(model, config, calibration=stats, grid=2, progress=False)
+    grid = (config.bits, config.group_size, config.symmetric)
+    assert {kind for kind, *_ in seen} == {"search", "clip"} and {tuple(g) for _, *g in seen} == {grid}
+
+
+def test_awq_takes_the_config_first_and_the_calibration_by_keyword():
+    model = tiny()
+    stats = collect_activation_stats(model, calibration(), sample_tokens=32, progress=False)
+    default, explicit = copy.deepcopy(model), copy.deepcopy(model)
+    a = awq_(default, calibration=stats, grid=3, progress=False)  # config=None: Int4WeightOnlyConfig() (g64)
+    b = awq_(explicit, Int4WeightOnlyConfig(group_size=64), calibration=stats, grid=3, progress=False)
+    assert a == b and len(a) == 8
+    with pytest.raises(TypeError):
+        awq_(model, Int4WeightOnlyConfig(), stats)  # calibration is keyword-only
+    with pytest.raises(TypeError):
+        awq_(model, stats, group_size=32)  # the old loose keywords are gone
+    with pytest.raises(ValueError, match="allowed: an Int4WeightOnlyConfig"):
+        awq_(model, Int8WeightOnlyConfig(), calibration=stats)
+    with pytest.raises(ValueError, match="calibration=list; allowed: the ActivationStats"):
+        awq_(model, Int4WeightOnlyConfig(), calibration=calibration())
+    with pytest.raises(ValueError, match="grid=1"):
+        awq_(model, Int4WeightOnlyConfig(), calibration=stats, grid=1)

@@ -1,0 +1,127 @@
+"""Tests for distill_lab.quantization.modules: each quantized layer type against its fake-quant reference."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from distill_lab.models import tiny_llama
+from distill_lab.quantization import modules
+from distill_lab.quantization.api import quantize_
+from distill_lab.quantization.configs import Int4WeightOnlyConfig
+from distill_lab.quantization.kernels import int4_layout_for, int_mm, use_kernels
+from distill_lab.quantization.modules import (Int4WeightOnlyLinear, Int8DynamicLinear, Int8Embedding,
+                                              Int8WeightOnlyLinear, QuantizedModule, embedding_and_head, module_name,
+                                              set_module)
+from distill_lab.quantization.primitives import Granularity, fake_quantize
+
+from .helpers import cuda, linear, tiny
+
+
+@pytest.mark.parametrize("n,k,g", [(1536, 576, 64), (64, 128, 32), (48, 256, 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_int4_module_packs_and_matches_dequantized_matmul(n, k, g, dtype, symmetric):
+    lin = linear(n, k)
+    mod = Int4WeightOnlyLinear.from_float(lin, g, 4, symmetric)
+    assert mod.layout == int4_layout_for(torch.device("cpu"), n, k, g) == "cpu"
+    assert mod.packed.numel() * mod.packed.element_size() == n * k // 2  # two codes per byte
+    x = torch.randn(5, k).to(dtype)
+    y = mod(x)
+    ref = x.float() @ mod.dequantized_weight().t()
+    assert y.dtype == dtype
+    assert ((y.float() - ref).norm() / ref.norm()).item() < 1e-2
+    # and the dequantized weight is quantize_tensor's grid (up to bf16 scales/zeros)
+    deq = fake_quantize(lin.weight, 4, g, symmetric)
+    assert ((mod.dequantized_weight() - deq).norm() / deq.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("granularity", ["per_token", "per_tensor"])
+def test_int8_dynamic_matches_fake_quant_reference(granularity):
+    lin = linear(40, 64, bias=True)
+    mod = Int8DynamicLinear.from_float(lin, granularity)
+    x = torch.randn(2, 9, 64)
+    x[0, 0, 3] = 40.0  # an outlier
+    axis = -1 if granularity == "per_token" else None
+    xq = fake_quantize(x, 8, None, True, axis)
+    ref = xq @ fake_quantize(lin.weight, 8, None, True, -1).t() + lin.bias
+    torch.testing.assert_close(mod(x), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_int8_embedding():
+    emb = nn.Embedding(50, 16)
+    q = Int8Embedding.from_float(emb)
+    ids = torch.tensor([[1, 2, 49]])
+    torch.testing.assert_close(q(ids), fake_quantize(emb.weight, 8)[ids], rtol=1e-5, atol=1e-6)
+    assert q.storage_bytes() == 50 * 16 + 50 * 4
+
+
+@pytest.mark.parametrize("granularity", ["per_token", "per_tensor"])
+@pytest.mark.parametrize("m", [1, 7, 40])
+def test_int8_dynamic_cpu_chunks_are_bit_identical_to_the_plain_path(granularity, m, monkeypatch):
+    """Issue 18: the in-place, row-chunked W8A8 epilogue returns exactly what quantize -> int_mm -> scale gave."""
+    monkeypatch.setattr(modules, "W8A8_CHUNK_ELEMENTS", 3 * 48)  # 3 rows per chunk: several chunks and a ragged end
+    lin = linear(48, 64, bias=True)
+    mod = Int8DynamicLinear.from_float(lin, granularity)
+    mod.smooth = torch.rand(64) + 0.5
+    x = torch.randn(2, m, 64) * 3
+    x[0, 0, 5] = 80.0  # an outlier
+    with torch.no_grad():
+        got = mod(x)
+        xq, sx = mod.quantize_input(x.reshape(-1, 64))  # the plain path, spelled out
+        want = (torch.mul(int_mm(xq, mod.weight_int8.t()), mod.scales).mul_(sx) + mod.bias).reshape(2, m, 48)
+        with use_kernels(False):
+            fallback = mod(x)
+    assert torch.equal(got, want) and torch.equal(got, fallback)
+    assert mod(x.bfloat16()).dtype == torch.bfloat16
+    xg = x.clone().requires_grad_(True)  # with autograd on, the plain (differentiable) path runs
+    assert torch.equal(mod(xg).detach(), want)
+
+
+def test_quantized_modules_report_storage():
+    model = tiny()
+    quantize_(model, Int4WeightOnlyConfig(group_size=32))
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, QuantizedModule)
+    # codes in·out/2 bytes + (K/g)·N·2 bf16 scale/zero pairs
+    assert q_proj.storage_bytes() == 64 * 64 // 2 + (64 // 32) * 64 * 2 * 2
+
+
+@cuda
+@pytest.mark.gpu
+def test_cuda_int4_and_int8_match_cpu_reference():
+    lin = linear(1536, 576)
+    x = torch.randn(8, 576)
+    cpu4 = Int4WeightOnlyLinear.from_float(lin, 64)
+    gpu4 = copy.deepcopy(cpu4).repack("cuda")
+    assert gpu4.layout == "cuda"
+    torch.testing.assert_close(gpu4(x.cuda()).cpu(), cpu4(x), rtol=2e-2, atol=2e-2)
+    w8 = Int8DynamicLinear.from_float(lin)
+    g8 = copy.deepcopy(w8).cuda()
+    torch.testing.assert_close(g8(x.cuda()).cpu(), w8(x), rtol=1e-3, atol=1e-3)
+    wo = Int8WeightOnlyLinear.from_float(lin)
+    torch.testing.assert_close(copy.deepcopy(wo).cuda()(x.cuda()).cpu(), wo(x), rtol=2e-2, atol=2e-2)
+
+
+def test_int8_dynamic_granularities_read_every_spelling_and_name_bad_ones():
+    lin = linear(16, 32)
+    mod = Int8DynamicLinear.from_float(lin, "per-tensor", Granularity.PER_TENSOR)
+    assert mod.act_granularity is Granularity.PER_TENSOR and mod.scales.unique().numel() == 1
+    assert mod.spec()["act_granularity"] == "per_tensor" and "W8A8 per_tensor activations" in mod.extra_repr()
+    with pytest.raises(ValueError, match=r"Int8DynamicLinear.act_granularity='per_row'; allowed: 'per_token', "
+                                         r"'per_tensor'"):
+        Int8DynamicLinear.from_float(lin, "per_row")
+    with pytest.raises(ValueError, match="weight_granularity='per_group'"):
+        Int8DynamicLinear.from_float(lin, "per_token", "per_group")
+
+
+def test_finding_and_swapping_modules_in_a_model():
+    model = tiny_llama()
+    emb, head = embedding_and_head(model)
+    assert emb is model.model.embed_tokens and head is model.lm_head
+    assert module_name(model, head) == "lm_head" and module_name(model, nn.Linear(2, 2)) is None
+    assert module_name(model, None) is None and embedding_and_head(nn.Linear(2, 2)) == (None, None)
+    q = Int8WeightOnlyLinear.from_float(model.model.layers[1].mlp.up_proj)
+    set_module(model, "model.layers.1.mlp.up_proj", q)
+    assert model.model.layers[1].mlp.up_proj is q and module_name(model, q) == "model.layers.1.mlp.up_proj"
