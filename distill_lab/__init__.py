@@ -1,20 +1,35 @@
 """distill_lab: the helper package of a hands-on course on making an LLM smaller and faster.
 
-The lessons import the core from here (``import distill_lab as dl``) and each technique from
-its own module: ``distill_lab.distillation``, ``distill_lab.quantize``, ``distill_lab.prune``,
-``distill_lab.pipeline``.
+The lessons import the core from here (``import distill_lab as dl``): the teacher, data, perplexity
+and claims. Each technique is a subpackage (``distillation``, ``quantization``, ``pruning``), recipes
+combining them are ``pipeline``; their entry points are re-exported here too and load on first use
+(``dl.quantize_``, ``dl.Int4WeightOnlyConfig``, ``dl.prune_``, ``dl.DistillationTrainer``, ...).
+docs/architecture.md explains the layers.
 """
 
+from ._lazy import lazy_exports
 from ._startup import frozen_imports as _frozen_imports
 
 with _frozen_imports():  # torch + transformers: ~570k import-time objects; see _startup.py
-    from .claims import ClaimError, claim, verdict  # noqa: F401
-    from .data import (calibration_batches, corpus_windows, load_corpus, token_windows,  # noqa: F401
-                       tokenize)
-    from .evaluate import (Result, environment_info, generate_samples, latency,  # noqa: F401
-                           model_size_bytes, peak_memory, perplexity, record)
-    from .models import (check_vocab_compatible, count_parameters, load_model,  # noqa: F401
-                         load_teacher, make_student, tiny_llama)
-    from .profiles import Profile, default_device, get_profile, set_seed  # noqa: F401
+    from .claims import ClaimError, claim, verdict
+    from .data import calibration_batches, corpus_windows, load_corpus, token_windows, tokenize
+    from .evaluate import (Result, environment_info, generate_samples, latency, model_size_bytes, peak_memory,
+                           perplexity, record)
+    from .models import check_vocab_compatible, count_parameters, load_model, load_teacher, make_student, tiny_llama
+    from .profiles import Profile, default_device, get_profile, set_seed
 
+_CORE = ["ClaimError", "Profile", "Result", "calibration_batches", "check_vocab_compatible", "claim",
+         "corpus_windows", "count_parameters", "default_device", "environment_info", "generate_samples",
+         "get_profile", "latency", "load_corpus", "load_model", "load_teacher", "make_student", "model_size_bytes",
+         "peak_memory", "perplexity", "record", "set_seed", "tiny_llama", "token_windows", "tokenize", "verdict"]
+_EXPORTS = {
+    "distillation": ["DistillationLoss", "DistillationTrainer", "TrainConfig", "cache_teacher_logits"],
+    "pipeline": ["Recipe", "run_recipe"],
+    "pruning": ["MagnitudeConfig", "StructuredConfig", "WandaConfig", "heal", "prune_", "prune_structured"],
+    "quantization": ["Int4WeightOnlyConfig", "Int8DynamicConfig", "Int8WeightOnlyConfig", "SmoothQuantConfig",
+                     "awq_", "gptq_", "quantize_", "smooth_"],
+    "serialization": ["load_saved", "save_model"],
+}
+_lazy_all, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_CORE + _lazy_all)
 __version__ = "0.1.0"

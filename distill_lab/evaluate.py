@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._fs import atomic_write_text
+from ._hf import quiet_transformers
 from .runtime import autocast as _autocast
 from .runtime import device_of as _device_of
 from .runtime import sync as _sync
@@ -199,8 +200,6 @@ def folder_size_bytes(folder: str | Path) -> int:
 def model_size_bytes(model: nn.Module, on_disk: bool = False) -> int:
     """Bytes of unique parameters and buffers in memory, or of the safetensors weights ``save_pretrained`` writes."""
     if on_disk:
-        from .models import quiet_transformers
-
         with tempfile.TemporaryDirectory() as tmp, quiet_transformers():
             model.save_pretrained(tmp)
             return sum(p.stat().st_size for p in Path(tmp).glob("*.safetensors"))

@@ -36,9 +36,16 @@ import torch
 from torch import nn
 
 from ._fs import atomic_file
+from ._hf import quiet_transformers
+from .models import teacher_gguf_path
+from .quantization.modules import (
+    Int4WeightOnlyLinear,
+    Int8DynamicLinear,
+    Int8Embedding,
+    Int8WeightOnlyLinear,
+    QuantizedModule,
+)
 from .tensors import same_tensor
-from .quantization.modules import (Int4WeightOnlyLinear, Int8DynamicLinear, Int8Embedding, Int8WeightOnlyLinear,
-                                   QuantizedModule)
 
 SUPPORTED_FAMILIES = ("llama",)
 FLOAT_TYPES = ("f32", "f16")
@@ -271,7 +278,6 @@ def to_gguf(model: nn.Module, tokenizer, path: str | Path, float_type: str = "f3
     """Write ``model`` (float or quantized by ``quantize_``, pruned or not) as a llama.cpp GGUF file; atomic."""
     import gguf
 
-    from .models import teacher_gguf_path
 
     if float_type not in FLOAT_TYPES:
         raise ValueError(f"float_type={float_type!r}; allowed: {', '.join(map(repr, FLOAT_TYPES))}")
@@ -389,7 +395,6 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, tokenizer: b
     """Load a GGUF file with transformers (it dequantizes to float): ``(model, tokenizer)``, or the model alone."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .models import quiet_transformers
 
     path = Path(path).expanduser().resolve()
     with quiet_transformers():

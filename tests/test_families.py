@@ -295,7 +295,7 @@ def test_awq_then_int4(family, ids, tmp_path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_qat(family, ids):
-    from distill_lab.qat import convert_, prepare_qat_
+    from distill_lab.quantization.qat import convert_, prepare_qat_
     from distill_lab.quantization import Int4WeightOnlyConfig
 
     model = tiny_model(family)
@@ -317,7 +317,7 @@ def test_qat(family, ids):
 
 
 def test_qat_summary_lists_every_linear_left_in_float():
-    from distill_lab.qat import convert_, prepare_qat_
+    from distill_lab.quantization.qat import convert_, prepare_qat_
     from distill_lab.quantization import Int4WeightOnlyConfig
 
     model = tiny_model("llama")  # intermediate 96: down_proj's inputs do not divide into groups of 64

@@ -17,7 +17,8 @@ from torch import nn
 from distill_lab import pipeline
 from distill_lab.__main__ import main
 from distill_lab.models import load_model, tiny_llama
-from distill_lab.pipeline import Recipe, load_saved, run_recipe, save_model
+from distill_lab.pipeline import Recipe, run_recipe
+from distill_lab.serialization import load_saved, save_model
 from distill_lab.profiles import get_profile
 
 PROFILE = dataclasses.replace(get_profile("smoke"), seq_len=32, eval_windows=4, batch_size=4,

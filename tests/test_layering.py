@@ -18,13 +18,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "distill_lab"
 # to distill_lab) gives its layer; "" is the package's __init__.
 LAYERS = {
     # 0: foundations that know nothing of models
-    "_startup": 0, "_fs": 0, "claims": 0, "profiles": 0, "hardware": 0, "tensors": 0,
+    "_startup": 0, "_fs": 0, "_lazy": 0, "claims": 0, "profiles": 0, "hardware": 0, "tensors": 0,
     # 1: devices, timers, families, data
     "runtime": 1, "arch": 1, "data": 1, "_folder": 1, "_hf": 1,
+    "plotting": 1,  # draws plain data with matplotlib; imports no model code, so recipes' reports can use it
     # 2: numeric primitives and layer types of the techniques (no model-level logic)
     "quantization.primitives": 2, "quantization.kernels": 2, "quantization.configs": 2,
     "pruning.masks": 2, "pruning.selection": 2,
-    "quantization.modules": 3, "pruning.sparse_storage": 3,
+    "quantization.modules": 3, "quantization.serialization": 3, "pruning.sparse_storage": 3,
     # 4: saving and loading every kind of model the package writes
     "serialization": 4,
     # 5: models and measurements
@@ -33,17 +34,32 @@ LAYERS = {
     "distillation": 6,
     # 7: the techniques that transform a model
     "quantization": 7, "pruning": 7,
-    "qat": 7,  # quantization-aware training; stays a top-level module for now (issue 13)
     # 8: what combines or ships techniques
     "pipeline": 8, "export": 8, "decode": 8,
     # 9: what a lesson shows
-    "distill": 9,  # the issue-13 shim: re-exports distillation and views.distillation; removed after the merge
-    "views": 9, "speed": 9, "plotting": 9, "exercises": 9, "course": 9, "support": 9,
-    "prune": 9,  # the issue-13 shim: re-exports pruning, views.pruning and speed.pruning; keeps healing
+    "views": 9, "speed": 9, "exercises": 9, "course": 9, "support": 9,
     "widgets": 10,
     # 11: entry points
     "__main__": 11, "": 11,
 }
+
+# A subpackage whose __init__ re-exports lazily (distill_lab/_lazy.py) runs none of its modules when it
+# is imported, so the __init__ itself sits low; ``from .quantization import quantize_`` is then read as an
+# import of the submodule that defines ``quantize_`` (its _EXPORTS table says which).
+LAZY_INIT_LAYER = 2
+
+
+def _lazy_exports(module: str) -> dict[str, str] | None:
+    """{name: submodule} of a lazily re-exporting package ``module``, else None."""
+    path = PACKAGE.joinpath(*module.split("."), "__init__.py") if module else None
+    if path is None or not path.is_file():
+        return None
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "_EXPORTS" for t in node.targets):
+            table = ast.literal_eval(node.value)
+            return {name: f"{module}.{sub}" for sub, names in table.items() for name in names}
+    return None
+
 
 # Function-level imports of package modules are allowed only here: the CLI keeps ``--help`` and its
 # one-line errors fast by importing torch-heavy modules when a subcommand runs.
@@ -80,10 +96,16 @@ def _resolve(module: str, is_package: bool, node: ast.ImportFrom | ast.Import, m
         up = node.level - 1
         here = here[:len(here) - up] if up else here
         base = ".".join(here + ([node.module] if node.module else []))
+    lazy = _lazy_exports(base) or {}
     for alias in node.names:  # from . import quantization -> the submodule itself, else the package
         sub = f"{base}.{alias.name}" if base else alias.name
-        names.append(sub if sub in modules else base)
+        names.append(sub if sub in modules else lazy.get(alias.name, base))
     return names
+
+
+def _parents(module: str) -> list[str]:
+    parts = module.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
 def import_graph() -> tuple[dict[str, set[str]], dict[str, list[str]]]:
@@ -103,6 +125,8 @@ def import_graph() -> tuple[dict[str, set[str]], dict[str, list[str]]]:
             if not isinstance(node, (ast.Import, ast.ImportFrom)):
                 continue
             found = [m for m in _resolve(name, path.name == "__init__.py", node, modules) if m in modules and m != name]
+            found += [p for m in found for p in _parents(m) if p in modules and p != name
+                      and not name.startswith(p + ".")]  # importing a.b.c runs a/__init__ and a/b/__init__ first
             deps.update(found)
             if found and id(node) in function_level:
                 lazy.setdefault(name, []).append(f"{node.lineno}: {ast.unparse(node)}")
@@ -111,6 +135,8 @@ def import_graph() -> tuple[dict[str, set[str]], dict[str, list[str]]]:
 
 
 def layer_of(module: str) -> int:
+    if module and _lazy_exports(module) is not None:
+        return LAZY_INIT_LAYER
     best = None
     for prefix in LAYERS:
         if module == prefix or (prefix and module.startswith(prefix + ".")) or (prefix == "" and module == ""):
@@ -199,6 +225,17 @@ def test_resolver_reads_relative_imports(source, expected):
     module = "pruning.structured" if source.startswith("from ..") else "evaluate"
     modules = set(_module_names()) | {"quantization.api"}
     assert {m for m in _resolve(module, False, node, modules) if m in modules} == expected
+
+
+def test_importing_a_submodule_counts_as_importing_its_package():
+    assert _parents("quantization.modules") == ["quantization"]
+    graph, _ = import_graph()
+    assert "quantization" in graph["serialization"]  # so an eager quantization/__init__ would be caught
+
+
+def test_a_name_from_a_lazy_package_counts_as_its_submodule():
+    node = ast.parse("from .quantization import quantize_").body[0]
+    assert _resolve("serialization", False, node, set(_module_names())) == ["quantization.api"]
 
 
 def test_the_checker_sees_a_cycle():

@@ -9,7 +9,9 @@ import torch
 
 from distill_lab import pipeline
 from distill_lab.models import tiny_llama
-from distill_lab.pipeline import QualityGuardError, Recipe, Step, load_saved, run_recipe
+from distill_lab.pipeline import QualityGuardError, Recipe, Step, run_recipe
+from distill_lab.pipeline.runner import _check_guard
+from distill_lab.serialization import load_saved
 from distill_lab.profiles import get_profile
 
 PROFILE = dataclasses.replace(get_profile("smoke"), seq_len=32, eval_windows=4, batch_size=4,
@@ -244,10 +246,10 @@ def test_guard_skips_a_step_that_distillation_heals_next():
         return pipeline.StepRecord(index=i, kind=recipe.steps[i - 1].kind, config={}, folder="f", metrics=bad,
                                    seconds=0.0)
 
-    pipeline._check_guard(recipe, rec(1), "ppl_pydoc")  # prune, healed by the next step: not checked
+    _check_guard(recipe, rec(1), "ppl_pydoc")  # prune, healed by the next step: not checked
     for i in (2, 3):
         with pytest.raises(QualityGuardError, match=f"after step {i}"):
-            pipeline._check_guard(recipe, rec(i), "ppl_pydoc")
+            _check_guard(recipe, rec(i), "ppl_pydoc")
 
 
 def test_layer_drop_then_int8_quantize(tmp_path, data):

@@ -5,8 +5,8 @@
   ``divergence_reference`` (per position), ``HiddenStateLoss``, ``TopKLogits``.
 * ``cache``: ``TeacherCache``, ``cache_teacher_logits``, ``topk_fidelity``.
 * ``data``: ``SequenceData``, ``generate_distillation_data`` (sequence-level KD), ``shift_labels``.
-* ``trainer``: ``TrainConfig``, ``lr_factor``, ``DistillationTrainer`` (also what ``prune.heal`` and
-  ``qat.train_qat`` run), ``distributed_context``, ``final_val_ppl``.
+* ``trainer``: ``TrainConfig``, ``lr_factor``, ``DistillationTrainer`` (also what ``pruning.heal`` and
+  ``quantization.qat.train_qat`` run), ``distributed_context``, ``final_val_ppl``.
 
 The lesson's view of one position under the loss is ``distill_lab.views.distillation.distillation_view``.
 """

@@ -288,7 +288,7 @@ def soft_target_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 
     The unchunked form of ``DistillationLoss(temperature, alpha=1, kind, beta)`` without labels: the same
     formulas (``divergence_reference``), with autograd's gradient and a few ``(..., V)`` temporaries.
-    QAT's ``kd_loss`` and the healing loop of ``prune.heal(use_trainer=False)`` use it.
+    QAT's ``kd_loss`` and the healing loop of ``pruning.heal(use_trainer=False)`` use it.
     """
     return divergence_reference(student_logits, teacher_logits, temperature, kind, beta).mean() * temperature ** 2
 

@@ -2,7 +2,7 @@
 
 AdamW with a learning-rate schedule, gradient accumulation and clipping, a live teacher or a
 ``TeacherCache``, validation perplexity, atomic checkpoints with exact resume, and DDP under
-``torchrun``. ``prune.heal`` and ``qat.train_qat`` are thin callers of this trainer; the options they
+``torchrun``. ``pruning.heal`` and ``quantization.qat.train_qat`` are thin callers of this trainer; the options they
 need (a schedule, windows drawn with replacement, every position without labels, a plain loss
 callable, leaving the caller's RNG and teacher alone) are fields of ``TrainConfig`` or arguments of
 the trainer.

@@ -18,7 +18,7 @@ from .kernels import INT4_KERNEL_GROUPS
 from .primitives import Granularity
 
 __all__ = ["CONFIGS", "DEPRECATED_NAMES", "Int4WeightOnlyConfig", "Int8DynamicConfig", "Int8WeightOnlyConfig",
-           "SmoothQuantConfig", "config_from_dict", "config_to_dict", "deprecated_config"]
+           "SmoothQuantConfig", "config_from_dict", "config_to_dict", "deprecated_alias", "deprecated_config"]
 
 
 def _check_choice(owner: str, name: str, value, allowed) -> None:
@@ -126,6 +126,13 @@ def deprecated_config(name: str):
     warnings.warn(f"{name} is deprecated; use {new} (from distill_lab.quantization); the old name is removed "
                   "in the next release", DeprecationWarning, stacklevel=3)
     return _BY_NAME[new]
+
+
+def deprecated_alias(name: str):
+    """A module ``__getattr__`` fallback: the class behind a deprecated name, else AttributeError."""
+    if name in DEPRECATED_NAMES:
+        return deprecated_config(name)
+    raise AttributeError(f"module 'distill_lab.quantization' has no attribute {name!r}")
 
 
 def __getattr__(name: str):

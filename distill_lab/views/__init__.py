@@ -3,3 +3,13 @@
 A view returns plain data (dicts, lists, tensors); ``distill_lab.plotting`` draws it and
 ``distill_lab.widgets`` wires it to knobs. No technique module imports a view.
 """
+
+from .._lazy import lazy_exports
+
+_EXPORTS = {
+    "baseline": ["entropy_bits", "temperature_probs", "temperature_view", "top_tokens"],
+    "distillation": ["distillation_view"],
+    "pruning": ["describe", "layer_pruning_view", "linear_inputs", "sparsity_curve", "sparsity_curve_view"],
+    "quantization": ["GRANULARITY_OPTIONS", "quantization_view", "scale_layout"],
+}
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -275,17 +275,18 @@ def _function_sources(path: Path, names) -> dict[str, str]:
 
 def test_heal_and_qat_have_no_loop_of_their_own():
     package = Path(distill_lab.__file__).parent
-    sources = _function_sources(package / "prune.py", {"heal", "_heal_local", "kl_to_teacher"})
+    sources = _function_sources(package / "pruning" / "healing.py", {"heal", "_heal_local", "kl_to_teacher"})
     assert set(sources) == {"heal", "_heal_local", "kl_to_teacher"}
-    sources["qat.py"] = (package / "qat.py").read_text()
+    sources["qat.py"] = (package / "quantization" / "qat.py").read_text()
     for name, source in sources.items():
         for loop_mark in (".backward(", "optimizer.step(", "opt.step(", "torch.optim.", "log_softmax", "kl_div"):
             assert loop_mark not in source, f"{name} has its own training loop or divergence: {loop_mark}"
 
 
 def test_heal_and_train_qat_step_through_the_trainer(monkeypatch):
-    from distill_lab import prune, qat
-    from distill_lab.quantize import Int4WeightOnly
+    from distill_lab import pruning as prune
+    from distill_lab.quantization import Int4WeightOnlyConfig as Int4WeightOnly
+    from distill_lab.quantization import qat
 
     steps = []
     real = DistillationTrainer.train_step

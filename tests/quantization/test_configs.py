@@ -68,8 +68,7 @@ def test_one_config_suffix_everywhere():
     assert config_from_dict(config_to_dict(SmoothQuantConfig(0.3))) == SmoothQuantConfig(alpha=0.3)
 
 
-@pytest.mark.parametrize("module", ["distill_lab.quantization", "distill_lab.quantization.configs",
-                                    "distill_lab.quantize"])
+@pytest.mark.parametrize("module", ["distill_lab.quantization", "distill_lab.quantization.configs"])
 @pytest.mark.parametrize("old, new", [("Int8WeightOnly", Int8WeightOnlyConfig), ("Int8Dynamic", Int8DynamicConfig),
                                       ("Int4WeightOnly", Int4WeightOnlyConfig)])
 def test_old_config_names_are_deprecated_aliases_of_the_same_classes(module, old, new):

@@ -1,4 +1,4 @@
-"""Tests for distill_lab.qat (quantization-aware training): the same rounding as quantize_, and the STE."""
+"""Tests for distill_lab.quantization.qat (quantization-aware training): the same rounding as quantize_, and the STE."""
 
 import copy
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from distill_lab.distill import DistillationLoss
-from distill_lab.qat import FakeQuantize, QATLinear, convert_, kd_loss, prepare_qat_, train_qat
+from distill_lab.distillation import DistillationLoss
+from distill_lab.quantization.qat import FakeQuantize, QATLinear, convert_, kd_loss, prepare_qat_, train_qat
 from distill_lab.quantization.api import quantize_
 from distill_lab.quantization.configs import Int4WeightOnlyConfig, Int8DynamicConfig, Int8WeightOnlyConfig
 from distill_lab.quantization.modules import Int4WeightOnlyLinear

@@ -1,11 +1,11 @@
-"""Tests for distill_lab.prune: healing (still here) and the shim of the issue-13 move (tests/pruning/ has the rest)."""
+"""Tests for distill_lab.pruning.healing: heal moves a pruned model toward its teacher; bad input is refused."""
 
 import math
 
 import pytest
 import torch
 
-from distill_lab import prune as P
+from distill_lab import pruning as P
 
 
 def _gqa_tiny(seed=0):
@@ -17,21 +17,6 @@ def _gqa_tiny(seed=0):
                       num_attention_heads=9, num_key_value_heads=3, head_dim=8,
                       max_position_embeddings=128, tie_word_embeddings=True)
     return LlamaForCausalLM(cfg).eval()
-
-
-# ---------------------------------------------------------------- the shim
-
-def test_shim_reexports_every_former_name():
-    import distill_lab.pruning as pruning
-    from distill_lab.speed import pruning as speed
-    from distill_lab.views import pruning as views
-
-    for name in P.__all__:
-        assert hasattr(P, name), name
-    assert P.prune_ is pruning.prune_ and P.StructuredConfig is pruning.StructuredConfig
-    assert P.compare_speed is speed.compare_speed and P.layer_pruning_view is views.layer_pruning_view
-    assert P.IMPORTANCE_METHODS == pruning.IMPORTANCE_METRICS
-    assert not hasattr(P, "config_parameter_count")  # one count: distill_lab.arch.parameter_count
 
 
 # ---------------------------------------------------------------- healing

@@ -1,8 +1,7 @@
-# shim for the issue-13 move; removed when the restructure is merged
-"""Former home of pruning, now ``distill_lab.pruning`` (techniques), ``distill_lab.views.pruning`` (lesson
-views) and ``distill_lab.speed.pruning`` (speed comparisons). Every name it had is re-exported here.
+"""Healing: distil a pruned model back toward its teacher (Minitron, Muralidharan et al. 2024, arXiv:2407.14679).
 
-Healing (``heal``, ``kl_to_teacher``) still lives here; it moves to ``distill_lab.pruning.healing`` next.
+``heal`` runs the package's one training loop (``distillation.DistillationTrainer``) with forward KL on the
+logits; ``kl_to_teacher`` measures how far a pruned model is from its teacher, per token.
 """
 
 from __future__ import annotations
@@ -10,30 +9,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .distillation import (DistillationLoss, DistillationTrainer, TeacherCache, TrainConfig,
-                           divergence_reference, soft_target_loss)
-from .pruning.masks import GRANULARITIES, is_nm_sparse, magnitude_scores, nm_mask, unstructured_mask, wanda_scores
-from .pruning.selection import DEFAULT_EXCLUDE, prunable_linears
-from .pruning.sparse_storage import (SPARSE_FORMAT_TAG, STORAGE_FORMATS, CSRLinear, load_sparse, save_dense_bytes,
-                                     save_sparse, semi_structured_available, sparse_bytes, sparse_bytes_on_disk,
-                                     sparsity_stats, to_semi_structured_, to_sparse_csr_)
-from .pruning.structured import (HEAD_GRANULARITIES, StructuredConfig, block_influence, importance, prune_channels,
-                                 prune_heads, prune_layers, prune_structured)
-from .pruning.structured import IMPORTANCE_METRICS as IMPORTANCE_METHODS
-from .pruning.unstructured import MagnitudeConfig, WandaConfig, input_norms, prune_
-from .runtime import autocast, device_of
-from .speed.pruning import compare_speed, semi_structured_speed
-from .views.pruning import (describe, layer_pruning_view, linear_inputs, sparsity_curve, sparsity_curve_view,
-                            to_json)
+from ..distillation import (DistillationLoss, DistillationTrainer, TeacherCache, TrainConfig, divergence_reference,
+                            soft_target_loss)
+from ..runtime import autocast, device_of
 
-__all__ = ["CSRLinear", "DEFAULT_EXCLUDE", "GRANULARITIES", "HEAD_GRANULARITIES", "IMPORTANCE_METHODS",
-           "MagnitudeConfig", "SPARSE_FORMAT_TAG", "STORAGE_FORMATS", "StructuredConfig", "WandaConfig",
-           "block_influence", "compare_speed", "describe", "heal", "importance", "input_norms", "is_nm_sparse",
-           "kl_to_teacher", "layer_pruning_view", "linear_inputs", "load_sparse", "magnitude_scores", "nm_mask",
-           "prunable_linears", "prune_", "prune_channels", "prune_heads", "prune_layers", "prune_structured",
-           "save_dense_bytes", "save_sparse", "semi_structured_available", "semi_structured_speed", "sparse_bytes",
-           "sparse_bytes_on_disk", "sparsity_curve", "sparsity_curve_view", "sparsity_stats", "to_json",
-           "to_semi_structured_", "to_sparse_csr_", "unstructured_mask", "wanda_scores"]
+__all__ = ["heal", "kl_to_teacher"]
 
 
 # ----------------------------------------------------------------------------------------------

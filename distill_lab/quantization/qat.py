@@ -16,16 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .arch import check_linear_layout
-from .distillation import DistillationLoss, DistillationTrainer, TrainConfig, soft_target_loss
-from .quantization.api import QuantizationSummary, quantize_embedding_and_head_
-from .quantization.api import linear_from_config as _linear_from_config
-from .quantization.configs import CONFIGS, config_to_dict
-from .quantization.configs import Int4WeightOnlyConfig as Int4WeightOnly  # the body keeps its names until QAT moves
-from .quantization.configs import Int8DynamicConfig as Int8Dynamic
-from .quantization.configs import Int8WeightOnlyConfig as Int8WeightOnly
-from .quantization.modules import set_module as _set_module
-from .quantization.primitives import fake_quantize
+from ..arch import check_linear_layout
+from ..distillation import DistillationLoss, DistillationTrainer, TrainConfig, soft_target_loss
+from .api import QuantizationSummary, quantize_embedding_and_head_
+from .api import linear_from_config as _linear_from_config
+from .configs import CONFIGS, config_to_dict
+from .configs import Int4WeightOnlyConfig as Int4WeightOnly
+from .configs import Int8DynamicConfig as Int8Dynamic
+from .configs import Int8WeightOnlyConfig as Int8WeightOnly
+from .modules import set_module as _set_module
+from .primitives import fake_quantize
 
 
 class FakeQuantize(nn.Module):

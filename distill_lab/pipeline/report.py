@@ -1,0 +1,228 @@
+"""The claims table: the course document's rows, each measured by a recipe
+on the real teacher, with its verdict computed from the numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from .._fs import atomic_write_text
+from ..evaluate import environment_info
+from ..models import cache_dir
+from ..plotting import plot_pareto
+from ..profiles import Profile, get_profile
+from .measure import eval_windows, relative
+from .recipe import Recipe, Step
+from .runner import run_recipe, teacher_metrics
+
+__all__ = ["ComparisonTable", "QUANTIZE_KNOBS", "SeedClaim", "combined_recipe", "comparison_table",
+           "recipe_from_knobs", "seed_rows", "verdict"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The seed's comparison table, measured
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SeedClaim:
+    """One row of the seed's comparison table: size reduction, speed-up and quality loss, as ranges."""
+
+    size: tuple  # (low, high) times smaller
+    speed: tuple  # (low, high) times faster
+    quality_loss_pct: tuple  # (low, high) percent worse (we measure Δ perplexity %)
+
+    def text(self) -> str:
+        """The claim as the seed writes it, e.g. ``4× / 2–3× / <1%``."""
+        def rng(lo, hi, unit):
+            return f"{lo:g}{unit}" if lo == hi else f"{lo:g}–{hi:g}{unit}"
+        q = self.quality_loss_pct
+        quality = f"<{q[1]:g}%" if q[0] == 0 else rng(q[0], q[1], "%")
+        return f"{rng(*self.size, '×')} / {rng(*self.speed, '×')} / {quality}"
+
+
+def combined_recipe(max_ppl_ratio: float | None = None) -> Recipe:
+    """The course's combined recipe: structured prune → distil (heal) → int4 g64 blocks (AWQ) + int8 embedding."""
+    return Recipe("combined", [
+        Step("prune", {"heads_keep": 0.67, "channels_keep": 0.375, "layers_keep": 0.8, "method": "activation"}),
+        Step("distil", {"top_k": 64, "lr": 3e-4}),
+        Step("quantize", {"method": "int4", "group_size": 64, "embedding_bits": 8, "algorithm": "awq"}),
+    ], max_ppl_ratio=max_ppl_ratio,
+        description="prune heads and MLP channels and drop layers, heal by distillation from cached top-k "
+                    "teacher logits, int4 g64 blocks (AWQ scaling) + int8 embedding")
+
+
+def seed_rows() -> list[tuple[str, Recipe, SeedClaim]]:
+    """The seed's five rows: (name, the recipe that measures it on the teacher, the seed's claim)."""
+    return [
+        ("INT8 quantization", Recipe("int8", [Step("quantize", {"method": "w8a8", "embedding_bits": 8,
+                                                                 "algorithm": "smoothquant"})],
+                                     description="W8A8 (torch._int_mm) blocks after SmoothQuant (alpha 0.5) "
+                                                 "+ int8 embedding and head"),
+         SeedClaim((4, 4), (2, 3), (0, 1))),
+        ("INT4 quantization", Recipe("int4", [Step("quantize", {"method": "int4", "group_size": 64,
+                                                                 "embedding_bits": 8, "algorithm": "awq"})],
+                                     description="int4 g64 weight-only blocks (AWQ scaling) + int8 embedding "
+                                                 "and head"),
+         SeedClaim((8, 8), (3, 4), (1, 3))),
+        ("Distillation", Recipe("distillation", [Step("layer_drop", {"keep_every": 2}),
+                                                 Step("distil", {"top_k": 64, "lr": 3e-4})],
+                                description="15-layer student (every 2nd block), distilled from top-64 logits"),
+         SeedClaim((5, 10), (5, 10), (2, 5))),
+        ("50% pruning", Recipe("pruning50", [Step("prune", {"heads_keep": 0.67, "channels_keep": 0.45,
+                                                            "method": "activation"}),
+                                             Step("distil", {"top_k": 64, "lr": 3e-4})],
+                               description="structured: 1/3 of query heads and 55% of MLP channels removed "
+                                           "(half the block parameters), healed by distillation"),
+         SeedClaim((2, 2), (1.5, 1.5), (1, 2))),
+        ("Combined", combined_recipe(), SeedClaim((10, 20), (5, 10), (3, 8))),
+    ]
+
+
+def verdict(measured: dict, claim: SeedClaim, tolerance: float = 0.9) -> dict:
+    """Compare one measured row with the seed's claim: per-column booleans, an overall word and a reason."""
+    size_ok = measured["size_reduction"] >= tolerance * claim.size[0]
+    best_speed = max(measured["prefill_speedup"], measured["decode_speedup"])
+    speed_ok = best_speed >= tolerance * claim.speed[0]
+    quality_ok = measured["dppl_pct_pydoc"] <= claim.quality_loss_pct[1]
+    held = [size_ok, speed_ok, quality_ok]
+    word = "holds" if all(held) else "does not hold" if not any(held) else "partly holds"
+    names = ("size", "speed", "quality")
+    why = ", ".join(f"{n} {'✓' if ok else '✗'}" for n, ok in zip(names, held))
+    return {"size": size_ok, "speed": speed_ok, "quality": quality_ok, "verdict": word, "why": why}
+
+
+@dataclass
+class ComparisonTable:
+    """The measured comparison table: one row per technique, the teacher, the profile."""
+
+    rows: list  # dicts: name, recipe, description, claim, metrics (with ratios), verdict
+    teacher: dict  # the teacher's metrics
+    profile: str
+    env: dict = field(default_factory=dict)
+
+    def markdown(self) -> str:
+        """Markdown table: size, speed and quality measured, the seed's claim, a verdict."""
+        t = self.teacher
+        lines = [f"Measured on the teacher (SmolLM2-135M-Instruct, fp32: {t['size_bytes'] / 2**20:.0f} MiB, "
+                 f"pydoc test ppl {t['ppl_pydoc']:.2f}, stdlib-code ppl {t['ppl_stdlib-code']:.2f}, prefill "
+                 f"{t['prefill_tokens_per_s']:.0f} tok/s, decode {t['decode_tokens_per_s']:.1f} tok/s), "
+                 f"{self.profile} profile.", "",
+                 "| technique | size on disk | size reduction | prefill speed-up | decode speed-up | "
+                 "Δppl pydoc | ppl ratio | Δppl stdlib-code | claimed (size / speed / loss) | verdict |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in self.rows:
+            m, v = r["metrics"], r["verdict"]
+            lines.append(
+                f"| {r['name']} | {m['size_bytes'] / 2**20:.1f} MiB | {m['size_reduction']:.1f}× | "
+                f"{m['prefill_speedup']:.2f}× | {m['decode_speedup']:.2f}× | {m['dppl_pct_pydoc']:+.1f}% | "
+                f"{m['ppl_ratio_pydoc']:.3f} | {m['dppl_pct_stdlib-code']:+.1f}% | {r['claim']} | "
+                f"{v['verdict']} ({v['why']}) |")
+        lines += ["", "What each row ran:", ""]
+        lines += [f"- **{r['name']}**: {r['description']} (`{r['recipe_text']}`)" for r in self.rows]
+        return "\n".join(lines) + "\n"
+
+    def to_dict(self) -> dict:
+        """Plain data for JSON."""
+        return {"profile": self.profile, "teacher": self.teacher, "rows": self.rows, "env": self.env}
+
+    def pareto_points(self) -> list[dict]:
+        """Points for the Pareto plot: name, size MiB, ppl ratio, decode ms/token (teacher first)."""
+        t = self.teacher
+        pts = [{"name": "teacher (fp32)", "size_mib": t["size_bytes"] / 2**20, "ppl_ratio": 1.0,
+                "decode_ms": t["decode_ms_per_token"]}]
+        pts += [{"name": r["name"], "size_mib": r["metrics"]["size_bytes"] / 2**20,
+                 "ppl_ratio": r["metrics"]["ppl_ratio_pydoc"], "decode_ms": r["metrics"]["decode_ms_per_token"]}
+                for r in self.rows]
+        return pts
+
+    def save(self, folder: str | Path = "reports") -> list[Path]:
+        """Write ``comparison.md``, ``comparison.json`` and ``comparison_pareto.png`` into ``folder``."""
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        md, js, png = folder / "comparison.md", folder / "comparison.json", folder / "comparison_pareto.png"
+        atomic_write_text(md, f"# The claims table (size, speed, quality), measured ({self.profile} profile)\n\n"
+                               + self.markdown())
+        atomic_write_text(js, json.dumps(self.to_dict(), indent=2))
+        fig = plot_pareto(self.pareto_points())
+        fig.savefig(png, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        return [md, js, png]
+
+
+def comparison_table(teacher: nn.Module, tokenizer, profile: Profile | str | None = None,
+                     work_dir: str | Path | None = None, rows=None, seed: int = 0,
+                     progress: bool = True, results: dict | None = None,
+                     measure_steps: str = "last") -> ComparisonTable:
+    """Measure the seed's five rows on ``teacher`` (each a recipe; finished rows are reused from ``work_dir``).
+
+    ``rows`` defaults to ``seed_rows()``; ``results`` maps a row name to a ``RecipeResult`` that was
+    already run (e.g. the notebook's combined recipe) so it is not run again.
+    """
+
+    profile = profile if isinstance(profile, Profile) else get_profile(profile)
+    work_dir = Path(work_dir) if work_dir is not None else cache_dir() / f"compare-{profile.name}"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    rows = rows if rows is not None else seed_rows()
+    results = dict(results or {})
+    windows = eval_windows(tokenizer, profile)
+    base = teacher_metrics(teacher, tokenizer, profile, windows, cache=work_dir / "teacher.json", progress=progress)
+    out = []
+    for name, recipe, claim in tqdm(rows, desc="comparison rows", unit="row", disable=not progress):
+        result = results.get(name)
+        if result is None:
+            result = run_recipe(teacher, tokenizer, recipe, work_dir / recipe.name, profile=profile, seed=seed,
+                                windows=windows, teacher_stats=base, progress=progress, keep_model=False,
+                                cache_dir=work_dir, measure_steps=measure_steps)
+        m = dict(result.final.metrics)
+        m.update(relative(m, base))  # ratios against this table's teacher measurement
+        out.append({"name": name, "recipe": recipe.to_dict(), "description": recipe.description,
+                    "recipe_text": " → ".join(s.label for s in recipe.steps),
+                    "claim": claim.text(), "claim_ranges": dataclasses.asdict(claim),
+                    "metrics": m, "verdict": verdict(m, claim),
+                    "steps": [{"stage": s.label, **s.metrics} for s in result.steps if s.metrics]})
+    return ComparisonTable(rows=out, teacher=base, profile=profile.name, env=environment_info())
+
+
+# the notebook panel's quantize choices: label -> (method, algorithm); None = no quantize step
+QUANTIZE_KNOBS = {"none": None, "int8": ("int8", "rtn"), "w8a8": ("w8a8", "rtn"),
+                  "w8a8 + SmoothQuant": ("w8a8", "smoothquant"), "int4": ("int4", "rtn"),
+                  "int4 + AWQ": ("int4", "awq")}
+
+
+def recipe_from_knobs(heads_keep: float = 1.0, channels_keep: float = 1.0, layers_keep: float = 1.0,
+                      distil_steps: int = 0, quantize: str = "none", method: str = "activation",
+                      max_ppl_ratio: float | None = None) -> Recipe:
+    """Build a prune → distil → quantize recipe from the notebook panel's knobs (steps with no effect are left out)."""
+    steps = []
+    prune = {k: v for k, v in (("heads_keep", heads_keep), ("channels_keep", channels_keep),
+                               ("layers_keep", layers_keep)) if v < 1.0}
+    if prune:
+        steps.append(Step("prune", {**prune, "method": method}))
+    if distil_steps:
+        steps.append(Step("distil", {"steps": int(distil_steps), "top_k": 64, "lr": 3e-4}))
+    if quantize not in QUANTIZE_KNOBS:
+        raise ValueError(f"quantize={quantize!r}; allowed: {', '.join(map(repr, QUANTIZE_KNOBS))}")
+    if QUANTIZE_KNOBS[quantize] is not None:
+        method, algorithm = QUANTIZE_KNOBS[quantize]
+        q = {"method": method, "group_size": 64, "embedding_bits": 8} if method == "int4" else \
+            {"method": method, "embedding_bits": 8}
+        steps.append(Step("quantize", {**q, "algorithm": algorithm} if algorithm != "rtn" else q))
+    if not steps:
+        raise ValueError("the knobs select no step; allowed: at least one of heads/MLP/layers < 1, "
+                         "distil steps > 0, or a quantize method")
+    name = "panel-" + hashlib.sha256(json.dumps([s.to_dict() for s in steps]).encode()).hexdigest()[:8]
+    return Recipe(name, steps, max_ppl_ratio=max_ppl_ratio, description="built from the notebook's knobs")

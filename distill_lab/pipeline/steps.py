@@ -1,0 +1,272 @@
+"""The built-in step kinds: layer_drop, prune, distil, quantize, qat.
+
+Each kind is a config dataclass (validated on construction), an ``apply`` function
+``(model, config, StepContext) -> model`` and its registration with ``register_step``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..distillation import DistillationLoss, DistillationTrainer, TeacherCache, TrainConfig, cache_teacher_logits
+from ..models import make_student
+from ..pruning.structured import StructuredConfig, prune_structured
+from ..quantization.qat import convert_, prepare_qat_
+from ..quantization import configs as q
+from ..quantization.api import quantize_
+from ..quantization.awq import awq_
+from ..quantization.configs import SmoothQuantConfig
+from ..quantization.gptq import gptq_
+from ..quantization.modules import QuantizedModule
+from ..quantization.smoothquant import collect_activation_stats, smooth_
+from .context import StepContext, _notice, model_digest
+from .recipe import _config_from, register_step
+
+__all__ = ["DistilStep", "LayerDropStep", "QATStep", "QUANT_ALGORITHMS", "QUANT_METHODS", "QuantizeStep"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Built-in steps: student init, structured prune, distil (heal), quantize (PTQ), QAT
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerDropStep:
+    """Start a student from the teacher by keeping every ``keep_every``-th block (DistilBERT init)."""
+
+    keep_every: int = 2  # keep blocks 0, k, 2k, ... (>= 1)
+    layers: list | None = None  # explicit block indices instead of keep_every
+
+    def __post_init__(self):
+        if isinstance(self.keep_every, bool) or not isinstance(self.keep_every, int) or self.keep_every < 1:
+            raise ValueError(f"keep_every={self.keep_every!r}; allowed: an int >= 1")
+        if self.layers is not None and (not isinstance(self.layers, list) or not self.layers
+                                        or not all(isinstance(i, int) and i >= 0 for i in self.layers)):
+            raise ValueError(f"layers={self.layers!r}; allowed: null or a non-empty list of block indices")
+
+
+def _validate_layer_drop(config: dict) -> None:
+    _config_from(LayerDropStep, config, "step 'layer_drop'")
+
+
+def _apply_layer_drop(model: nn.Module, config: dict, ctx: StepContext) -> nn.Module:
+    cfg = _config_from(LayerDropStep, config, "step 'layer_drop'")
+    return make_student(model, "layer_drop", keep_every=cfg.keep_every, layers=cfg.layers, seed=ctx.seed)
+
+
+def _prune_config(config: dict):
+    return _config_from(StructuredConfig, config, "step 'prune'")
+
+
+def _apply_prune(model: nn.Module, config: dict, ctx: StepContext) -> nn.Module:
+    cfg = _prune_config(config)
+    calibration = ctx.calibration() if cfg.needs_calibration else None
+    return prune_structured(model, cfg, calibration=calibration, progress=False)
+
+
+@dataclass
+class DistilStep:
+    """Distil the current model toward the teacher (healing after pruning), from cached top-k logits."""
+
+    steps: int | None = None  # optimizer steps (null: profile.recipe_steps)
+    batch_size: int | None = None  # windows per step (null: profile.recipe_batch)
+    lr: float = 2e-4  # peak AdamW learning rate (warm-up, then cosine)
+    temperature: float = 1.0  # distillation temperature T
+    alpha: float = 1.0  # weight of the KD term (1 - alpha goes to cross-entropy on the labels)
+    kind: str = "forward_kl"  # forward_kl, reverse_kl or jsd
+    top_k: int | None = 64  # cached teacher logits per token (null: a live teacher, full vocabulary)
+    bf16: bool | str = "auto"  # bf16 autocast for the student's forward (fp32 master weights); auto: if faster here
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "top_k"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name}={v!r}; allowed: null or an int >= 1")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not 0 < self.lr <= 1:
+            raise ValueError(f"lr={self.lr!r}; allowed: a number in (0, 1]")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
+                or not self.temperature > 0:
+            raise ValueError(f"temperature={self.temperature!r}; allowed: a number > 0")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
+            raise ValueError(f"alpha={self.alpha!r}; allowed: a number in [0, 1]")
+        if self.kind not in ("forward_kl", "reverse_kl", "jsd"):
+            raise ValueError(f"kind={self.kind!r}; allowed: forward_kl, reverse_kl, jsd")
+        if not (isinstance(self.bf16, bool) or self.bf16 == "auto"):
+            raise ValueError(f"bf16={self.bf16!r}; allowed: true, false or auto (measured on this machine)")
+
+
+def _validate_distil(config: dict) -> None:
+    _config_from(DistilStep, config, "step 'distil'")
+
+
+def _teacher_cache(ctx: StepContext, windows: torch.Tensor, k: int):
+    """Top-k teacher logits for ``windows``, computed once and cached on disk next to the recipe."""
+
+    folder = ctx.cache_dir or ctx.work_dir
+    digest = hashlib.sha256(windows.numpy().tobytes() + (ctx.teacher_digest or model_digest(ctx.teacher)).encode())
+    path = Path(folder) / f"teacher_top{k}_{digest.hexdigest()[:12]}.safetensors" if folder is not None else None
+    if path is not None and path.is_file():
+        try:
+            cache = TeacherCache.load(path)
+            if cache.k != k or not torch.equal(cache.windows, windows):
+                raise ValueError(f"holds k={cache.k} for other windows")
+            return cache
+        except Exception as err:  # SafetensorError (truncated), KeyError (a tensor missing), ValueError
+            _notice(f"teacher logits cache {path} is damaged ({type(err).__name__}: "
+                    f"{' '.join(str(err).split())[:120]}); removing it and computing it again")
+            path.unlink(missing_ok=True)
+    return cache_teacher_logits(ctx.teacher, windows, k=k, path=path, batch_size=ctx.profile.batch_size,
+                                progress=ctx.progress)
+
+
+def _distil_train(model: nn.Module, cfg: DistilStep, ctx: StepContext, before_train=None) -> dict:
+    """Run the distillation trainer on ``model`` in place; return its history."""
+
+    steps = cfg.steps or ctx.profile.recipe_steps
+    batch = cfg.batch_size or ctx.profile.recipe_batch
+    windows = ctx.train_windows()
+    windows = windows[:min(len(windows), steps * batch)]  # one pass at most; fewer teacher forwards
+    batch = min(batch, len(windows))
+    train = _teacher_cache(ctx, windows, cfg.top_k) if cfg.top_k else windows
+    loss = DistillationLoss(temperature=cfg.temperature, alpha=cfg.alpha, kind=cfg.kind)
+    tcfg = TrainConfig(steps=steps, batch_size=batch, lr=cfg.lr, warmup_steps=max(1, steps // 10),
+                       bf16=cfg.bf16, seed=ctx.seed, progress=ctx.progress)
+    trainer = DistillationTrainer(model, train, teacher=None if cfg.top_k else ctx.teacher,
+                                  loss=loss, config=tcfg)
+    history = trainer.train()
+    model.eval()
+    return history
+
+
+def _apply_distil(model: nn.Module, config: dict, ctx: StepContext) -> nn.Module:
+    cfg = _config_from(DistilStep, config, "step 'distil'")
+    history = _distil_train(model, cfg, ctx)
+    ctx.report("train_loss", [round(r["loss"], 5) for r in history["train"]])
+    return model
+
+
+QUANT_METHODS = ("int8", "w8a8", "int4")
+QUANT_ALGORITHMS = {"rtn": QUANT_METHODS, "awq": ("int4",), "gptq": ("int4",), "smoothquant": ("w8a8",)}
+
+
+@dataclass
+class QuantizeStep:
+    """Post-training quantization with real integer kernels (``distill_lab.quantization``)."""
+
+    method: str = "int4"  # int8 (weight-only), w8a8 (dynamic activations) or int4 (weight-only, grouped)
+    group_size: int = 64  # int4 only: weights per scale along the input dimension
+    symmetric: bool = False  # int4 only: absmax grid (True) or min/max grid with zeros (False)
+    embedding_bits: int | None = 8  # 8: embedding and tied head to int8; null: keep them in float
+    algorithm: str = "rtn"  # rtn (round to nearest), awq or gptq (int4), smoothquant (w8a8); calibrated on pydoc train
+
+    def __post_init__(self):
+        if self.method not in QUANT_METHODS:
+            raise ValueError(f"method={self.method!r}; allowed: {', '.join(QUANT_METHODS)}")
+        if self.algorithm not in QUANT_ALGORITHMS:
+            raise ValueError(f"algorithm={self.algorithm!r}; allowed: {', '.join(QUANT_ALGORITHMS)}")
+        if self.method not in QUANT_ALGORITHMS[self.algorithm]:
+            raise ValueError(f"algorithm={self.algorithm!r} with method={self.method!r}; allowed: algorithm "
+                             f"{self.algorithm!r} needs method {' or '.join(QUANT_ALGORITHMS[self.algorithm])}")
+        self.to_config()  # the quantize module checks the rest
+
+    def to_config(self):
+        """The ``distill_lab.quantization`` config this step stands for."""
+
+        if self.method == "int8":
+            return q.Int8WeightOnlyConfig(embedding_bits=self.embedding_bits)
+        if self.method == "w8a8":
+            return q.Int8DynamicConfig(embedding_bits=self.embedding_bits)
+        return q.Int4WeightOnlyConfig(group_size=self.group_size, symmetric=self.symmetric,
+                                      embedding_bits=self.embedding_bits)
+
+
+def _quantized_kinds(model: nn.Module) -> dict:
+    """Count the real quantized modules in ``model`` by kind."""
+
+    kinds: dict = {}
+    for m in model.modules():
+        if isinstance(m, QuantizedModule):
+            kinds[m.kind] = kinds.get(m.kind, 0) + 1
+    return kinds
+
+
+def _validate_quantize(config: dict) -> None:
+    _config_from(QuantizeStep, config, "step 'quantize'")
+
+
+def _apply_quantize(model: nn.Module, config: dict, ctx: StepContext) -> nn.Module:
+    cfg = _config_from(QuantizeStep, config, "step 'quantize'")
+    config = cfg.to_config()
+    if cfg.algorithm in ("awq", "smoothquant"):
+
+        stats = collect_activation_stats(model, ctx.calibration(), progress=False, seed=ctx.seed)
+        if cfg.algorithm == "awq":
+            ctx.report("awq_exponents", awq_(model, config, calibration=stats, progress=False))
+        else:
+            smooth_(model, SmoothQuantConfig(alpha=0.5), calibration=stats)
+    if cfg.algorithm == "gptq":
+
+        summary = gptq_(model, config, calibration=ctx.calibration(), progress=False)
+    else:
+        summary = quantize_(model, config)
+    ctx.report("quantized", _quantized_kinds(model))
+    ctx.report("kept_in_float", dict(summary.float_modules))
+    return model
+
+
+@dataclass
+class QATStep(DistilStep):
+    """Quantization-aware training: fake-quantize the Linears, distil toward the teacher, convert to real int modules."""
+
+    method: str = "int4"  # int8, w8a8 or int4 (as in the quantize step)
+    group_size: int = 64  # int4 only: weights per scale along the input dimension
+    symmetric: bool = False  # int4 only: absmax grid (True) or min/max grid with zeros (False)
+    embedding_bits: int | None = 8  # 8: embedding and tied head to int8 at convert; null: keep them in float
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.quantize_step()  # validates method, group_size, symmetric, embedding_bits
+
+    def quantize_step(self) -> QuantizeStep:
+        """The PTQ step with the same grid (what ``convert_`` produces)."""
+        return QuantizeStep(self.method, self.group_size, self.symmetric, self.embedding_bits)
+
+    def distil_step(self) -> DistilStep:
+        """The distillation part of this step."""
+        return DistilStep(**{f.name: getattr(self, f.name) for f in dataclasses.fields(DistilStep)})
+
+
+def _validate_qat(config: dict) -> None:
+    _config_from(QATStep, config, "step 'qat'")
+
+
+def _apply_qat(model: nn.Module, config: dict, ctx: StepContext) -> nn.Module:
+    cfg = _config_from(QATStep, config, "step 'qat'")
+    prepare_qat_(model, cfg.quantize_step().to_config())
+    history = _distil_train(model, cfg.distil_step(), ctx)
+    summary = convert_(model)
+    ctx.report("train_loss", [round(r["loss"], 5) for r in history["train"]])
+    ctx.report("quantized", dict(summary.replaced))
+    ctx.report("kept_in_float", dict(summary.float_modules))
+    return model
+
+
+register_step("layer_drop", _apply_layer_drop, _validate_layer_drop,
+              "student = every k-th block of the current model (DistilBERT init); knobs: keep_every, layers")
+register_step("prune", _apply_prune, lambda c: _prune_config(c),
+              "structured pruning of heads / MLP channels / layers (distill_lab.pruning.StructuredConfig)")
+register_step("distil", _apply_distil, _validate_distil,
+              "distil toward the teacher from cached top-k logits; knobs: steps, batch_size, lr, temperature, "
+              "alpha, kind, top_k, bf16")
+register_step("quantize", _apply_quantize, _validate_quantize,
+              "post-training quantization with integer kernels; knobs: method (int8, w8a8, int4), group_size, "
+              "symmetric, embedding_bits")
+register_step("qat", _apply_qat, _validate_qat,
+              "quantization-aware training with distillation, then real int modules; knobs: those of quantize "
+              "and distil")
