@@ -35,7 +35,7 @@ import distill_lab as dl  # noqa: E402
 from distill_lab.quantization import (Int4WeightOnlyConfig, Int8DynamicConfig, Int8WeightOnlyConfig,  # noqa: E402
                                       quantize_, saved_size_bytes)
 from distill_lab.quantization.modules import Int8DynamicLinear  # noqa: E402
-from distill_lab.runtime import timed  # noqa: E402
+from distill_lab.timing import timed  # noqa: E402
 from distill_lab.speed.quantization import format_kernel_table, kernel_benchmark  # noqa: E402
 
 

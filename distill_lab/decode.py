@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .quantization.modules import Int4WeightOnlyLinear
+from .timing import timed
 
 
 def _fuse(mods: list[nn.Module]) -> nn.Module | None:
@@ -155,11 +156,14 @@ class StaticDecoder:
         """Seconds for ``tokens`` greedy decode steps after prefilling ``ids`` (the decode part of ``generate``)."""
         logits = self._forward(ids, 0)
         pos = ids.shape[1]
-        start = time.perf_counter()
-        for _ in range(tokens):
-            logits = self._step(logits.argmax(-1, keepdim=True), pos)
-            pos += 1
-        return time.perf_counter() - start
+        state = {"logits": logits, "pos": pos}
+
+        def steps():
+            for _ in range(tokens):
+                state["logits"] = self._step(state["logits"].argmax(-1, keepdim=True), state["pos"])
+                state["pos"] += 1
+
+        return timed(steps)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

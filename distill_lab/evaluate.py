@@ -31,8 +31,8 @@ from ._fs import atomic_write_text
 from ._hf import quiet_transformers
 from .runtime import autocast as _autocast
 from .runtime import device_of as _device_of
-from .runtime import sync as _sync
-from .runtime import timed
+from .tensors import unique_tensors
+from .timing import timed
 
 
 @torch.inference_mode()
@@ -137,13 +137,14 @@ def latency(model: nn.Module, batch: int = 8, seq: int = 256, decode_tokens: int
         with _autocast(device, bf16):
             out = model(short, use_cache=True)
             cache, token = out.cache, out.logits[:, -1:].argmax(-1)  # (1, 1)
-            _sync(device)
-            start = time.perf_counter()
-            for _ in range(decode_tokens):
-                out = model(token, cache=cache, use_cache=True)
-                cache, token = out.cache, out.logits[:, -1:].argmax(-1)
-            _sync(device)
-            return time.perf_counter() - start
+            state = {"cache": cache, "token": token}
+
+            def steps():
+                for _ in range(decode_tokens):
+                    out = model(state["token"], cache=state["cache"], use_cache=True)
+                    state["cache"], state["token"] = out.cache, out.logits[:, -1:].argmax(-1)
+
+            return timed(steps, device)
 
     for _ in range(warmup):
         prefill()
@@ -203,13 +204,7 @@ def model_size_bytes(model: nn.Module, on_disk: bool = False) -> int:
         with tempfile.TemporaryDirectory() as tmp, quiet_transformers():
             model.save_pretrained(tmp)
             return sum(p.stat().st_size for p in Path(tmp).glob("*.safetensors"))
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
-        if key not in seen:
-            seen.add(key)
-            total += t.numel() * t.element_size()
-    return total
+    return sum(t.numel() * t.element_size() for t in unique_tensors([*model.parameters(), *model.buffers()]))
 
 
 def _git_commit() -> str | None:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ._fs import atomic_write_text
+from .timing import timed
 
 CACHE_FILE = "hardware.json"
 ENV_BF16 = "DISTILL_LAB_BF16"
@@ -95,9 +96,7 @@ def _min_ms(fns: dict, repeats: int, deadline: float) -> dict[str, float]:
         if i >= 3 and time.perf_counter() > deadline:
             break
         for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(timed(fn))
     return {name: 1e3 * min(t) for name, t in times.items()}
 
 

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from .._folder import check_model_folder
 from .._fs import DamagedFileError, atomic_write_text, clean_stale_tmp, make_tmp_dir, replace_dir, share_permissions
 from ..profiles import Profile, get_profile, set_seed
+from ..runtime import device_of
 from ..serialization import load_saved, save_model
 from .context import StepContext, _notice, code_version, model_digest
 from .measure import SPEED_KEYS, eval_windows, measure, measure_speed, relative
@@ -267,7 +268,7 @@ def run_recipe(teacher: nn.Module, tokenizer, recipe: Recipe, out_dir: str | Pat
                   f"steps 1..{len(done)} are reused from {len(done)} saved folder(s), their speed measured again")
         if records[-1].metrics:
             _check_guard(recipe, records[-1], first_ppl_key)
-    device = next(teacher.parameters()).device
+    device = device_of(teacher)
     model = None
     if len(done) < len(recipe.steps) or keep_model:
         if done:

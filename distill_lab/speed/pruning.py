@@ -2,7 +2,7 @@
 
 Unstructured zeros stored dense run at dense speed; structured pruning gives a smaller dense model
 that is faster everywhere; a 2:4 kernel exists only on CUDA sm80+. Every time is a median from
-``distill_lab.runtime.median_seconds`` / ``timed``, and every ratio is against a baseline measured
+``distill_lab.timing.median_seconds`` / ``timed``, and every ratio is against a baseline measured
 in the same call.
 """
 
@@ -20,7 +20,8 @@ from ..evaluate import timing_prompts
 from ..hardware import resolve_bf16
 from ..pruning.masks import nm_mask
 from ..pruning.sparse_storage import semi_structured_available
-from ..runtime import autocast, device_of, median_seconds, timed
+from ..runtime import autocast, device_of
+from ..timing import median_seconds, timed
 
 __all__ = ["compare_speed", "semi_structured_speed"]
 

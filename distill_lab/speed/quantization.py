@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..quantization.modules import Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear
-from ..runtime import median_seconds
+from ..timing import median_seconds
 
 __all__ = ["KERNEL_SHAPES", "format_kernel_table", "kernel_benchmark"]
 
