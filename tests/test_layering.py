@@ -240,3 +240,21 @@ def test_a_name_from_a_lazy_package_counts_as_its_submodule():
 
 def test_the_checker_sees_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]
+
+
+# ---------------------------------------------------------------- one of each (issue 13): the old copies stay gone
+
+ONE_PLACE = {  # pattern -> the only module(s) that may contain it
+    "os.replace(": {"_fs"},  # atomic writes: _fs.atomic_file / atomic_write_text / replace_dir
+    "tempfile.mkstemp(": {"_fs"},
+    "parameters()).device": set(),  # the device of a module: runtime.device_of
+    "untyped_storage().data_ptr()": {"tensors"},  # storage identity: tensors.storage_key
+    "torch.optim.": {"distillation.trainer"},  # the one training loop
+    "def parameter_count": {"arch"},  # parameters of a config, every family
+}
+
+
+@pytest.mark.parametrize("pattern", sorted(ONE_PLACE))
+def test_one_implementation_of_each_idea(pattern):
+    found = {m for m, path in _module_names().items() if pattern in path.read_text()}
+    assert found <= ONE_PLACE[pattern], f"{pattern!r} written again in {sorted(found - ONE_PLACE[pattern])}"
