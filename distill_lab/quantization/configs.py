@@ -106,8 +106,9 @@ _BY_NAME = {**CONFIGS, SmoothQuantConfig.__name__: SmoothQuantConfig}
 
 
 def config_to_dict(config) -> dict:
-    """Serialize a config dataclass to ``{"type": name, **fields}``."""
-    return {"type": type(config).__name__, **asdict(config)}
+    """Serialize a config dataclass to ``{"type": name, **fields}`` (plain JSON/YAML data: granularities as strings)."""
+    fields = {k: v.value if isinstance(v, Granularity) else v for k, v in asdict(config).items()}
+    return {"type": type(config).__name__, **fields}
 
 
 def config_from_dict(d: dict):

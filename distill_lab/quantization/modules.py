@@ -191,7 +191,7 @@ class Int8DynamicLinear(QuantizedModule):
 
     def spec(self) -> dict:
         return {"kind": self.kind, "in_features": self.in_features, "out_features": self.out_features,
-                "act_granularity": self.act_granularity, "smooth": self.smooth is not None}
+                "act_granularity": self.act_granularity.value, "smooth": self.smooth is not None}
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

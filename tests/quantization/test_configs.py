@@ -56,8 +56,10 @@ def test_granularity_fields_take_the_enum_and_its_strings_and_save_as_strings():
     assert Int8DynamicConfig(weight_granularity="per-channel").weight_granularity is Granularity.PER_CHANNEL
     assert repr(Int8DynamicConfig()) == ("Int8DynamicConfig(act_granularity='per_token', "
                                          "weight_granularity='per_channel', embedding_bits=8, head='weight_only')")
-    saved = json.loads(json.dumps(config_to_dict(c)))
-    assert saved == {"type": "Int8DynamicConfig", "act_granularity": "per_tensor", "weight_granularity": "per_tensor",
+    as_dict = config_to_dict(c)
+    assert all(type(v) is not Granularity for v in as_dict.values())  # plain data for JSON and YAML
+    saved = json.loads(json.dumps(as_dict))
+    assert saved == as_dict == {"type": "Int8DynamicConfig", "act_granularity": "per_tensor", "weight_granularity": "per_tensor",
                      "embedding_bits": 8, "head": "weight_only"}
     assert config_from_dict(saved) == c
 

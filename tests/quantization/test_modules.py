@@ -108,7 +108,8 @@ def test_int8_dynamic_granularities_read_every_spelling_and_name_bad_ones():
     lin = linear(16, 32)
     mod = Int8DynamicLinear.from_float(lin, "per-tensor", Granularity.PER_TENSOR)
     assert mod.act_granularity is Granularity.PER_TENSOR and mod.scales.unique().numel() == 1
-    assert mod.spec()["act_granularity"] == "per_tensor" and "W8A8 per_tensor activations" in mod.extra_repr()
+    assert type(mod.spec()["act_granularity"]) is str and mod.spec()["act_granularity"] == "per_tensor"
+    assert "W8A8 per_tensor activations" in mod.extra_repr()
     with pytest.raises(ValueError, match=r"Int8DynamicLinear.act_granularity='per_row'; allowed: 'per_token', "
                                          r"'per_tensor'"):
         Int8DynamicLinear.from_float(lin, "per_row")
