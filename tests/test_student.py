@@ -79,3 +79,10 @@ def test_clear_solutions_keeps_the_indentation_and_the_rest():
 def test_malformed_regions_are_refused(source, problem):
     with pytest.raises(ValueError, match=problem):
         student.solution_regions(source)
+
+
+def test_not_attempted_lines_are_counted():
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x")])
+    nb.cells[0].outputs = [nbformat.v4.new_output("stream", name="stdout",
+                                                  text="perplexity: not attempted yet - ...\nmy_f not attempted yet: ...\n")]
+    assert student._not_attempted_lines(nb) == 2

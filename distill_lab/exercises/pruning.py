@@ -256,13 +256,15 @@ def shrink_mlp(model: nn.Module, channels_to_keep, channel_scores: torch.Tensor,
     Returns ``(smaller model, "yours" | "reference")``.
     """
     keep_fn = yours_or_reference(channels_to_keep, channels_reference, "my_channels_to_keep")
-    small = copy.deepcopy(model)
-    for layer, block in enumerate(small.model.layers):
+    mlps = [block.mlp for block in model.model.layers]
+    # the copy skips the MLP weights (replaced below): placeholders in deepcopy's memo stand in for them
+    memo = {id(p): nn.Parameter(torch.empty(0)) for mlp in mlps for p in mlp.parameters()}
+    small = copy.deepcopy(model, memo)
+    for layer, (mlp, big) in enumerate(zip((b.mlp for b in small.model.layers), mlps)):
         keep = torch.as_tensor(keep_fn(channel_scores[layer], n_keep)).long().reshape(-1)
-        mlp = block.mlp
         for name in ("gate_proj", "up_proj"):  # (intermediate, hidden): keep rows
-            setattr(mlp, name, _linear_from(getattr(mlp, name).weight[keep]))
-        mlp.down_proj = _linear_from(mlp.down_proj.weight[:, keep])  # (hidden, intermediate): keep columns
+            setattr(mlp, name, _linear_from(getattr(big, name).weight[keep]))
+        mlp.down_proj = _linear_from(big.down_proj.weight[:, keep])  # (hidden, intermediate): keep columns
     small.config.intermediate_size = n_keep
     return small, keep_fn.label
 

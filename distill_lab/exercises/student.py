@@ -36,6 +36,7 @@ from pathlib import Path
 import nbformat
 
 from ..course import NOTEBOOK_DIR, execute_notebook, find_notebooks
+from ._check import NOT_ATTEMPTED
 
 BEGIN, END = "BEGIN SOLUTION", "END SOLUTION"  # nbgrader matches these inside a line ("### BEGIN SOLUTION")
 CODE_STUB = ("# YOUR CODE HERE", "raise NotImplementedError()")
@@ -128,15 +129,29 @@ def out_of_date(lessons: Path = NOTEBOOK_DIR, out: Path | None = None) -> list[s
     return stale + [f"{name} (no lesson {name} in {lessons})" for name in extra if name not in expected]
 
 
-def execute_all(folder: Path = STUDENT_DIR) -> dict[str, float]:
-    """Run every student version headless (cwd = ``folder``); return seconds per notebook, raise on the first error."""
+def _not_attempted_lines(nb: nbformat.NotebookNode) -> int:
+    """How many printed lines say that an exercise is not attempted yet."""
+    return sum(out.get("text", "").count(NOT_ATTEMPTED) for cell in nb.cells if cell.cell_type == "code"
+               for out in cell.get("outputs", []) if out.get("output_type") == "stream")
+
+
+def execute_all(folder: Path = STUDENT_DIR, timeout: int = 1800) -> dict[str, float]:
+    """Run every student version headless (cwd = ``folder``, ``timeout`` seconds per cell); return seconds per notebook.
+
+    Raises on the first cell that fails, and when a notebook printed no "not attempted yet" line (its
+    stubs were not reached, so the fallbacks were not exercised).
+    """
     timings = {}
     with tempfile.TemporaryDirectory() as tmp:
         for path in find_notebooks(folder):
             start = time.perf_counter()
-            execute_notebook(path, Path(tmp) / path.name, timeout=900)
+            execute_notebook(path, Path(tmp) / path.name, timeout=timeout)
             timings[path.name] = time.perf_counter() - start
-            print(f"student {path.name}: ran top to bottom in {timings[path.name]:.0f} s", flush=True)
+            stubs = _not_attempted_lines(nbformat.read(Path(tmp) / path.name, as_version=4))
+            if not stubs:
+                raise RuntimeError(f"student {path.name} printed no '{NOT_ATTEMPTED}' line: are its exercises stubs?")
+            print(f"student {path.name}: ran top to bottom in {timings[path.name]:.0f} s "
+                  f"({stubs} '{NOT_ATTEMPTED}' lines)", flush=True)
     return timings
 
 
@@ -145,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a student version is out of date")
     parser.add_argument("--execute", action="store_true", help="then run every student version headless")
     parser.add_argument("--out", type=Path, default=None, help="folder of the student versions (default notebooks/student)")
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds a cell may run with --execute (default 1800)")
     args = parser.parse_args(argv)
     if args.check:
         stale = out_of_date(out=args.out)
@@ -156,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in generate(out=args.out):
             print(f"wrote {path}")
     if args.execute:
-        execute_all(args.out or STUDENT_DIR)
+        execute_all(args.out or STUDENT_DIR, args.timeout)
     return 0
 
 
