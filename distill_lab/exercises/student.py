@@ -20,7 +20,7 @@ nbgrader's, so a teacher who has nbgrader can still run ``nbgrader generate_assi
 ``python -m distill_lab.exercises.student [--check] [--execute]``: ``--check`` writes nothing and exits 1,
 naming the student versions that are missing or out of date. ``--execute`` runs every student version
 headless in the current profile (``make student-smoke`` uses the smoke profile) from
-``notebooks/student/`` and fails on the first cell that raises.
+``notebooks/student/`` (executed copies in ``reports/student/``) and fails on the first cell that raises.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import argparse
 import copy
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -42,6 +41,7 @@ BEGIN, END = "BEGIN SOLUTION", "END SOLUTION"  # nbgrader matches these inside a
 CODE_STUB = ("# YOUR CODE HERE", "raise NotImplementedError()")
 TEXT_STUB = ("YOUR ANSWER HERE",)
 STUDENT_DIR = NOTEBOOK_DIR / "student"
+EXECUTED_DIR = NOTEBOOK_DIR.parent / "reports" / "student"  # where --execute writes the executed copies
 HEADER_ID = "student-version"
 VOLATILE_CELL_METADATA = ("execution", "ExecuteTime", "collapsed", "scrolled")
 HEADER = """\
@@ -135,23 +135,22 @@ def _not_attempted_lines(nb: nbformat.NotebookNode) -> int:
                for out in cell.get("outputs", []) if out.get("output_type") == "stream")
 
 
-def execute_all(folder: Path = STUDENT_DIR, timeout: int = 1800) -> dict[str, float]:
+def execute_all(folder: Path = STUDENT_DIR, timeout: int = 1800, executed: Path = EXECUTED_DIR) -> dict[str, float]:
     """Run every student version headless (cwd = ``folder``, ``timeout`` seconds per cell); return seconds per notebook.
 
-    Raises on the first cell that fails, and when a notebook printed no "not attempted yet" line (its
-    stubs were not reached, so the fallbacks were not exercised).
+    The executed copies go to ``executed``. Raises on the first cell that fails, and when a notebook
+    printed no "not attempted yet" line (its stubs were not reached, so the fallbacks were not exercised).
     """
     timings = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for path in find_notebooks(folder):
-            start = time.perf_counter()
-            execute_notebook(path, Path(tmp) / path.name, timeout=timeout)
-            timings[path.name] = time.perf_counter() - start
-            stubs = _not_attempted_lines(nbformat.read(Path(tmp) / path.name, as_version=4))
-            if not stubs:
-                raise RuntimeError(f"student {path.name} printed no '{NOT_ATTEMPTED}' line: are its exercises stubs?")
-            print(f"student {path.name}: ran top to bottom in {timings[path.name]:.0f} s "
-                  f"({stubs} '{NOT_ATTEMPTED}' lines)", flush=True)
+    for path in find_notebooks(folder):
+        start = time.perf_counter()
+        execute_notebook(path, Path(executed) / path.name, timeout=timeout)
+        timings[path.name] = time.perf_counter() - start
+        stubs = _not_attempted_lines(nbformat.read(Path(executed) / path.name, as_version=4))
+        if not stubs:
+            raise RuntimeError(f"student {path.name} printed no '{NOT_ATTEMPTED}' line: are its exercises stubs?")
+        print(f"student {path.name}: ran top to bottom in {timings[path.name]:.0f} s "
+              f"({stubs} '{NOT_ATTEMPTED}' lines)", flush=True)
     return timings
 
 
@@ -161,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--execute", action="store_true", help="then run every student version headless")
     parser.add_argument("--out", type=Path, default=None, help="folder of the student versions (default notebooks/student)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds a cell may run with --execute (default 1800)")
+    parser.add_argument("--executed", type=Path, default=EXECUTED_DIR, help="where --execute writes the executed copies "
+                        "(default reports/student)")
     args = parser.parse_args(argv)
     if args.check:
         stale = out_of_date(out=args.out)
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in generate(out=args.out):
             print(f"wrote {path}")
     if args.execute:
-        execute_all(args.out or STUDENT_DIR, args.timeout)
+        execute_all(args.out or STUDENT_DIR, args.timeout, args.executed)
     return 0
 
 
