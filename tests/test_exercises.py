@@ -16,7 +16,7 @@ from distill_lab.exercises import combined as C
 from distill_lab.exercises import distillation as D
 from distill_lab.exercises import pruning as P
 from distill_lab.exercises import quantization as Q
-from distill_lab.exercises._check import check, who, yours_or_reference
+from distill_lab.exercises._check import check, label_of, yours_or_reference
 from distill_lab.exercises._lab import block_linears, weights_replaced
 
 
@@ -535,10 +535,10 @@ def test_check_does_not_let_a_function_change_the_cases():
 
 def test_yours_or_reference(capsys):
     f = yours_or_reference(todo, lambda x: x + 1, "my_f")
-    assert f(1) == 2 and f(2) == 3 and f.label == "reference" and who(f) == "reference (my_f not attempted)"
+    assert f(1) == 2 and f(2) == 3 and f.label == "reference" and label_of(f) == "reference"
     assert capsys.readouterr().out.count("my_f not attempted yet: the next cells use distill_lab's reference") == 1
     g = yours_or_reference(lambda x: x * 10, lambda x: x + 1)
-    assert g(1) == 10 and g.label == "yours" and who(g) == "yours"
+    assert g(1) == 10 and g.label == "yours" and label_of(g) == "yours" and label_of(f, g) == "reference"
 
 
 def test_compare_guess(capsys):

@@ -18,10 +18,6 @@ import torch
 NOT_ATTEMPTED = "not attempted yet"
 
 
-class NotAttempted(Exception):
-    """Raised by ``check`` internally when the learner's function still raises NotImplementedError."""
-
-
 def _fresh(case: tuple) -> tuple:
     """A copy of a case's tensor arguments, so a function that writes into its inputs cannot change the next call."""
     return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in case)
@@ -136,10 +132,9 @@ def yours_or_reference(fn, reference, name: str | None = None) -> YoursOrReferen
     return YoursOrReference(fn, reference, name)
 
 
-def who(*functions: YoursOrReference) -> str:
-    """``'yours'`` when every wrapped function ran the learner's code, else which ones used the reference."""
-    fallen = [f.name for f in functions if f.fell_back]
-    return "yours" if not fallen else f"reference ({', '.join(fallen)} not attempted)"
+def label_of(*functions: YoursOrReference) -> str:
+    """``'yours'`` when every wrapped function ran the learner's code, else ``'reference'``."""
+    return "reference" if any(f.fell_back for f in functions) else "yours"
 
 
 def compare_guess(guess, measured, what: str, fmt: str = "{:.3g}") -> None:

@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._check import check, yours_or_reference
+from ._check import check, label_of, yours_or_reference
 
 
 def token_nll_reference(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -140,8 +140,8 @@ def perplexity_with(model, windows: torch.Tensor, token_nll, perplexity, batch_s
         logits = model(batch.to(device)).logits.float().cpu()  # (B, T, V)
         nll.append(torch.as_tensor(token_nll(logits, batch)).double().reshape(-1))
     nll = torch.cat(nll)
-    by = "yours" if not (token_nll.fell_back or perplexity.fell_back) else "reference"
-    return {"ppl": float(perplexity(nll)), "tokens": nll.numel(), "by": by}
+    ppl = float(perplexity(nll))
+    return {"ppl": ppl, "tokens": nll.numel(), "by": label_of(token_nll, perplexity)}
 
 
 def entropies_with(temperature_softmax, logits: torch.Tensor, temperatures) -> dict:

@@ -11,7 +11,7 @@ import torch
 
 import distill_lab as dl
 
-from ._check import allclose, check, yours_or_reference
+from ._check import allclose, check, label_of, yours_or_reference
 from ._package import DistillationLoss, TopKLogits
 
 
@@ -230,8 +230,7 @@ def train_with(make_student, teacher, windows: torch.Tensor, train_step, kd_loss
     optimizer = torch.optim.AdamW(student.parameters(), lr=lr)
     losses = [step(student, teacher, windows[i * batch_size:(i + 1) * batch_size].to(device), optimizer, loss,
                    temperature) for i in range(steps)]
-    by = "yours" if not (step.fell_back or loss.fell_back) else "reference"
-    return {"losses": [float(x) for x in losses], "by": by}
+    return {"losses": [float(x) for x in losses], "by": label_of(step, loss)}
 
 
 def curves_agree(mine: list[float], reference: list[float], rtol: float = 1e-3) -> str | None:

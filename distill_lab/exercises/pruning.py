@@ -13,7 +13,7 @@ import copy
 import torch
 from torch import nn
 
-from ._check import allclose, check, yours_or_reference
+from ._check import allclose, check, label_of, yours_or_reference
 from ._lab import weights_replaced
 from ._package import nm_mask, unstructured_mask
 
@@ -243,8 +243,7 @@ def pruned_perplexities(model, norms: dict, perplexity, magnitude_mask, wanda_sc
     for method, keep in methods.items():
         with weights_replaced(model, lambda name, w: w * torch.as_tensor(keep(name, w)).to(w.dtype)):
             out[method] = perplexity(model)
-    by = "yours" if not (mask.fell_back or scores.fell_back or nm.fell_back) else "reference"
-    return {"ppl": out, "by": by}
+    return {"ppl": out, "by": label_of(mask, scores, nm)}
 
 
 def shrink_mlp(model: nn.Module, channels_to_keep, channel_scores: torch.Tensor, n_keep: int) -> tuple[nn.Module, str]:

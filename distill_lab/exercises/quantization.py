@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from ._check import allclose, check, yours_or_reference
+from ._check import allclose, check, label_of, yours_or_reference
 from ._lab import weights_replaced
 from ._package import fake_quantize, quantize_tensor, sqnr_db
 
@@ -228,4 +228,4 @@ def layer_sqnr(weight: torch.Tensor, sqnr, group_rtn, settings) -> dict:
     w = weight.detach().float().cpu()
     mine = {(b, g): float(sqnr(w, torch.as_tensor(rtn(w, b, g)).float())) for b, g in settings}
     package = {(b, g): sqnr_db(w, group_rtn_reference(w, b, g)) for b, g in settings}
-    return {"db": mine, "package": package, "by": "yours" if not (sqnr.fell_back or rtn.fell_back) else "reference"}
+    return {"db": mine, "package": package, "by": label_of(sqnr, rtn)}
