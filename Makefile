@@ -8,11 +8,12 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
 # unset = gpu with CUDA, laptop without
 PROFILE ?=
 
-.PHONY: help venv run test unit nbval lab bench browser-test clean
+.PHONY: help venv run test unit nbval student student-smoke lab bench browser-test clean
 
 help:
 	@echo "make run    execute every notebook headless (default profile) and write reports/"
-	@echo "make test   unit tests + nbval on every notebook in the smoke profile"
+	@echo "make test   unit tests + nbval on every notebook + every student version run, in the smoke profile"
+	@echo "make student  write the student versions notebooks/student/NN_*.ipynb (exercise answers replaced by stubs)"
 	@echo "make lab    open JupyterLab on notebooks/"
 	@echo "make bench  run the benchmark scripts in benchmarks/"
 	@echo "make browser-test  run every notebook in JupyterLab + headless Chromium and move every knob (smoke profile)"
@@ -43,7 +44,16 @@ nbval: venv
 		echo "nbval $$nb: $$((SECONDS - start)) s"; \
 	done
 
-test: unit nbval
+# The student versions (notebooks/student/) are generated from the lessons and committed unexecuted.
+student: venv
+	$(PY) -m distill_lab.exercises.student
+
+# Every student version must run top to bottom with its exercises unanswered (their cells fall back to
+# the package's reference with a "not attempted yet" line); --check first: they must be in sync.
+student-smoke: venv
+	DISTILL_LAB_PROFILE=smoke MPLBACKEND=agg $(PY) -m distill_lab.exercises.student --check --execute
+
+test: unit nbval student-smoke
 
 # --allow-root only when run as root (containers, workshop VMs); jupyter refuses root otherwise
 lab: venv

@@ -1,1 +1,6 @@
-"""Automatic checks for the notebooks' exercises; one module per lesson, references kept here, not in the notebooks."""
+"""The notebooks' labs: checks with mistake hints, the plumbing that applies a learner's function to the
+teacher, and the student versions of the lessons (``student``). One module per lesson; the references
+live here, not in the notebooks.
+"""
+
+from ._check import compare_guess, yours_or_reference  # noqa: F401

@@ -1,0 +1,181 @@
+"""Student versions of the lessons: ``make student`` writes ``notebooks/student/NN_*.ipynb`` from ``notebooks/NN_*.ipynb``.
+
+The committed lessons are the solution versions. Each exercise's answer sits between nbgrader's
+markers, ``### BEGIN SOLUTION`` and ``### END SOLUTION``; the student version replaces every such region
+with ``# YOUR CODE HERE`` and ``raise NotImplementedError()`` at the region's indentation (in a markdown
+cell, with ``YOUR ANSWER HERE``), clears every output, execution count and the saved widget state, and
+opens with a cell that says where it came from. The output is the same bytes on every run (cell ids
+are the lesson's own, the header's is fixed, ``nbformat.writes`` orders the keys), so ``--check`` can
+tell whether the committed student versions are in sync.
+
+Why not nbgrader's own ``ClearSolutions`` preprocessor: the preprocessor needs no gradebook database,
+but it is not importable alone. ``nbgrader.preprocessors`` imports every preprocessor of the package,
+and some of them import the gradebook (SQLAlchemy models) and ``nbgrader.utils`` (setuptools, tornado,
+dateutil). nbgrader 0.9.6 declares 18 dependencies, including ``notebook<8``, ``jupyterlab<5``,
+``sqlalchemy``, ``alembic`` and ``rapidfuzz``, for what takes 40 lines here. By default the preprocessor
+also refuses solution regions in cells that lack nbgrader's cell metadata. The markers and stubs are
+nbgrader's, so a teacher who has nbgrader can still run ``nbgrader generate_assignment
+--ClearSolutions.enforce_metadata=False`` on the same notebooks.
+
+``python -m distill_lab.exercises.student [--check] [--execute]``: ``--check`` writes nothing and exits 1,
+naming the student versions that are missing or out of date. ``--execute`` runs every student version
+headless in the current profile (``make student-smoke`` uses the smoke profile) from
+``notebooks/student/`` (executed copies in ``reports/student/``) and fails on the first cell that raises.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import re
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+
+from ..course import NOTEBOOK_DIR, execute_notebook, find_notebooks
+from ._check import NOT_ATTEMPTED
+
+BEGIN, END = "BEGIN SOLUTION", "END SOLUTION"  # nbgrader matches these inside a line ("### BEGIN SOLUTION")
+CODE_STUB = ("# YOUR CODE HERE", "raise NotImplementedError()")
+TEXT_STUB = ("YOUR ANSWER HERE",)
+STUDENT_DIR = NOTEBOOK_DIR / "student"
+EXECUTED_DIR = NOTEBOOK_DIR.parent / "reports" / "student"  # where --execute writes the executed copies
+HEADER_ID = "student-version"
+VOLATILE_CELL_METADATA = ("execution", "ExecuteTime", "collapsed", "scrolled")
+HEADER = """\
+> **Student version** of [`{name}`](../{name}), generated from it by `make student`:
+> edit the lesson, not this copy.
+>
+> Each exercise cell says `# YOUR CODE HERE` and `raise NotImplementedError()`: replace both with your code
+> and run the cell. Its check compares your function with the course's reference, on random tensors and on
+> the teacher's own, and names the likely mistake when it finds one. Until you write it, the cells that
+> plug your function into the teacher use distill_lab's reference instead and say so in one line
+> ("... not attempted yet"), so the lesson still runs from top to bottom."""
+
+
+def solution_regions(source: str) -> list[tuple[int, int]]:
+    """``(begin line, end line)`` of every solution region; ``ValueError`` on a nested, unclosed or stray marker."""
+    regions, start = [], None
+    for i, line in enumerate(source.split("\n")):
+        if BEGIN in line:
+            if start is not None:
+                raise ValueError(f"line {i + 1}: {BEGIN} inside the region opened at line {start + 1}")
+            start = i
+        elif END in line:
+            if start is None:
+                raise ValueError(f"line {i + 1}: {END} without a {BEGIN} before it")
+            regions.append((start, i))
+            start = None
+    if start is not None:
+        raise ValueError(f"line {start + 1}: {BEGIN} is never closed by an {END}")
+    return regions
+
+
+def clear_solutions(source: str, cell_type: str = "code") -> str:
+    """``source`` with every solution region replaced by the stub, indented like the region's BEGIN line."""
+    lines = source.split("\n")
+    stub = CODE_STUB if cell_type == "code" else TEXT_STUB
+    out, last = [], 0
+    for begin, end in solution_regions(source):
+        indent = re.match(r"\s*", lines[begin]).group(0)
+        out += lines[last:begin] + [indent + s for s in stub]
+        last = end + 1
+    return "\n".join(out + lines[last:])
+
+
+def student_notebook(nb: nbformat.NotebookNode, name: str) -> nbformat.NotebookNode:
+    """The student version of a lesson (a new notebook; ``nb`` is left as it is)."""
+    nb = copy.deepcopy(nb)
+    for cell in nb.cells:
+        cell.source = clear_solutions(cell.source, cell.cell_type)
+        for key in VOLATILE_CELL_METADATA:
+            cell.metadata.pop(key, None)
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+    nb.metadata.pop("widgets", None)
+    header = nbformat.v4.new_markdown_cell(HEADER.format(name=name))
+    header["id"] = HEADER_ID
+    nb.cells.insert(0, header)
+    return nb
+
+
+def render(path: Path) -> str:
+    """The text of the student version of the lesson at ``path`` (what ``nbformat.write`` would write)."""
+    text = nbformat.writes(student_notebook(nbformat.read(path, as_version=4), path.name))
+    return text if text.endswith("\n") else text + "\n"
+
+
+def generate(lessons: Path = NOTEBOOK_DIR, out: Path | None = None) -> list[Path]:
+    """Write the student version of every lesson in ``lessons`` into ``out`` (default ``lessons/student``)."""
+    out = Path(out) if out is not None else Path(lessons) / "student"
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in find_notebooks(lessons):
+        target = out / path.name
+        target.write_text(render(path), encoding="utf-8")
+        written.append(target)
+    return written
+
+
+def out_of_date(lessons: Path = NOTEBOOK_DIR, out: Path | None = None) -> list[str]:
+    """Names of the student versions that are missing, differ from a fresh generation, or have no lesson."""
+    out = Path(out) if out is not None else Path(lessons) / "student"
+    expected = {p.name: render(p) for p in find_notebooks(lessons)}
+    stale = [name for name, text in expected.items()
+             if not (out / name).is_file() or (out / name).read_text(encoding="utf-8") != text]
+    extra = [p.name for p in find_notebooks(out)] if out.is_dir() else []
+    return stale + [f"{name} (no lesson {name} in {lessons})" for name in extra if name not in expected]
+
+
+def _not_attempted_lines(nb: nbformat.NotebookNode) -> int:
+    """How many printed lines say that an exercise is not attempted yet."""
+    return sum(out.get("text", "").count(NOT_ATTEMPTED) for cell in nb.cells if cell.cell_type == "code"
+               for out in cell.get("outputs", []) if out.get("output_type") == "stream")
+
+
+def execute_all(folder: Path = STUDENT_DIR, timeout: int = 1800, executed: Path = EXECUTED_DIR) -> dict[str, float]:
+    """Run every student version headless (cwd = ``folder``, ``timeout`` seconds per cell); return seconds per notebook.
+
+    The executed copies go to ``executed``. Raises on the first cell that fails, and when a notebook
+    printed no "not attempted yet" line (its stubs were not reached, so the fallbacks were not exercised).
+    """
+    timings = {}
+    for path in find_notebooks(folder):
+        start = time.perf_counter()
+        execute_notebook(path, Path(executed) / path.name, timeout=timeout)
+        timings[path.name] = time.perf_counter() - start
+        stubs = _not_attempted_lines(nbformat.read(Path(executed) / path.name, as_version=4))
+        if not stubs:
+            raise RuntimeError(f"student {path.name} printed no '{NOT_ATTEMPTED}' line: are its exercises stubs?")
+        print(f"student {path.name}: ran top to bottom in {timings[path.name]:.0f} s "
+              f"({stubs} '{NOT_ATTEMPTED}' lines)", flush=True)
+    return timings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m distill_lab.exercises.student", description=__doc__.split("\n")[0])
+    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a student version is out of date")
+    parser.add_argument("--execute", action="store_true", help="then run every student version headless")
+    parser.add_argument("--out", type=Path, default=None, help="folder of the student versions (default notebooks/student)")
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds a cell may run with --execute (default 1800)")
+    parser.add_argument("--executed", type=Path, default=EXECUTED_DIR, help="where --execute writes the executed copies "
+                        "(default reports/student)")
+    args = parser.parse_args(argv)
+    if args.check:
+        stale = out_of_date(out=args.out)
+        if stale:
+            print("student versions out of date (run `make student`): " + ", ".join(stale), file=sys.stderr)
+            return 1
+        print("student versions are in sync with the lessons")
+    else:
+        for path in generate(out=args.out):
+            print(f"wrote {path}")
+    if args.execute:
+        execute_all(args.out or STUDENT_DIR, args.timeout, args.executed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

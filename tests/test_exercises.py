@@ -1,0 +1,556 @@
+"""Every exercise check accepts a right answer and rejects typical wrong ones, naming the mistake; the lab plumbing
+plugs a learner's function into a model and puts the model back.
+
+Right and wrong answers are written here the way a learner would write them (not copied from the references).
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import distill_lab as dl
+from distill_lab.exercises import baseline as B
+from distill_lab.exercises import combined as C
+from distill_lab.exercises import distillation as D
+from distill_lab.exercises import pruning as P
+from distill_lab.exercises import quantization as Q
+from distill_lab.exercises._check import check, label_of, yours_or_reference
+from distill_lab.exercises._lab import block_linears, weights_replaced
+
+
+def rejects(check_fn, answer, hint, *args, **kwargs):
+    """The check raises AssertionError and its message names ``hint``."""
+    with pytest.raises(AssertionError) as err:
+        check_fn(answer, *args, **kwargs)
+    assert "likely mistake" in str(err.value) and hint in str(err.value), str(err.value)
+
+
+def todo(*args, **kwargs):
+    raise NotImplementedError()
+
+
+# ------------------------------------------------------------------------------------------ 00
+
+
+def token_nll(logits, ids):
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    return -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+
+
+def test_token_nll():
+    logits, ids = torch.randn(2, 6, 40), torch.randint(0, 40, (2, 6))
+    assert B.check_token_nll(token_nll, logits=logits, input_ids=ids)
+    rejects(B.check_token_nll, lambda z, i: -torch.log_softmax(z, -1).gather(-1, i[..., None])[..., 0], "not shifted")
+    rejects(B.check_token_nll, lambda z, i: torch.log_softmax(z[:, :-1], -1).gather(-1, i[:, 1:, None])[..., 0],
+            "sign")
+    rejects(B.check_token_nll, lambda z, i: -torch.softmax(z[:, :-1], -1).gather(-1, i[:, 1:, None])[..., 0],
+            "probabilities instead of log-probabilities")
+
+
+def test_perplexity():
+    assert B.check_perplexity(lambda nll: torch.exp(nll.mean()), nll=torch.rand(50) * 4)
+    assert B.check_perplexity(lambda nll: torch.exp(nll.mean()), logits=torch.randn(1, 9, 30),
+                              input_ids=torch.randint(0, 30, (1, 9)))
+    rejects(B.check_perplexity, lambda nll: nll.exp().mean(), "exponentiated each token")
+    rejects(B.check_perplexity, lambda nll: nll.sum().exp(), "summed instead of averaged")
+    rejects(B.check_perplexity, lambda nll: nll.mean(), "forgot the exp")
+
+
+def test_temperature_softmax():
+    def stable(z, t):
+        z = z / t
+        e = (z - z.max(-1, keepdim=True).values).exp()
+        return e / e.sum(-1, keepdim=True)
+
+    assert B.check_temperature_softmax(stable, logits=torch.randn(300) * 8)
+    rejects(B.check_temperature_softmax, lambda z, t: torch.softmax(z * t, -1), "multiplied by the temperature")
+    rejects(B.check_temperature_softmax, lambda z, t: (z / t).exp() / (z / t).exp().sum(-1, keepdim=True), "overflow")
+    rejects(B.check_temperature_softmax, lambda z, t: torch.softmax(z / t, 0), "wrong dimension")
+
+
+@pytest.mark.parametrize("hint,wrong", B._NLL_MISTAKES, ids=lambda x: x[:30] if isinstance(x, str) else "")
+def test_each_nll_mistake_gets_its_own_hint(hint, wrong):
+    rejects(B.check_token_nll, wrong, hint)
+
+
+def test_perplexity_with_runs_the_learners_functions(tiny):
+    windows = torch.randint(0, 256, (3, 16))
+    harness = dl.perplexity(tiny, windows, batch_size=2, progress=False)
+    mine = B.perplexity_with(tiny, windows, token_nll, lambda nll: nll.mean().exp(), batch_size=2)
+    assert mine["by"] == "yours" and mine["tokens"] == 3 * 15 and mine["ppl"] == pytest.approx(harness, rel=1e-5)
+    fallback = B.perplexity_with(tiny, windows, todo, todo, batch_size=2)
+    assert fallback["by"] == "reference" and fallback["ppl"] == pytest.approx(harness, rel=1e-5)
+
+
+def test_entropies_with():
+    logits = torch.randn(100) * 3
+    ent = B.entropies_with(lambda z, t: torch.softmax(z / t, -1), logits, (0.5, 2.0))
+    ref = B.entropies_with(todo, logits, (0.5, 2.0))
+    assert ent["by"] == "yours" and ref["by"] == "reference"
+    assert ent["bits"][0.5] < ent["bits"][2.0] and ent["bits"] == pytest.approx(ref["bits"], rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ 01
+
+
+def kd(s, t, T):
+    log_p = F.log_softmax(s / T, dim=-1)
+    log_q = F.log_softmax(t / T, dim=-1)
+    return T ** 2 * (log_q.exp() * (log_q - log_p)).sum(-1).mean()
+
+
+@pytest.mark.filterwarnings("ignore:reduction")  # F.kl_div(reduction="mean") is one of the wrong answers
+def test_kd_loss():
+    real = (torch.randn(5, 300) * 3, torch.randn(5, 300) * 3)
+    assert D.check_kd_loss(kd, logits=real)
+    rejects(D.check_kd_loss, lambda s, t, T: kd(s, t, T) / T ** 2, "missing T²")
+    rejects(D.check_kd_loss, lambda s, t, T: kd(t, s, T), "KL direction swapped")
+    rejects(D.check_kd_loss, lambda s, t, T: T ** 2 * F.kl_div(F.log_softmax(s / T, -1), F.softmax(t / T, -1),
+                                                               reduction="mean"), "averaged over the vocabulary")
+    rejects(D.check_kd_loss, lambda s, t, T: T ** 2 * F.kl_div(F.log_softmax(s / T, -1), F.softmax(t / T, -1),
+                                                               reduction="sum"), "summed over the rows")
+
+
+@pytest.mark.parametrize("hint,wrong", D._KD_MISTAKES, ids=lambda x: x[:30] if isinstance(x, str) else "")
+def test_each_kd_mistake_gets_its_own_hint(hint, wrong):
+    rejects(D.check_kd_loss, wrong, hint)
+
+
+def test_reverse_kl():
+    def rkl(s, t, T):
+        log_p, log_q = F.log_softmax(s / T, -1), F.log_softmax(t / T, -1)
+        return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+    assert D.check_reverse_kl(rkl)
+    rejects(D.check_reverse_kl, lambda s, t, T: T ** 2 * rkl(s, t, T), "T² factor")
+    rejects(D.check_reverse_kl, lambda s, t, T: kd(s, t, T) / T ** 2, "forward KL")
+
+
+def test_topk_teacher():
+    def topk(values, indices, vocab, T):
+        return torch.zeros(*values.shape[:-1], vocab).scatter_(-1, indices, torch.softmax(values / T, -1))
+
+    assert D.check_topk_teacher(topk, logits=torch.randn(6, 500) * 4, k=16)
+    rejects(D.check_topk_teacher, lambda v, i, V, T: topk(v * T, i, V, T), "temperature ignored")
+    rejects(D.check_topk_teacher, lambda v, i, V, T: torch.zeros(*v.shape[:-1], V).scatter_(-1, i, v / T),
+            "raw logits")
+
+
+def test_train_step():
+    def step(student, teacher, batch, optimizer, loss_fn, temperature):
+        with torch.no_grad():
+            t = teacher(batch).logits
+        s = student(batch).logits
+        loss = loss_fn(s.flatten(0, 1), t.flatten(0, 1), temperature)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    def no_zero_grad(student, teacher, batch, optimizer, loss_fn, temperature):
+        with torch.no_grad():
+            t = teacher(batch).logits
+        loss = loss_fn(student(batch).logits.flatten(0, 1), t.flatten(0, 1), temperature)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    def teacher_with_grad(student, teacher, batch, optimizer, loss_fn, temperature):
+        t = teacher(batch).logits
+        loss = loss_fn(student(batch).logits.flatten(0, 1), t.flatten(0, 1), temperature)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    assert D.check_train_step(step)
+    rejects(D.check_train_step, no_zero_grad, "gradients accumulate")
+    rejects(D.check_train_step, teacher_with_grad, "torch.no_grad()")
+    assert D.check_train_step(todo) is False
+
+
+@pytest.mark.parametrize("hint,wrong", D._STEP_MISTAKES, ids=lambda x: x[:30] if isinstance(x, str) else "")
+def test_each_step_mistake_gets_its_own_hint(hint, wrong):
+    rejects(D.check_train_step, wrong, hint)
+
+
+def test_train_with_matches_the_reference_loop():
+    teacher = dl.tiny_llama(seed=1)
+    windows = torch.randint(0, 256, (6, 12))
+    mine = D.train_with(lambda: dl.tiny_llama(seed=2), teacher, windows, D.reference_train_step, kd, steps=3,
+                        batch_size=2, lr=1e-2)
+    ref = D.train_with(lambda: dl.tiny_llama(seed=2), teacher, windows, todo, todo, steps=3, batch_size=2, lr=1e-2)
+    assert mine["by"] == "yours" and ref["by"] == "reference" and len(mine["losses"]) == 3
+    assert D.curves_agree(mine["losses"], ref["losses"]) is None
+    assert D.curves_agree([1.0, 2.0], [1.0, 2.1]) is not None
+
+
+# ------------------------------------------------------------------------------------------ 02
+
+
+def absmax(w, bits):
+    qmax = 2 ** (bits - 1) - 1
+    scales = w.abs().amax(dim=1) / qmax
+    return torch.round(w / scales[:, None]), scales
+
+
+def group_rtn(w, bits, group_size):
+    rows, cols = w.shape
+    g = w.reshape(rows, cols // group_size, group_size)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    step = (hi - lo) / (2 ** bits - 1)
+    step = torch.where(step > 0, step, torch.ones_like(step))
+    return (torch.round((g - lo) / step).clamp(0, 2 ** bits - 1) * step + lo).reshape(rows, cols)
+
+
+def test_absmax_quantize():
+    layer = torch.nn.Linear(128, 48)
+    assert Q.check_absmax_quantize(absmax, layer=layer)
+    rejects(Q.check_absmax_quantize, lambda w, b: (torch.round(w / (w.abs().amax(1, keepdim=True) / 2 ** (b - 1))),
+                                                   w.abs().amax(1) / 2 ** (b - 1)), "off by one")
+    rejects(Q.check_absmax_quantize, lambda w, b: (torch.round(w / (w.abs().max() / (2 ** (b - 1) - 1))),
+                                                   (w.abs().max() / (2 ** (b - 1) - 1)).expand(w.shape[0])),
+            "one scale for the whole tensor")
+    rejects(Q.check_absmax_quantize, lambda w, b: (torch.trunc(w / absmax(w, b)[1][:, None]), absmax(w, b)[1]),
+            "truncated")
+
+
+def test_group_rtn():
+    layer = torch.nn.Linear(192, 32)
+    assert Q.check_group_rtn(group_rtn, layer=layer)
+    assert Q.check_minmax_group_fake_quant(group_rtn)
+    rejects(Q.check_group_rtn, lambda w, b, g: group_rtn(w, b, w.shape[1]), "per-row instead of per-group")
+    rejects(Q.check_group_rtn, lambda w, b, g: group_rtn(w.reshape(1, -1), b, w.numel()).reshape(w.shape),
+            "per-tensor instead of per-group")
+
+    def off_by_one(w, bits, group_size):
+        rows, cols = w.shape
+        g = w.reshape(rows, -1, group_size)
+        lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+        step = (hi - lo) / 2 ** bits
+        return (torch.round((g - lo) / step).clamp(0, 2 ** bits - 1) * step + lo).reshape(rows, cols)
+
+    rejects(Q.check_group_rtn, off_by_one, "levels off by one")
+
+    def integer_zero_point(w, bits, group_size):
+        rows, cols = w.shape
+        g = w.reshape(rows, -1, group_size)
+        lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+        scale = (hi - lo) / (2 ** bits - 1)
+        zero = torch.round(-lo / scale)
+        q = torch.clamp(torch.round(g / scale) + zero, 0, 2 ** bits - 1)
+        return ((q - zero) * scale).reshape(rows, cols)
+
+    rejects(Q.check_group_rtn, integer_zero_point, "zero point rounded")
+
+
+@pytest.mark.parametrize("hint,wrong", Q._GROUP_MISTAKES, ids=lambda x: x[:30] if isinstance(x, str) else "")
+def test_each_group_mistake_gets_its_own_hint(hint, wrong):
+    rejects(Q.check_group_rtn, wrong, hint)
+
+
+def test_group_rtn_accepts_rounding_ties_that_go_the_other_way():
+    def other_ties(w, bits, group_size):  # the same grid, computed in another order (ties may round differently)
+        rows, cols = w.shape
+        g = w.double().reshape(rows, -1, group_size)
+        lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+        step = (hi - lo) / (2 ** bits - 1)
+        return (torch.round(g / step - lo / step).clamp(0, 2 ** bits - 1) * step + lo).reshape(rows, cols).float()
+
+    assert Q.check_group_rtn(other_ties, layer=torch.nn.Linear(256, 64))
+
+
+def test_sqnr():
+    def sqnr(w, w_hat):
+        return 10 * math.log10((w ** 2).sum() / ((w - w_hat) ** 2).sum())
+
+    assert Q.check_sqnr(sqnr, layer=torch.nn.Linear(128, 32))
+    rejects(Q.check_sqnr, lambda w, w_hat: 20 * torch.log10((w ** 2).sum() / ((w - w_hat) ** 2).sum()), "20·log10")
+    rejects(Q.check_sqnr, lambda w, w_hat: 10 * torch.log10(((w - w_hat) ** 2).sum() / (w ** 2).sum()), "inverted")
+    rejects(Q.check_sqnr, lambda w, w_hat: 10 * torch.log((w ** 2).sum() / ((w - w_hat) ** 2).sum()), "natural log")
+
+
+def test_layer_sqnr():
+    w = torch.randn(32, 128)
+    mine = Q.layer_sqnr(w, lambda a, b: 10 * math.log10((a ** 2).sum() / ((a - b) ** 2).sum()), group_rtn,
+                        [(8, 64), (4, 64)])
+    assert mine["by"] == "yours" and mine["db"] == pytest.approx(mine["package"], abs=1e-3)
+    assert mine["db"][(8, 64)] > mine["db"][(4, 64)] + 20  # about 6 dB per bit
+    assert Q.layer_sqnr(w, todo, todo, [(4, 64)])["by"] == "reference"
+
+
+def test_fake_quant_perplexities_restore_the_model(tiny):
+    before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    windows = torch.randint(0, 256, (2, 16))
+
+    def ppl(model):
+        return dl.perplexity(model, windows, progress=False)
+
+    mine = Q.fake_quant_perplexities(tiny, group_rtn, [(4, 16), (2, 16)], ppl, "my_group_rtn",
+                                     Q.group_rtn_reference)
+    ref = Q.fake_quant_perplexities(tiny, todo, [(4, 16), (2, 16)], ppl, "my_group_rtn", Q.group_rtn_reference)
+    assert mine["by"] == "yours" and ref["by"] == "reference"
+    assert mine["ppl"] == pytest.approx(ref["ppl"], rel=1e-6)
+    absmax_ppl = Q.fake_quant_perplexities(tiny, Q.absmax_fake_quant(absmax), [(8, None)], ppl, "my_absmax_quantize",
+                                           Q.package_absmax)
+    assert absmax_ppl["ppl"][(8, None)] == pytest.approx(
+        Q.fake_quant_perplexities(tiny, todo, [(8, None)], ppl, "x", Q.package_absmax)["ppl"][(8, None)], rel=1e-5)
+    assert all(torch.equal(v, tiny.state_dict()[k]) for k, v in before.items())
+
+
+def test_weights_replaced_restores_after_an_error(tiny):
+    before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    names = list(block_linears(tiny))
+    assert "lm_head" not in names and len(names) == 2 * 7
+
+    def boom(name, w):
+        if name == names[3]:
+            raise RuntimeError("boom")
+        return torch.zeros_like(w)
+
+    with pytest.raises(RuntimeError):
+        with weights_replaced(tiny, boom):
+            pass
+    with pytest.raises(ValueError, match="shape"):
+        with weights_replaced(tiny, lambda name, w: w.T):
+            pass
+    assert all(torch.equal(v, tiny.state_dict()[k]) for k, v in before.items())
+
+
+# ------------------------------------------------------------------------------------------ 03
+
+
+def magnitude_mask(weight, sparsity):
+    k = int(sparsity * weight.shape[1])
+    mask = torch.ones_like(weight, dtype=torch.bool)
+    if k:
+        drop = torch.topk(weight.abs(), k, dim=1, largest=False).indices
+        mask.scatter_(1, drop, False)
+    return mask
+
+
+def wanda(weight, x):
+    return weight.abs() * x.norm(p=2, dim=0)
+
+
+def two_four(scores):
+    out, inp = scores.shape
+    groups = scores.reshape(out, inp // 4, 4)
+    keep = groups.topk(2, dim=-1).indices
+    return torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True).reshape(out, inp)
+
+
+def test_magnitude_mask_accepts_any_choice_among_ties():
+    tied = torch.randint(-4, 5, (32, 64)).float() / 8  # few distinct values, like a 4-bit grid
+
+    def by_sort(weight, sparsity):  # sort breaks ties differently from topk
+        k = int(sparsity * weight.shape[1])
+        mask = torch.ones_like(weight, dtype=torch.bool)
+        mask.scatter_(1, torch.sort(weight.abs(), dim=1, stable=True, descending=False).indices[:, :k], False)
+        return mask
+
+    assert P.check_magnitude_mask(magnitude_mask, layer=tied) and P.check_magnitude_mask(by_sort, layer=tied)
+
+    def whole_matrix(weight, sparsity):
+        k = int(sparsity * weight.numel())
+        mask = torch.ones(weight.numel(), dtype=torch.bool)
+        if k:
+            mask[torch.argsort(weight.abs().flatten())[:k]] = False
+        return mask.reshape(weight.shape)
+
+    rejects(P.check_magnitude_mask, whole_matrix, "sorted the whole matrix instead of each row", layer=tied)
+    def signed(weight, sparsity):  # ranks w, not |w|
+        k = int(sparsity * weight.shape[1])
+        mask = torch.ones_like(weight, dtype=torch.bool)
+        if k:
+            mask.scatter_(1, torch.topk(weight, k, dim=1, largest=False).indices, False)
+        return mask
+
+    rejects(P.check_magnitude_mask, signed, "forgot abs()", layer=tied)
+    rejects(P.check_magnitude_mask, lambda w, s: ~magnitude_mask(w, s), "inverted")
+
+
+def test_wanda_scores():
+    w, x = torch.randn(24, 40), torch.randn(100, 40) * torch.rand(40) * 10
+    assert P.check_wanda_scores(wanda, layer=w, x=x)
+    rejects(P.check_wanda_scores, lambda w, x: w.abs() * x.pow(2).mean(0).sqrt(), "the mean instead of the L2 norm")
+    rejects(P.check_wanda_scores, lambda w, x: w.abs() * (x ** 2).sum(0), "missing square root")
+    rejects(P.check_wanda_scores, lambda w, x: w * x.norm(dim=0), "forgot abs(W)")
+
+
+def test_nm_mask():
+    assert P.check_nm_mask(two_four, layer=torch.randint(-3, 4, (16, 32)).float())
+    rejects(P.check_nm_mask, lambda s: two_four(-s), "2 lowest")
+    rejects(P.check_nm_mask, lambda s: magnitude_mask(s, 0.5), "best half of each row")
+
+
+def test_channels_to_keep():
+    scores = torch.rand(96)
+    assert P.check_channels_to_keep(lambda s, n: torch.topk(s, n).indices, scores=scores, n_keep=80)
+    assert P.check_channels_to_keep(lambda s, n: torch.argsort(s, descending=True)[:n], scores=scores, n_keep=80)
+    rejects(P.check_channels_to_keep, lambda s, n: torch.argsort(s)[:n], "least important")
+    rejects(P.check_channels_to_keep, lambda s, n: torch.topk(s, n).values, "returned the scores")
+
+
+def test_pruned_perplexities_and_restore(tiny):
+    before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    windows = torch.randint(0, 256, (2, 16))
+    norms = {name: torch.rand(lin.in_features) + 0.1 for name, lin in block_linears(tiny).items()}
+
+    def ppl(model):
+        return dl.perplexity(model, windows, progress=False)
+
+    mine = P.pruned_perplexities(tiny, norms, ppl, magnitude_mask, wanda, two_four)
+    ref = P.pruned_perplexities(tiny, norms, ppl, todo, todo, todo)
+    assert mine["by"] == "yours" and ref["by"] == "reference" and set(mine["ppl"]) == {
+        "magnitude 50%", "Wanda 50%", "Wanda 2:4"}
+    assert mine["ppl"] == pytest.approx(ref["ppl"], rel=1e-4)
+    assert all(torch.equal(v, tiny.state_dict()[k]) for k, v in before.items())
+
+
+def test_shrink_mlp_equals_the_package_channel_pruning(tiny):
+    from distill_lab import prune as package_prune
+
+    scores = torch.rand(2, 64)
+    mine, by = P.shrink_mlp(tiny, lambda s, n: torch.topk(s, n).indices, scores, 48)
+    theirs = package_prune.prune_channels(tiny, 48 / 64, scores={"channels": scores})
+    x = torch.randint(0, 256, (1, 10))
+    with torch.no_grad():
+        assert by == "yours" and torch.allclose(mine(x).logits, theirs(x).logits, atol=1e-6)
+    assert mine.config.intermediate_size == 48 and tiny.config.intermediate_size == 64
+
+
+# ------------------------------------------------------------------------------------------ 04
+
+
+def size_model(cfg, group_size):
+    d, hd = cfg.hidden_size, cfg.head_dim
+
+    def int4(out, inp):
+        return out * inp // 2 + out * (inp // group_size) * 4
+
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    return {"embedding": cfg.vocab_size * (d + 4),
+            "attention": cfg.num_hidden_layers * (int4(q, d) + 2 * int4(kv, d) + int4(d, q)),
+            "mlp": cfg.num_hidden_layers * 3 * int4(cfg.intermediate_size, d),
+            "norms": 4 * d * (2 * cfg.num_hidden_layers + 1)}
+
+
+def test_size_model():
+    assert C.check_size_model(size_model, config=C.pruned_config(dl.tiny_llama().config, 0.5, 0.5, 0.5))
+
+    def no_overhead(cfg, g):  # codes only
+        d, hd, layers = cfg.hidden_size, cfg.head_dim, cfg.num_hidden_layers
+        q, kv, inter = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd, cfg.intermediate_size
+        return {"embedding": cfg.vocab_size * (d + 4), "attention": layers * (2 * q * d + 2 * kv * d) // 2,
+                "mlp": layers * 3 * inter * d // 2, "norms": 4 * d * (2 * layers + 1)}
+
+    rejects(C.check_size_model, no_overhead, "group overhead")
+    rejects(C.check_size_model, lambda cfg, g: {**size_model(cfg, g), "embedding": 2 * size_model(cfg, g)["embedding"]},
+            "tied")
+    rejects(C.check_size_model, lambda cfg, g: {**size_model(cfg, g), "norms": 0}, "forgot the norms")
+    with pytest.raises(AssertionError, match="expected a dict"):
+        C.check_size_model(lambda cfg, g: sum(size_model(cfg, g).values()))
+
+
+def test_size_model_matches_a_saved_int4_file(tmp_path):
+    from distill_lab.quantize import Int4WeightOnly, quantize_, save_quantized
+
+    model = dl.tiny_llama()
+    quantize_(model, Int4WeightOnly(group_size=32))
+    save_quantized(model, tmp_path / "m")
+    measured = C.measured_parts(tmp_path / "m")
+    predicted = C.size_model_reference(model.config, 32)
+    assert {k: measured[k] for k in C.PARTS} == predicted and measured["other"] == 0
+    assert measured["file"] == sum(predicted.values()) + measured["header"]
+
+
+def test_pruned_config_matches_structured_pruning():
+    from distill_lab import prune as package_prune
+
+    teacher = dl.tiny_llama(hidden_size=48, num_heads=6, num_kv_heads=2)
+    cfg = C.pruned_config(teacher.config, heads_keep=0.67, channels_keep=0.375)
+    real = package_prune.prune_structured(teacher, package_prune.StructuredConfig(heads_keep=0.67, channels_keep=0.375))
+    assert (cfg.num_attention_heads, cfg.intermediate_size) == (real.config.num_attention_heads,
+                                                                 real.config.intermediate_size)
+    assert C.pruned_config(teacher.config, layers_keep=0.5).num_hidden_layers == 1
+    knobs = dict(heads_keep=0.67, channels_keep=0.375, quantize="int4 + AWQ")
+    assert C.size_of_knobs(todo, teacher.config, knobs, 32)["total"] == sum(C.size_model_reference(cfg, 32).values())
+    with pytest.raises(ValueError, match="int4"):
+        C.size_of_knobs(size_model, teacher.config, dict(quantize="int8"))
+
+
+def test_reduction_by_parts_is_the_measured_reduction():
+    measured = {"embedding": 30, "file": 100}
+    r = C.reduction_by_parts(lambda e, fe, fb: 1 / (e / fe + (1 - e) / fb), 1000, 200, measured)
+    assert r["by"] == "yours" and r["reduction"] == pytest.approx(10.0) and r["share"] == 0.2
+    assert C.reduction_by_parts(todo, 1000, 200, measured)["reduction"] == pytest.approx(10.0)
+
+
+def test_overall_reduction():
+    assert C.check_overall_reduction(lambda e, fe, fb: 1 / (e / fe + (1 - e) / fb))
+    rejects(C.check_overall_reduction, lambda e, fe, fb: e * fe + (1 - e) * fb, "averaged the factors")
+    rejects(C.check_overall_reduction, lambda e, fe, fb: e / fe + (1 - e) / fb, "forgot to invert")
+
+
+def test_pareto_front():
+    def front(sizes, ppls):
+        out = torch.ones(len(sizes))
+        for i in range(len(sizes)):
+            for j in range(len(sizes)):
+                if sizes[j] <= sizes[i] and ppls[j] <= ppls[i] and (sizes[j] < sizes[i] or ppls[j] < ppls[i]):
+                    out[i] = 0
+        return out
+
+    assert C.check_pareto_front(front)
+    rejects(C.check_pareto_front, lambda s, p: 1 - front(s, p), "inverted")
+    rejects(C.check_pareto_front, lambda s, p: (p <= p.min()).float(), "only the best perplexity")
+    points = [{"name": "a", "size_mib": 10.0, "ppl_ratio": 2.0}, {"name": "b", "size_mib": 20.0, "ppl_ratio": 1.0},
+              {"name": "c", "size_mib": 30.0, "ppl_ratio": 3.0}]
+    assert C.pareto_names(front, points) == (["a", "b"], "yours")
+    assert C.pareto_names(todo, points) == (["a", "b"], "reference")
+    assert C.pareto_names(C.pareto_reference, points)[0] == ["a", "b"]
+
+
+# -------------------------------------------------------------------------------------- harness
+
+
+def test_check_reports_not_attempted_and_counts_real_cases(capsys):
+    assert check("x", todo, lambda a: a, [(torch.ones(2),)]) is False
+    assert "not attempted yet" in capsys.readouterr().out
+    assert check("x", lambda a: a * 1, lambda a: a, [(torch.ones(2),), (torch.zeros(3),)],
+                 labels=[None, "the teacher's bias"])
+    assert "2 cases, 1 of them on the teacher's own tensors" in capsys.readouterr().out
+
+
+def test_check_does_not_let_a_function_change_the_cases():
+    def in_place(a):
+        return a.mul_(2)
+
+    with pytest.raises(AssertionError):
+        check("x", in_place, lambda a: a, [(torch.ones(2),)], mistakes=[("doubled", lambda a: 2 * a)])
+
+
+def test_yours_or_reference(capsys):
+    f = yours_or_reference(todo, lambda x: x + 1, "my_f")
+    assert f(1) == 2 and f(2) == 3 and f.label == "reference" and label_of(f) == "reference"
+    assert capsys.readouterr().out.count("my_f not attempted yet: the next cells use distill_lab's reference") == 1
+    g = yours_or_reference(lambda x: x * 10, lambda x: x + 1)
+    assert g(1) == 10 and g.label == "yours" and label_of(g) == "yours" and label_of(f, g) == "reference"
+
+
+def test_compare_guess(capsys):
+    from distill_lab.exercises._check import compare_guess
+
+    def my_guess():
+        return 30
+
+    compare_guess(my_guess, 60.0, "the rise in %")
+    compare_guess(todo, 60.0, "the rise in %")
+    compare_guess(lambda: "forward KL", "Forward KL ", "the winner")
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "the rise in %: your guess 30, measured 60 (off by a factor of 2.0)"
+    assert out[1] == "todo not attempted yet: the rise in %: measured 60"
+    assert out[2].endswith("(right)")
