@@ -213,7 +213,7 @@ def test_saved_steps_and_teacher_numbers_from_other_code_are_recomputed(tmp_path
     stale = json.loads(cache.read_text())
     stale["metrics"]["ppl_pydoc"] = 1.0
     cache.write_text(json.dumps(stale))
-    monkeypatch.setattr(pipeline, "code_version", lambda: "another-version")
+    monkeypatch.setattr(pipeline.runner, "code_version", lambda: "another-version")
     again = _run(teacher, recipe, tmp_path / "run", data)
     assert calls["n"] == 2 and not again.steps[0].resumed  # other code: recomputed
     fresh = pipeline.teacher_metrics(teacher, None, PROFILE, data["windows"], cache=cache, progress=False)
@@ -287,7 +287,7 @@ def test_seed_rows_and_shipped_combined_recipe_agree():
 
 
 def test_comparison_table_on_a_tiny_teacher(tmp_path, teacher64, data, monkeypatch):
-    monkeypatch.setattr(pipeline, "eval_windows", lambda tok, prof: data["windows"])
+    monkeypatch.setattr(pipeline.report, "eval_windows", lambda tok, prof: data["windows"])
     rows = [("INT8 quantization", Recipe("int8", [{"quantize": {"method": "int8"}}]),
              pipeline.SeedClaim((4, 4), (2, 3), (0, 1))),
             ("50% pruning", Recipe("p", [{"prune": {"channels_keep": 0.5}}]),

@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..runtime import device_of
 from ._check import check, label_of, yours_or_reference
 
 
@@ -134,7 +135,7 @@ def perplexity_with(model, windows: torch.Tensor, token_nll, perplexity, batch_s
     """
     token_nll = yours_or_reference(token_nll, token_nll_reference, "my_token_nll")
     perplexity = yours_or_reference(perplexity, perplexity_reference, "my_perplexity")
-    device = next(model.parameters()).device
+    device = device_of(model)
     nll = []
     for batch in windows.split(batch_size):  # a few windows at a time: (B, T, 49152) logits are large
         logits = model(batch.to(device)).logits.float().cpu()  # (B, T, V)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..runtime import device_of
 from ._check import allclose, check, label_of, yours_or_reference
 from ._package import DistillationLoss, TopKLogits, set_seed, tiny_llama
 
@@ -224,7 +225,7 @@ def train_with(make_student, teacher, windows: torch.Tensor, train_step, kd_loss
     loss = yours_or_reference(kd_loss, kd_loss_reference, "my_kd_loss")
     set_seed(seed)
     student = make_student().train()
-    device = next(student.parameters()).device
+    device = device_of(student)
     optimizer = torch.optim.AdamW(student.parameters(), lr=lr)
     losses = [step(student, teacher, windows[i * batch_size:(i + 1) * batch_size].to(device), optimizer, loss,
                    temperature) for i in range(steps)]
