@@ -8,31 +8,21 @@ import torch
 from distill_lab import pruning as P
 
 
-def _gqa_tiny(seed=0):
-    """A tiny Llama with the teacher's GQA shape: 9 query heads in 3 KV groups, head_dim 8."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=72, intermediate_size=64, num_hidden_layers=4,
-                      num_attention_heads=9, num_key_value_heads=3, head_dim=8,
-                      max_position_embeddings=128, tie_word_embeddings=True)
-    return LlamaForCausalLM(cfg).eval()
-
-
 # ---------------------------------------------------------------- healing
 
-def _sharp_teacher():
+def _sharp_teacher(make_gqa_tiny):
     """A tiny teacher with peaked next-token distributions (a random one is nearly uniform)."""
-    teacher = _gqa_tiny()
+    teacher = make_gqa_tiny()
     with torch.no_grad():
         teacher.model.norm.weight.mul_(8.0)
     return teacher
 
 
 @pytest.mark.parametrize("use_trainer", [True, False])
-def test_heal_moves_pruned_model_toward_teacher(use_trainer):
-    teacher = _sharp_teacher()
-    student = P.prune_channels(_gqa_tiny(seed=1), 0.5)  # far from the teacher: a different init
+def test_heal_moves_pruned_model_toward_teacher(use_trainer, gqa_tiny):
+    make_gqa_tiny = gqa_tiny
+    teacher = _sharp_teacher(make_gqa_tiny)
+    student = P.prune_channels(make_gqa_tiny(seed=1), 0.5)  # far from the teacher: a different init
     windows = torch.randint(0, 128, (16, 16), generator=torch.Generator().manual_seed(1))
     before = P.kl_to_teacher(student, teacher, windows)
     losses = P.heal(student, teacher, windows, steps=25, batch_size=8, lr=3e-3, progress=False,
@@ -43,8 +33,8 @@ def test_heal_moves_pruned_model_toward_teacher(use_trainer):
     assert not student.training
 
 
-def test_heal_rejects_bad_input():
-    teacher = _gqa_tiny()
+def test_heal_rejects_bad_input(gqa_tiny):
+    teacher = gqa_tiny()
     with pytest.raises(ValueError, match="steps"):
         P.heal(teacher, teacher, torch.zeros(4, 8, dtype=torch.long), steps=0)
     with pytest.raises(ValueError, match="windows"):
