@@ -83,6 +83,6 @@ def test_malformed_regions_are_refused(source, problem):
 
 def test_not_attempted_lines_are_counted():
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x")])
-    nb.cells[0].outputs = [nbformat.v4.new_output("stream", name="stdout",
-                                                  text="perplexity: not attempted yet - ...\nmy_f not attempted yet: ...\n")]
+    text = "perplexity: not attempted yet - ...\nmy_f not attempted yet: ...\n"
+    nb.cells[0].outputs = [nbformat.v4.new_output("stream", name="stdout", text=text)]
     assert student._not_attempted_lines(nb) == 2

@@ -13,7 +13,7 @@ from torch import nn
 
 
 def block_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """``{name: Linear}`` of every ``nn.Linear`` except the output head (tied to the embedding, which labs leave alone)."""
+    """``{name: Linear}`` of every ``nn.Linear`` but the output head (tied to the embedding, which labs leave alone)."""
     embedding = model.get_input_embeddings().weight
     return {name: m for name, m in model.named_modules()
             if isinstance(m, nn.Linear) and m.weight.data_ptr() != embedding.data_ptr() and name != "lm_head"}

@@ -56,7 +56,7 @@ _NLL_MISTAKES = [
 
 
 def check_token_nll(fn, logits: torch.Tensor | None = None, input_ids: torch.Tensor | None = None) -> bool:
-    """Check ``fn(logits (B, T, V), input_ids (B, T)) -> (B, T-1)`` per-token NLL; also on the teacher's logits if given."""
+    """Check ``fn(logits (B, T, V), input_ids (B, T)) -> (B, T-1)`` per-token NLL (and on the teacher's logits)."""
     g = torch.Generator().manual_seed(5)
     cases, labels = [], []
     for b, t, v, s in ((1, 5, 7, 1.0), (2, 9, 30, 3.0), (3, 4, 50, 8.0)):
@@ -101,7 +101,7 @@ def _naive_softmax(z, t):
 
 
 def check_temperature_softmax(fn, logits: torch.Tensor | None = None) -> bool:
-    """Check ``fn(logits, temperature)``: softmax of logits / T along the last dimension (also on the teacher's logits)."""
+    """Check ``fn(logits, temperature)``: softmax of logits / T along the last dimension (and on the teacher's)."""
     g = torch.Generator().manual_seed(1)
     cases = [(torch.randn(10, generator=g) * 5, t) for t in (0.5, 1.0, 2.0)]
     cases.append((torch.randn(3, 50, generator=g) * 20, 4.0))  # batched

@@ -129,7 +129,8 @@ def _parts_compare(got, want, case):
     if problem is None:
         return None
     wrong = [k for k in PARTS if abs(float(got[k]) - float(want[k])) > 0.5]
-    return f"wrong bytes for {', '.join(wrong)}: " + ", ".join(f"{k} {float(got[k]):,.0f} vs {want[k]:,}" for k in wrong)
+    return f"wrong bytes for {', '.join(wrong)}: " + ", ".join(f"{k} {float(got[k]):,.0f} vs {want[k]:,}"
+                                                            for k in wrong)
 
 
 def _config(hidden, heads, kv, head_dim, inter, layers, vocab):

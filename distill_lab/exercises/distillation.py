@@ -205,7 +205,8 @@ def check_train_step(fn) -> bool:
     Compared: the three losses, the student's weights after them, and whether the teacher got gradients.
     """
     cases = [(0,), (1,)]
-    return check("training step", lambda seed: _run_steps(fn, seed), lambda seed: _run_steps(reference_train_step, seed),
+    return check("training step", lambda seed: _run_steps(fn, seed),
+                 lambda seed: _run_steps(reference_train_step, seed),
                  cases, atol=1e-8, rtol=1e-6, labels=["tiny random models, seed 0", "seed 1"],
                  mistakes=[(hint, (lambda wrong: lambda seed: _run_steps(wrong, seed))(wrong))
                            for hint, wrong in _STEP_MISTAKES])

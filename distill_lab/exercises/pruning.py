@@ -46,7 +46,7 @@ def _real(layer):
 
 
 def _mask_within(groups_of):
-    """Correctness of a keep-mask when scores may tie: per group, the right count kept and no dropped score above a kept one.
+    """Correctness of a keep-mask when scores may tie: per group the right count, no dropped score above a kept one.
 
     ``groups_of(scores, case) -> (scores (G, n), n_drop)`` splits the case's scores into the groups a
     mask is chosen in (rows, or groups of 4 inputs).
@@ -119,7 +119,8 @@ def check_magnitude_mask(fn, layer=None) -> bool:
     mistakes = [("sorted the whole matrix instead of each row: every output row loses exactly "
                  "int(sparsity · in_features) weights (topk or sort along dim=1)",
                  lambda w, s: _global_mask(w.abs(), s)),
-                ("dropped the largest |w|: drop the int(sparsity · in) smallest of each row (topk(..., largest=False))",
+                ("dropped the largest |w|: drop the int(sparsity · in) smallest of each row "
+                 "(topk(..., largest=False))",
                  lambda w, s: _row_mask(w.abs(), s, largest=True)),
                 ("forgot abs(): a large negative weight matters as much as a large positive one",
                  lambda w, s: _row_mask(w, s)),

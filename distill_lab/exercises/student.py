@@ -1,4 +1,4 @@
-"""Student versions of the lessons: ``make student`` writes ``notebooks/student/NN_*.ipynb`` from ``notebooks/NN_*.ipynb``.
+"""Student versions of the lessons: ``make student`` writes notebooks/student/NN_*.ipynb from notebooks/NN_*.ipynb.
 
 The committed lessons are the solution versions. Each exercise's answer sits between nbgrader's
 markers, ``### BEGIN SOLUTION`` and ``### END SOLUTION``; the student version replaces every such region
@@ -156,12 +156,13 @@ def execute_all(folder: Path = STUDENT_DIR, timeout: int = 1800, executed: Path 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m distill_lab.exercises.student", description=__doc__.split("\n")[0])
-    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a student version is out of date")
-    parser.add_argument("--execute", action="store_true", help="then run every student version headless")
-    parser.add_argument("--out", type=Path, default=None, help="folder of the student versions (default notebooks/student)")
-    parser.add_argument("--timeout", type=int, default=1800, help="seconds a cell may run with --execute (default 1800)")
-    parser.add_argument("--executed", type=Path, default=EXECUTED_DIR, help="where --execute writes the executed copies "
-                        "(default reports/student)")
+    add = parser.add_argument
+    add("--check", action="store_true", help="write nothing; exit 1 if a student version is out of date")
+    add("--execute", action="store_true", help="then run every student version headless")
+    add("--out", type=Path, default=None, help="folder of the student versions (default notebooks/student)")
+    add("--timeout", type=int, default=1800, help="seconds a cell may run with --execute (default 1800)")
+    add("--executed", type=Path, default=EXECUTED_DIR, help="where --execute writes the executed copies "
+        "(default reports/student)")
     args = parser.parse_args(argv)
     if args.check:
         stale = out_of_date(out=args.out)
