@@ -60,6 +60,7 @@ class TrainConfig:
     bf16: bool | str = False
     teacher_bf16: bool | str = "auto"  # bf16 autocast for a live teacher: True, False or 'auto' (measured here)
     eval_every: int = 0  # validation perplexity every N steps (and at 0 and the end); 0 = start and end
+    eval_at: tuple[int, ...] = ()  # also after these steps: a budget curve from one run (constant schedule)
     eval_batch_size: int = 8  # windows per forward pass during evaluation
     checkpoint_dir: str | None = None  # where checkpoint.pt is written (atomically); None = no checkpoints
     checkpoint_every: int = 0  # steps between checkpoints; 0 = none
@@ -88,6 +89,9 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"TrainConfig.{name}={value!r}; allowed: an int >= 0")
+        self.eval_at = tuple(self.eval_at)
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= self.steps for v in self.eval_at):
+            raise ValueError(f"TrainConfig.eval_at={self.eval_at!r}; allowed: steps between 1 and steps={self.steps}")
         check_bf16(self.bf16, "TrainConfig", "bf16")
         check_bf16(self.teacher_bf16, "TrainConfig", "teacher_bf16")
         _check_range("TrainConfig.lr", self.lr, 0.0, math.inf, low_open=True)
@@ -424,7 +428,7 @@ class DistillationTrainer:
                 bar.set_postfix(loss=f"{row['loss']:.3f}")
                 last = self.step == cfg.steps
                 if self.val_windows is not None and ((cfg.eval_every and self.step % cfg.eval_every == 0)
-                                                     or last):
+                                                     or last or self.step in cfg.eval_at):
                     row["val_ppl"] = self.evaluate()
                 if cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0 or last):
                     self.save_checkpoint()
