@@ -13,15 +13,16 @@ from ._startup import frozen_imports as _frozen_imports
 with _frozen_imports():  # torch + transformers: ~570k import-time objects; see _startup.py
     from .claims import ClaimError, claim, verdict
     from .data import calibration_batches, corpus_windows, load_corpus, token_windows, tokenize
-    from .evaluate import (Result, environment_info, generate_samples, latency, model_size_bytes, peak_memory,
-                           perplexity, record)
+    from .evaluate import (Result, environment_info, generate_continuations, generate_samples, latency,
+                           model_size_bytes, peak_memory, perplexity, record, repeated_ngram_share)
     from .models import check_vocab_compatible, count_parameters, load_model, load_teacher, make_student, tiny_llama
     from .profiles import Profile, default_device, get_profile, set_seed
 
 _CORE = ["ClaimError", "Profile", "Result", "calibration_batches", "check_vocab_compatible", "claim",
-         "corpus_windows", "count_parameters", "default_device", "environment_info", "generate_samples",
-         "get_profile", "latency", "load_corpus", "load_model", "load_teacher", "make_student", "model_size_bytes",
-         "peak_memory", "perplexity", "record", "set_seed", "tiny_llama", "token_windows", "tokenize", "verdict"]
+         "corpus_windows", "count_parameters", "default_device", "environment_info", "generate_continuations",
+         "generate_samples", "get_profile", "latency", "load_corpus", "load_model", "load_teacher", "make_student",
+         "model_size_bytes", "peak_memory", "perplexity", "record", "repeated_ngram_share", "set_seed", "tiny_llama",
+         "token_windows", "tokenize", "verdict"]
 _EXPORTS = {
     "distillation": ["DistillationLoss", "DistillationTrainer", "TrainConfig", "cache_teacher_logits"],
     "pipeline": ["Recipe", "run_recipe"],

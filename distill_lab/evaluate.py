@@ -81,9 +81,13 @@ def perplexity_units(model: nn.Module, tokenizer, windows: torch.Tensor, batch_s
 
 
 @torch.inference_mode()
-def generate_samples(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 40,
-                     temperature: float = 0.0, seed: int = 0, chat: bool = False) -> list[str]:
-    """Generate a continuation for each prompt (greedy when ``temperature == 0``); returns new text only."""
+def generate_continuations(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 40,
+                           temperature: float = 0.0, seed: int = 0, chat: bool = False) -> list[dict]:
+    """Continue each prompt (greedy when ``temperature == 0``): ``[{"text", "ids"}]``, new tokens only.
+
+    ``ids`` are the generated token ids (fewer than ``max_new_tokens`` when the model stopped at EOS),
+    the input of :func:`repeated_ngram_share`.
+    """
     if temperature < 0:
         raise ValueError(f"temperature={temperature}; allowed: >= 0 (0 means greedy)")
     device = _device_of(model)
@@ -100,8 +104,34 @@ def generate_samples(model: nn.Module, tokenizer, prompts: list[str], max_new_to
             if temperature > 0 else dict(do_sample=False, temperature=None, top_k=None, top_p=None)
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              pad_token_id=tokenizer.pad_token_id, **kwargs)
-        outputs.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+        new = out[0, ids.shape[1]:].tolist()
+        outputs.append({"text": tokenizer.decode(new, skip_special_tokens=True), "ids": new})
     return outputs
+
+
+def generate_samples(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 40,
+                     temperature: float = 0.0, seed: int = 0, chat: bool = False) -> list[str]:
+    """Generate a continuation for each prompt (greedy when ``temperature == 0``); returns new text only."""
+    return [g["text"] for g in generate_continuations(model, tokenizer, prompts, max_new_tokens,
+                                                      temperature, seed, chat)]
+
+
+def repeated_ngram_share(ids, n: int = 4) -> float:
+    """Share of the ``n``-grams of a generated token sequence that already occurred earlier in it.
+
+    0 for text that never repeats a run of ``n`` tokens; near 1 for a loop ("the value of the value
+    of ..."). A sequence shorter than ``n + 1`` tokens has nothing to repeat and scores 0, so report
+    the number of tokens next to it (a model that stops at once is not fluent either).
+    """
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n={n!r}; allowed: an int >= 1")
+    ids = [int(i) for i in ids]
+    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+    seen, repeats = set(), 0
+    for g in grams:
+        repeats += g in seen
+        seen.add(g)
+    return repeats / len(grams) if grams else 0.0
 
 
 @torch.inference_mode()

@@ -14,6 +14,8 @@ How distill_lab's tensors map, without a second rounding where the formats coinc
   (fewer mantissa bits) unless it lies below fp16's normal range (< 6.1e-5); ``m`` is exact
   when ``zero - 8·scale`` fits 11 significant bits, which holds for most groups. Groups that
   do not fit are rounded to the nearest fp16 once and counted in the ``ExportReport``.
+  ``Int4Embedding`` (``embedding_bits=4``: asymmetric groups of 64) maps the same way, so
+  ``token_embd`` is Q4_1 too and a tied int4 head is that tensor again.
 * ``Int8WeightOnlyLinear`` / ``Int8DynamicLinear`` / ``Int8Embedding`` (int8 per channel / per
   row) -> **Q8_0** (blocks of 32 with an fp16 scale): the codes are kept, each row's fp32
   scale is rounded to fp16 (relative error <= 2^-11). A SmoothQuant factor is folded back into
@@ -38,6 +40,7 @@ from torch import nn
 from ._fs import atomic_file
 from ._hf import quiet_transformers
 from .models import teacher_gguf_path
+from .quantization.embeddings import Int4Embedding
 from .quantization.modules import (
     Int4WeightOnlyLinear,
     Int8DynamicLinear,
@@ -112,7 +115,7 @@ def q8_0_blocks(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return np.concatenate([d.view(np.uint8), q], axis=1).reshape(n, -1)
 
 
-def int4_q4_1_parts(module: Int4WeightOnlyLinear) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+def int4_q4_1_parts(module: Int4WeightOnlyLinear | Int4Embedding) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Codes (N, K) and Q4_1 ``d``, ``m`` (N, K/g) fp32 of an int4 module, plus the number of groups not exact in fp16.
 
     ``w = (q - 8)·s + z = s·q + (z - 8·s)``; both terms are computed exactly in fp32 from bf16.
@@ -225,8 +228,9 @@ def _module_tensor(module: nn.Module, float_type: str, n_head: int | None, repor
     """(array, ggml type name, raw quant type or None) for one weight-holding module."""
     import gguf
 
-    if isinstance(module, Int4WeightOnlyLinear) and module.bias is None and module.in_features % QK == 0 \
-            and module.group_size % QK == 0:
+    width = getattr(module, "in_features", getattr(module, "embedding_dim", 0))
+    if isinstance(module, (Int4WeightOnlyLinear, Int4Embedding)) and getattr(module, "bias", None) is None \
+            and width % QK == 0 and module.group_size % QK == 0:
         codes, d, m, inexact = int4_q4_1_parts(module)
         if n_head:
             codes, d, m = (_permute_rows(a, n_head) for a in (codes, d, m))
@@ -363,9 +367,16 @@ def _shares_codes(emb: nn.Module, head: nn.Module | None) -> bool:
     """True when the head computes with the very same tensor as the embedding (a tied head)."""
     if head is None:
         return True
-    a = getattr(emb, "weight_int8", None) if isinstance(emb, Int8Embedding) else getattr(emb, "weight", None)
-    b = getattr(head, "weight_int8", None) if hasattr(head, "weight_int8") else getattr(head, "weight", None)
-    return same_tensor(a, b)
+    return same_tensor(_codes_tensor(emb), _codes_tensor(head))
+
+
+def _codes_tensor(module: nn.Module) -> torch.Tensor | None:
+    """The tensor a module's weight lives in: int8 codes, packed int4 codes or the float weight."""
+    for attr in ("weight_int8", "packed", "weight"):
+        t = getattr(module, attr, None)
+        if isinstance(t, torch.Tensor):
+            return t
+    return None
 
 
 # ----------------------------------------------------------------------------- reading back
@@ -411,9 +422,9 @@ def float_copy(model: nn.Module) -> nn.Module:
 
     out = copy.deepcopy(model).float()
     for name, m in list(out.named_modules()):
-        if isinstance(m, Int8Embedding):
+        if isinstance(m, (Int8Embedding, Int4Embedding)):
             new = nn.Embedding(m.num_embeddings, m.embedding_dim)
-            new.weight.data = (m.weight_int8.float() * m.scales[:, None]).cpu()
+            new.weight.data = m.dequantized_weight().float().cpu()
         elif isinstance(m, QuantizedModule) and hasattr(m, "dequantized_weight"):
             new = nn.Linear(m.in_features, m.out_features, bias=getattr(m, "bias", None) is not None)
             new.weight.data = m.dequantized_weight().float().cpu()

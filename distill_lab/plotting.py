@@ -312,3 +312,31 @@ def plot_layer_pruning_view(view: dict, axes=None):
     bx.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def plot_budget_curves(curves: dict, fits: dict | None = None, target: float = 1.1, ax=None):
+    """Perplexity ratio minus 1 against training tokens, log-log, with each run's fitted power law.
+
+    ``curves``: ``{name: [{"tokens", "ratio"}, ...]}`` (``distillation.budget_curve``); ``fits``:
+    ``{name: fit_power_law(...)}``, drawn as dashed lines out to where they reach ``target``.
+    """
+    fig, ax = _axes(ax, figsize=(7.5, 4.2))
+    fits = fits or {}
+    for name, points in curves.items():
+        pts = [(p["tokens"], p["ratio"] - 1) for p in points if p["ratio"] > 1]
+        line = ax.plot([t for t, _ in pts], [e for _, e in pts], marker="o", label=name)[0]
+        fit = fits.get(name)
+        if fit and fit["b"] == fit["b"] and pts:  # not nan
+            end = fit["tokens_to_target"] if fit["tokens_to_target"] == fit["tokens_to_target"] else pts[-1][0]
+            xs = [pts[0][0] * (end / pts[0][0]) ** (i / 40) for i in range(41)]
+            ax.plot(xs, [fit["a"] * x ** -fit["b"] for x in xs], linestyle="--", color=line.get_color(),
+                    label=f"{name}: fit b = {fit['b']:.2f}")
+    ax.axhline(target - 1, color="black", linestyle=":", label=f"ratio {target} (within {target - 1:.0%})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training tokens (log scale)")
+    ax.set_ylabel("perplexity ratio − 1 (log scale)")
+    ax.set_title("How far from the teacher, against the training budget")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

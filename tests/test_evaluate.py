@@ -90,3 +90,15 @@ def test_generate_samples_greedy_is_deterministic(tiny):
 
     a = dl.generate_samples(tiny, Tok(), ["hi"], max_new_tokens=5)
     assert a == dl.generate_samples(tiny, Tok(), ["hi"], max_new_tokens=5) and len(a[0]) == 5
+
+
+def test_repeated_ngram_share_counts_loops_not_fresh_text():
+    from distill_lab.evaluate import repeated_ngram_share
+    assert repeated_ngram_share(list(range(40))) == 0.0  # never repeats
+    loop = [7, 8, 9] * 10  # "the value of the value of ...": 27 4-grams, only 3 distinct
+    assert repeated_ngram_share(loop) == pytest.approx(24 / 27)
+    assert repeated_ngram_share([1, 2, 3, 4, 1, 2, 3, 4]) == pytest.approx(1 / 5)  # (1,2,3,4) again
+    assert repeated_ngram_share([1, 2, 3]) == 0.0  # too short to repeat a 4-gram
+    assert repeated_ngram_share([5, 5, 5, 5, 5], n=1) == pytest.approx(4 / 5)
+    with pytest.raises(ValueError, match="n=0"):
+        repeated_ngram_share([1, 2], n=0)

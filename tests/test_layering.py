@@ -25,7 +25,7 @@ LAYERS = {
     # 2: numeric primitives and layer types of the techniques (no model-level logic)
     "quantization.primitives": 2, "quantization.kernels": 2, "quantization.configs": 2,
     "pruning.masks": 2, "pruning.selection": 2,
-    "quantization.modules": 3, "quantization.serialization": 3, "pruning.sparse_storage": 3,
+    "quantization.modules": 3, "quantization.embeddings": 3, "quantization.serialization": 3, "pruning.sparse_storage": 3,
     # 4: saving and loading every kind of model the package writes
     "serialization": 4,
     # 5: models and measurements

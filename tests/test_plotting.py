@@ -6,7 +6,7 @@ matplotlib.use("agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-from distill_lab.plotting import (plot_bars, plot_pareto, plot_recipe_steps, plot_token_distribution,  # noqa: E402
+from distill_lab.plotting import (plot_bars, plot_budget_curves, plot_pareto, plot_recipe_steps, plot_token_distribution,  # noqa: E402
                                   plot_topk_fidelity, wide_range)
 
 
@@ -46,3 +46,15 @@ def test_recipe_steps_and_pareto_use_log_for_wide_ratios():
               for n, s, r in (("INT8", 129, 1.02), ("Distillation", 310, 47.6), ("Combined", 48.7, 5.41))]
     ax = plot_pareto(points).axes[0]
     assert ax.get_yscale() == "log" and ax.get_xscale() == "log" and ax.get_legend() is not None
+
+
+def test_budget_curves_are_log_log_with_fit_lines_and_the_target():
+    curves = {"KD": [{"tokens": t, "ratio": 1 + 20 * t ** -0.5} for t in (500, 1000, 2000, 4000)],
+              "CE": [{"tokens": 500, "ratio": 0.9}]}  # at or below the teacher: nothing to draw on a log axis
+    fits = {"KD": {"a": 20.0, "b": 0.5, "r2": 1.0, "points": 4, "tokens_to_target": 40_000.0}}
+    ax = plot_budget_curves(curves, fits).axes[0]
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "KD: fit b = 0.50" in labels and any("1.1" in t for t in labels)
+    fit_line = next(line for line in ax.get_lines() if line.get_linestyle() == "--")
+    assert fit_line.get_xdata()[-1] == 40_000.0  # drawn out to where it reaches ratio 1.1

@@ -1,11 +1,11 @@
 """The package's one training loop: ``DistillationTrainer`` (distillation, healing a pruned model, QAT).
 
 AdamW with a learning-rate schedule, gradient accumulation and clipping, a live teacher or a
-``TeacherCache``, validation perplexity, atomic checkpoints with exact resume, and DDP under
-``torchrun``. ``pruning.heal`` and ``quantization.qat.train_qat`` are thin callers of this trainer; the options they
-need (a schedule, windows drawn with replacement, every position without labels, a plain loss
-callable, leaving the caller's RNG and teacher alone) are fields of ``TrainConfig`` or arguments of
-the trainer.
+``TeacherCache``, validation perplexity, atomic checkpoints with exact resume, DDP under ``torchrun``,
+and on-policy steps (GKD, ``TrainConfig.lmbda``; see ``on_policy``). ``pruning.heal`` and
+``quantization.qat.train_qat`` are thin callers of this trainer; the options they need (a schedule,
+windows drawn with replacement, every position without labels, a plain loss callable, leaving the
+caller's RNG and teacher alone) are fields of ``TrainConfig`` or arguments of the trainer.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from ..evaluate import perplexity
 from ..hardware import check_bf16
 from ..models import check_vocab_compatible
 from ..runtime import autocast, device_of
+from . import on_policy as gkd
 from .cache import TeacherCache
 from .data import SequenceData, shift_labels
 from .losses import IGNORE_INDEX, DistillationLoss, HiddenStateLoss, _check_range
@@ -59,6 +60,7 @@ class TrainConfig:
     bf16: bool | str = False
     teacher_bf16: bool | str = "auto"  # bf16 autocast for a live teacher: True, False or 'auto' (measured here)
     eval_every: int = 0  # validation perplexity every N steps (and at 0 and the end); 0 = start and end
+    eval_at: tuple[int, ...] = ()  # also after these steps: a budget curve from one run (constant schedule)
     eval_batch_size: int = 8  # windows per forward pass during evaluation
     checkpoint_dir: str | None = None  # where checkpoint.pt is written (atomically); None = no checkpoints
     checkpoint_every: int = 0  # steps between checkpoints; 0 = none
@@ -72,6 +74,11 @@ class TrainConfig:
     sampling: str = "epochs"
     fused: bool = True  # the fused AdamW kernel where available (~8x faster on a CPU); False: the per-tensor loop
     reseed: bool = True  # seed torch's global RNG with seed at the start; False: leave the caller's RNG alone
+    # on-policy distillation (GKD, on_policy.py): a step is on-policy with probability lmbda (a seeded coin)
+    lmbda: float = 0.0  # in [0, 1]; 0 = the off-policy trainer exactly
+    prompt_tokens: int = 32  # prompt = this prefix of each window
+    gen_tokens: int = 32  # tokens the student samples per prompt; the loss counts these only
+    gen_temperature: float = 1.0  # sampling temperature of the student (GKD: 1, its own distribution)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "eval_batch_size"):
@@ -82,6 +89,9 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"TrainConfig.{name}={value!r}; allowed: an int >= 0")
+        self.eval_at = tuple(self.eval_at)
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= self.steps for v in self.eval_at):
+            raise ValueError(f"TrainConfig.eval_at={self.eval_at!r}; allowed: steps between 1 and steps={self.steps}")
         check_bf16(self.bf16, "TrainConfig", "bf16")
         check_bf16(self.teacher_bf16, "TrainConfig", "teacher_bf16")
         _check_range("TrainConfig.lr", self.lr, 0.0, math.inf, low_open=True)
@@ -100,6 +110,7 @@ class TrainConfig:
         for name in ("fused", "reseed", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}; allowed: True or False")
+        gkd.check_on_policy_config(self)
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float,
@@ -173,6 +184,7 @@ class DistillationTrainer:
     ``every_position=True`` and a live teacher. ``freeze_teacher=False`` leaves the teacher's
     ``requires_grad`` flags alone (it runs under ``no_grad`` either way); ``desc`` names the progress bar;
     ``eval_after=True`` puts the student in eval mode when ``train`` returns or raises.
+    ``config.lmbda > 0`` makes steps on-policy (``on_policy``: the student's samples, a live teacher).
     """
 
     def __init__(self, student: nn.Module, train, *, teacher: nn.Module | None = None,
@@ -198,6 +210,7 @@ class DistillationTrainer:
         else:
             raise ValueError("train: allowed a (N, T) tensor of windows, a TeacherCache or a SequenceData")
         self._check_loss(teacher, hidden)
+        gkd.check_on_policy_setup(self.config, self.loss, teacher, train, every_position)
         if self.needs_teacher and teacher is None and self.cache is None:
             raise ValueError(f"loss alpha={self.loss.alpha} needs a teacher or a TeacherCache; "
                              f"use alpha=0 to train on labels alone")
@@ -284,13 +297,14 @@ class DistillationTrainer:
         return rows
 
     # -- one optimizer step
-    def _micro_step(self, rows: torch.Tensor, scale: float) -> dict:
+    def _micro_step(self, rows: torch.Tensor, scale: float, micro: int = 0, on_policy: bool = False) -> dict:
         cfg = self.config
         ids = self.inputs[rows].to(self.device)  # (b, T)
-        labels = None
-        if not self.every_position:
-            labels = (self.labels[rows].to(self.device) if self.labels is not None
-                      else shift_labels(ids))
+        labels, gen_seconds = None, 0.0
+        if on_policy:  # the student continues each prompt; labels only on its tokens: (b, P + G)
+            ids, labels, gen_seconds = gkd.on_policy_batch(self.student, ids, cfg, self.step, micro, self.rank)
+        elif not self.every_position:
+            labels = self.labels[rows].to(self.device) if self.labels is not None else shift_labels(ids)
         teacher_out, t_hidden = None, None
         if self.needs_teacher or self.module.hidden is not None:
             if self.cache is not None:
@@ -314,20 +328,19 @@ class DistillationTrainer:
             loss = loss + self.module.hidden.weight * h
         (loss * scale).backward()
         parts["loss"] = float(loss.detach())
-        parts["tokens"] = int(kept.sum()) if kept is not None else ids.numel()
-        return parts
+        return {**parts, "tokens": int(kept.sum()) if kept is not None else ids.numel(), "gen_seconds": gen_seconds}
 
     def train_step(self) -> dict:
         """Run one optimizer step (with accumulation and clipping) and return its history row."""
         cfg = self.config
         self.module.train()
         start = time.perf_counter()
-        rows_parts = []
+        rows_parts, on_policy = [], gkd.is_on_policy_step(cfg.seed, self.step, cfg.lmbda)
         for micro in range(cfg.grad_accum):
             rows = self._batch_rows(self.step, micro)
             sync = micro == cfg.grad_accum - 1 or self.world == 1
             with self.model.no_sync() if not sync else contextlib.nullcontext():
-                rows_parts.append(self._micro_step(rows, 1.0 / cfg.grad_accum))
+                rows_parts.append(self._micro_step(rows, 1.0 / cfg.grad_accum, micro, on_policy))
         params = [p for p in self.module.parameters() if p.grad is not None]
         if cfg.max_grad_norm > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
@@ -339,8 +352,9 @@ class DistillationTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         row = {"step": self.step, "lr": lr, "grad_norm": grad_norm,
-               "seconds": time.perf_counter() - start,
-               "tokens": sum(p["tokens"] for p in rows_parts) * self.world}
+               "seconds": time.perf_counter() - start,  # the whole step, generation included
+               "tokens": sum(p["tokens"] for p in rows_parts) * self.world,
+               "on_policy": float(on_policy), "gen_seconds": sum(p.pop("gen_seconds") for p in rows_parts)}
         for key in rows_parts[0]:
             if key != "tokens":
                 row[key] = sum(p[key] for p in rows_parts) / len(rows_parts)
@@ -414,7 +428,7 @@ class DistillationTrainer:
                 bar.set_postfix(loss=f"{row['loss']:.3f}")
                 last = self.step == cfg.steps
                 if self.val_windows is not None and ((cfg.eval_every and self.step % cfg.eval_every == 0)
-                                                     or last):
+                                                     or last or self.step in cfg.eval_at):
                     row["val_ppl"] = self.evaluate()
                 if cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0 or last):
                     self.save_checkpoint()

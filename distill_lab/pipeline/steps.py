@@ -162,7 +162,7 @@ class QuantizeStep:
     method: str = "int4"  # int8 (weight-only), w8a8 (dynamic activations) or int4 (weight-only, grouped)
     group_size: int = 64  # int4 only: weights per scale along the input dimension
     symmetric: bool = False  # int4 only: absmax grid (True) or min/max grid with zeros (False)
-    embedding_bits: int | None = 8  # 8: embedding and tied head to int8; null: keep them in float
+    embedding_bits: int | None = 8  # 8: embedding and tied head to int8; 4: to int4 (groups of 64); null: float
     algorithm: str = "rtn"  # rtn (round to nearest), awq or gptq (int4), smoothquant (w8a8); calibrated on pydoc train
 
     def __post_init__(self):
@@ -173,7 +173,7 @@ class QuantizeStep:
         if self.method not in QUANT_ALGORITHMS[self.algorithm]:
             raise ValueError(f"algorithm={self.algorithm!r} with method={self.method!r}; allowed: algorithm "
                              f"{self.algorithm!r} needs method {' or '.join(QUANT_ALGORITHMS[self.algorithm])}")
-        self.to_config()  # the quantize module checks the rest
+        self.to_config()  # the quantize module checks the rest (embedding_bits: null, 8 or 4)
 
     def to_config(self):
         """The ``distill_lab.quantization`` config this step stands for."""
@@ -227,7 +227,7 @@ class QATStep(DistilStep):
     method: str = "int4"  # int8, w8a8 or int4 (as in the quantize step)
     group_size: int = 64  # int4 only: weights per scale along the input dimension
     symmetric: bool = False  # int4 only: absmax grid (True) or min/max grid with zeros (False)
-    embedding_bits: int | None = 8  # 8: embedding and tied head to int8 at convert; null: keep them in float
+    embedding_bits: int | None = 8  # 8: embedding and tied head to int8 at convert; 4: to int4; null: float
 
     def __post_init__(self):
         super().__post_init__()
@@ -266,7 +266,7 @@ register_step("distil", _apply_distil, _validate_distil,
               "alpha, kind, top_k, bf16")
 register_step("quantize", _apply_quantize, _validate_quantize,
               "post-training quantization with integer kernels; knobs: method (int8, w8a8, int4), group_size, "
-              "symmetric, embedding_bits")
+              "symmetric, embedding_bits (null, 8 or 4)")
 register_step("qat", _apply_qat, _validate_qat,
               "quantization-aware training with distillation, then real int modules; knobs: those of quantize "
               "and distil")

@@ -5,7 +5,8 @@
 * ``kernels``: the int8/int4 matmuls with their pure-PyTorch fallbacks (``use_kernels(False)``).
 * ``configs``: ``Int8WeightOnlyConfig``, ``Int8DynamicConfig`` (W8A8), ``Int4WeightOnlyConfig``,
   ``SmoothQuantConfig``.
-* ``modules``: the quantized Linear and Embedding types.
+* ``modules``: the quantized Linear and Embedding types; ``embeddings``: the int4 embedding
+  (``embedding_bits=4``) whose tied head shares its packed codes.
 * ``api``: ``quantize_(model, config, filter_fn)`` and the size measurements.
 * ``serialization``: ``save_quantized`` / ``load_quantized``.
 * ``smoothquant``, ``awq``, ``gptq``: calibrated transforms, config first and calibration by keyword:
@@ -25,8 +26,9 @@ _EXPORTS = {
     "api": ["QuantizationSummary", "compression_report", "fp32_equivalent_bytes", "memory_bytes", "quantize_",
             "quantize_embedding_and_head_"],
     "awq": ["awq_"],
-    "configs": ["DEPRECATED_NAMES", "Int4WeightOnlyConfig", "Int8DynamicConfig", "Int8WeightOnlyConfig",
-                "SmoothQuantConfig", "config_from_dict", "config_to_dict", "deprecated_config"],
+    "configs": ["DEPRECATED_NAMES", "EMBEDDING_BITS", "Int4WeightOnlyConfig", "Int8DynamicConfig",
+                "Int8WeightOnlyConfig", "SmoothQuantConfig", "config_from_dict", "config_to_dict", "deprecated_config"],
+    "embeddings": ["INT4_EMBEDDING_GROUP", "Int4Embedding"],
     "gptq": ["gptq_"],
     "modules": ["Int4WeightOnlyLinear", "Int8DynamicLinear", "Int8Embedding", "Int8WeightOnlyLinear",
                 "QuantizedModule"],

@@ -16,6 +16,7 @@ from torch import nn
 from ..arch import check_linear_layout
 from ..tensors import storage_key, unique_tensors
 from .configs import CONFIGS, Int4WeightOnlyConfig, Int8DynamicConfig, Int8WeightOnlyConfig, config_to_dict
+from .embeddings import INT4_EMBEDDING_GROUP, Int4Embedding
 from .modules import (Int4WeightOnlyLinear, Int8DynamicLinear, Int8Embedding, Int8WeightOnlyLinear, QuantizedModule,
                       embedding_and_head, module_name, set_module)
 from .primitives import check_finite, quantize_tensor
@@ -32,7 +33,7 @@ class QuantizationSummary:
     config: dict  # the config as a dict
     replaced: dict = field(default_factory=dict)  # kind -> count
     float_modules: dict = field(default_factory=dict)  # module name -> reason it stayed in float
-    tied_head: bool = False  # True when the head shares the embedding's int8 codes
+    tied_head: bool = False  # True when the head shares the embedding's codes and scales (int8 or int4)
 
     def count(self, kind: str) -> None:
         """Count one replaced module of ``kind``."""
@@ -65,6 +66,21 @@ def _head_module(weight_int8: torch.Tensor, scales: torch.Tensor, config, bias=N
     if isinstance(config, Int8DynamicConfig) and config.head == "w8a8":
         return Int8DynamicLinear(weight_int8, scales, bias, config.act_granularity)
     return Int8WeightOnlyLinear(weight_int8, scales, bias)
+
+
+def _tied_head(qemb: QuantizedModule, config) -> QuantizedModule:
+    """The head over the quantized embedding's own tensors (stored once)."""
+    if isinstance(qemb, Int4Embedding):
+        return qemb.tied_head()  # int4 weight-only kernel over the embedding's packed codes
+    return _head_module(qemb.weight_int8, qemb.scales, config)
+
+
+def _untied_head(head: nn.Linear, config) -> QuantizedModule:
+    """A head with weights of its own, on the grid of ``config.embedding_bits`` (int4 groups of 64, or int8 rows)."""
+    if config.embedding_bits == 4:
+        return Int4WeightOnlyLinear.from_float(head, INT4_EMBEDDING_GROUP)
+    q = quantize_tensor(head.weight, 8, None, True, -1)
+    return _head_module(q.codes, q.scales.reshape(-1), config, head.bias)
 
 
 def quantize_(model: nn.Module, config, filter_fn=None) -> QuantizationSummary:
@@ -110,34 +126,37 @@ def quantize_(model: nn.Module, config, filter_fn=None) -> QuantizationSummary:
 
 
 def quantize_embedding_and_head_(model: nn.Module, config, summary: QuantizationSummary | None = None) -> str | None:
-    """Quantize the token embedding to int8 and the output head with it (shared codes when tied), per ``config.embedding_bits``.
+    """Quantize the token embedding and the output head with it (shared codes when tied), per ``config.embedding_bits``.
 
+    8: int8 rows (``Int8Embedding``) and an int8 head. 4: asymmetric int4 groups of 64 along the
+    hidden dim (``Int4Embedding``) and a head on the int4 weight-only kernel; a hidden size that 64
+    does not divide keeps both in float, with the reason in the summary (as Linear layers do).
     Returns the head's module name (so callers can skip it). The tied 49k × 576 head is the
     largest single matmul of a decode step, so leaving it in float caps the speed-up.
     """
     summary = summary if summary is not None else QuantizationSummary(config=config_to_dict(config))
     emb, head = embedding_and_head(model)
     emb_name, head_name = module_name(model, emb), module_name(model, head)
-    if config.embedding_bits == 8 and isinstance(emb, nn.Embedding):
+    bits = config.embedding_bits
+    reason = f"embedding_bits={bits}" if bits is None else "the input embedding is not an nn.Embedding"
+    if bits == 4 and isinstance(emb, nn.Embedding) and emb.embedding_dim % INT4_EMBEDDING_GROUP:
+        reason = (f"embedding_dim={emb.embedding_dim} not divisible by the int4 embedding group size "
+                  f"{INT4_EMBEDDING_GROUP}")
+    elif bits is not None and isinstance(emb, nn.Embedding):
         tied = isinstance(head, nn.Linear) and head.weight is emb.weight
-        qemb = Int8Embedding.from_float(emb)
+        qemb = Int8Embedding.from_float(emb) if bits == 8 else Int4Embedding.from_float(emb, INT4_EMBEDDING_GROUP)
         set_module(model, emb_name, qemb)
         summary.count(qemb.kind)
-        if tied:
-            qhead = _head_module(qemb.weight_int8, qemb.scales, config)  # same tensors: stored once
+        if isinstance(head, nn.Linear):
+            qhead = _tied_head(qemb, config) if tied else _untied_head(head, config)  # tied: same tensors
             set_module(model, head_name, qhead)
-            summary.tied_head = True
+            summary.tied_head = tied
             summary.count(qhead.kind)
-        elif isinstance(head, nn.Linear):
-            q = quantize_tensor(head.weight, 8, None, True, -1)
-            qhead = _head_module(q.codes, q.scales.reshape(-1), config, head.bias)
-            set_module(model, head_name, qhead)
-            summary.count(qhead.kind)
-    else:
-        if emb_name is not None and isinstance(emb, nn.Embedding):
-            summary.float_modules[emb_name] = "embedding_bits=None"
-        if head_name is not None and isinstance(head, nn.Linear):
-            summary.float_modules[head_name] = "output head follows embedding_bits=None"
+        return head_name
+    if emb_name is not None and isinstance(emb, nn.Embedding):
+        summary.float_modules[emb_name] = reason
+    if head_name is not None and isinstance(head, nn.Linear):
+        summary.float_modules[head_name] = f"output head follows {reason}"
     return head_name
 
 

@@ -7,6 +7,11 @@ and QAT. ``SmoothQuantConfig`` holds the knob of ``smooth_``.
 The names without the ``Config`` suffix (``Int8WeightOnly``, ``Int8Dynamic``, ``Int4WeightOnly``)
 are deprecated aliases of the same classes for one release: using one warns (DeprecationWarning),
 and ``config_from_dict`` still reads files saved under them.
+
+``embedding_bits`` (every config): 8 quantizes the token embedding per row to int8 and the output
+head with it; 4 quantizes it to asymmetric int4 groups of 64 along the hidden dim and runs a tied
+head on the int4 weight-only kernel over the same packed codes (an untied head gets its own int4
+weights); None keeps both in float.
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ from dataclasses import asdict, dataclass
 from .kernels import INT4_KERNEL_GROUPS
 from .primitives import Granularity
 
-__all__ = ["CONFIGS", "DEPRECATED_NAMES", "Int4WeightOnlyConfig", "Int8DynamicConfig", "Int8WeightOnlyConfig",
-           "SmoothQuantConfig", "config_from_dict", "config_to_dict", "deprecated_alias", "deprecated_config"]
+__all__ = ["CONFIGS", "DEPRECATED_NAMES", "EMBEDDING_BITS", "Int4WeightOnlyConfig", "Int8DynamicConfig",
+           "Int8WeightOnlyConfig", "SmoothQuantConfig", "config_from_dict", "config_to_dict", "deprecated_alias",
+           "deprecated_config"]
 
 
 def _check_choice(owner: str, name: str, value, allowed) -> None:
@@ -26,17 +32,20 @@ def _check_choice(owner: str, name: str, value, allowed) -> None:
         raise ValueError(f"{owner}.{name}={value!r}; allowed: {', '.join(map(repr, allowed))}")
 
 
+EMBEDDING_BITS = (None, 8, 4)  # float; int8 per row; int4 groups of 64 (the head on the int4 kernel)
+
+
 def _check_embedding_bits(owner: str, value) -> None:
-    if value not in (None, 8):
+    if isinstance(value, bool) or value not in EMBEDDING_BITS:
         raise ValueError(f"{owner}.embedding_bits={value!r}; allowed: None (keep the embedding and "
-                         "tied head in float) or 8")
+                         "tied head in float), 8 or 4")
 
 
 @dataclass
 class Int8WeightOnlyConfig:
     """int8 weights (per output channel), bf16 activations: ``aten._weight_int8pack_mm``."""
 
-    embedding_bits: int | None = 8  # 8: token embedding and (tied) head to int8 too; None: keep them in float
+    embedding_bits: int | None = 8  # 8: token embedding and (tied) head to int8 too; 4: to int4; None: float
 
     def __post_init__(self):
         _check_embedding_bits(type(self).__name__, self.embedding_bits)
@@ -48,7 +57,7 @@ class Int8DynamicConfig:
 
     act_granularity: Granularity | str = "per_token"  # 'per_token' (one scale per row) or 'per_tensor' (one per call)
     weight_granularity: Granularity | str = "per_channel"  # 'per_channel' (one scale per output row) or 'per_tensor'
-    embedding_bits: int | None = 8  # 8: embedding to int8 and the (tied) head to int8 too; None: keep in float
+    embedding_bits: int | None = 8  # 8: embedding to int8 and the (tied) head to int8 too; 4: int4; None: float
     head: str = "weight_only"  # int8 head: 'weight_only' (bf16 activations, the usual choice) or 'w8a8'
 
     def __post_init__(self):
@@ -59,6 +68,9 @@ class Int8DynamicConfig:
         self.weight_granularity = Granularity.parse(self.weight_granularity, f"{owner}.weight_granularity",
                                                     (Granularity.PER_CHANNEL, Granularity.PER_TENSOR))
         _check_embedding_bits(owner, self.embedding_bits)
+        if self.embedding_bits == 4 and self.head == "w8a8":
+            raise ValueError(f"{owner}.head='w8a8' with embedding_bits=4; allowed: head='weight_only' (an int4 "
+                             "embedding's head runs the int4 weight-only kernel) or embedding_bits 8 or None")
 
 
 @dataclass
@@ -72,7 +84,7 @@ class Int4WeightOnlyConfig:
     group_size: int = 64  # weights per scale along the input dim; kernels take 32, 64, 128, 256
     symmetric: bool = False  # False: min/max grid with a zero per group; True: absmax grid, no zeros stored
     bits: int = 4  # levels actually used: 2**bits (2, 3 or 4)
-    embedding_bits: int | None = 8  # 8: embedding and (tied) head to int8; None: keep them in float
+    embedding_bits: int | None = 8  # 8: embedding and (tied) head to int8; 4: to int4 (groups of 64); None: float
 
     def __post_init__(self):
         owner = type(self).__name__

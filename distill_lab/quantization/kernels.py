@@ -6,6 +6,8 @@
 * Weight-only int8: ``aten._weight_int8pack_mm``.
 * Weight-only int4 with group-wise scales and zeros: ``aten._weight_int4pack_mm[_for_cpu]``, the
   "tinygemm" layout torchao uses, with its packing (``to_kernel_layout``) and a way back to the codes.
+* Row reads of a packed int4 weight (``int4_row_positions``, ``gather_int4_rows``): an int4
+  embedding looks up a few rows of the very tensor its tied head multiplies with.
 
 ``use_kernels(False)`` forces every fallback.
 """
@@ -13,16 +15,17 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
 
 from .primitives import SCALE_EPS, QuantizedTensor, quantize_tensor
 
-__all__ = ["INT4_KERNEL_GROUPS", "INT8_PACK_MAX_ROWS", "dequantize_int4", "int4_codes_and_scales",
-           "int4_kernel_codes", "int4_layout_for", "int4_mm", "int8_weight_only_backend", "int8_weight_only_mm",
-           "int_mm", "int_mm_ok", "kernels_enabled", "pack_int4", "to_kernel_layout", "unpack_int4",
-           "unpack_kernel_layout", "use_kernels"]
+__all__ = ["INT4_KERNEL_GROUPS", "INT8_PACK_MAX_ROWS", "dequantize_int4", "gather_int4_rows", "int4_codes_and_scales",
+           "int4_kernel_codes", "int4_layout_for", "int4_mm", "int4_row_positions", "int8_weight_only_backend",
+           "int8_weight_only_mm", "int_mm", "int_mm_ok", "kernels_enabled", "pack_int4", "to_kernel_layout",
+           "unpack_int4", "unpack_kernel_layout", "use_kernels"]
 
 aten = torch.ops.aten
 
@@ -190,6 +193,73 @@ def unpack_kernel_layout(packed: torch.Tensor, layout: str, out_features: int, i
     fn = aten._weight_int4pack_mm_for_cpu if layout == "cpu" else aten._weight_int4pack_mm
     codes_t = fn(eye, packed, group_size, unit)  # (K, N) = q^T
     return codes_t.t().round().to(torch.uint8).contiguous()  # (N, K)
+
+
+# ----------------------------------------------------------------------------- int4 rows
+_PROBE_ROWS = (256, 128, 64, 32, 16, 8)  # rows packed to find a layout's block (the kernels need N % 8 or 16)
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """The 4-bit halves of a packed tensor's bytes in memory order, low half first: (2·bytes,) uint8."""
+    b = packed.contiguous().view(torch.uint8).reshape(-1)
+    return torch.stack([b & 0x0F, b >> 4], dim=-1).reshape(-1)
+
+
+def int4_row_positions(layout: str, out_features: int, in_features: int) -> torch.Tensor:
+    """Where the codes of a row sit in a packed int4 layout: (B, K) int64 nibble offsets in a block of B rows.
+
+    Each layout is a run of equal blocks of B consecutive rows (B = 1 for 'plain'; 64 for the
+    AVX-512 CPU kernel), B found by probing, not assumed. Code (n, k) is nibble ``(n // B)·B·K + pos[n % B, k]`` of
+    the packed bytes (byte ``nibble // 2``, low half when even). Like ``unpack_kernel_layout``, this
+    asks the kernel rather than re-implementing its layout (see ``_probe_positions``).
+    """
+    if layout == "plain":
+        return torch.arange(in_features).reshape(1, in_features)
+    # the whole weight when small (a last, partial block may be laid out differently), else a slice of blocks
+    rows = out_features if out_features <= _PROBE_ROWS[0] else \
+        next((r for r in _PROBE_ROWS if out_features % r == 0), None)
+    if rows is None:
+        raise ValueError(f"out_features={out_features} with layout={layout!r}; allowed: a multiple of 8")
+    return _probe_positions(layout, rows, in_features)
+
+
+@functools.lru_cache(maxsize=8)
+def _probe_positions(layout: str, rows: int, k: int) -> torch.Tensor:
+    """Pack ``rows`` probe rows whose codes spell their own index in base 16; read back where each landed.
+
+    Returns the positions of the smallest block that repeats (B, K), on the CPU.
+    """
+    home = torch.device("cuda" if layout == "cuda" else "cpu")
+    n = rows * k
+    index = torch.arange(n, device=home).reshape(rows, k)
+    stored = torch.zeros(n, dtype=torch.int64, device=home)  # nibble j -> index of the code stored there
+    for shift in range(0, max(n - 1, 1).bit_length(), 4):
+        nib = _nibbles(to_kernel_layout(((index >> shift) & 15).to(torch.uint8), layout))
+        if nib.numel() != n:
+            raise RuntimeError(f"the int4 {layout!r} layout holds {nib.numel()} codes for {n}")
+        stored |= nib.long() << shift
+    stored = stored.cpu()
+    if not torch.equal(stored.sort().values, torch.arange(n)):
+        raise RuntimeError(f"the int4 {layout!r} layout is not a reordering of the codes")
+    pos = torch.empty(n, dtype=torch.int64)
+    pos[stored] = torch.arange(n)
+    pos = pos.reshape(rows, k)  # (R, K) nibble of code (r, k)
+    for block in (b for b in range(1, rows + 1) if rows % b == 0):  # smallest B whose blocks all look alike
+        tiles = pos.reshape(rows // block, block * k) - torch.arange(rows // block)[:, None] * (block * k)
+        if bool((tiles == tiles[:1]).all()):
+            return tiles[0].reshape(block, k).clone()  # (B, K)
+    raise AssertionError("unreachable: one block of all the rows always repeats")
+
+
+def gather_int4_rows(packed: torch.Tensor, positions: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Codes (M, K) uint8 in [0, 15] of rows ``ids`` (M,) of a packed int4 weight, reading only those rows' bytes.
+
+    ``positions`` (B, K) is ``int4_row_positions`` of the packed tensor's layout, on its device.
+    """
+    block, k = positions.shape
+    nib = (ids // block).unsqueeze(-1) * (block * k) + positions[ids % block]  # (M, K) nibble offsets
+    byte = packed.reshape(-1).view(torch.uint8)[nib >> 1]  # (M, K)
+    return ((byte >> ((nib & 1) << 2)) & 0x0F).to(torch.uint8)
 
 
 def int4_codes_and_scales(weight: torch.Tensor, group_size: int, bits: int = 4,

@@ -3,7 +3,7 @@
 * ``Int8WeightOnlyLinear``: int8 weights per output channel, bf16 activations (``aten._weight_int8pack_mm``).
 * ``Int8DynamicLinear``: W8A8, activations quantized per token at run time (``torch._int_mm``).
 * ``Int4WeightOnlyLinear``: group-wise 4-bit weights in the layout of the kernel that runs them.
-* ``Int8Embedding``: int8 rows with one scale per token.
+* ``Int8Embedding``: int8 rows with one scale per token (``embeddings.Int4Embedding``: int4 groups).
 
 Each reports its real storage (``storage_bytes``), the weights it stands for (``logical_numel``) and
 what a checkpoint needs to rebuild it (``export_tensors``, ``spec``). ``set_module``,
@@ -222,6 +222,24 @@ class Int4WeightOnlyLinear(QuantizedModule):
         self.register_buffer("bias", None if bias is None else bias.detach().float())
 
     @classmethod
+    def from_packed(cls, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, layout: str,
+                    out_features: int, in_features: int) -> Int4WeightOnlyLinear:
+        """An asymmetric 4-bit module over codes already packed for ``layout``, using the tensors as they are.
+
+        A tied head built this way shares the int4 embedding's ``packed`` and bf16 (K/g, N, 2)
+        ``scales_and_zeros``: one copy in memory and on disk (until a ``repack`` or a move to
+        another device gives it its own).
+        """
+        mod = cls.__new__(cls)
+        QuantizedModule.__init__(mod)
+        mod.out_features, mod.in_features = out_features, in_features
+        mod.group_size, mod.bits, mod.symmetric, mod.layout = group_size, 4, False, layout
+        mod.register_buffer("packed", packed)  # in·out/2 bytes, shared
+        mod.register_buffer("scales_and_zeros", scales_and_zeros)  # (K/g, N, 2) bf16, shared
+        mod.register_buffer("bias", None)
+        return mod
+
+    @classmethod
     def from_float(cls, linear: nn.Linear, group_size: int = 64, bits: int = 4,
                    symmetric: bool = False) -> "Int4WeightOnlyLinear":
         """Quantize an ``nn.Linear`` group-wise along its input dimension."""
@@ -328,6 +346,10 @@ class Int8Embedding(QuantizedModule):
         if self.embed_scale != 1.0:
             scales = scales * self.embed_scale
         return rows * scales.to(self.out_dtype)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The (V, D) float table the lookup reads (before the output scale of scaled embeddings)."""
+        return self.weight_int8.float() * self.scales[:, None]
 
     def logical_numel(self) -> int:
         return self.weight_int8.numel()

@@ -1,8 +1,9 @@
 """Saving and loading quantized models: one safetensors file of packed tensors plus the configs to rebuild them.
 
 The packed int4 codes are written in a portable layout (``pack_int4``) and re-packed for the
-kernel of the device they are loaded on. A head that shares the embedding's int8 codes is written
-once and tied again on load. Low on purpose: it knows the module types, not ``quantize_``.
+kernel of the device they are loaded on. A head that shares the embedding's codes (int8, or the
+packed int4 codes, scales and zeros of ``embedding_bits=4``) is written once and tied again on load.
+Low on purpose: it knows the module types, not ``quantize_``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from .._folder import check_model_folder
 from .._fs import atomic_folder
 from ..profiles import default_device
 from ..tensors import storage_key
+from .embeddings import Int4Embedding
 from .modules import (Int4WeightOnlyLinear, Int8DynamicLinear, Int8Embedding, Int8WeightOnlyLinear, QuantizedModule,
                       embedding_and_head, module_name, set_module)
 
@@ -26,6 +28,7 @@ __all__ = ["FORMAT", "QCONFIG_NAME", "WEIGHTS_NAME", "load_quantized", "save_qua
 FORMAT = "distill_lab.quantized/1"  # tag written into saved checkpoints
 WEIGHTS_NAME = "model.safetensors"
 QCONFIG_NAME = "quantization_config.json"
+_TIED_KINDS = ("int8_weight_only", "int8_dynamic", "int4_weight_only")  # heads that may share an embedding's tensors
 
 
 def _persistent_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -51,7 +54,7 @@ def save_quantized(model: nn.Module, folder: str | Path, tokenizer=None) -> Path
         spec = m.spec()
         shared = [owners.get(storage_key(b)) for b in m.buffers(recurse=False) if b.numel() > 1]
         shared = [s for s in shared if s is not None]
-        if shared and m.kind in ("int8_weight_only", "int8_dynamic"):
+        if shared and m.kind in _TIED_KINDS:
             spec["tied_to"] = shared[0]  # shares the embedding's codes and scales
             modules[name] = spec
             continue
@@ -98,7 +101,20 @@ def _rebuild(spec: dict, tensors: dict, device) -> QuantizedModule:
                                  t.get("smooth"))
     if kind == "int4_weight_only":
         return Int4WeightOnlyLinear.from_exported(tensors, spec, device)
+    if kind == "int4_embedding":
+        return Int4Embedding.from_exported(tensors, spec, device)
     raise ValueError(f"unknown quantized module kind {kind!r} in checkpoint")
+
+
+def _tied_head(src: QuantizedModule, spec: dict) -> QuantizedModule:
+    """The head ``spec`` describes, over the tensors of the embedding ``src`` it was saved tied to."""
+    if spec["kind"] == "int4_weight_only":
+        if not isinstance(src, Int4Embedding):
+            raise ValueError(f"an int4 head is tied to a {src.kind} module; allowed: an int4_embedding")
+        return src.tied_head()
+    if spec["kind"] == "int8_dynamic":
+        return Int8DynamicLinear(src.weight_int8, src.scales, None, spec["act_granularity"])
+    return Int8WeightOnlyLinear(src.weight_int8, src.scales)
 
 
 def load_quantized(folder: str | Path, device: str | torch.device | None = None) -> nn.Module:
@@ -141,10 +157,7 @@ def _load_quantized(folder: Path, device: torch.device) -> nn.Module:
         set_module(model, name, built[name])
     for name, spec in modules.items():
         if "tied_to" in spec:
-            src = built[spec["tied_to"]]
-            head = Int8DynamicLinear(src.weight_int8, src.scales, None, spec["act_granularity"]) \
-                if spec["kind"] == "int8_dynamic" else Int8WeightOnlyLinear(src.weight_int8, src.scales)
-            set_module(model, name, head)
+            set_module(model, name, _tied_head(built[spec["tied_to"]], spec))
     float_state = {k: v for k, v in tensors.items()
                    if not any(k.startswith(n + ".") for n in modules)}
     missing, unexpected = model.load_state_dict(float_state, strict=False, assign=True)

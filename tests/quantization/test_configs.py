@@ -28,7 +28,7 @@ def test_config_value_errors_name_the_bad_value_and_the_allowed_range():
     with pytest.raises(ValueError, match="act_granularity"):
         Int8DynamicConfig(act_granularity="per_row")
     with pytest.raises(ValueError, match="embedding_bits"):
-        Int8WeightOnlyConfig(embedding_bits=4)
+        Int8WeightOnlyConfig(embedding_bits=5)
     with pytest.raises(ValueError, match=r"Int4WeightOnlyConfig.group_size=7; allowed: an even int >= 2"):
         Int4WeightOnlyConfig(group_size=7)
     with pytest.raises(ValueError, match=r"Int4WeightOnlyConfig.bits=5; allowed: 2, 3 or 4"):
@@ -43,8 +43,8 @@ def test_config_value_errors_name_the_bad_value_and_the_allowed_range():
         Int8DynamicConfig(weight_granularity="per_group")
     with pytest.raises(ValueError, match=r"Int8DynamicConfig.head='fp8'; allowed: 'weight_only', 'w8a8'"):
         Int8DynamicConfig(head="fp8")
-    with pytest.raises(ValueError, match=r"Int8WeightOnlyConfig.embedding_bits=4; allowed: None .* or 8"):
-        Int8WeightOnlyConfig(embedding_bits=4)
+    with pytest.raises(ValueError, match=r"Int8WeightOnlyConfig.embedding_bits=5; allowed: None .*, 8 or 4"):
+        Int8WeightOnlyConfig(embedding_bits=5)
     for alpha in (1.5, -0.1, "0.5", True):
         with pytest.raises(ValueError, match=r"SmoothQuantConfig.alpha=.*; allowed: a number in \[0, 1\]"):
             SmoothQuantConfig(alpha=alpha)
