@@ -210,7 +210,9 @@ def plot_quantization_view(view: dict, axes=None):
     ax2.set_xlabel("dequantized - original weight")
     ax2.set_ylabel("weights of the layer (log)")
     sym = "symmetric" if view["symmetric"] else "asymmetric"
-    ax2.set_title(f"int{view['bits']} {view['granularity']} {sym}: SQNR {view['sqnr_db']:.1f} dB, "
+    gran = getattr(view["granularity"], "value", view["granularity"])  # an enum member, a string or a group size
+    gran = f"g{gran}" if isinstance(gran, int) or str(gran).isdigit() else str(gran).replace("_", "-")
+    ax2.set_title(f"int{view['bits']} {gran} {sym}: SQNR {view['sqnr_db']:.1f} dB, "
                   f"{8 * view['bytes_per_weight']:.2f} bits/weight", fontsize=10)
     fig.tight_layout()
     return fig
