@@ -161,7 +161,7 @@ def on_policy_divergence(student: nn.Module, teacher: nn.Module, prompts: torch.
 def on_policy_summary(history: dict) -> dict:
     """Totals of a run's history: steps, on-policy steps and fraction, seconds and generation seconds."""
     rows = history["train"]
-    on = sum(r.get("on_policy", 0.0) for r in rows)
+    on = int(sum(r.get("on_policy", 0.0) for r in rows))  # each step is all on-policy or all off-policy
     return {"steps": len(rows), "on_policy_steps": on, "on_policy_fraction": on / max(len(rows), 1),
             "seconds": sum(r["seconds"] for r in rows), "gen_seconds": sum(r.get("gen_seconds", 0.0) for r in rows),
             "tokens": sum(r["tokens"] for r in rows)}
