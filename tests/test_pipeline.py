@@ -311,7 +311,7 @@ def test_recipe_from_knobs_and_panel_runs_only_on_click():
 
     r = pipeline.recipe_from_knobs(heads_keep=0.67, channels_keep=1.0, distil_steps=5, quantize="int4")
     assert [s.kind for s in r.steps] == ["prune", "distil", "quantize"]
-    assert r.steps[0].config == {"heads_keep": 0.67, "method": "activation"}
+    assert r.steps[0].config == {"heads_keep": 0.67, "importance": "activation"}
     with pytest.raises(ValueError, match="no step"):
         pipeline.recipe_from_knobs()
     with pytest.raises(ValueError, match="quantize='int3'.*'int4 \\+ AWQ'"):

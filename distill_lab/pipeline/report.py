@@ -51,7 +51,7 @@ class SeedClaim:
 def combined_recipe(max_ppl_ratio: float | None = None) -> Recipe:
     """The course's combined recipe: structured prune → distil (heal) → int4 g64 blocks (AWQ) + int8 embedding."""
     return Recipe("combined", [
-        Step("prune", {"heads_keep": 0.67, "channels_keep": 0.375, "layers_keep": 0.8, "method": "activation"}),
+        Step("prune", {"heads_keep": 0.67, "channels_keep": 0.375, "layers_keep": 0.8, "importance": "activation"}),
         Step("distil", {"top_k": 64, "lr": 3e-4}),
         Step("quantize", {"method": "int4", "group_size": 64, "embedding_bits": 8, "algorithm": "awq"}),
     ], max_ppl_ratio=max_ppl_ratio,
@@ -77,7 +77,7 @@ def seed_rows() -> list[tuple[str, Recipe, SeedClaim]]:
                                 description="15-layer student (every 2nd block), distilled from top-64 logits"),
          SeedClaim((5, 10), (5, 10), (2, 5))),
         ("50% pruning", Recipe("pruning50", [Step("prune", {"heads_keep": 0.67, "channels_keep": 0.45,
-                                                            "method": "activation"}),
+                                                            "importance": "activation"}),
                                              Step("distil", {"top_k": 64, "lr": 3e-4})],
                                description="structured: 1/3 of query heads and 55% of MLP channels removed "
                                            "(half the block parameters), healed by distillation"),
@@ -204,14 +204,18 @@ QUANTIZE_KNOBS = {"none": None, "int8": ("int8", "rtn"), "w8a8": ("w8a8", "rtn")
 
 
 def recipe_from_knobs(heads_keep: float = 1.0, channels_keep: float = 1.0, layers_keep: float = 1.0,
-                      distil_steps: int = 0, quantize: str = "none", method: str = "activation",
+                      distil_steps: int = 0, quantize: str = "none", importance: str = "activation",
                       max_ppl_ratio: float | None = None) -> Recipe:
-    """Build a prune → distil → quantize recipe from the notebook panel's knobs (steps with no effect are left out)."""
+    """Build a prune → distil → quantize recipe from the notebook panel's knobs (steps with no effect are left out).
+
+    ``importance`` ranks heads and channels (``StructuredConfig.importance``); ``quantize`` picks a format
+    and algorithm from ``QUANTIZE_KNOBS``.
+    """
     steps = []
     prune = {k: v for k, v in (("heads_keep", heads_keep), ("channels_keep", channels_keep),
                                ("layers_keep", layers_keep)) if v < 1.0}
     if prune:
-        steps.append(Step("prune", {**prune, "method": method}))
+        steps.append(Step("prune", {**prune, "importance": importance}))
     if distil_steps:
         steps.append(Step("distil", {"steps": int(distil_steps), "top_k": 64, "lr": 3e-4}))
     if quantize not in QUANTIZE_KNOBS:
