@@ -167,14 +167,36 @@ def replace_dir(src: str | Path, dst: str | Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
+def check_replaceable(folder: str | Path) -> None:
+    """Raise ``FileExistsError`` unless ``folder`` is missing, empty, or a folder distill_lab wrote (our manifest)."""
+    folder = Path(folder)
+    if not folder.exists() and not folder.is_symlink():
+        return
+    if not folder.is_dir() or folder.is_symlink():
+        raise FileExistsError(f"{folder} exists and is not a folder; refusing to replace it (choose another path)")
+    if not any(folder.iterdir()):
+        return
+    try:
+        ours = read_manifest(folder) is not None
+    except DamagedFileError:
+        ours = False
+    if not ours:
+        raise FileExistsError(f"{folder} holds files distill_lab did not write (no {MANIFEST_NAME}); refusing to "
+                              "replace them: choose a new or empty folder, or remove it yourself")
+
+
 @contextlib.contextmanager
 def atomic_folder(folder: str | Path):
     """Yield a temporary folder beside ``folder``; when the block succeeds it becomes ``folder`` in one rename.
 
     A half-written folder is never visible under the final name, the result gets
-    ``share_permissions``, and a manifest of its weight files (``write_manifest``).
+    ``share_permissions``, and a manifest of its weight files (``write_manifest``). An existing
+    ``folder`` is replaced only when it is empty or distill_lab wrote it (it has our manifest):
+    a folder holding anything else raises ``FileExistsError`` before any work, so a user's files
+    are never removed.
     """
     folder = Path(folder)
+    check_replaceable(folder)
     tmp = make_tmp_dir(folder.parent)
     try:
         yield tmp

@@ -481,3 +481,26 @@ def test_finding9_ctrl_c_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys)
     except KeyboardInterrupt:
         pytest.fail("Ctrl-C escaped main() as a traceback")
     assert rc == 130 and "interrupted" in _one_line_err(capsys)
+
+
+def test_saving_never_replaces_a_folder_of_someone_elses_files(tmp_path):
+    """save_quantized (atomic_folder) replaces only a missing, empty or distill_lab-written folder."""
+    import pytest
+
+    from distill_lab.models import tiny_llama
+    from distill_lab.quantization import Int8WeightOnlyConfig, quantize_, save_quantized
+
+    model = tiny_llama(num_layers=1, seed=0)
+    quantize_(model, Int8WeightOnlyConfig())
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("a user's file")
+    with pytest.raises(FileExistsError, match="did not write"):
+        save_quantized(model, mine)
+    assert (mine / "notes.txt").read_text() == "a user's file" and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    ours = tmp_path / "ours"
+    save_quantized(model, ours)
+    save_quantized(model, ours)  # our own earlier save is replaced, as before
+    (tmp_path / "empty").mkdir()
+    save_quantized(model, tmp_path / "empty")
+    assert (tmp_path / "empty" / "model.safetensors").is_file()
