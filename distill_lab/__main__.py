@@ -54,7 +54,7 @@ def _cmd_eval(args) -> int:
     profile = _profile(args.profile)
     model, tokenizer = _load(args.model)
     folder = cache_dir() / TEACHER_CACHE_NAME if args.model == "teacher" else Path(args.model)
-    print(f"measuring {args.model} ({profile.name} profile: {profile.eval_windows} windows x {profile.seq_len} "
+    print(f"measuring {args.model} ({profile.name} profile: {profile.recipe_eval_windows} windows x {profile.seq_len} "
           f"tokens per corpus)", file=sys.stderr)
     m = measure(model, eval_windows(tokenizer, profile), profile,
                 folder=folder if folder.is_dir() else None, progress=False)
@@ -67,7 +67,7 @@ def _cmd_eval(args) -> int:
     print(f"size on disk     {m['size_bytes'] / 2**20:.1f} MiB (weights)")
     print(f"ppl pydoc        {m['ppl_pydoc']:.2f}   (in-domain, test split)")
     print(f"ppl stdlib-code  {m['ppl_stdlib-code']:.2f}   (out-of-domain)")
-    print(f"prefill          {m['prefill_tokens_per_s']:.0f} tokens/s  (batch {profile.latency_batch} x "
+    print(f"prefill          {m['prefill_tokens_per_s']:.0f} tokens/s  (batch {profile.recipe_latency_batch} x "
           f"{profile.latency_seq})")
     print(f"decode           {m['decode_tokens_per_s']:.1f} tokens/s  (batch 1)")
     print(f"sample           {args.prompt!r} ->{sample!r}")

@@ -422,11 +422,12 @@ def float_copy(model: nn.Module) -> nn.Module:
 
     out = copy.deepcopy(model).float()
     for name, m in list(out.named_modules()):
-        if isinstance(m, (Int8Embedding, Int4Embedding)):
-            new = nn.Embedding(m.num_embeddings, m.embedding_dim)
+        if isinstance(m, (Int8Embedding, Int4Embedding)):  # skip_init: no random init, overwritten at once
+            new = torch.nn.utils.skip_init(nn.Embedding, m.num_embeddings, m.embedding_dim)
             new.weight.data = m.dequantized_weight().float().cpu()
         elif isinstance(m, QuantizedModule) and hasattr(m, "dequantized_weight"):
-            new = nn.Linear(m.in_features, m.out_features, bias=getattr(m, "bias", None) is not None)
+            new = torch.nn.utils.skip_init(nn.Linear, m.in_features, m.out_features,
+                                           bias=getattr(m, "bias", None) is not None)
             new.weight.data = m.dequantized_weight().float().cpu()
             if new.bias is not None:
                 new.bias.data = m.bias.float().cpu()

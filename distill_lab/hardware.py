@@ -305,10 +305,11 @@ def format_profile(entry: dict) -> str:
         lines.append(f"{r['what']:40s}{r['path']:>18s}{r['fp32_ms']:10.3f}{r['ms']:9.3f}{r['speed']:14.2f}x  "
                      f"{'yes' if use else 'no'}")
     lines.append("")
+    margin = BUSY_MARGIN if entry.get("busy") else BF16_MARGIN  # the one threshold this measurement was judged by
     if entry.get("busy"):
         lines.append(f"(measured while the machine was busy: load {entry.get('load', 0):.1f} on {entry.get('cores')} "
-                     f"cores; provisional, not stored; bf16 then needs >= {BUSY_MARGIN:.2f}x)")
+                     f"cores; provisional, not stored; an idle measurement needs only >= {BF16_MARGIN:.2f}x)")
     lines.append(f"bf16='auto' means: {'bf16 autocast' if choices.get('bf16') else 'fp32'} on this CPU "
-                 f"(bf16 needs >= {BF16_MARGIN:.2f}x to be chosen; explicit bf16=True/False or "
+                 f"(bf16 needs >= {margin:.2f}x to be chosen; explicit bf16=True/False or "
                  f"{ENV_BF16}=0/1 override it)")
     return "\n".join(lines)

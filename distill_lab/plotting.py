@@ -8,6 +8,7 @@ get a legend; long tick labels are rotated, never overlapped.
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 
 def _axes(ax=None, figsize=(6, 3.5)):
@@ -22,6 +23,35 @@ def wide_range(values, factor: float = 10.0) -> bool:
     """True when the positive values span more than ``factor`` times (then plot them on a log axis)."""
     pos = [float(v) for v in values if v == v and float(v) > 0]
     return len(pos) >= 2 and max(pos) > factor * min(pos)
+
+
+def label_points(ax, xs, ys, names, fontsize: int = 8) -> list:
+    """Name each point (x, y) beside it, trying six places around it and keeping the first that stays inside
+    the axes and overlaps no other label and no point; returns the annotations. Call it after the figure's
+    layout is final."""
+    fig = ax.figure
+    ax.get_xlim(), ax.get_ylim()  # settles the autoscaled limits, so data -> pixels is final
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    places = [((6, 6), "left"), ((6, -12), "left"), ((-6, 6), "right"), ((-6, -12), "right"),
+              ((0, 9), "center"), ((0, -16), "center")]
+    points = [ax.transData.transform((x, y)) for x, y in zip(xs, ys)]
+    legend = ax.get_legend()
+    taken, out = ([legend.get_window_extent(renderer)] if legend is not None else []), []
+    for (x, y), name, (px, py) in zip(zip(xs, ys), names, points):
+        for offset, ha in places:
+            note = ax.annotate(name, (x, y), textcoords="offset points", xytext=offset, ha=ha, fontsize=fontsize)
+            box = note.get_window_extent(renderer).expanded(1.05, 1.15)
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            clear = inside and not any(box.overlaps(b) for b in taken) and not any(
+                box.x0 - 5 <= qx <= box.x1 + 5 and box.y0 - 5 <= qy <= box.y1 + 5
+                for qx, qy in points if (qx, qy) != (px, py))
+            if clear or (offset, ha) == places[-1]:  # the last place is kept even when crowded
+                taken.append(box)
+                out.append(note)
+                break
+            note.remove()
+    return out
 
 
 def plot_token_distribution(tokens: list[str], probs, title: str = "", ax=None):
@@ -74,10 +104,6 @@ def plot_pareto(points: list[dict], ax=None, title: str = "Size vs quality (colo
     ratios = [p["ppl_ratio"] for p in points]
     sc = ax.scatter(sizes, ratios, c=[p["decode_ms"] for p in points], cmap="viridis_r", s=70,
                     edgecolors="black", zorder=3)
-    # labels alternate above and below their points, in order of size, so neighbours do not overlap
-    for i, p in enumerate(sorted(points, key=lambda q: q["size_mib"])):
-        ax.annotate(p["name"], (p["size_mib"], p["ppl_ratio"]), textcoords="offset points",
-                    xytext=(6, 7 if i % 2 == 0 else -13), fontsize=8)
     front, best = [], float("inf")  # smallest ppl ratio reachable at each size or below
     for p in sorted(points, key=lambda q: q["size_mib"]):
         if p["ppl_ratio"] < best:
@@ -86,10 +112,16 @@ def plot_pareto(points: list[dict], ax=None, title: str = "Size vs quality (colo
     ax.step([p["size_mib"] for p in front], [p["ppl_ratio"] for p in front], where="post", ls="--",
             color="gray", zorder=2, label="Pareto front")
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 50, 100, 200: not 5×10^1
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("size on disk (MiB, log scale)")
     ylabel = "perplexity ratio (student / teacher)"
     if wide_range(ratios):
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ylabel += ", log scale"
     ax.set_ylabel(ylabel)
     ax.margins(x=0.15, y=0.15)
@@ -97,6 +129,7 @@ def plot_pareto(points: list[dict], ax=None, title: str = "Size vs quality (colo
     ax.legend(loc="upper right", fontsize=8)
     fig.colorbar(sc, ax=ax, label="decode ms / token (batch 1)")
     fig.tight_layout()
+    label_points(ax, sizes, ratios, [p["name"] for p in points])  # after the layout: no label overlaps another
     return fig
 
 

@@ -34,6 +34,8 @@ class Profile:
     gen_tokens: int  # tokens generated for samples
     recipe_steps: int = 8  # distillation steps per distil/qat step of a compression recipe (lesson 04, report)
     recipe_batch: int = 4  # windows per distillation step of a compression recipe
+    recipe_eval_windows: int = 16  # test windows per corpus that score every step of a recipe (lesson 04, report)
+    recipe_latency_batch: int = 4  # prefill batch (of latency_seq tokens) when a recipe times a step
 
     def __post_init__(self):
         for field, value in asdict(self).items():
@@ -48,16 +50,16 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     "smoke": Profile("smoke", seq_len=128, eval_windows=8, batch_size=8, train_steps=8,
                      train_batch_size=4, calib_windows=4, latency_batch=2, latency_seq=64,
-                     decode_tokens=8, repeats=2, gen_tokens=16,
-                     recipe_steps=4, recipe_batch=4),
+                     decode_tokens=8, repeats=1, gen_tokens=16,
+                     recipe_steps=4, recipe_batch=4, recipe_eval_windows=4, recipe_latency_batch=2),
     "laptop": Profile("laptop", seq_len=256, eval_windows=40, batch_size=8, train_steps=150,
                       train_batch_size=8, calib_windows=16, latency_batch=8, latency_seq=256,
                       decode_tokens=32, repeats=3, gen_tokens=40,
-                      recipe_steps=30, recipe_batch=4),
+                      recipe_steps=30, recipe_batch=4, recipe_eval_windows=16, recipe_latency_batch=4),
     "gpu": Profile("gpu", seq_len=512, eval_windows=200, batch_size=16, train_steps=1500,
                    train_batch_size=16, calib_windows=64, latency_batch=8, latency_seq=256,
                    decode_tokens=64, repeats=5, gen_tokens=60,
-                   recipe_steps=300, recipe_batch=16),
+                   recipe_steps=300, recipe_batch=16, recipe_eval_windows=200, recipe_latency_batch=8),
 }
 
 

@@ -100,28 +100,32 @@ def temperature_widget(logits, tokenizer, k: int = 10, value: float = 1.0):
     return _interactive(wire(compute, plot_temperature_view), {"temperature": slider})
 
 
-def recipe_panel(run, plot, heads_keep: float = 0.67, channels_keep: float = 0.375, layers_keep: float = 0.8,
-                 distil_steps: int = 8, quantize: str = "int4 + AWQ", max_steps: int = 300):
+def recipe_panel(run, plot, heads_keep: float = 1.0, channels_keep: float = 0.7917, layers_keep: float = 0.7333,
+                 distil_steps: int = 8, quantize: str = "int4 + AWQ", embedding_bits: int | None = 4,
+                 max_steps: int = 300):
     """Recipe knobs (prune, distil, quantize) that run ``run(**knobs)`` only when "Run recipe" is clicked, then ``plot``.
 
     ``run`` is a pure compute function (e.g. build a recipe from the knobs and call ``run_recipe``);
     ``plot(result, ax)`` draws its result on ``ax``. Nothing runs when a slider moves: a recipe takes minutes.
+    The fractions are SmolLM2-135M's: 9 query heads, 1536 MLP channels (whole groups of 64), 30 blocks.
     """
 
     knobs = dict(
         heads_keep=widgets.Dropdown(options=[("9/9 heads", 1.0), ("6/9 heads", 0.67), ("3/9 heads", 0.34)],
                                     value=heads_keep, description="attention heads kept", style=_STYLE),
         channels_keep=widgets.SelectionSlider(  # multiples of 64 channels: int4 groups of 64 divide them
-            options=[(f"{n * 64}/1536", n / 24) for n in range(2, 25)], value=channels_keep,
+            options=[(f"{n * 64}/1536", round(n / 24, 4)) for n in range(2, 25)], value=channels_keep,
             description="MLP channels kept", continuous_update=False, style=_STYLE, layout=_layout()),
-        layers_keep=widgets.FloatSlider(value=layers_keep, min=0.3, max=1.0, step=0.1,
-                                        description="layers kept (fraction)", continuous_update=False,
-                                        style=_STYLE, layout=_layout()),
+        layers_keep=widgets.SelectionSlider(
+            options=[(f"{n}/30", round(n / 30, 4)) for n in range(9, 31)], value=layers_keep,
+            description="blocks kept", continuous_update=False, style=_STYLE, layout=_layout()),
         distil_steps=widgets.IntSlider(value=distil_steps, min=0, max=max_steps, step=1,
                                        description="distillation steps", continuous_update=False,
                                        style=_STYLE, layout=_layout()),
         quantize=widgets.Dropdown(options=list(QUANTIZE_KNOBS), value=quantize, description="quantize",
                                   style=_STYLE),
+        embedding_bits=widgets.Dropdown(options=[("int4 (groups of 64)", 4), ("int8 (per row)", 8), ("float", None)],
+                                        value=embedding_bits, description="embedding + head", style=_STYLE),
     )
     return _interactive(wire(run, plot, figsize=(7.5, 4)), knobs, {"manual": True, "manual_name": "Run recipe"})
 

@@ -432,7 +432,7 @@ def size_model(cfg, group_size):
         return out * inp // 2 + out * (inp // group_size) * 4
 
     q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-    return {"embedding": cfg.vocab_size * (d + 4),
+    return {"embedding": int4(cfg.vocab_size, d),
             "attention": cfg.num_hidden_layers * (int4(q, d) + 2 * int4(kv, d) + int4(d, q)),
             "mlp": cfg.num_hidden_layers * 3 * int4(cfg.intermediate_size, d),
             "norms": 4 * d * (2 * cfg.num_hidden_layers + 1)}
@@ -444,13 +444,15 @@ def test_size_model():
     def no_overhead(cfg, g):  # codes only
         d, hd, layers = cfg.hidden_size, cfg.head_dim, cfg.num_hidden_layers
         q, kv, inter = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd, cfg.intermediate_size
-        return {"embedding": cfg.vocab_size * (d + 4), "attention": layers * (2 * q * d + 2 * kv * d) // 2,
+        return {"embedding": cfg.vocab_size * d // 2, "attention": layers * (2 * q * d + 2 * kv * d) // 2,
                 "mlp": layers * 3 * inter * d // 2, "norms": 4 * d * (2 * layers + 1)}
 
     rejects(C.check_size_model, no_overhead, "group overhead")
     rejects(C.check_size_model, lambda cfg, g: {**size_model(cfg, g), "embedding": 2 * size_model(cfg, g)["embedding"]},
             "tied")
     rejects(C.check_size_model, lambda cfg, g: {**size_model(cfg, g), "norms": 0}, "forgot the norms")
+    rejects(C.check_size_model, lambda cfg, g: {**size_model(cfg, g), "embedding": cfg.vocab_size * (cfg.hidden_size + 4)},
+            "not int8 with a scale per row")
     with pytest.raises(AssertionError, match="expected a dict"):
         C.check_size_model(lambda cfg, g: sum(size_model(cfg, g).values()))
 
@@ -459,11 +461,11 @@ def test_size_model_matches_a_saved_int4_file(tmp_path):
     from distill_lab.quantization import Int4WeightOnlyConfig as Int4WeightOnly
     from distill_lab.quantization import quantize_, save_quantized
 
-    model = dl.tiny_llama()
-    quantize_(model, Int4WeightOnly(group_size=32))
+    model = dl.tiny_llama(hidden_size=64, num_heads=4, num_kv_heads=2)  # int4 embeddings: groups of 64 values
+    quantize_(model, Int4WeightOnly(group_size=64, embedding_bits=4))
     save_quantized(model, tmp_path / "m")
     measured = C.measured_parts(tmp_path / "m")
-    predicted = C.size_model_reference(model.config, 32)
+    predicted = C.size_model_reference(model.config, 64)
     assert {k: measured[k] for k in C.PARTS} == predicted and measured["other"] == 0
     assert measured["file"] == sum(predicted.values()) + measured["header"]
 
@@ -481,6 +483,8 @@ def test_pruned_config_matches_structured_pruning():
     assert C.size_of_knobs(todo, teacher.config, knobs, 32)["total"] == sum(C.size_model_reference(cfg, 32).values())
     with pytest.raises(ValueError, match="int4"):
         C.size_of_knobs(size_model, teacher.config, dict(quantize="int8"))
+    with pytest.raises(ValueError, match="embedding_bits=8"):
+        C.size_of_knobs(size_model, teacher.config, dict(quantize="int4", embedding_bits=8))
 
 
 def test_reduction_by_parts_is_the_measured_reduction():

@@ -284,6 +284,13 @@ def test_seed_rows_and_shipped_combined_recipe_agree():
                                     "Combined"]
     shipped = Recipe.load(Path(__file__).resolve().parent.parent / "recipes" / "combined.yaml")
     assert [s.to_dict() for s in shipped.steps] == [s.to_dict() for s in pipeline.combined_recipe().steps]
+    # one story: the Distillation row is the combined recipe's student, distilled (its first two steps),
+    # so a table run next to the combined recipe adopts that row instead of training it again
+    recipes = {name: recipe for name, recipe, _ in rows}
+    assert [s.to_dict() for s in recipes["Distillation"].steps] == [s.to_dict() for s in shipped.steps[:2]]
+    assert recipes["Distillation"].fingerprint(1) == shipped.fingerprint(1)
+    assert shipped.steps[2].config["embedding_bits"] == 4 and recipes["INT4 quantization"].steps[0].config[
+        "embedding_bits"] == 4
 
 
 def test_comparison_table_on_a_tiny_teacher(tmp_path, teacher64, data, monkeypatch):
@@ -317,14 +324,15 @@ def test_recipe_from_knobs_and_panel_runs_only_on_click():
     with pytest.raises(ValueError, match="quantize='int3'.*'int4 \\+ AWQ'"):
         pipeline.recipe_from_knobs(quantize="int3")
     # the panel's default knobs build the shipped combined recipe, step for step (distil's length aside)
-    default = pipeline.recipe_from_knobs(heads_keep=0.67, channels_keep=0.375, layers_keep=0.8, distil_steps=8,
-                                         quantize="int4 + AWQ")
-    shipped = pipeline.combined_recipe()
-    assert [s.kind for s in default.steps] == [s.kind for s in shipped.steps]
-    assert default.steps[0].config == shipped.steps[0].config and default.steps[2].config == shipped.steps[2].config
-    assert pipeline.recipe_from_knobs(quantize="w8a8 + SmoothQuant").steps[0].config["algorithm"] == "smoothquant"
     calls = []
     panel = recipe_panel(lambda **k: calls.append(pipeline.recipe_from_knobs(**k)) or calls[-1], lambda r, ax: None)
+    panel.children[-2].click()  # the "Run recipe" button, on the panel's defaults
+    default, shipped = calls[0], pipeline.combined_recipe()
+    assert [s.kind for s in default.steps] == [s.kind for s in shipped.steps]
+    assert default.steps[0].config == shipped.steps[0].config and default.steps[2].config == shipped.steps[2].config
+    assert {k: v for k, v in default.steps[1].config.items() if k != "steps"} == shipped.steps[1].config
+    assert pipeline.recipe_from_knobs(quantize="w8a8 + SmoothQuant").steps[0].config["algorithm"] == "smoothquant"
+    calls.clear()
     panel.children[1].value = 0.25  # moving a slider runs nothing (384 of 1536 channels)
     assert calls == []
     panel.children[-2].click()  # the "Run recipe" button

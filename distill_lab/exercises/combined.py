@@ -87,25 +87,24 @@ def _dims(config):
 
 
 def size_model_reference(config, group_size: int = 64) -> dict:
-    """Bytes of each part of the saved model: int4 g``group_size`` asymmetric blocks, int8 embedding, fp32 norms.
+    """Bytes of each part of the saved model: int4 g``group_size`` asymmetric blocks and embedding, fp32 norms.
 
     An int4 Linear (out, in) stores ``out·in/2`` bytes of packed codes plus a bf16 scale and a bf16
-    zero per group of ``group_size`` inputs; the int8 embedding stores one byte per weight and an
-    fp32 scale per row (the tied output head is the same tensor, stored once).
+    zero per group of ``group_size`` inputs; the int4 embedding (vocab, hidden) is stored the same way,
+    groups running along ``hidden`` (the tied output head is the same tensor, stored once).
     """
     d, h, kv, hd, inter, layers, vocab = _dims(config)
 
     def int4(out, inp):
         return out * inp // 2 + (inp // group_size) * out * 2 * 2
 
-    return {"embedding": vocab * d + 4 * vocab,
+    return {"embedding": int4(vocab, d),
             "attention": layers * (int4(h * hd, d) + 2 * int4(kv * hd, d) + int4(d, h * hd)),
             "mlp": layers * (2 * int4(inter, d) + int4(d, inter)),
             "norms": 4 * d * (2 * layers + 1)}
 
 
-def _size_variant(codes_per_weight=0.5, group_bytes=4, kv_like_q=False, embedding=lambda v, d: v * d + 4 * v,
-                  norms=True):
+def _size_variant(codes_per_weight=0.5, group_bytes=4, kv_like_q=False, embedding=None, norms=True, head_too=False):
     def wrong(config, group_size=64):
         d, h, kv, hd, inter, layers, vocab = _dims(config)
 
@@ -113,7 +112,8 @@ def _size_variant(codes_per_weight=0.5, group_bytes=4, kv_like_q=False, embeddin
             return int(out * inp * codes_per_weight) + (inp // group_size) * out * group_bytes
 
         kv_out = (h if kv_like_q else kv) * hd
-        return {"embedding": embedding(vocab, d),
+        emb = embedding(vocab, d) if embedding is not None else lin(vocab, d)
+        return {"embedding": 2 * emb if head_too else emb,
                 "attention": layers * (lin(h * hd, d) + 2 * lin(kv_out, d) + lin(d, h * hd)),
                 "mlp": layers * (2 * lin(inter, d) + lin(d, inter)),
                 "norms": 4 * d * (2 * layers + 1) if norms else 0}
@@ -141,13 +141,14 @@ def _config(hidden, heads, kv, head_dim, inter, layers, vocab):
 def check_size_model(fn, config=None) -> bool:
     """Check ``fn(config, group_size) -> {"embedding", "attention", "mlp", "norms"}``: bytes of each saved part.
 
-    The format is the combined recipe's: int4 asymmetric blocks (packed codes, bf16 scale and zero per
-    group), int8 embedding with fp32 row scales (tied head stored once), fp32 norms. ``config``: a real
-    (e.g. pruned) model config as one more case.
+    The format is the combined recipe's: int4 asymmetric blocks and embedding (packed codes, bf16 scale and
+    zero per group; the tied head stored once), fp32 norms. ``config``: a real (e.g. pruned) model config as
+    one more case.
     """
-    cases = [(_config(64, 4, 2, 16, 128, 2, 100), 32), (_config(576, 6, 3, 64, 576, 24, 49152), 64),
+    cases = [(_config(64, 4, 2, 16, 128, 2, 100), 64), (_config(128, 4, 2, 32, 256, 2, 100), 32),
+             (_config(576, 6, 3, 64, 576, 24, 49152), 64),
              (_config(256, 8, 8, 32, 512, 3, 1000), 64)]
-    labels = [None] * 3
+    labels = [None] * 4
     if config is not None:
         cases.append((config, 64))
         labels.append(f"the teacher's pruned config ({config.num_hidden_layers} layers, "
@@ -161,10 +162,11 @@ def check_size_model(fn, config=None) -> bool:
                 ("k_proj and v_proj have num_key_value_heads · head_dim outputs (grouped-query attention), "
                  "not num_attention_heads · head_dim", _size_variant(kv_like_q=True)),
                 ("the output head is tied to the embedding: it is stored once",
-                 _size_variant(embedding=lambda v, d: 2 * (v * d + 4 * v))),
-                ("the int8 embedding rows each carry an fp32 scale: + 4 · vocab_size bytes",
-                 _size_variant(embedding=lambda v, d: v * d)),
-                ("the embedding is int8 here (1 byte per weight + a scale per row), not fp32",
+                 _size_variant(head_too=True)),
+                ("the embedding is int4 here too, stored like a Linear (vocab, hidden): packed codes plus a bf16 "
+                 "scale and zero per group, not int8 with a scale per row",
+                 _size_variant(embedding=lambda v, d: v * d + 4 * v)),
+                ("the embedding is int4 here (half a byte per weight + a scale and zero per group), not fp32",
                  _size_variant(embedding=lambda v, d: 4 * v * d)),
                 ("forgot the norms: two fp32 RMSNorm weights per block and one final norm",
                  _size_variant(norms=False))]
@@ -230,9 +232,10 @@ def predicted_parts(size_model, config, group_size: int = 64) -> dict:
 
 def size_of_knobs(size_model, config, knobs: dict, group_size: int = 64) -> dict:
     """:func:`predicted_parts` of the shape a recipe's knobs give ``config`` (int4 recipes only)."""
-    if not str(knobs.get("quantize", "")).startswith("int4"):
-        raise ValueError(f"quantize={knobs.get('quantize')!r}: this size model covers int4 g64 blocks + an int8 "
-                         "embedding; choose quantize='int4' or 'int4 + AWQ'")
+    if not str(knobs.get("quantize", "")).startswith("int4") or knobs.get("embedding_bits", 4) != 4:
+        raise ValueError(f"quantize={knobs.get('quantize')!r}, embedding_bits={knobs.get('embedding_bits', 4)!r}: "
+                         "this size model covers int4 g64 blocks + an int4 g64 embedding; choose quantize='int4' "
+                         "or 'int4 + AWQ' with embedding_bits=4")
     cfg = pruned_config(config, knobs.get("heads_keep", 1.0), knobs.get("channels_keep", 1.0),
                         knobs.get("layers_keep", 1.0))
     return predicted_parts(size_model, cfg, group_size)

@@ -19,9 +19,14 @@ __all__ = ["SPEED_KEYS", "eval_windows", "logical_parameters", "measure", "measu
 
 
 def eval_windows(tokenizer, profile: Profile) -> dict[str, torch.Tensor]:
-    """The test windows every step is scored on: pydoc (in-domain) and stdlib-code (out-of-domain)."""
+    """The test windows every step is scored on: pydoc (in-domain) and stdlib-code (out-of-domain).
 
-    return {name: corpus_windows(name, "test", tokenizer, profile.seq_len, max_windows=profile.eval_windows)
+    ``profile.recipe_eval_windows`` windows of ``profile.seq_len`` tokens per corpus: a recipe measures
+    every step and every row of the claims table, so the laptop profile scores fewer windows here
+    (16 x 256 tokens) than the lessons' own evaluations (40).
+    """
+
+    return {name: corpus_windows(name, "test", tokenizer, profile.seq_len, max_windows=profile.recipe_eval_windows)
             for name in ("pydoc", "stdlib-code")}
 
 
@@ -37,9 +42,14 @@ SPEED_KEYS = ("prefill_tokens_per_s", "decode_tokens_per_s", "decode_ms_per_toke
 
 
 def measure_speed(model: nn.Module, profile: Profile) -> dict:
-    """Prefill tokens/s, decode tokens/s and ms/token of one model, at the profile's sizes."""
+    """Prefill tokens/s, decode tokens/s and ms/token of one model, at the profile's recipe sizes.
 
-    lat = latency(model, batch=profile.latency_batch, seq=profile.latency_seq,
+    Prefill is timed on ``profile.recipe_latency_batch`` sequences of ``latency_seq`` tokens (a recipe
+    times every step and every table row: the laptop profile uses 4, half the lessons' batch), decode
+    on ``decode_tokens`` new tokens at batch 1; the median of ``repeats`` runs after a warm-up.
+    """
+
+    lat = latency(model, batch=profile.recipe_latency_batch, seq=profile.latency_seq,
                   decode_tokens=profile.decode_tokens, repeats=profile.repeats)
     return {k: lat[k] for k in SPEED_KEYS}
 

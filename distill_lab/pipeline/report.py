@@ -48,19 +48,35 @@ class SeedClaim:
         return f"{rng(*self.size, '×')} / {rng(*self.speed, '×')} / {quality}"
 
 
+# the student of notebook 01 (22 of 30 blocks by Block Influence, 19 of 24 groups of 64 MLP channels)
+STUDENT_PRUNE = {"layers_keep": 0.7333, "channels_keep": 0.7917, "importance": "activation"}
+STUDENT_DISTIL = {"top_k": 64, "lr": 3e-4, "alpha": 0.5}
+
+
 def combined_recipe(max_ppl_ratio: float | None = None) -> Recipe:
-    """The course's combined recipe: structured prune → distil (heal) → int4 g64 blocks (AWQ) + int8 embedding."""
+    """The course's combined recipe: notebook 01's student, distilled, then int4 everywhere (embedding included).
+
+    Prune 8 of 30 blocks (Block Influence) and 1/5 of the MLP channels (activation importance, whole groups
+    of 64), heal by distillation from cached top-64 teacher logits (KD + CE, alpha 0.5), then int4 g64
+    for every block Linear (AWQ scaling) and for the embedding with its tied head (``embedding_bits: 4``).
+    """
     return Recipe("combined", [
-        Step("prune", {"heads_keep": 0.67, "channels_keep": 0.375, "layers_keep": 0.8, "importance": "activation"}),
-        Step("distil", {"top_k": 64, "lr": 3e-4}),
-        Step("quantize", {"method": "int4", "group_size": 64, "embedding_bits": 8, "algorithm": "awq"}),
+        Step("prune", dict(STUDENT_PRUNE)),
+        Step("distil", dict(STUDENT_DISTIL)),
+        Step("quantize", {"method": "int4", "group_size": 64, "embedding_bits": 4, "algorithm": "awq"}),
     ], max_ppl_ratio=max_ppl_ratio,
-        description="prune heads and MLP channels and drop layers, heal by distillation from cached top-k "
-                    "teacher logits, int4 g64 blocks (AWQ scaling) + int8 embedding")
+        description="notebook 01's student: 22 of 30 blocks (Block Influence) and 1216 of 1536 MLP channels "
+                    "(activation importance), distilled from cached top-64 teacher logits (KD + CE, alpha 0.5), "
+                    "int4 g64 blocks (AWQ scaling) + int4 g64 embedding and tied head")
 
 
 def seed_rows() -> list[tuple[str, Recipe, SeedClaim]]:
-    """The seed's five rows: (name, the recipe that measures it on the teacher, the seed's claim)."""
+    """The seed's five rows: (name, the recipe that measures it on the teacher, the seed's claim).
+
+    The Distillation row is the combined recipe's first two steps (notebook 01's student, distilled):
+    in a run that has the combined recipe's folder next to it, that row is adopted, not trained again.
+    """
+    combined = combined_recipe()
     return [
         ("INT8 quantization", Recipe("int8", [Step("quantize", {"method": "w8a8", "embedding_bits": 8,
                                                                  "algorithm": "smoothquant"})],
@@ -68,13 +84,15 @@ def seed_rows() -> list[tuple[str, Recipe, SeedClaim]]:
                                                  "+ int8 embedding and head"),
          SeedClaim((4, 4), (2, 3), (0, 1))),
         ("INT4 quantization", Recipe("int4", [Step("quantize", {"method": "int4", "group_size": 64,
-                                                                 "embedding_bits": 8, "algorithm": "awq"})],
-                                     description="int4 g64 weight-only blocks (AWQ scaling) + int8 embedding "
-                                                 "and head"),
+                                                                 "embedding_bits": 4, "algorithm": "awq"})],
+                                     description="int4 g64 weight-only everywhere: blocks (AWQ scaling), embedding "
+                                                 "and tied head"),
          SeedClaim((8, 8), (3, 4), (1, 3))),
-        ("Distillation", Recipe("distillation", [Step("layer_drop", {"keep_every": 2}),
-                                                 Step("distil", {"top_k": 64, "lr": 3e-4})],
-                                description="15-layer student (every 2nd block), distilled from top-64 logits"),
+        ("Distillation", Recipe("distillation", combined.steps[:2],
+                                description="notebook 01's student (22 of 30 blocks, 80 % of the MLP channels: "
+                                            "1.6x fewer block parameters), distilled like the combined recipe "
+                                            "(recipe_steps x recipe_batch windows of seq_len tokens; notebook 01 "
+                                            "trains it on 128-token windows)"),
          SeedClaim((5, 10), (5, 10), (2, 5))),
         ("50% pruning", Recipe("pruning50", [Step("prune", {"heads_keep": 0.67, "channels_keep": 0.45,
                                                             "importance": "activation"}),
@@ -82,7 +100,7 @@ def seed_rows() -> list[tuple[str, Recipe, SeedClaim]]:
                                description="structured: 1/3 of query heads and 55% of MLP channels removed "
                                            "(half the block parameters), healed by distillation"),
          SeedClaim((2, 2), (1.5, 1.5), (1, 2))),
-        ("Combined", combined_recipe(), SeedClaim((10, 20), (5, 10), (3, 8))),
+        ("Combined", combined, SeedClaim((10, 20), (5, 10), (3, 8))),
     ]
 
 
@@ -166,11 +184,12 @@ class ComparisonTable:
 def comparison_table(teacher: nn.Module, tokenizer, profile: Profile | str | None = None,
                      work_dir: str | Path | None = None, rows=None, seed: int = 0,
                      progress: bool = True, results: dict | None = None,
-                     measure_steps: str = "last") -> ComparisonTable:
+                     measure_steps: str = "last", teacher_stats: dict | None = None) -> ComparisonTable:
     """Measure the seed's five rows on ``teacher`` (each a recipe; finished rows are reused from ``work_dir``).
 
     ``rows`` defaults to ``seed_rows()``; ``results`` maps a row name to a ``RecipeResult`` that was
-    already run (e.g. the notebook's combined recipe) so it is not run again.
+    already run (e.g. the notebook's combined recipe) so it is not run again; ``teacher_stats``, the
+    teacher measured in this run on the same windows (``teacher_metrics``), so it is not measured again.
     """
 
     profile = profile if isinstance(profile, Profile) else get_profile(profile)
@@ -179,7 +198,8 @@ def comparison_table(teacher: nn.Module, tokenizer, profile: Profile | str | Non
     rows = rows if rows is not None else seed_rows()
     results = dict(results or {})
     windows = eval_windows(tokenizer, profile)
-    base = teacher_metrics(teacher, tokenizer, profile, windows, cache=work_dir / "teacher.json", progress=progress)
+    base = teacher_stats if teacher_stats is not None else \
+        teacher_metrics(teacher, tokenizer, profile, windows, cache=work_dir / "teacher.json", progress=progress)
     out = []
     for name, recipe, claim in tqdm(rows, desc="comparison rows", unit="row", disable=not progress):
         result = results.get(name)
@@ -204,12 +224,14 @@ QUANTIZE_KNOBS = {"none": None, "int8": ("int8", "rtn"), "w8a8": ("w8a8", "rtn")
 
 
 def recipe_from_knobs(heads_keep: float = 1.0, channels_keep: float = 1.0, layers_keep: float = 1.0,
-                      distil_steps: int = 0, quantize: str = "none", importance: str = "activation",
+                      distil_steps: int = 0, quantize: str = "none", embedding_bits: int | None = 4,
+                      importance: str = "activation", alpha: float = STUDENT_DISTIL["alpha"],
                       max_ppl_ratio: float | None = None) -> Recipe:
     """Build a prune → distil → quantize recipe from the notebook panel's knobs (steps with no effect are left out).
 
     ``importance`` ranks heads and channels (``StructuredConfig.importance``); ``quantize`` picks a format
-    and algorithm from ``QUANTIZE_KNOBS``.
+    and algorithm from ``QUANTIZE_KNOBS``; ``embedding_bits`` (4, 8 or None for float) is the embedding's
+    and tied head's format when there is a quantize step; ``alpha`` weighs KD against CE in the distil step.
     """
     steps = []
     prune = {k: v for k, v in (("heads_keep", heads_keep), ("channels_keep", channels_keep),
@@ -217,13 +239,13 @@ def recipe_from_knobs(heads_keep: float = 1.0, channels_keep: float = 1.0, layer
     if prune:
         steps.append(Step("prune", {**prune, "importance": importance}))
     if distil_steps:
-        steps.append(Step("distil", {"steps": int(distil_steps), "top_k": 64, "lr": 3e-4}))
+        steps.append(Step("distil", {"steps": int(distil_steps), **STUDENT_DISTIL, "alpha": alpha}))
     if quantize not in QUANTIZE_KNOBS:
         raise ValueError(f"quantize={quantize!r}; allowed: {', '.join(map(repr, QUANTIZE_KNOBS))}")
     if QUANTIZE_KNOBS[quantize] is not None:
         method, algorithm = QUANTIZE_KNOBS[quantize]
-        q = {"method": method, "group_size": 64, "embedding_bits": 8} if method == "int4" else \
-            {"method": method, "embedding_bits": 8}
+        q = {"method": method, "group_size": 64, "embedding_bits": embedding_bits} if method == "int4" else \
+            {"method": method, "embedding_bits": embedding_bits}
         steps.append(Step("quantize", {**q, "algorithm": algorithm} if algorithm != "rtn" else q))
     if not steps:
         raise ValueError("the knobs select no step; allowed: at least one of heads/MLP/layers < 1, "

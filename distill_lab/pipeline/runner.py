@@ -276,6 +276,8 @@ def run_recipe(teacher: nn.Module, tokenizer, recipe: Recipe, out_dir: str | Pat
         else:
             model = copy.deepcopy(teacher).eval()
     for record in records:  # the resumed steps: saved perplexity and size stand, speed is timed in this run
+        if measure_steps == "last" and record is not records[-1]:
+            record.metrics = {}  # measured by an earlier run that measured every step; here only the last counts
         if record.metrics:
             timed = model if record is records[-1] and model is not None else load_saved(record.folder, device)[0]
             record.metrics = {**record.metrics, **measure_speed(timed, profile)}
