@@ -62,6 +62,7 @@ class ExportReport:
     path: Path  # the GGUF file
     tensor_types: dict = field(default_factory=dict)  # GGUF tensor name -> ggml type name (Q4_1, Q8_0, F32, F16)
     rounded_groups: dict = field(default_factory=dict)  # tensor name -> Q4_1 groups whose m (or d) was rounded to fp16
+    int4_groups: int = 0  # our int4 groups written as Q4_1 (each becomes group_size / 32 ggml blocks)
     notes: list = field(default_factory=list)  # one line per tensor that was re-quantized or dequantized
     tokenizer_source: str = ""  # "teacher GGUF" or "HF tokenizer"
 
@@ -74,11 +75,12 @@ class ExportReport:
 
     def summary(self) -> str:
         """One line: file, size, tensors per type, groups rounded."""
-        kinds = ", ".join(f"{v}× {k}" for k, v in sorted(self.counts().items()))
+        kinds = ", ".join(f"{v} {k} tensors" for k, v in sorted(self.counts().items()))
         rounded = sum(self.rounded_groups.values())
+        share = f" ({100 * rounded / self.int4_groups:.0f} %)" if self.int4_groups else ""
         size = self.path.stat().st_size / 2**20 if self.path.exists() else float("nan")
-        return (f"{self.path.name}: {size:.1f} MiB, {kinds}; {rounded} Q4_1 groups needed an fp16 rounding "
-                f"of their offset; tokenizer from {self.tokenizer_source}")
+        return (f"{self.path.name}: {size:.1f} MiB, {kinds}; {rounded:,} of {self.int4_groups:,} int4 groups{share} "
+                f"had their Q4_1 offset rounded to fp16; tokenizer from {self.tokenizer_source}")
 
 
 # ----------------------------------------------------------------------------- ggml blocks
@@ -234,6 +236,7 @@ def _module_tensor(module: nn.Module, float_type: str, n_head: int | None, repor
         codes, d, m, inexact = int4_q4_1_parts(module)
         if n_head:
             codes, d, m = (_permute_rows(a, n_head) for a in (codes, d, m))
+        report.int4_groups += d.size  # (N, K/g): one scale per group
         if inexact:
             report.rounded_groups[name] = inexact
         return q4_1_blocks(codes, d, m, module.group_size), "Q4_1", gguf.GGMLQuantizationType.Q4_1

@@ -264,8 +264,11 @@ def run_recipe(teacher: nn.Module, tokenizer, recipe: Recipe, out_dir: str | Pat
                for i, s in enumerate(recipe.steps[:len(done)])]
     if done:
         if progress:
-            print(f"[{recipe.name}] resuming after step {len(done)} ({recipe.steps[len(done) - 1].kind}); "
-                  f"steps 1..{len(done)} are reused from {len(done)} saved folder(s), their speed measured again")
+            timed = "its speed is" if measure_steps == "last" or len(done) == 1 else "their speed is"
+            reused = f"step {len(done)} is" if len(done) == 1 else f"steps 1..{len(done)} are"
+            print(f"[{recipe.name}] resuming after step {len(done)} ({recipe.steps[len(done) - 1].kind}): "
+                  f"{reused} reused from saved folders, {timed} measured again"
+                  + (" (only the last step is measured)" if measure_steps == "last" and len(done) > 1 else ""))
         if records[-1].metrics:
             _check_guard(recipe, records[-1], first_ppl_key)
     device = device_of(teacher)
