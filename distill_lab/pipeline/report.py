@@ -56,9 +56,10 @@ STUDENT_DISTIL = {"top_k": 64, "lr": 3e-4, "alpha": 0.5}
 def combined_recipe(max_ppl_ratio: float | None = None) -> Recipe:
     """The course's combined recipe: notebook 01's student, distilled, then int4 everywhere (embedding included).
 
-    Prune 8 of 30 blocks (Block Influence) and 320 of the 1536 MLP channels (activation importance; notebook
-    01 keeps 1229, rounded here to 1216 = 19 whole groups of 64 so every down_proj can be int4), heal by distillation from cached top-64 teacher logits (KD + CE, alpha 0.5), then int4 g64
-    for every block Linear (AWQ scaling) and for the embedding with its tied head (``embedding_bits: 4``).
+    Prune 8 of 30 blocks (Block Influence) and 320 of the 1536 MLP channels (activation importance;
+    notebook 01 keeps 1229, rounded here to 1216 = 19 whole groups of 64 so every down_proj can be int4),
+    heal by distillation from cached top-64 teacher logits (KD + CE, alpha 0.5), then int4 g64 for every
+    block Linear (AWQ scaling) and for the embedding with its tied head (``embedding_bits: 4``).
     """
     return Recipe("combined", [
         Step("prune", dict(STUDENT_PRUNE)),
