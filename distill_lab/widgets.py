@@ -18,6 +18,7 @@ import io
 import ipywidgets as widgets
 
 from .pipeline import QUANTIZE_KNOBS
+from .pipeline.report import STUDENT_PRUNE
 from .plotting import (
     plot_distillation_view,
     plot_layer_pruning_view,
@@ -100,8 +101,8 @@ def temperature_widget(logits, tokenizer, k: int = 10, value: float = 1.0):
     return _interactive(wire(compute, plot_temperature_view), {"temperature": slider})
 
 
-def recipe_panel(run, plot, heads_keep: float = 1.0, channels_keep: float = 0.7917, layers_keep: float = 0.7333,
-                 distil_steps: int = 8, quantize: str = "int4 + AWQ", embedding_bits: int | None = 4,
+def recipe_panel(run, plot, heads_keep: float = 1.0, channels_keep: float = STUDENT_PRUNE["channels_keep"],
+                 layers_keep: float = STUDENT_PRUNE["layers_keep"], distil_steps: int = 8, quantize: str = "int4 + AWQ", embedding_bits: int | None = 4,
                  max_steps: int = 300):
     """Recipe knobs (prune, distil, quantize) that run ``run(**knobs)`` only when "Run recipe" is clicked, then ``plot``.
 
