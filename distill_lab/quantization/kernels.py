@@ -2,7 +2,9 @@
 
 * W8A8: the integer matmul ``torch._int_mm`` (the int8 recipe of LLM.int8() without its fp16
   outlier path, Dettmers et al., 2022, arXiv:2208.07339, and of ZeroQuant, Yao et al., 2022,
-  arXiv:2206.01861).
+  arXiv:2206.01861); on the CPU, oneDNN's int8 linear (``onednn_int8_mm``) where it gives exactly
+  ``_int_mm``'s result: it scales the int32 accumulator by the weight scales before it leaves the
+  registers, so no (M, N) int32 tensor is written and walked again.
 * Weight-only int8: ``aten._weight_int8pack_mm``.
 * Weight-only int4 with group-wise scales and zeros: ``aten._weight_int4pack_mm[_for_cpu]``, the
   "tinygemm" layout torchao uses, with its packing (``to_kernel_layout``) and a way back to the codes.
@@ -24,8 +26,8 @@ from .primitives import SCALE_EPS, QuantizedTensor, quantize_tensor
 
 __all__ = ["INT4_KERNEL_GROUPS", "INT8_PACK_MAX_ROWS", "dequantize_int4", "gather_int4_rows", "int4_codes_and_scales",
            "int4_kernel_codes", "int4_layout_for", "int4_mm", "int4_row_positions", "int8_weight_only_backend",
-           "int8_weight_only_mm", "int_mm", "int_mm_ok", "kernels_enabled", "pack_int4", "to_kernel_layout",
-           "unpack_int4", "unpack_kernel_layout", "use_kernels"]
+           "int8_weight_only_mm", "int_mm", "int_mm_ok", "kernels_enabled", "onednn_int8_mm", "onednn_int8_pack",
+           "pack_int4", "to_kernel_layout", "unpack_int4", "unpack_kernel_layout", "use_kernels"]
 
 aten = torch.ops.aten
 
@@ -105,6 +107,46 @@ def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if int_mm_ok(m, k, n, a.device):
         return torch._int_mm(a, b)  # (M, N) int32
     return (a.double() @ b.double()).to(torch.int32)  # exact fallback
+
+
+# ----------------------------------------------------------------------------- W8A8 on oneDNN (CPU)
+def onednn_int8_pack(weight_int8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Pack an (N, K) int8 weight for ``onednn_int8_mm``; None when oneDNN cannot run it exactly here.
+
+    The packed tensor is opaque (oneDNN's blocked layout, same bytes as the weight) and lives
+    only in memory: checkpoints keep the plain int8 codes. Before it is used, the packed weight
+    multiplies two probe rows and must give ``torch._int_mm``'s integers exactly: one row of
+    ±127 with the signs of the weight's first row (the largest sums this weight can produce) and
+    one of random codes. oneDNN's int8 GEMM on CPUs without VNNI adds 16-bit pair sums that can
+    saturate; there, or when the op is missing, the caller keeps ``_int_mm``.
+    """
+    if not (kernels_enabled() and weight_int8.device.type == "cpu" and weight_int8.dtype == torch.int8
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")):
+        return None
+    n, k = weight_int8.shape
+    gen = torch.Generator().manual_seed(0)
+    probe = torch.stack([weight_int8[0].sign() * 127,
+                         torch.randint(-127, 128, (k,), generator=gen, dtype=torch.int8)]).to(torch.int8)  # (2, K)
+    try:
+        packed = torch.ops.onednn.qlinear_prepack(weight_int8, None)
+        zero_points = torch.zeros(n, dtype=torch.int64)  # (N,) symmetric weights
+        got = onednn_int8_mm(probe, (packed, zero_points), torch.ones(n))  # (2, N) float32, exact below 2^24
+    except (RuntimeError, NotImplementedError):  # a build that lists the op but cannot run it
+        return None
+    want = torch._int_mm(probe, weight_int8.t()) if hasattr(torch, "_int_mm") else \
+        (probe.double() @ weight_int8.t().double()).to(torch.int32)
+    return (packed, zero_points) if torch.equal(got, want.float()) else None
+
+
+def onednn_int8_mm(xq: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor], col_scales: torch.Tensor) -> torch.Tensor:
+    """(M, K) int8 codes @ packed (N, K) int8 weight -> (M, N) float32 ``acc · col_scales``, in one oneDNN call.
+
+    Bit-identical to ``torch._int_mm(xq, w.t()).float() * col_scales`` (the int32 sum is exact and
+    the one fp32 multiply is the same); the int32 accumulator never reaches memory.
+    """
+    weight, zero_points = packed
+    return torch.ops.onednn.qlinear_pointwise(xq.contiguous(), 1.0, 0, weight, col_scales, zero_points, None,
+                                              1.0, 0, torch.float32, "none", [], "")  # (M, N)
 
 
 # ----------------------------------------------------------------------------- int4

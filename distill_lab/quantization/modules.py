@@ -1,7 +1,8 @@
 """Quantized layer types: Linear and Embedding modules whose weights live in integer buffers.
 
 * ``Int8WeightOnlyLinear``: int8 weights per output channel, bf16 activations (``aten._weight_int8pack_mm``).
-* ``Int8DynamicLinear``: W8A8, activations quantized per token at run time (``torch._int_mm``).
+* ``Int8DynamicLinear``: W8A8, activations quantized per token at run time (``torch._int_mm``, or
+  oneDNN's int8 linear on the CPU where it is exact).
 * ``Int4WeightOnlyLinear``: group-wise 4-bit weights in the layout of the kernel that runs them.
 * ``Int8Embedding``: int8 rows with one scale per token (``embeddings.Int4Embedding``: int4 groups).
 
@@ -18,14 +19,20 @@ from torch import nn
 
 from ..arch import embedding_scale
 from .kernels import (dequantize_int4, int4_codes_and_scales, int4_layout_for, int4_mm, int8_weight_only_backend,
-                      int8_weight_only_mm, int_mm, int_mm_ok, pack_int4, to_kernel_layout, unpack_int4,
-                      unpack_kernel_layout)
+                      int8_weight_only_mm, int_mm, int_mm_ok, kernels_enabled, onednn_int8_mm, onednn_int8_pack,
+                      pack_int4, to_kernel_layout, unpack_int4, unpack_kernel_layout)
 from .primitives import Granularity, quantize_tensor
 
-__all__ = ["W8A8_CHUNK_ELEMENTS", "Int4WeightOnlyLinear", "Int8DynamicLinear", "Int8Embedding",
-           "Int8WeightOnlyLinear", "QuantizedModule", "embedding_and_head", "module_name", "set_module"]
+__all__ = ["W8A8_CHUNK_ELEMENTS", "W8A8_ONEDNN_MIN_OUTPUTS", "W8A8_ONEDNN_MIN_ROWS", "Int4WeightOnlyLinear",
+           "Int8DynamicLinear", "Int8Embedding", "Int8WeightOnlyLinear", "QuantizedModule", "embedding_and_head",
+           "module_name", "set_module"]
 
 W8A8_CHUNK_ELEMENTS = 1 << 22  # int32 elements per W8A8 row chunk (16 MiB): one chunk at 8 x 256 tokens; bounds the head
+# oneDNN's int8 linear only for large outputs: measured on an Intel Xeon (AMX), torch 2.13, it costs ~50 us per call
+# at any size (``_int_mm``: ~20 us) and 1-10 ms at 1-4 rows with N <= 256 (decode through k/v_proj); from 256 x 576
+# outputs up it beats ``_int_mm`` + epilogue (2048 x 1536: 1.0 ms vs 4.7 ms).
+W8A8_ONEDNN_MIN_ROWS = 16
+W8A8_ONEDNN_MIN_OUTPUTS = 1 << 17
 
 
 class QuantizedModule(nn.Module):
@@ -99,6 +106,13 @@ class Int8DynamicLinear(QuantizedModule):
 
     An optional ``smooth`` vector (K,) divides the input before quantization (SmoothQuant when
     the factor cannot be folded into the previous layer).
+
+    On the CPU, large outputs (``W8A8_ONEDNN_MIN_ROWS``, ``W8A8_ONEDNN_MIN_OUTPUTS``) run on
+    oneDNN's int8 linear when it gives ``_int_mm``'s exact integers here
+    (``kernels.onednn_int8_pack`` checks): it applies the weight scales inside the kernel, so the
+    layer costs about what the raw ``_int_mm`` costs (issue 18 measured the ``_int_mm`` epilogue
+    at 1.4x the matmul). Same numbers on every path. The packed weight is a second in-memory copy of the int8 codes
+    (not a buffer: checkpoints and ``storage_bytes`` hold the codes once).
     """
 
     kind = "int8_dynamic"
@@ -113,6 +127,28 @@ class Int8DynamicLinear(QuantizedModule):
         self.register_buffer("scales", scales.float().reshape(-1).expand(self.out_features).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float())
         self.register_buffer("smooth", None if smooth is None else smooth.detach().float())  # (K,)
+        self._onednn = None  # ((weight data_ptr, version), packed weight or None): see _onednn_weight
+
+    def __getstate__(self):  # copies and pickles repack: oneDNN's opaque tensor has no storage to copy
+        state = super().__getstate__()
+        return {**state, "_onednn": None}
+
+    def _load_from_state_dict(self, *args, **kwargs):  # new codes copied in: pack them again
+        self._onednn = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _onednn_weight(self):
+        """oneDNN's packed copy of ``weight_int8`` (packed again when the codes change), or None if not exact here.
+
+        A change is seen by the tensor's address, its version counter (in-place writes) and
+        ``load_state_dict``; inference-mode tensors have no version counter, so there only a new
+        tensor or ``load_state_dict`` repacks.
+        """
+        w = self.weight_int8
+        key = (w.data_ptr(), None if w.is_inference() else w._version)
+        if self._onednn is None or self._onednn[0] != key:
+            self._onednn = (key, onednn_int8_pack(self.weight_int8))
+        return self._onednn[1]
 
     @classmethod
     def from_float(cls, linear: nn.Linear, act_granularity: str = "per_token",
@@ -128,15 +164,26 @@ class Int8DynamicLinear(QuantizedModule):
         x2 = x2.float()
         if self.smooth is not None:
             x2 = x2 / self.smooth
-        absmax = x2.abs().amax(-1, keepdim=True) if self.act_granularity == "per_token" \
-            else x2.abs().amax().reshape(1, 1)
+        work = x2.abs()  # (M, K), reused below for x / scale: one temporary instead of two
+        absmax = work.amax(-1, keepdim=True) if self.act_granularity == "per_token" else work.amax().reshape(1, 1)
         scale = absmax.clamp_min(1e-8) / 127  # (M, 1)
-        return torch.round(x2 / scale).to(torch.int8), scale
+        grad = torch.is_grad_enabled() and (x2.requires_grad or scale.requires_grad)
+        q = torch.div(x2, scale) if grad else torch.div(x2, scale, out=work)  # out= has no autograd
+        return q.round_().to(torch.int8), scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2, lead = _flatten(x)  # (M, K)
-        if (x2.device.type == "cpu" and x2.shape[0] and int_mm_ok(*x2.shape, self.out_features, x2.device)
-                and not (torch.is_grad_enabled() and x2.requires_grad)):
+        cpu_no_grad = (x2.device.type == "cpu" and x2.shape[0]
+                       and not (torch.is_grad_enabled() and x2.requires_grad))
+        m = x2.shape[0]
+        big = m >= W8A8_ONEDNN_MIN_ROWS and m * self.out_features >= W8A8_ONEDNN_MIN_OUTPUTS
+        packed = self._onednn_weight() if cpu_no_grad and big and kernels_enabled() else None
+        if packed is not None:  # same numbers in one kernel call: the int32 result is scaled in registers
+            xq, sx = self.quantize_input(x2)
+            y = onednn_int8_mm(xq, packed, self.scales).mul_(sx)  # (M, N) float32
+            if self.bias is not None:
+                y.add_(self.bias)
+        elif cpu_no_grad and int_mm_ok(*x2.shape, self.out_features, x2.device):
             y = self._forward_cpu_chunked(x2)  # same numbers, without the int32 -> fp32 temporaries
         else:
             xq, sx = self.quantize_input(x2)

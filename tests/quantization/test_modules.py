@@ -1,6 +1,7 @@
 """Tests for distill_lab.quantization.modules: each quantized layer type against its fake-quant reference."""
 
 import copy
+import io
 
 import pytest
 import torch
@@ -10,7 +11,8 @@ from distill_lab.models import tiny_llama
 from distill_lab.quantization import modules
 from distill_lab.quantization.api import quantize_
 from distill_lab.quantization.configs import Int4WeightOnlyConfig
-from distill_lab.quantization.kernels import int4_layout_for, int_mm, use_kernels
+from distill_lab.quantization import kernels
+from distill_lab.quantization.kernels import int4_layout_for, int_mm, onednn_int8_pack, use_kernels
 from distill_lab.quantization.modules import (Int4WeightOnlyLinear, Int8DynamicLinear, Int8Embedding,
                                               Int8WeightOnlyLinear, QuantizedModule, embedding_and_head, module_name,
                                               set_module)
@@ -57,10 +59,16 @@ def test_int8_embedding():
     assert q.storage_bytes() == 50 * 16 + 50 * 4
 
 
+@pytest.mark.parametrize("path", ["onednn", "chunked"])
 @pytest.mark.parametrize("granularity", ["per_token", "per_tensor"])
 @pytest.mark.parametrize("m", [1, 7, 40])
-def test_int8_dynamic_cpu_chunks_are_bit_identical_to_the_plain_path(granularity, m, monkeypatch):
-    """Issue 18: the in-place, row-chunked W8A8 epilogue returns exactly what quantize -> int_mm -> scale gave."""
+def test_int8_dynamic_cpu_paths_are_bit_identical_to_the_plain_path(path, granularity, m, monkeypatch):
+    """Issue 18: oneDNN's fused int8 linear and the in-place, row-chunked ``_int_mm`` epilogue both return
+    exactly what quantize -> int_mm -> scale gave."""
+    if path == "chunked":
+        monkeypatch.setattr(modules, "onednn_int8_pack", lambda w: None)  # as on a CPU where oneDNN is not exact
+    else:
+        _onednn_or_skip(monkeypatch)
     monkeypatch.setattr(modules, "W8A8_CHUNK_ELEMENTS", 3 * 48)  # 3 rows per chunk: several chunks and a ragged end
     lin = linear(48, 64, bias=True)
     mod = Int8DynamicLinear.from_float(lin, granularity)
@@ -77,6 +85,65 @@ def test_int8_dynamic_cpu_chunks_are_bit_identical_to_the_plain_path(granularity
     assert mod(x.bfloat16()).dtype == torch.bfloat16
     xg = x.clone().requires_grad_(True)  # with autograd on, the plain (differentiable) path runs
     assert torch.equal(mod(xg).detach(), want)
+    assert (mod._onednn is not None and mod._onednn[1] is not None) == (path == "onednn")  # the path that ran
+
+
+def _onednn_or_skip(monkeypatch):
+    """Skip where oneDNN's int8 linear is not exact here; else send every size to it."""
+    if onednn_int8_pack(torch.ones(4, 8, dtype=torch.int8)) is None:
+        pytest.skip("oneDNN's int8 linear is not available (or not exact) on this CPU")
+    monkeypatch.setattr(modules, "W8A8_ONEDNN_MIN_ROWS", 1)
+    monkeypatch.setattr(modules, "W8A8_ONEDNN_MIN_OUTPUTS", 1)
+
+
+def test_onednn_int8_probe_refuses_a_kernel_that_is_not_exact(monkeypatch):
+    """A oneDNN result that differs from ``_int_mm`` on the probe rows (a saturating non-VNNI CPU) is never used."""
+    _onednn_or_skip(monkeypatch)
+    real = kernels.onednn_int8_mm
+    monkeypatch.setattr(kernels, "onednn_int8_mm", lambda xq, packed, s: real(xq, packed, s).clamp(-32768, 32767))
+    w = torch.full((4, 64), 127, dtype=torch.int8)  # 64 · 127 · 127 = 1,032,256: a 16-bit sum would saturate
+    assert onednn_int8_pack(w) is None
+    lin = linear(16, 64)
+    with torch.no_grad():
+        lin.weight.fill_(1.0)
+    mod = Int8DynamicLinear.from_float(lin)
+    x = torch.full((3, 64), 5.0)
+    with torch.no_grad():
+        got = mod(x)
+    assert mod._onednn[1] is None  # refused: the _int_mm path ran
+    with use_kernels(False):
+        assert torch.equal(got, mod(x))
+    monkeypatch.undo()
+    assert onednn_int8_pack(w) is not None  # the real kernel is exact on the same weight
+
+
+def test_int8_dynamic_onednn_copy_pickle_and_new_weights(monkeypatch):
+    """The packed copy is not state: deepcopy and torch.save work, and new codes are packed again."""
+    _onednn_or_skip(monkeypatch)
+    lin = linear(32, 64, bias=True)
+    mod = Int8DynamicLinear.from_float(lin)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        y = mod(x)
+        assert mod._onednn[1] is not None
+        twin = copy.deepcopy(mod)
+        assert torch.equal(twin(x), y)
+        buf = io.BytesIO()
+        torch.save(mod, buf)
+        buf.seek(0)
+        assert torch.equal(torch.load(buf, weights_only=False)(x), y)
+        assert set(mod.state_dict()) == {"weight_int8", "scales", "bias"}  # the packed copy is not saved
+        mod.weight_int8.neg_()  # in place: the version counter moves, so the weight is packed again
+        xq, sx = mod.quantize_input(x)
+        assert torch.equal(mod(x), torch.mul(int_mm(xq, mod.weight_int8.t()), mod.scales).mul_(sx) + mod.bias)
+        other = Int8DynamicLinear.from_float(nn.Linear(64, 32))
+        other.bias = None
+        mod.bias = None
+        mod.load_state_dict(other.state_dict())  # copied into the same tensor: packed again all the same
+        assert torch.equal(mod(x), other(x))
+    with torch.inference_mode():  # inference tensors have no version counter
+        frozen = Int8DynamicLinear.from_float(lin)
+        assert torch.equal(frozen(x), y)
 
 
 def test_quantized_modules_report_storage():
@@ -126,3 +193,13 @@ def test_finding_and_swapping_modules_in_a_model():
     q = Int8WeightOnlyLinear.from_float(model.model.layers[1].mlp.up_proj)
     set_module(model, "model.layers.1.mlp.up_proj", q)
     assert model.model.layers[1].mlp.up_proj is q and module_name(model, q) == "model.layers.1.mlp.up_proj"
+
+
+def test_int8_dynamic_small_outputs_stay_on_int_mm():
+    """Decode-sized calls (few rows, or few outputs) never reach oneDNN, whose per-call cost is higher there."""
+    mod = Int8DynamicLinear.from_float(linear(192, 576))
+    with torch.no_grad():
+        mod(torch.randn(1, 576))  # 1 row: below W8A8_ONEDNN_MIN_ROWS
+        mod(torch.randn(64, 576))  # 64 x 192 outputs: below W8A8_ONEDNN_MIN_OUTPUTS
+    assert mod._onednn is None  # never even packed
+    assert 64 * 192 < modules.W8A8_ONEDNN_MIN_OUTPUTS and modules.W8A8_ONEDNN_MIN_ROWS > 1
