@@ -138,7 +138,8 @@ def onednn_int8_pack(weight_int8: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return (packed, zero_points) if torch.equal(got, want.float()) else None
 
 
-def onednn_int8_mm(xq: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor], col_scales: torch.Tensor) -> torch.Tensor:
+def onednn_int8_mm(xq: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor],
+                   col_scales: torch.Tensor) -> torch.Tensor:
     """(M, K) int8 codes @ packed (N, K) int8 weight -> (M, N) float32 ``acc · col_scales``, in one oneDNN call.
 
     Bit-identical to ``torch._int_mm(xq, w.t()).float() * col_scales`` (the int32 sum is exact and

@@ -28,9 +28,9 @@ __all__ = ["W8A8_CHUNK_ELEMENTS", "W8A8_ONEDNN_MIN_OUTPUTS", "W8A8_ONEDNN_MIN_RO
            "module_name", "set_module"]
 
 W8A8_CHUNK_ELEMENTS = 1 << 22  # int32 elements per W8A8 row chunk (16 MiB): one chunk at 8 x 256 tokens; bounds the head
-# oneDNN's int8 linear only for large outputs: measured on an Intel Xeon (AMX), torch 2.13, it costs ~50 us per call
-# at any size (``_int_mm``: ~20 us) and 1-10 ms at 1-4 rows with N <= 256 (decode through k/v_proj); from 256 x 576
-# outputs up it beats ``_int_mm`` + epilogue (2048 x 1536: 1.0 ms vs 4.7 ms).
+# oneDNN's int8 linear only for large outputs: measured on an Intel Xeon (AMX), torch 2.13, it costs ~50 us per
+# call at any size (``_int_mm``: ~20 us) and 1-10 ms at 1-4 rows with N <= 256 (decode through k/v_proj); from
+# 256 x 576 outputs up it beats ``_int_mm`` + epilogue (2048 x 1536: 1.0 ms vs 4.7 ms).
 W8A8_ONEDNN_MIN_ROWS = 16
 W8A8_ONEDNN_MIN_OUTPUTS = 1 << 17
 
