@@ -3,7 +3,8 @@
     python benchmarks/deploy.py [--threads 2] [--rounds 3] [--windows 16] [--gguf FILE]
 
 Always measured (alternating the engines round by round, medians): distill_lab fp32 and int4 g64
-(+ int8 embedding/head) teacher: decode tok/s at batch 1 and prefill tok/s of 1 x 256 tokens.
+(+ int8 embedding/head, or int4 with ``--embedding-bits 4`` as in the teacher's own Q4_1 file) teacher:
+decode tok/s at batch 1 and prefill tok/s of 1 x 256 tokens.
 With ``llama-cpp-python`` installed (``pip install 'distill_lab[deploy]'``; it builds from source:
 ``pip install cmake ninja`` and a C++ compiler first, about 20 min on 2 cores, and
 ``CMAKE_ARGS="-DGGML_NATIVE=ON"`` for this CPU's instructions), llama.cpp columns are added for
@@ -32,7 +33,8 @@ from distill_lab.quantization import Int4WeightOnlyConfig, quantize_  # noqa: E4
 
 INSTALL_HINT = ("llama.cpp columns skipped: llama-cpp-python is not installed. Install it with\n"
                 "  pip install cmake ninja && CMAKE_ARGS=\"-DGGML_NATIVE=ON\" pip install 'distill_lab[deploy]'\n"
-                "(built from source, about 20 min on 2 cores; needs a C++ compiler).")
+                "(built from source, about 20 min on 2 cores; needs a C++ compiler). If llama.cpp then dies with\n"
+                "'Illegal instruction' on a CPU with AMX, rebuild without native AMX (README, Deploy).")
 
 
 def llama_cpp_available() -> bool:
@@ -145,6 +147,8 @@ def main(argv=None):
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=256, help="prefill length (batch 1)")
     parser.add_argument("--windows", type=int, default=16, help="pydoc test windows of 256 tokens for perplexity")
+    parser.add_argument("--embedding-bits", type=int, default=8, choices=(4, 8),
+                        help="the int4 model's embedding and tied head: int8 rows or int4 g64 (all Q4_1 in GGUF)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the lean decode step (timed once)")
     parser.add_argument("--gguf", default=None, help="an exported GGUF to run in llama.cpp (default: export the "
                                                      "int4 teacher to a temporary file)")
@@ -156,7 +160,7 @@ def main(argv=None):
 
     teacher, tok = dl.load_teacher(device="cpu")
     int4 = copy.deepcopy(teacher)
-    quantize_(int4, Int4WeightOnlyConfig(group_size=64))
+    quantize_(int4, Int4WeightOnlyConfig(group_size=64, embedding_bits=args.embedding_bits))
     engines = {"distill_lab fp32": TorchEngine(teacher), "distill_lab int4 g64": TorchEngine(int4),
                "distill_lab fp32 lean": LeanEngine(teacher), "distill_lab int4 lean": LeanEngine(int4, args.compile)}
     if args.compile:
