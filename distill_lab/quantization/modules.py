@@ -111,8 +111,8 @@ class Int8DynamicLinear(QuantizedModule):
     oneDNN's int8 linear when it gives ``_int_mm``'s exact integers here
     (``kernels.onednn_int8_pack`` checks): it applies the weight scales inside the kernel, so the
     layer costs about what the raw ``_int_mm`` costs (issue 18 measured the ``_int_mm`` epilogue
-    at 1.4x the matmul). Same numbers on every path. The packed weight is a second in-memory copy of the int8 codes
-    (not a buffer: checkpoints and ``storage_bytes`` hold the codes once).
+    at 1.4x the matmul). Same numbers on every path. The packed weight is a second in-memory
+    copy of the int8 codes (not a buffer: checkpoints and ``storage_bytes`` hold the codes once).
     """
 
     kind = "int8_dynamic"
@@ -146,7 +146,8 @@ class Int8DynamicLinear(QuantizedModule):
         """
         w = self.weight_int8
         key = (w.data_ptr(), None if w.is_inference() else w._version)
-        if self._onednn is None or self._onednn[0] != key:
+        cached = getattr(self, "_onednn", None)  # absent on modules unpickled from before this attribute
+        if cached is None or cached[0] != key:
             self._onednn = (key, onednn_int8_pack(self.weight_int8))
         return self._onednn[1]
 
