@@ -2,9 +2,10 @@
 
     python benchmarks/deploy.py [--threads 2] [--rounds 3] [--windows 16] [--gguf FILE]
 
-Always measured (alternating the engines round by round, medians): distill_lab fp32 and int4 g64
-(+ int8 embedding/head, or int4 with ``--embedding-bits 4`` as in the teacher's own Q4_1 file) teacher:
-decode tok/s at batch 1 and prefill tok/s of 1 x 256 tokens.
+Always measured (alternating the engines round by round, medians): the distill_lab fp32 and int4 g64
+teacher (int4 embedding and tied head too, as in the teacher's own Q4_1 file; ``--embedding-bits 8``
+for int8 rows), each through Hugging Face's forward and through the lean ``StaticDecoder``: decode
+tok/s at batch 1 and prefill tok/s of 1 x 256 tokens.
 With ``llama-cpp-python`` installed (``pip install 'distill_lab[deploy]'``; it builds from source:
 ``pip install cmake ninja`` and a C++ compiler first, about 20 min on 2 cores, and
 ``CMAKE_ARGS="-DGGML_NATIVE=ON"`` for this CPU's instructions), llama.cpp columns are added for
@@ -147,8 +148,9 @@ def main(argv=None):
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=256, help="prefill length (batch 1)")
     parser.add_argument("--windows", type=int, default=16, help="pydoc test windows of 256 tokens for perplexity")
-    parser.add_argument("--embedding-bits", type=int, default=8, choices=(4, 8),
-                        help="the int4 model's embedding and tied head: int8 rows or int4 g64 (all Q4_1 in GGUF)")
+    parser.add_argument("--embedding-bits", type=int, default=4, choices=(4, 8),
+                        help="the int4 model's embedding and tied head: int4 g64 (all Q4_1 in GGUF, like the "
+                             "teacher's own file; default) or int8 rows")
     parser.add_argument("--compile", action="store_true", help="torch.compile the lean decode step (timed once)")
     parser.add_argument("--gguf", default=None, help="an exported GGUF to run in llama.cpp (default: export the "
                                                      "int4 teacher to a temporary file)")

@@ -64,3 +64,28 @@ def test_teacher_int4_greedy_equals_hf(teacher):
     quantize_(q4, Int4WeightOnlyConfig(group_size=64))
     ids = tok("The Python `with` statement is used to", return_tensors="pt").input_ids
     assert torch.equal(StaticDecoder(q4, max_len=128).generate(ids, 16), _hf(q4, ids, 16))
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_flat_decode_step_equals_the_general_step(quantized):
+    """The decode step that calls the kernels directly gives the module path's logits and cache bit for bit."""
+    model = tiny_llama(vocab_size=256, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2)
+    if quantized:
+        quantize_(model, Int4WeightOnlyConfig(group_size=32))
+    ids = _ids(n=9)
+    flat, general = StaticDecoder(model, max_len=32), StaticDecoder(model, max_len=32)
+    assert flat._flat is not None
+    with torch.inference_mode():
+        flat._forward(ids[:, :5], 0)
+        general._forward(ids[:, :5], 0)
+        for pos in range(5, 9):
+            a = flat._forward(ids[:, pos:pos + 1], pos)
+            b = general._general(ids[:, pos:pos + 1], pos)
+            assert torch.equal(a, b)
+    assert torch.equal(flat.k, general.k) and torch.equal(flat.v, general.v)
+
+
+def test_flat_step_only_where_it_applies():
+    model = tiny_llama(vocab_size=256, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2)
+    assert StaticDecoder(model, max_len=16, fuse=False)._flat is None  # unfused: general step
+    assert StaticDecoder(model.to(torch.bfloat16), max_len=16)._flat is None  # bf16 residual stream: general step
