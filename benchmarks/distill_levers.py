@@ -7,11 +7,12 @@ stdlib-code, and the repeated-4-gram share of 40 greedy tokens after each of 01'
 
 Levers: which blocks/channels are kept (depth by Block Influence, width by activation), the loss
 (CE only, forward KL with alpha 0.5 or 1 on the top-64 cache), on-policy steps (GKD, live teacher),
-and the training text (pydoc only, or half pydoc and half stdlib-code windows).
+the training text (pydoc only, or half pydoc and half stdlib-code windows), the learning rate and
+its schedule, and a hidden-state loss (DistilBERT's cosine) on the last or three kept blocks.
 
     python benchmarks/distill_levers.py [--only NAME ...] [--list]
 
-About 1 min per row on 2 cores (on-policy rows ~1.5 min); all rows ~20 min. Perplexities and
+About 1 min per row on 2 cores (on-policy and live-teacher rows ~1.5-2 min); all rows ~30 min. Perplexities and
 repetition shares do not depend on the machine's load; with ``bf16="auto"`` they can differ
 between a CPU that runs bf16 autocast and one that does not (name the CPU with the table).
 """
@@ -29,12 +30,18 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import distill_lab as dl  # noqa: E402
-from distill_lab.distillation import (DistillationLoss, DistillationTrainer, TrainConfig,  # noqa: E402
-                                      cache_teacher_logits)
+from distill_lab.distillation import (DistillationLoss, DistillationTrainer, HiddenStateLoss,  # noqa: E402
+                                      TrainConfig, cache_teacher_logits)
 from distill_lab.pruning import StructuredConfig, prune_structured  # noqa: E402
+from distill_lab.pruning.selection import as_batches  # noqa: E402
+from distill_lab.pruning.structured import block_influence, select_layers  # noqa: E402
 
 SIZES = dict(seq=128, batch=4, steps=32, warmup=4, test_windows=48, k=64, lr=3e-4, prompt=32, gen=32, new_tokens=40)
 PROMPTS = ["The try statement specifies", "A list comprehension consists of"]  # notebook 01's
+# ten more, written once before any of them was run, so that a lever is not judged on two prompts' luck
+MORE_PROMPTS = ["The with statement is used to", "A generator function is", "The import statement",
+                "A dictionary maps", "The for statement is used to", "An exception is raised when",
+                "A class definition defines", "A lambda expression", "The global statement", "A tuple is"]
 STUDENTS = {  # name: (share of blocks kept by Block Influence, share of MLP channels kept by activation)
     "22 blocks + 80 % channels (01's)": (22 / 30, 0.8),
     "30 blocks + 50 % channels (width)": (1.0, 0.5),
@@ -44,7 +51,10 @@ STUDENTS = {  # name: (share of blocks kept by Block Influence, share of MLP cha
 }
 C22, W50, M26, D20, S15 = STUDENTS
 # row name: (student, [(phase, steps, options)]); phases: cache/mixed (cached top-k, pydoc or both corpora),
-# onp (on-policy KD with the live teacher), none (the pruned model untrained)
+# onp (on-policy KD with the live teacher), live (full-vocabulary KD with the live teacher, no top-k
+# cut; needed for the hidden-state loss), none (the pruned model untrained); options: alpha, lr, min_lr_ratio (a cosine
+# decay to that share of lr after the warm-up; 1.0 = constant, 01's), hidden ("last": the last
+# hidden states; "spread": three depths, each student block paired with the teacher block it was kept as)
 ROWS = {
     "01's student, untrained": (C22, [("none", 0, {})]),
     "01's student, CE only": (C22, [("cache", 32, {"alpha": 0.0})]),
@@ -64,6 +74,16 @@ ROWS = {
     "depth 20, forward KL a=0.5": (D20, [("cache", 32, {"alpha": 0.5})]),
     "half depth, CE only": (S15, [("cache", 32, {"alpha": 0.0})]),
     "half depth, forward KL a=0.5": (S15, [("cache", 32, {"alpha": 0.5})]),
+    "01's student, KL a=0.5, lr 1e-4": (C22, [("cache", 32, {"alpha": 0.5, "lr": 1e-4})]),
+    "01's student, KL a=0.5, lr 1e-3": (C22, [("cache", 32, {"alpha": 0.5, "lr": 1e-3})]),
+    "01's student, KL a=0.5, cosine to 10 %": (C22, [("cache", 32, {"alpha": 0.5, "min_lr_ratio": 0.1})]),
+    "01's student, CE only, cosine to 10 %": (C22, [("cache", 32, {"alpha": 0.0, "min_lr_ratio": 0.1})]),
+    "01's student, KD a=1, cosine to 10 %": (C22, [("cache", 32, {"alpha": 1.0, "min_lr_ratio": 0.1})]),
+    "01's student, KL a=0.5, cosine to 0": (C22, [("cache", 32, {"alpha": 0.5, "min_lr_ratio": 0.0})]),
+    "01's student, both corpora, KL, cosine": (C22, [("mixed", 32, {"alpha": 0.5, "min_lr_ratio": 0.1})]),
+    "01's student, KL a=0.5, live teacher": (C22, [("live", 32, {"alpha": 0.5})]),
+    "01's student, KL a=0.5 + last hidden": (C22, [("live", 32, {"alpha": 0.5, "hidden": "last"})]),
+    "01's student, KL a=0.5 + 3 hidden": (C22, [("live", 32, {"alpha": 0.5, "hidden": "spread"})]),
 }
 
 
@@ -102,12 +122,22 @@ def main(argv=None) -> int:
     calibration = dl.calibration_batches(pydoc, 16, 8)  # as notebook 01
     students, t_params = {}, dl.count_parameters(teacher)["non_embedding"]
 
-    def config(steps, **extra):
-        return TrainConfig(steps=steps, batch_size=S["batch"], lr=S["lr"], warmup_steps=min(S["warmup"], steps - 1),
-                           min_lr_ratio=1.0, bf16="auto", progress=False, **extra)
+    def config(steps, lr=S["lr"], min_lr_ratio=1.0, **extra):
+        return TrainConfig(steps=steps, batch_size=S["batch"], lr=lr, warmup_steps=min(S["warmup"], steps - 1),
+                           min_lr_ratio=min_lr_ratio, bf16="auto", progress=False, **extra)
+
+    def hidden_loss(student, layers_keep, how):
+        """HiddenStateLoss pairing student blocks with the teacher blocks they were kept as (cosine, weight 1)."""
+        if how == "last":
+            pairs = HiddenStateLoss.last_layers(student, teacher)
+        else:  # the blocks prune_structured kept, from the same Block Influence on the same calibration
+            kept = select_layers(block_influence(teacher, as_batches(calibration)), layers_keep)
+            n_s = len(kept)
+            pairs = [(i, kept[i - 1] + 1) for i in (n_s // 3, 2 * n_s // 3, n_s)]  # after student block i
+        return HiddenStateLoss(student.config.hidden_size, teacher.config.hidden_size, pairs)
 
     print(f"teacher: pydoc test {t_ppl[0]:.2f}, stdlib-code test {t_ppl[1]:.2f}\n")
-    print(f"{'row':40}{'fewer':>6}{'pydoc':>7}{'code':>7}{'rep4 p1':>8}{'rep4 p2':>8}{'s':>5}")
+    print(f"{'row':40}{'fewer':>6}{'pydoc':>7}{'code':>7}{'rep4 p1':>8}{'rep4 p2':>8}{'12 mean':>9}{'≤20%':>6}{'s':>5}")
     for name in rows:
         student_name, plan = ROWS[name]
         if student_name not in students:
@@ -118,9 +148,14 @@ def main(argv=None) -> int:
         s = copy.deepcopy(students[student_name])
         start = time.perf_counter()
         for phase, steps, opt in plan:
+            sched = {k: opt[k] for k in ("lr", "min_lr_ratio") if k in opt}
             if phase in caches:
                 loss = DistillationLoss(temperature=1.0, alpha=opt["alpha"])
-                DistillationTrainer(s, caches[phase], loss=loss, config=config(steps)).train()
+                DistillationTrainer(s, caches[phase], loss=loss, config=config(steps, **sched)).train()
+            elif phase == "live":
+                loss = DistillationLoss(temperature=1.0, alpha=opt["alpha"])
+                DistillationTrainer(s, train, teacher=teacher, loss=loss, hidden=hidden_loss(s, STUDENTS[student_name][0], opt["hidden"]) if "hidden" in opt else None,
+                                    config=config(steps, **sched)).train()
             elif phase == "onp":
                 cfg = config(steps, seed=opt.get("seed", 0), lmbda=1.0, prompt_tokens=S["prompt"],
                              gen_tokens=S["gen"])
@@ -130,13 +165,16 @@ def main(argv=None) -> int:
         s.eval()
         ratio = (dl.perplexity(s, test, bf16="auto", progress=False) / t_ppl[0],
                  dl.perplexity(s, test_code, bf16="auto", progress=False) / t_ppl[1])
-        rep = [dl.repeated_ngram_share(out["ids"], 4) for p in PROMPTS
+        rep = [dl.repeated_ngram_share(out["ids"], 4) for p in PROMPTS + MORE_PROMPTS
                for out in dl.generate_continuations(s, tok, [p], max_new_tokens=S["new_tokens"])]
+        rep12 = sum(rep) / len(rep), sum(r <= 0.2 for r in rep)
         fewer = t_params / dl.count_parameters(s)["non_embedding"]
-        print(f"{name:40}{fewer:6.2f}{ratio[0]:7.2f}{ratio[1]:7.2f}{rep[0]:8.0%}{rep[1]:8.0%}{seconds:5.0f}",
-              flush=True)
+        print(f"{name:40}{fewer:6.2f}{ratio[0]:7.2f}{ratio[1]:7.2f}{rep[0]:8.0%}{rep[1]:8.0%}{rep12[0]:9.0%}"
+              f"{rep12[1]:6d}{seconds:5.0f}", flush=True)
     print("\n(fewer: non-embedding parameters, teacher / student; pydoc, code: test perplexity / the teacher's;"
-          f" rep4: share of repeated 4-grams in {S['new_tokens']} greedy tokens after each of notebook 01's prompts)")
+          f" rep4: share of repeated 4-grams in {S['new_tokens']} greedy tokens after each of notebook 01's prompts;"
+          f" 12 mean: its mean over those two and {len(MORE_PROMPTS)} more prompts; ≤20%: how many of the 12 are"
+          " at most 20 %)")
     return 0
 
 
