@@ -170,7 +170,7 @@ class StaticDecoder:
         return self._general(ids, pos)
 
     def _flat_step(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
-        """One token (1, 1) at ``pos`` -> (1, V) logits: the general step's numbers with ~25 ops per layer."""
+        """One token (1, 1) at ``pos`` -> (1, V) logits: the general step's numbers in a few dozen ops per layer."""
         H, G, d = self.H, self.G, self.d
         base = self.model.model
         h = base.embed_tokens(ids)[0]  # (1, D) float32
