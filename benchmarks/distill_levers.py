@@ -81,6 +81,8 @@ ROWS = {
     "01's student, KD a=1, cosine to 10 %": (C22, [("cache", 32, {"alpha": 1.0, "min_lr_ratio": 0.1})]),
     "01's student, KL a=0.5, cosine to 0": (C22, [("cache", 32, {"alpha": 0.5, "min_lr_ratio": 0.0})]),
     "01's student, both corpora, KL, cosine": (C22, [("mixed", 32, {"alpha": 0.5, "min_lr_ratio": 0.1})]),
+    "width, CE only, cosine to 10 %": (W50, [("cache", 32, {"alpha": 0.0, "min_lr_ratio": 0.1})]),
+    "width, KL a=0.5, cosine to 10 %": (W50, [("cache", 32, {"alpha": 0.5, "min_lr_ratio": 0.1})]),
     "01's student, KL a=0.5, live teacher": (C22, [("live", 32, {"alpha": 0.5})]),
     "01's student, KL a=0.5 + last hidden": (C22, [("live", 32, {"alpha": 0.5, "hidden": "last"})]),
     "01's student, KL a=0.5 + 3 hidden": (C22, [("live", 32, {"alpha": 0.5, "hidden": "spread"})]),
