@@ -14,8 +14,8 @@ that concatenates, mask and rotary construction, output dataclasses, one call pe
 * at one token per step (decode), a flat step that calls the kernels directly: the int4 kernel on
   bf16 input (its bf16 output is promoted by the next fp32 op instead of converted), rotary on q
   and k at once with a precomputed signed sine, no module calls or reshapes per projection. A
-  decode step of a 135M model is a few hundred small ops, each costing microseconds of dispatch,
-  so the op count is the step time once the weights are int4 (measured: README, Deploy);
+  decode step of a 135M model was over a thousand small ops, each costing microseconds of dispatch,
+  so once the weights are int4 the op count decides the step time (measured: README, Deploy);
 * optionally ``torch.compile`` of the per-token step, falling back to eager where no compiler works
   (on the 2-core Xeon it compiled in 10 s and decoded slower than the flat eager step: README, Deploy).
 
