@@ -12,8 +12,8 @@ its schedule, and a hidden-state loss (DistilBERT's cosine) on the last or three
 
     python benchmarks/distill_levers.py [--only NAME ...] [--list]
 
-About 1 min per row on 2 cores (on-policy and live-teacher rows ~1.5-2 min); all rows ~30 min. Perplexities and
-repetition shares do not depend on the machine's load; with ``bf16="auto"`` they can differ
+About 1 min per row on 2 cores (on-policy and live-teacher rows ~1.5-2 min); all rows ~30 min.
+Perplexities and repetition shares do not depend on the machine's load; with ``bf16="auto"`` they can differ
 between a CPU that runs bf16 autocast and one that does not (name the CPU with the table).
 """
 
@@ -52,9 +52,10 @@ STUDENTS = {  # name: (share of blocks kept by Block Influence, share of MLP cha
 C22, W50, M26, D20, S15 = STUDENTS
 # row name: (student, [(phase, steps, options)]); phases: cache/mixed (cached top-k, pydoc or both corpora),
 # onp (on-policy KD with the live teacher), live (full-vocabulary KD with the live teacher, no top-k
-# cut; needed for the hidden-state loss), none (the pruned model untrained); options: alpha, lr, min_lr_ratio (a cosine
-# decay to that share of lr after the warm-up; 1.0 = constant, 01's), hidden ("last": the last
-# hidden states; "spread": three depths, each student block paired with the teacher block it was kept as)
+# cut; needed for the hidden-state loss), none (the pruned model untrained); options: alpha, lr,
+# min_lr_ratio (a cosine decay to that share of lr after the warm-up; 1.0 = constant, 01's), hidden
+# ("last": the last hidden states; "spread": three depths, each student block paired with the
+# teacher block it was kept as)
 ROWS = {
     "01's student, untrained": (C22, [("none", 0, {})]),
     "01's student, CE only": (C22, [("cache", 32, {"alpha": 0.0})]),
@@ -139,7 +140,8 @@ def main(argv=None) -> int:
         return HiddenStateLoss(student.config.hidden_size, teacher.config.hidden_size, pairs)
 
     print(f"teacher: pydoc test {t_ppl[0]:.2f}, stdlib-code test {t_ppl[1]:.2f}\n")
-    print(f"{'row':40}{'fewer':>6}{'pydoc':>7}{'code':>7}{'rep4 p1':>8}{'rep4 p2':>8}{'12 mean':>9}{'≤20%':>6}{'s':>5}")
+    print(f"{'row':40}{'fewer':>6}{'pydoc':>7}{'code':>7}{'rep4 p1':>8}{'rep4 p2':>8}{'12 mean':>9}{'≤20%':>6}"
+          f"{'s':>5}")
     for name in rows:
         student_name, plan = ROWS[name]
         if student_name not in students:
@@ -151,18 +153,17 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         for phase, steps, opt in plan:
             sched = {k: opt[k] for k in ("lr", "min_lr_ratio") if k in opt}
+            loss = DistillationLoss(temperature=1.0, alpha=opt.get("alpha", 1.0))
             if phase in caches:
-                loss = DistillationLoss(temperature=1.0, alpha=opt["alpha"])
                 DistillationTrainer(s, caches[phase], loss=loss, config=config(steps, **sched)).train()
             elif phase == "live":
-                loss = DistillationLoss(temperature=1.0, alpha=opt["alpha"])
-                DistillationTrainer(s, train, teacher=teacher, loss=loss, hidden=hidden_loss(s, STUDENTS[student_name][0], opt["hidden"]) if "hidden" in opt else None,
+                hidden = hidden_loss(s, STUDENTS[student_name][0], opt["hidden"]) if "hidden" in opt else None
+                DistillationTrainer(s, train, teacher=teacher, loss=loss, hidden=hidden,
                                     config=config(steps, **sched)).train()
             elif phase == "onp":
                 cfg = config(steps, seed=opt.get("seed", 0), lmbda=1.0, prompt_tokens=S["prompt"],
                              gen_tokens=S["gen"])
-                DistillationTrainer(s, train, teacher=teacher, loss=DistillationLoss(temperature=1.0, alpha=1.0),
-                                    config=cfg).train()
+                DistillationTrainer(s, train, teacher=teacher, loss=loss, config=cfg).train()  # KD only
         seconds = time.perf_counter() - start
         s.eval()
         ratio = (dl.perplexity(s, test, bf16="auto", progress=False) / t_ppl[0],
