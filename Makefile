@@ -13,7 +13,7 @@ PROFILE ?=
 help:
 	@echo "make run    execute every notebook headless (default profile) and write reports/"
 	@echo "make test   unit tests + nbval on every notebook + every student version run, in the smoke profile"
-	@echo "make student  write the student versions notebooks/student/NN_*.ipynb (exercise answers replaced by stubs)"
+	@echo "make student  write the student versions notebooks/student/NN_*.ipynb (exercise answers replaced by stubs; a version you edited is kept)"
 	@echo "make lab    open JupyterLab on notebooks/"
 	@echo "make bench  run the benchmark scripts in benchmarks/"
 	@echo "make browser-test  run every notebook in JupyterLab + headless Chromium and move every knob (smoke profile)"

@@ -86,3 +86,61 @@ def test_not_attempted_lines_are_counted():
     text = "perplexity: not attempted yet - ...\nmy_f not attempted yet: ...\n"
     nb.cells[0].outputs = [nbformat.v4.new_output("stream", name="stdout", text=text)]
     assert student._not_attempted_lines(nb) == 2
+
+
+# -- issue 28, finding 1: a learner's answers survive `make student`; --check never sends them to a destructive command
+
+def _answer_first_exercise(path):
+    """Fill in the first exercise stub the way a learner does in Jupyter (read, edit, save)."""
+    nb = nbformat.read(path, as_version=4)
+    cell = next(c for c in nb.cells if "raise NotImplementedError()" in c.source)
+    cell.source = cell.source.replace("raise NotImplementedError()", "return 42  # my answer")
+    nbformat.write(nb, path)
+    return path.read_bytes()
+
+
+def test_make_student_keeps_a_learners_answers(tmp_path, capsys):
+    student.generate(out=tmp_path)
+    mine = tmp_path / LESSONS[1].name
+    answered = _answer_first_exercise(mine)
+    (tmp_path / LESSONS[2].name).unlink()  # missing: written again
+    assert student.main(["--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert mine.read_bytes() == answered, "make student replaced a learner's answers"
+    assert LESSONS[1].name in err and "kept" in err and "\n" not in err.strip()
+    assert (tmp_path / LESSONS[2].name).read_bytes() == student.render(LESSONS[2]).encode()
+    assert student.main(["--check", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert LESSONS[1].name in err and "run `make student`" not in err and "never" in err
+    assert mine.read_bytes() == answered
+    assert student.survey(out=tmp_path)["edited"] == [LESSONS[1].name]
+
+
+def test_make_student_updates_an_untouched_version_of_an_older_lesson(tmp_path):
+    student.generate(out=tmp_path)
+    path = tmp_path / LESSONS[0].name
+    nb = nbformat.read(path, as_version=4)  # what an older lesson generated: other text, its own record
+    nb.cells[1].source += "\nan older sentence"
+    nb.metadata[student.RECORD_KEY]["cells_sha256"] = student.cells_digest(nb)
+    nbformat.write(nb, path)
+    assert student.survey(out=tmp_path)["stale"] == [LESSONS[0].name]
+    assert student.main(["--out", str(tmp_path)]) == 0
+    assert path.read_bytes() == student.render(LESSONS[0]).encode()
+
+
+def test_a_version_without_the_record_is_replaced_only_when_untouched(tmp_path):
+    student.generate(out=tmp_path)
+    for i, edit in ((0, False), (1, True)):
+        path = tmp_path / LESSONS[i].name
+        nb = nbformat.read(path, as_version=4)  # as written before the record existed
+        del nb.metadata[student.RECORD_KEY]
+        nbformat.write(nb, path)
+        if edit:
+            _answer_first_exercise(path)
+    before = (tmp_path / LESSONS[1].name).read_bytes()
+    student.generate(out=tmp_path)
+    assert (tmp_path / LESSONS[0].name).read_bytes() == student.render(LESSONS[0]).encode()
+    assert (tmp_path / LESSONS[1].name).read_bytes() == before
+    (tmp_path / LESSONS[3].name).write_text("not a notebook")  # unreadable: kept too
+    student.generate(out=tmp_path)
+    assert (tmp_path / LESSONS[3].name).read_text() == "not a notebook"

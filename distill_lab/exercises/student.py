@@ -8,6 +8,12 @@ opens with a cell that says where it came from. The output is the same bytes on 
 are the lesson's own, the header's is fixed, ``nbformat.writes`` orders the keys), so ``--check`` can
 tell whether the committed student versions are in sync.
 
+A learner's work is never overwritten. Each student version records in its metadata
+(``distill_lab_student``) a digest of the cells it was generated with (type, source, outputs). A
+student version whose cells no longer match that digest holds a learner's edits (answers, notes, run
+outputs): ``make student`` keeps it as it is and names it, and ``--check`` names it without ever sending
+the learner to a command that would replace it.
+
 Why not nbgrader's own ``ClearSolutions`` preprocessor: the preprocessor needs no gradebook database,
 but it is not importable alone. ``nbgrader.preprocessors`` imports every preprocessor of the package,
 and some of them import the gradebook (SQLAlchemy models) and ``nbgrader.utils`` (setuptools, tornado,
@@ -18,7 +24,7 @@ nbgrader's, so a teacher who has nbgrader can still run ``nbgrader generate_assi
 --ClearSolutions.enforce_metadata=False`` on the same notebooks.
 
 ``python -m distill_lab.exercises.student [--check] [--execute]``: ``--check`` writes nothing and exits 1,
-naming the student versions that are missing or out of date. ``--execute`` runs every student version
+naming the student versions that are missing, out of date or edited. ``--execute`` runs every student version
 headless in the current profile (``make student-smoke`` uses the smoke profile) from
 ``notebooks/student/`` (executed copies in ``reports/student/``) and fails on the first cell that raises.
 """
@@ -27,6 +33,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
+import json
 import re
 import sys
 import time
@@ -34,6 +42,7 @@ from pathlib import Path
 
 import nbformat
 
+from .._fs import atomic_write_text
 from ..course import NOTEBOOK_DIR, execute_notebook, find_notebooks
 from ._check import NOT_ATTEMPTED
 
@@ -44,6 +53,7 @@ STUDENT_DIR = NOTEBOOK_DIR / "student"
 EXECUTED_DIR = NOTEBOOK_DIR.parent / "reports" / "student"  # where --execute writes the executed copies
 HEADER_ID = "student-version"
 VOLATILE_CELL_METADATA = ("execution", "ExecuteTime", "collapsed", "scrolled")
+RECORD_KEY = "distill_lab_student"  # notebook metadata: {"lesson": name, "cells_sha256": digest of the generated cells}
 HEADER = """\
 > **Student version** of [`{name}`](../{name}), generated from it by `make student`:
 > edit the lesson, not this copy.
@@ -85,6 +95,12 @@ def clear_solutions(source: str, cell_type: str = "code") -> str:
     return "\n".join(out + lines[last:])
 
 
+def cells_digest(nb: nbformat.NotebookNode) -> str:
+    """SHA-256 of what a learner can change in a notebook: every cell's type, source and outputs, in order."""
+    cells = [[c.get("cell_type"), c.get("source"), c.get("outputs", [])] for c in nb.get("cells", [])]
+    return hashlib.sha256(json.dumps(cells, sort_keys=True).encode()).hexdigest()
+
+
 def student_notebook(nb: nbformat.NotebookNode, name: str) -> nbformat.NotebookNode:
     """The student version of a lesson (a new notebook; ``nb`` is left as it is)."""
     nb = copy.deepcopy(nb)
@@ -98,6 +114,7 @@ def student_notebook(nb: nbformat.NotebookNode, name: str) -> nbformat.NotebookN
     header = nbformat.v4.new_markdown_cell(HEADER.format(name=name))
     header["id"] = HEADER_ID
     nb.cells.insert(0, header)
+    nb.metadata[RECORD_KEY] = {"lesson": name, "cells_sha256": cells_digest(nb)}
     return nb
 
 
@@ -107,26 +124,74 @@ def render(path: Path) -> str:
     return text if text.endswith("\n") else text + "\n"
 
 
+def is_edited(path: Path, lesson: Path | None = None) -> bool:
+    """True when the student version at ``path`` holds changes made after it was generated (a learner's work).
+
+    The cells are compared with the digest the generator recorded in the notebook's metadata. A file
+    without that record (written before the record existed) counts as edited unless its cells are those
+    of a fresh version of ``lesson``; a file that is not a readable notebook always counts as edited.
+    """
+    try:
+        nb = nbformat.read(path, as_version=4)
+    except Exception:  # not JSON / not a notebook: someone's file, keep it  # noqa: BLE001
+        return True
+    record = nb.metadata.get(RECORD_KEY)
+    if not isinstance(record, dict) or not isinstance(record.get("cells_sha256"), str):
+        return lesson is None or cells_digest(nb) != cells_digest(nbformat.reads(render(lesson), as_version=4))
+    return cells_digest(nb) != record["cells_sha256"]
+
+
+def survey(lessons: Path = NOTEBOOK_DIR, out: Path | None = None) -> dict[str, list[str]]:
+    """Sort the student versions into ``missing``, ``stale`` (generated, lesson changed since), ``edited``
+    (a learner changed it: never replaced), ``extra`` (no lesson of that name) and ``current``."""
+    out = Path(out) if out is not None else Path(lessons) / "student"
+    found = {"missing": [], "stale": [], "edited": [], "extra": [], "current": []}
+    expected = {p.name: p for p in find_notebooks(lessons)}
+    for name, lesson in expected.items():
+        target = out / name
+        if not target.is_file():
+            found["missing"].append(name)
+        elif target.read_bytes() == render(lesson).encode("utf-8"):
+            found["current"].append(name)
+        else:
+            found["edited" if is_edited(target, lesson) else "stale"].append(name)
+    if out.is_dir():
+        found["extra"] = [p.name for p in find_notebooks(out) if p.name not in expected]
+    return found
+
+
 def generate(lessons: Path = NOTEBOOK_DIR, out: Path | None = None) -> list[Path]:
-    """Write the student version of every lesson in ``lessons`` into ``out`` (default ``lessons/student``)."""
+    """Write the student version of every lesson in ``lessons`` into ``out`` (default ``lessons/student``).
+
+    A student version a learner edited (``is_edited``) is left exactly as it is and not returned;
+    ``survey`` names it. Each file is written atomically. Returns the paths that now hold the generated text.
+    """
     out = Path(out) if out is not None else Path(lessons) / "student"
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for path in find_notebooks(lessons):
         target = out / path.name
-        target.write_text(render(path), encoding="utf-8")
+        text = render(path)
+        if not (target.is_file() and target.read_bytes() == text.encode("utf-8")):
+            if target.exists() and (not target.is_file() or is_edited(target, path)):
+                continue  # a learner's work: kept as it is
+            atomic_write_text(target, text)
         written.append(target)
     return written
 
 
 def out_of_date(lessons: Path = NOTEBOOK_DIR, out: Path | None = None) -> list[str]:
     """Names of the student versions that are missing, differ from a fresh generation, or have no lesson."""
-    out = Path(out) if out is not None else Path(lessons) / "student"
-    expected = {p.name: render(p) for p in find_notebooks(lessons)}
-    stale = [name for name, text in expected.items()
-             if not (out / name).is_file() or (out / name).read_text(encoding="utf-8") != text]
-    extra = [p.name for p in find_notebooks(out)] if out.is_dir() else []
-    return stale + [f"{name} (no lesson {name} in {lessons})" for name in extra if name not in expected]
+    found = survey(lessons, out)
+    return (found["missing"] + found["stale"] + [f"{name} (edited)" for name in found["edited"]]
+            + [f"{name} (no lesson {name} in {lessons})" for name in found["extra"]])
+
+
+def edited_message(names: list[str], out: Path | None) -> str:
+    """One line for student versions that hold a learner's edits: kept, and how to see the new version beside them."""
+    fresh = "python -m distill_lab.exercises.student --out notebooks/student-new"
+    return (f"kept {', '.join(names)} in {out or STUDENT_DIR}: edited since it was generated (your work is never "
+            f"replaced); to get the lesson's current version beside it, run `{fresh}`")
 
 
 def _not_attempted_lines(nb: nbformat.NotebookNode) -> int:
@@ -164,15 +229,23 @@ def main(argv: list[str] | None = None) -> int:
     add("--executed", type=Path, default=EXECUTED_DIR, help="where --execute writes the executed copies "
         "(default reports/student)")
     args = parser.parse_args(argv)
+    found = survey(out=args.out)
     if args.check:
-        stale = out_of_date(out=args.out)
+        stale = found["missing"] + found["stale"] + [f"{n} (no lesson of that name)" for n in found["extra"]]
         if stale:
-            print("student versions out of date (run `make student`): " + ", ".join(stale), file=sys.stderr)
+            print("student versions out of date: " + ", ".join(stale) + " (`make student` updates them; it never "
+                  "replaces a notebook you edited)", file=sys.stderr)
+        if found["edited"]:
+            print(edited_message(found["edited"], args.out), file=sys.stderr)
+        if stale or found["edited"]:
             return 1
         print("student versions are in sync with the lessons")
     else:
         for path in generate(out=args.out):
             print(f"wrote {path}")
+        if found["edited"]:
+            print(edited_message(found["edited"], args.out), file=sys.stderr)
+            return 1
     if args.execute:
         execute_all(args.out or STUDENT_DIR, args.timeout, args.executed)
     return 0
