@@ -77,26 +77,38 @@ def _cmd_eval(args) -> int:
 EXPORT_KIND = "export"  # the manifest kind that marks a folder as an earlier `compress` export
 
 
-def _out_state(out: Path) -> str:
-    """``missing``, ``empty``, ``export`` (an earlier distill_lab export) or ``foreign`` (anything else)."""
-    from ._fs import DamagedFileError, read_manifest
+def _out_state(out: Path) -> tuple[str, list[str]]:
+    """``(state, extra)``: state ``missing``, ``empty``, ``export`` (an earlier distill_lab export) or ``foreign``.
+
+    An export counts as one only while it holds exactly what compress wrote (its manifest's contents);
+    ``extra`` names what was added or changed since (then the state is ``foreign``).
+    """
+    from ._fs import DamagedFileError, read_manifest, unlisted_entries
 
     if not out.exists() and not out.is_symlink():
-        return "missing"
+        return "missing", []
     if not out.is_dir() or out.is_symlink():
-        return "foreign"
+        return "foreign", []
     if not any(out.iterdir()):
-        return "empty"
+        return "empty", []
     try:
         manifest = read_manifest(out)
     except DamagedFileError:
         manifest = None
-    return EXPORT_KIND if manifest is not None and manifest.get("kind") == EXPORT_KIND else "foreign"
+    if manifest is None or manifest.get("kind") != EXPORT_KIND:
+        return "foreign", []
+    extra = unlisted_entries(out, manifest)
+    return ("foreign" if extra else EXPORT_KIND), extra
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
     """Refuse an ``--out`` that holds files distill_lab did not export (or an export, without ``--overwrite``)."""
-    state = _out_state(out)
+    from ._fs import name_some
+
+    state, extra = _out_state(out)
+    if state == "foreign" and extra:
+        raise FileExistsError(f"--out {out} holds an earlier export plus files compress did not write: "
+                              f"{name_some(extra)}; refusing to replace it (move them out, or choose a new folder)")
     if state == "foreign":
         what = "is not a folder" if not out.is_dir() else "is not empty and was not written by distill-lab compress"
         raise FileExistsError(f"--out {out} {what}; refusing to replace it (choose a new or empty folder)")

@@ -168,7 +168,11 @@ def replace_dir(src: str | Path, dst: str | Path) -> None:
 
 
 def check_replaceable(folder: str | Path) -> None:
-    """Raise ``FileExistsError`` unless ``folder`` is missing, empty, or a folder distill_lab wrote (our manifest)."""
+    """Raise ``FileExistsError`` unless ``folder`` is missing, empty, or exactly what distill_lab wrote there.
+
+    A folder with our manifest is replaceable only when nothing was added or changed since (``unlisted_entries``):
+    the error names the extra files.
+    """
     folder = Path(folder)
     if not folder.exists() and not folder.is_symlink():
         return
@@ -177,12 +181,64 @@ def check_replaceable(folder: str | Path) -> None:
     if not any(folder.iterdir()):
         return
     try:
-        ours = read_manifest(folder) is not None
+        manifest = read_manifest(folder)
     except DamagedFileError:
-        ours = False
-    if not ours:
+        manifest = None
+    if manifest is None:
         raise FileExistsError(f"{folder} holds files distill_lab did not write (no {MANIFEST_NAME}); refusing to "
                               "replace them: choose a new or empty folder, or remove it yourself")
+    extra = unlisted_entries(folder, manifest)
+    if extra:
+        raise FileExistsError(f"{folder} holds files distill_lab did not write: {name_some(extra)}; refusing to "
+                              "replace it: move them out, or choose a new or empty folder")
+
+
+# names a folder saved before manifests listed every file may hold besides its weight files
+_LEGACY_NAMES = frozenset({"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                           "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "vocab.json",
+                           "merges.txt", "tokenizer.model", "quantization_config.json", "compression.json",
+                           "step.json", "model.safetensors.index.json"})
+
+
+def name_some(names: list[str], limit: int = 5) -> str:
+    """``a, b, c`` or ``a, b, c, d, e and 7 more``: a list of names short enough for one line."""
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def unlisted_entries(folder: str | Path, manifest: dict | None = None) -> list[str]:
+    """What in ``folder`` its manifest does not account for: added files and folders, and changed small files.
+
+    ``folder/plots/`` for a folder no listed file lies in, ``notes.md`` for an added file,
+    ``config.json (changed)`` for a listed non-weight file whose SHA-256 differs. Weight files are not
+    hashed again here (``verify_manifest`` does that on load). A manifest without ``contents`` (older
+    distill_lab) accounts for its weight files and the names a saved model folder holds.
+    """
+    folder = Path(folder)
+    manifest = manifest if manifest is not None else (read_manifest(folder) or {})
+    contents = manifest.get("contents")
+    weights = manifest.get("files", {})
+    listed = set(contents) if isinstance(contents, dict) else set(weights) | _LEGACY_NAMES
+    parents = {p.as_posix() for name in listed for p in Path(name).parents}  # folders that hold a listed file
+    extra = []
+
+    def walk(here: Path) -> None:
+        for entry in sorted(here.iterdir()):
+            rel = entry.relative_to(folder).as_posix()
+            if rel == MANIFEST_NAME or entry.name.startswith(TMP_PREFIX):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                if rel in parents:
+                    walk(entry)
+                else:
+                    extra.append(rel + "/")
+            elif rel not in listed or entry.is_symlink() or not entry.is_file():
+                extra.append(rel)
+            elif isinstance(contents, dict) and rel not in weights and sha256_file(entry) != contents[rel]:
+                extra.append(f"{rel} (changed)")
+
+    walk(folder)
+    return extra
 
 
 @contextlib.contextmanager
@@ -225,10 +281,19 @@ def weight_files(folder: str | Path) -> list[Path]:
 
 
 def write_manifest(folder: str | Path, kind: str = "model", extra: dict | None = None) -> Path:
-    """Write ``distill_lab_manifest.json``: the SHA-256 of each weight file in ``folder``."""
+    """Write ``distill_lab_manifest.json``: the SHA-256 of each weight file (``files``) and of every file (``contents``).
+
+    ``contents`` lists everything in the folder (sub-folders included) when the manifest is written, so a
+    later run can tell whether anything was added or changed since (``unlisted_entries``).
+    """
     folder = Path(folder)
     files = {p.name: sha256_file(p) for p in weight_files(folder)}
-    data = {"format": MANIFEST_FORMAT, "kind": kind, "files": files, **(extra or {})}
+    contents = {}
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if path.is_file() and not path.is_symlink() and rel != MANIFEST_NAME:
+            contents[rel] = files[rel] if rel in files else sha256_file(path)
+    data = {"format": MANIFEST_FORMAT, "kind": kind, "files": files, "contents": contents, **(extra or {})}
     path = folder / MANIFEST_NAME
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path
