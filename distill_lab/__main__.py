@@ -122,7 +122,7 @@ def _cmd_compress(args) -> int:
     from ._fs import clean_stale_tmp, folder_lock, make_tmp_dir, replace_dir, share_permissions, write_manifest
     from .evaluate import generate_samples
     from .models import load_model
-    from .pipeline import Recipe, run_recipe
+    from .pipeline import Recipe, check_work_dir, run_recipe
 
     profile = _profile(args.profile)
     recipe = Recipe.load(args.recipe)  # before loading anything: bad recipes fail fast
@@ -130,9 +130,10 @@ def _cmd_compress(args) -> int:
         recipe.max_ppl_ratio = Recipe(recipe.name, recipe.steps, args.max_ppl_ratio).max_ppl_ratio
     out = Path(args.out).expanduser().resolve()
     work = Path(args.work).expanduser().resolve() if args.work else out.with_name(out.name + ".steps")
-    if work == out or out in work.parents:
-        raise ValueError(f"--work {work} must lie outside --out {out}")
+    if work == out or out in work.parents or work in out.parents:
+        raise ValueError(f"--work {work} and --out {out} must not lie inside one another")
     _check_out(out, args.overwrite)  # before any work: nothing is computed for a refused folder
+    check_work_dir(work)  # the same rule for --work: only a folder an earlier run wrote (and nobody added to)
     out.parent.mkdir(parents=True, exist_ok=True)
     with folder_lock(out.parent / f".{out.name}.distill-lab.lock", f"--out {out}"):
         _check_out(out, args.overwrite)  # again under the lock: a run that just finished may have exported
@@ -258,7 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "(a folder holding anything else is never touched)")
     co.add_argument("--overwrite", action="store_true",
                     help="replace --out when it holds an earlier distill-lab export (and nothing else)")
-    co.add_argument("--work", default=None, help="folder for intermediate steps (default: OUT.steps)")
+    co.add_argument("--work", default=None, help="folder for intermediate steps (default: OUT.steps): new, empty, "
+                                                 "or one an earlier compress wrote (a folder holding anything "
+                                                 "else is never touched)")
     co.add_argument("--teacher", default="teacher", help="model to compress (default: the offline teacher)")
     co.add_argument("--profile", default=None, help=PROFILE_HELP)
     co.add_argument("--max-ppl-ratio", type=float, default=None,

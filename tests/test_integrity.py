@@ -304,10 +304,20 @@ def test_finding5_stale_tmp_folders_of_dead_runs_are_removed(tmp_path, data, scr
     fresh.mkdir()
     for p in (stale, stale / "inner", live, mine):
         os.utime(p, (old, old))
+    from distill_lab._fs import clean_stale_tmp
+
+    assert clean_stale_tmp(steps) == [stale] and mine.is_dir()
+    (stale / "inner").mkdir(parents=True)
+    os.utime(stale, (old, old))
+    # a user's folder in the work folder makes the run refuse it (issue 28); without it, the run cleans up
+    with pytest.raises(FileExistsError, match=".tmp-user-notes"):
+        _run(tiny_llama(), Recipe("t", [{"same": {}}]), tmp_path / "run", data)
+    assert mine.is_dir() and stale.is_dir()
+    mine.rmdir()
     _run(tiny_llama(), Recipe("t", [{"same": {}}]), tmp_path / "run", data)
     assert not stale.exists()
-    assert live.is_dir() and mine.is_dir() and fresh.is_dir()
-    assert not [p for p in steps.iterdir() if p.name.startswith(".tmp-") and p not in (live, mine, fresh)]
+    assert live.is_dir() and fresh.is_dir()
+    assert not [p for p in steps.iterdir() if p.name.startswith(".tmp-") and p not in (live, fresh)]
 
 
 # -- 6. one --out, two runs: a lock; publishing is one atomic rename ---------------------------------

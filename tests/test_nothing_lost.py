@@ -93,3 +93,56 @@ def test_finding2_saving_over_an_earlier_save_keeps_files_added_to_it(tmp_path):
     with pytest.raises(FileExistsError, match="notes.txt"):
         save_quantized(model, ours)
     assert (ours / "notes.txt").read_text() == "mine"
+
+
+# -- 3. --work gets the --out rules: only a folder run_recipe wrote, and nothing added to it ------
+
+def test_finding3_work_holding_a_users_recipe_is_refused_before_anything_is_written(tmp_path, capsys):
+    src = tmp_path / "small"
+    tiny_llama(num_layers=1).save_pretrained(src)  # a teacher that loads: the old code got as far as rewriting
+    capsys.readouterr()
+    here = tmp_path / "project"
+    here.mkdir()
+    text = "# my recipe, with my comments\nname: r\nsteps:\n  - quantize: {method: int8}  # int8 first\n"
+    recipe = _recipe(here, text, "recipe.yaml")
+    (here / "result.json").write_text('{"mine": 1}')
+    rc = main(["compress", "--recipe", recipe, "--out", str(tmp_path / "o"), "--work", str(here),
+               "--teacher", str(src), "--profile", "smoke", "--quiet"])
+    err = _one_line_err(capsys)
+    assert rc == 2 and "recipe.yaml" in err and "result.json" in err and "--work" in err
+    assert Path(recipe).read_text() == text and (here / "result.json").read_text() == '{"mine": 1}'
+    assert sorted(p.name for p in here.iterdir()) == ["recipe.yaml", "result.json"]
+    # --out inside --work is refused as well (the export would become a stranger in the work folder)
+    rc = main(["compress", "--recipe", recipe, "--out", str(here / "o"), "--work", str(here),
+               "--teacher", str(src), "--profile", "smoke", "--quiet"])
+    assert rc == 2 and "inside one another" in _one_line_err(capsys)
+
+
+def test_finding3_stale_step_cleanup_never_removes_a_users_folder(tmp_path, data):
+    work = tmp_path / "w"
+    _run(tiny_llama(), Recipe("r", [{"quantize": {"method": "int8", "embedding_bits": None}}]), work, data)
+    notes = work / "steps" / "02_notes"
+    notes.mkdir()
+    (notes / "n.txt").write_text("mine")
+    other = Recipe("r", [{"quantize": {"method": "int8", "embedding_bits": 8}}])  # step 1 recomputed
+    with pytest.raises(FileExistsError, match="steps/02_notes"):
+        _run(tiny_llama(), other, work, data)
+    assert (notes / "n.txt").read_text() == "mine"
+    notes.joinpath("n.txt").unlink()
+    notes.rmdir()
+    (work / "recipe.yaml").write_text("# edited by me\n")  # a file it wrote, changed since: the user's now
+    with pytest.raises(FileExistsError, match="recipe.yaml"):
+        _run(tiny_llama(), other, work, data)
+    assert (work / "recipe.yaml").read_text() == "# edited by me\n"
+
+
+def test_finding3_a_work_folder_it_wrote_is_resumed_and_an_older_one_too(tmp_path, data):
+    from distill_lab.pipeline.runner import WORK_MARKER
+
+    work = tmp_path / "w"
+    recipe = Recipe("r", [{"quantize": {"method": "int8", "embedding_bits": None}}])
+    _run(tiny_llama(), recipe, work, data)
+    assert _run(tiny_llama(), recipe, work, data).steps[0].resumed
+    (work / WORK_MARKER).unlink()  # written by a version before the marker: steps/ and our names only
+    assert _run(tiny_llama(), recipe, work, data).steps[0].resumed
+    assert (work / WORK_MARKER).is_file()
