@@ -39,7 +39,7 @@ def _cmd_course(args) -> int:
     from .course import run_course
 
     _profile(args.profile)
-    out = run_course(args.out, profile=args.profile)
+    out = run_course(args.out, profile=args.profile, overwrite=args.overwrite)
     print(f"report written to {out}/ (results.md, results.json, executed notebooks in notebooks/)")
     return 0
 
@@ -228,7 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     course = sub.add_parser("course", help="execute every notebook headless and write a report")
-    course.add_argument("--out", default="reports", help="report folder (default: reports)")
+    course.add_argument("--out", default="reports",
+                        help="report folder (default: reports); an earlier report there is kept in "
+                             "OUT/earlier-<date>/, and a failed or interrupted run leaves it unchanged")
+    course.add_argument("--overwrite", action="store_true",
+                        help="replace the earlier report instead of keeping it (only if it holds just what the "
+                             "course wrote)")
     course.add_argument("--profile", default=None, help=PROFILE_HELP)
     course.set_defaults(func=_cmd_course)
 

@@ -4,18 +4,28 @@
 numbers with ``distill_lab.record`` into ``$DISTILL_LAB_REPORT_DIR/results/``; this module sets
 that variable, executes the notebooks with nbclient, and merges the records into
 ``results.json`` and ``results.md`` next to the executed copies.
+
+A report is never lost. The new one is built in a temporary folder inside ``out`` and published only
+when every notebook ran; an earlier report in ``out`` (``REPORT_ENTRIES``, listed with their digests in
+``course_manifest.json``) is first moved whole into ``out/earlier-<its date>/``, and removed only with
+``overwrite`` and only when it holds exactly what the manifest lists. A failed or interrupted run leaves
+``out`` as it was and keeps what it executed in ``out/incomplete-<date>/``. Other entries of ``out``
+(``comparison.*`` from ``report``, ``student/``, a user's files) are never touched.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ._fs import atomic_write_text, clean_stale_tmp, make_tmp_dir, name_some, sha256_file
 from .evaluate import REPORT_ENV, environment_info
 from .profiles import ENV_VAR, get_profile
 
@@ -109,30 +119,150 @@ def results_markdown(results: dict, profile: str, env: dict, timings: dict) -> s
     return "\n".join(lines) + "\n"
 
 
+REPORT_ENTRIES = ("results.md", "results.json", "results", "notebooks")  # what one course run writes into out
+COURSE_MANIFEST = "course_manifest.json"  # {"format": ..., "contents": {path: sha256}} of the published report
+COURSE_FORMAT = "distill_lab.course/1"
+
+
+def _report_files(folder: Path) -> dict[str, Path]:
+    """Every file (and symlink) of the report entries in ``folder``, by path relative to it."""
+    found = {}
+    for name in REPORT_ENTRIES:
+        entry = folder / name
+        paths = [entry] if entry.is_file() or entry.is_symlink() else sorted(entry.rglob("*")) if entry.is_dir() else []
+        for path in paths:
+            if path.is_file() or path.is_symlink():
+                found[path.relative_to(folder).as_posix()] = path
+    return found
+
+
+def report_changes(out: str | Path) -> list[str] | None:
+    """What in the report in ``out`` its manifest does not list, or lists with another digest; None without a manifest."""
+    out = Path(out)
+    try:
+        manifest = json.loads((out / COURSE_MANIFEST).read_text())
+        listed = manifest["contents"] if manifest.get("format") == COURSE_FORMAT else None
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        listed = None
+    if not isinstance(listed, dict):
+        return None
+    changes = []
+    for rel, path in _report_files(out).items():
+        if rel not in listed or path.is_symlink():
+            changes.append(rel)
+        elif sha256_file(path) != listed[rel]:
+            changes.append(f"{rel} (changed)")
+    return changes
+
+
+def _earlier_entries(out: Path) -> list[Path]:
+    return [out / n for n in (*REPORT_ENTRIES, COURSE_MANIFEST) if (out / n).exists() or (out / n).is_symlink()]
+
+
+def check_course_out(out: str | Path, overwrite: bool = False) -> None:
+    """Raise before any notebook runs when ``out`` cannot take a report: not a folder, or ``overwrite`` of a changed report."""
+    out = Path(out)
+    if (out.exists() or out.is_symlink()) and not out.is_dir():
+        raise FileExistsError(f"--out {out} exists and is not a folder; choose a folder for the report")
+    if not overwrite or not out.is_dir() or not _earlier_entries(out):
+        return
+    changes = report_changes(out)
+    keep = "run without --overwrite to keep the earlier report under a dated name"
+    if changes is None:
+        raise FileExistsError(f"--out {out} holds a report without {COURSE_MANIFEST} (older distill-lab or not ours); "
+                              f"refusing to replace it with --overwrite: {keep}")
+    if changes:
+        raise FileExistsError(f"--out {out} holds report files the course did not write: {name_some(changes)}; "
+                              f"refusing to replace them with --overwrite: move them out, or {keep}")
+
+
+def _dated(out: Path, prefix: str, when: float) -> Path:
+    stamp = datetime.datetime.fromtimestamp(when, datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    path, n = out / f"{prefix}-{stamp}", 2
+    while path.exists() or path.is_symlink():
+        path, n = out / f"{prefix}-{stamp}-{n}", n + 1
+    return path
+
+
+def _publish(tmp: Path, out: Path, overwrite: bool) -> Path | None:
+    """Make the report in ``tmp`` the one in ``out``; return where the earlier report was kept (None: none kept)."""
+    earlier = _earlier_entries(out)
+    replaceable = overwrite and bool(earlier) and report_changes(out) == []
+    aside = None
+    if earlier:  # moved whole into a dated folder first: nothing is removed before the new report is in place
+        first = out / "results.json"
+        aside = _dated(out, "earlier", first.stat().st_mtime if first.is_file() else time.time())
+        aside.mkdir()
+        for entry in earlier:
+            os.replace(entry, aside / entry.name)
+    contents = {rel: sha256_file(path) for rel, path in _report_files(tmp).items()}
+    for name in REPORT_ENTRIES:
+        if (tmp / name).exists():
+            os.replace(tmp / name, out / name)
+    atomic_write_text(out / COURSE_MANIFEST, json.dumps({"format": COURSE_FORMAT, "contents": contents}, indent=1))
+    if aside is not None and replaceable:
+        shutil.rmtree(aside)
+        return None
+    return aside
+
+
 def run_course(out: str | Path = "reports", profile: str | None = None,
-               notebooks: list[Path] | None = None) -> Path:
-    """Execute every notebook in ``profile`` and write ``out/`` (executed copies, results.json, results.md)."""
+               notebooks: list[Path] | None = None, overwrite: bool = False) -> Path:
+    """Execute every notebook in ``profile`` and write ``out/`` (executed copies, results.json, results.md).
+
+    An earlier report in ``out`` is kept in ``out/earlier-<date>/`` unless ``overwrite`` (then it is
+    replaced, if it holds only what the course wrote); a failed or interrupted run changes nothing in
+    ``out`` but adds ``out/incomplete-<date>/`` with what it executed.
+    """
     prof = get_profile(profile)
     out = Path(out).resolve()
-    (out / "results").mkdir(parents=True, exist_ok=True)
-    for old in (out / "results").glob("*.json"):
-        old.unlink()
+    check_course_out(out, overwrite)  # before any notebook runs
+    out.mkdir(parents=True, exist_ok=True)
+    clean_stale_tmp(out)
+    tmp = make_tmp_dir(out)
+    (tmp / "results").mkdir()
+    saved_env = {k: os.environ.get(k) for k in (ENV_VAR, REPORT_ENV)}
     os.environ[ENV_VAR] = prof.name
-    os.environ[REPORT_ENV] = str(out)
+    os.environ[REPORT_ENV] = str(tmp)
     notebooks = notebooks or find_notebooks()
     timings, failed = {}, None
-    for path in tqdm(notebooks, desc=f"notebooks ({prof.name})", unit="nb"):
-        try:
-            timings[path.stem] = execute_notebook(path, out / "notebooks" / path.name)
-        except Exception as err:  # keep the partial report, then fail loudly
-            failed = (path.name, err)
-            break
-    results = {p.stem: json.loads(p.read_text()) for p in sorted((out / "results").glob("*.json"))}
-    env = environment_info()
-    merged = {"profile": prof.name, "env": env, "notebook_seconds": timings, "results": results}
-    (out / "results.json").write_text(json.dumps(merged, indent=2))
-    (out / "results.md").write_text(results_markdown(results, prof.name, env, timings))
+    try:
+        for path in tqdm(notebooks, desc=f"notebooks ({prof.name})", unit="nb"):
+            try:
+                timings[path.stem] = execute_notebook(path, tmp / "notebooks" / path.name)
+            except Exception as err:  # keep the partial report, then fail loudly
+                failed = (path.name, err)
+                break
+        results = {p.stem: json.loads(p.read_text()) for p in sorted((tmp / "results").glob("*.json"))}
+        env = environment_info()
+        merged = {"profile": prof.name, "env": env, "notebook_seconds": timings, "results": results}
+        (tmp / "results.json").write_text(json.dumps(merged, indent=2))
+        (tmp / "results.md").write_text(results_markdown(results, prof.name, env, timings))
+        aside = _publish(tmp, out, overwrite) if failed is None else None
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"the report in {out} is unchanged; what ran is kept in {_keep_partial(tmp, out)}") \
+            from None
+    except BaseException:
+        _keep_partial(tmp, out)
+        raise
+    finally:
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     if failed:
-        raise RuntimeError(f"notebook {failed[0]} failed ({type(failed[1]).__name__}); "
-                           f"the executed copy with the error is in {out / 'notebooks'}")
+        partial = _keep_partial(tmp, out)
+        raise RuntimeError(f"notebook {failed[0]} failed ({type(failed[1]).__name__}); the report in {out} is "
+                           f"unchanged, and this run's executed copies (with the error) are in {partial / 'notebooks'}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if aside is not None:
+        print(f"the earlier report in {out} is kept in {aside}/ (--overwrite replaces it instead)")
     return out
+
+
+def _keep_partial(tmp: Path, out: Path) -> Path:
+    """Rename the report of a failed or interrupted run to ``out/incomplete-<now>`` and return that path."""
+    partial = _dated(out, "incomplete", time.time())
+    os.replace(tmp, partial)
+    return partial

@@ -146,3 +146,83 @@ def test_finding3_a_work_folder_it_wrote_is_resumed_and_an_older_one_too(tmp_pat
     (work / WORK_MARKER).unlink()  # written by a version before the marker: steps/ and our names only
     assert _run(tiny_llama(), recipe, work, data).steps[0].resumed
     assert (work / WORK_MARKER).is_file()
+
+
+# -- 4. course --out keeps an earlier report: dated, or replaced only with --overwrite --------------
+
+LESSONS = [Path("00_first.ipynb"), Path("01_second.ipynb")]
+
+
+@pytest.fixture
+def fake_notebooks(monkeypatch):
+    """course.execute_notebook without a kernel: writes the executed copy and the lesson's record."""
+    from distill_lab import course
+
+    calls = {"n": 0, "fail": None, "value": 1.0}
+
+    def execute(path, out_path, timeout=3600):
+        calls["n"] += 1
+        if calls["fail"] == path.name:
+            raise calls.get("error", RuntimeError("cell failed"))
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(f"executed {path.name} {calls['value']}")
+        record = Path(os.environ[course.REPORT_ENV]) / "results" / f"{path.stem}.json"
+        record.write_text(json.dumps({"metrics": {"ppl": calls["value"]}}))
+        return 0.1
+
+    monkeypatch.setattr(course, "execute_notebook", execute)
+    return calls
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_finding4_course_keeps_the_earlier_report_and_the_users_files(tmp_path, fake_notebooks, capsys):
+    from distill_lab.course import run_course
+
+    out = tmp_path / "reports"
+    run_course(out, "smoke", LESSONS)
+    (out / "results" / "mine.json").write_text('{"my": "numbers"}')  # a user's JSON among the records
+    (out / "comparison.md").write_text("| the report command's table |")  # another command's file
+    laptop = _snapshot(out)
+    fake_notebooks["value"] = 2.0
+    run_course(out, "smoke", LESSONS)  # `make run` again: the earlier report is kept under a dated name
+    kept = [p for p in out.iterdir() if p.name.startswith("earlier-")]
+    assert len(kept) == 1 and kept[0].name in capsys.readouterr().out
+    assert (kept[0] / "results" / "mine.json").read_text() == '{"my": "numbers"}'
+    assert (kept[0] / "results.json").read_bytes() == laptop["results.json"]
+    assert (out / "comparison.md").read_bytes() == laptop["comparison.md"]
+    assert json.loads((out / "results.json").read_text())["results"]["00_first"]["metrics"]["ppl"] == 2.0
+    assert not (out / "results" / "mine.json").exists()  # moved with its report, not deleted
+
+
+def test_finding4_overwrite_replaces_only_an_unchanged_report(tmp_path, fake_notebooks):
+    from distill_lab.course import run_course
+
+    out = tmp_path / "reports"
+    run_course(out, "smoke", LESSONS)
+    run_course(out, "smoke", LESSONS, overwrite=True)  # ours, unchanged: replaced, nothing dated
+    assert not [p for p in out.iterdir() if p.name.startswith(("earlier-", ".tmp-dl-"))]
+    (out / "results" / "mine.json").write_text("{}")
+    ran = fake_notebooks["n"]
+    with pytest.raises(FileExistsError, match="results/mine.json"):
+        run_course(out, "smoke", LESSONS, overwrite=True)
+    assert fake_notebooks["n"] == ran, "refused only after running the notebooks"
+    assert (out / "results" / "mine.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("error", [RuntimeError("cell failed"), KeyboardInterrupt()], ids=["failed", "ctrl-c"])
+def test_finding4_a_failed_or_interrupted_run_leaves_the_report_as_it_was(tmp_path, fake_notebooks, error):
+    from distill_lab.course import run_course
+
+    out = tmp_path / "reports"
+    run_course(out, "smoke", LESSONS)
+    before = _snapshot(out)
+    fake_notebooks.update(fail=LESSONS[1].name, error=error, value=3.0)
+    with pytest.raises(type(error), match="unchanged"):
+        run_course(out, "smoke", LESSONS)
+    after = _snapshot(out)
+    partial = [p for p in out.iterdir() if p.name.startswith("incomplete-")]
+    assert len(partial) == 1 and (partial[0] / "notebooks" / LESSONS[0].name).read_text() == "executed 00_first.ipynb 3.0"
+    assert {k: v for k, v in after.items() if not k.startswith("incomplete-")} == before
