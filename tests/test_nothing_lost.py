@@ -226,3 +226,57 @@ def test_finding4_a_failed_or_interrupted_run_leaves_the_report_as_it_was(tmp_pa
     partial = [p for p in out.iterdir() if p.name.startswith("incomplete-")]
     assert len(partial) == 1 and (partial[0] / "notebooks" / LESSONS[0].name).read_text() == "executed 00_first.ipynb 3.0"
     assert {k: v for k, v in after.items() if not k.startswith("incomplete-")} == before
+
+
+# -- 5. NaN is a failure everywhere: the quality guard, and the trainer ------------------------------
+
+def _poison(model, config, ctx):
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    return model
+
+
+@pytest.mark.parametrize("limit", [1.5, None])
+def test_finding5_a_nan_model_fails_the_quality_guard_and_is_not_saved(tmp_path, data, scratch_steps, limit):
+    from distill_lab.pipeline import QualityGuardError
+
+    scratch_steps("poison", _poison)
+    recipe = Recipe("nan", [{"poison": {}}], max_ppl_ratio=limit)
+    with pytest.raises(QualityGuardError, match="not a finite number"):
+        _run(tiny_llama(), recipe, tmp_path / "w", data)
+    assert not list((tmp_path / "w" / "steps").glob("01_*")), "a NaN model was saved as a finished step"
+    assert not (tmp_path / "w" / "result.json").exists()
+
+
+def test_finding5_a_nan_topk_cache_stops_training_naming_the_step(tmp_path, data, capsys):
+    import shutil
+
+    from distill_lab.distillation import NonFiniteLossError, TeacherCache
+
+    recipe = Recipe("kd", [{"distil": {"steps": 2, "batch_size": 2, "top_k": 4, "bf16": False}}])
+    work = tmp_path / "w"
+    _run(tiny_llama(), recipe, work, data)
+    cache_path = next(work.glob("teacher_top4_*.safetensors"))
+    cache = TeacherCache.load(cache_path)
+    cache.values[:] = float("nan")
+    cache.save(cache_path)
+    shutil.rmtree(work / "steps")
+    student = tiny_llama()
+    with pytest.raises(NonFiniteLossError, match=r"step 1 of 2: the loss is nan"):
+        _run(student, recipe, work, data)
+    assert not (work / "steps" / "01_distil").exists(), "the NaN step was saved as finished"
+
+
+def test_finding5_the_trainer_leaves_the_weights_of_the_last_good_step(data):
+    from distill_lab.distillation import DistillationLoss, DistillationTrainer, NonFiniteLossError, TrainConfig
+
+    student = tiny_llama(seed=3)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    teacher = tiny_llama(seed=4)
+    with torch.no_grad():
+        teacher.lm_head.weight[0, 0] = float("inf")
+    trainer = DistillationTrainer(student, data["train_windows"], teacher=teacher, loss=DistillationLoss(),
+                                  config=TrainConfig(steps=3, batch_size=2, bf16=False, progress=False))
+    with pytest.raises(NonFiniteLossError, match="step 1 of 3"):
+        trainer.train()
+    assert all(torch.equal(v, before[k]) for k, v in student.state_dict().items())

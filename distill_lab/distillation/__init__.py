@@ -21,11 +21,11 @@ from .losses import (IGNORE_INDEX, KINDS, DistillationLoss, HiddenStateLoss, Top
                      soft_target_loss)
 from .on_policy import (generated_labels, is_on_policy_step, on_policy_divergence, on_policy_summary,
                         sample_continuations)
-from .trainer import (SAMPLINGS, SCHEDULES, DistillationTrainer, TrainConfig, distributed_context,
-                      final_val_ppl, lr_factor)
+from .trainer import (SAMPLINGS, SCHEDULES, DistillationTrainer, NonFiniteLossError, TrainConfig,
+                      distributed_context, final_val_ppl, lr_factor)
 
 __all__ = ["IGNORE_INDEX", "KINDS", "SAMPLINGS", "SCHEDULES", "DistillationLoss", "DistillationTrainer",
-           "HiddenStateLoss", "SequenceData", "TeacherCache", "TopKLogits", "TrainConfig", "budget_curve",
+           "HiddenStateLoss", "NonFiniteLossError", "SequenceData", "TeacherCache", "TopKLogits", "TrainConfig", "budget_curve",
            "cache_teacher_logits", "fit_power_law", "distributed_context", "divergence_reference", "final_val_ppl",
            "generate_distillation_data", "generated_labels", "is_on_policy_step", "lr_factor",
            "on_policy_divergence", "on_policy_summary", "sample_continuations", "shift_labels", "soft_target_loss",

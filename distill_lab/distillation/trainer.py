@@ -35,7 +35,7 @@ from .cache import TeacherCache
 from .data import SequenceData, shift_labels
 from .losses import IGNORE_INDEX, DistillationLoss, HiddenStateLoss, _check_range
 
-__all__ = ["SAMPLINGS", "SCHEDULES", "DistillationTrainer", "TrainConfig", "distributed_context",
+__all__ = ["SAMPLINGS", "SCHEDULES", "DistillationTrainer", "NonFiniteLossError", "TrainConfig", "distributed_context",
            "final_val_ppl", "lr_factor"]
 
 SCHEDULES = ("warmup_cosine", "cosine", "constant")
@@ -331,7 +331,11 @@ class DistillationTrainer:
         return {**parts, "tokens": int(kept.sum()) if kept is not None else ids.numel(), "gen_seconds": gen_seconds}
 
     def train_step(self) -> dict:
-        """Run one optimizer step (with accumulation and clipping) and return its history row."""
+        """Run one optimizer step (with accumulation and clipping) and return its history row.
+
+        A loss that is NaN or infinite raises ``NonFiniteLossError`` naming the step, before the
+        optimizer moves: the weights stay those of the step before, and nothing is saved.
+        """
         cfg = self.config
         self.module.train()
         start = time.perf_counter()
@@ -341,6 +345,7 @@ class DistillationTrainer:
             sync = micro == cfg.grad_accum - 1 or self.world == 1
             with self.model.no_sync() if not sync else contextlib.nullcontext():
                 rows_parts.append(self._micro_step(rows, 1.0 / cfg.grad_accum, micro, on_policy))
+        self._check_finite([p["loss"] for p in rows_parts])
         params = [p for p in self.module.parameters() if p.grad is not None]
         if cfg.max_grad_norm > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
@@ -365,6 +370,21 @@ class DistillationTrainer:
             row.update({k: float(v) / self.world for k, v in zip(keys, t)})
         self.history["train"].append(row)
         return row
+
+    def _check_finite(self, losses: list[float]) -> None:
+        bad = next((x for x in losses if not math.isfinite(x)), None)
+        if self.world > 1:  # every process stops together
+            flag = torch.tensor([0.0 if bad is None else 1.0], device=self.device)
+            dist.all_reduce(flag)
+            bad = bad if bad is not None else (float("nan") if flag.item() > 0 else None)
+        if bad is None:
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        source = "the cached teacher logits" if self.cache is not None else "the teacher"
+        raise NonFiniteLossError(
+            f"training stopped at step {self.step + 1} of {self.config.steps}: the loss is {bad} (not finite); the "
+            f"weights are those after step {self.step} and nothing was saved for this step (check the student's "
+            f"weights and {source} for NaN or Inf, or lower lr={self.config.lr:g})")
 
     def evaluate(self) -> float:
         """Validation perplexity of the student (identical on every process)."""
@@ -446,6 +466,10 @@ class DistillationTrainer:
         kind = self.loss.kind if isinstance(self.loss, DistillationLoss) else "custom loss"
         source = f"cached top-{self.cache.k}" if self.cache is not None else "live teacher"
         return f"{kind}, {source}"
+
+
+class NonFiniteLossError(RuntimeError):
+    """A training step's loss was NaN or infinite: the trainer stops before the optimizer step."""
 
 
 def final_val_ppl(history: dict) -> float:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -393,6 +394,8 @@ def run_recipe(teacher: nn.Module, tokenizer, recipe: Recipe, out_dir: str | Pat
                 if measure_steps == "all" or i == len(recipe.steps) - 1:
                     metrics = measure(model, windows, profile, folder=tmp, progress=False)
                     metrics.update(relative(metrics, teacher_stats))
+                    _check_finite(recipe, StepRecord(i + 1, step.kind, dict(step.config), "", metrics, seconds),
+                                  first_ppl_key)  # a NaN model is never saved as a finished step
                 state = {"fingerprint": recipe.fingerprint(i), "input": input_digest, "code": code_version(),
                          "profile": profile.name, "profile_sizes": profile.to_dict(), "kind": step.kind,
                          "config": step.config, "metrics": metrics, "seconds": seconds,
@@ -438,13 +441,30 @@ def run_recipe(teacher: nn.Module, tokenizer, recipe: Recipe, out_dir: str | Pat
 HEALING_STEPS = ("distil", "qat")  # steps that recover quality: the guard skips the step just before them
 
 
+def _check_finite(recipe: Recipe, rec: StepRecord, ppl_key: str) -> None:
+    """Raise ``QualityGuardError`` when the step's perplexity (or its ratio) is NaN or infinite."""
+    ratio, ppl = rec.metrics[f"ppl_ratio_{ppl_key[4:]}"], rec.metrics[ppl_key]
+    if math.isfinite(ratio) and math.isfinite(ppl):
+        return
+    where = "it was not saved" if not rec.folder else f"its saved model in {rec.folder} is not exported"
+    raise QualityGuardError(f"recipe {recipe.name!r} stopped after step {rec.index} ({rec.kind}): {ppl_key[4:]} "
+                            f"perplexity is {ppl} (ratio {ratio}), not a finite number: the model's outputs hold "
+                            f"NaN or Inf; {where}")
+
+
 def _check_guard(recipe: Recipe, rec: StepRecord, ppl_key: str) -> None:
+    """Raise ``QualityGuardError`` when the step's perplexity ratio is over ``max_ppl_ratio``, or not finite.
+
+    A NaN or infinite perplexity fails with or without a limit, even before a healing step: the
+    model's outputs are not numbers, and training from it cannot recover.
+    """
+    _check_finite(recipe, rec, ppl_key)
+    ratio = rec.metrics[f"ppl_ratio_{ppl_key[4:]}"]
     if recipe.max_ppl_ratio is None:
         return
     nxt = recipe.steps[rec.index] if rec.index < len(recipe.steps) else None
     if nxt is not None and nxt.kind in HEALING_STEPS:
         return  # e.g. prune -> distil: the pruned model is expected to be bad until it is healed
-    ratio = rec.metrics[f"ppl_ratio_{ppl_key[4:]}"]
     if ratio > recipe.max_ppl_ratio:
         raise QualityGuardError(
             f"recipe {recipe.name!r} stopped after step {rec.index} ({rec.kind}): perplexity ratio "
