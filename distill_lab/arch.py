@@ -20,6 +20,7 @@ Low level on purpose: imports only torch and transformers.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 
@@ -100,6 +101,70 @@ def check_linear_layout(model: nn.Module, technique: str) -> None:
         more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
         raise ValueError(f"{type(model).__name__}: {technique} supports nn.Linear weights only; unsupported "
                          f"layout: {'; '.join(problems[:3])}{more}. Nothing was changed.")
+
+
+PROBE_TOKENS = 4  # tokens of the forward that confirms a model still runs after a module swap
+
+
+def probe_forward(model: nn.Module) -> Exception | None:
+    """Run the model on ``PROBE_TOKENS`` token ids; return the exception it raised (None: it ran, or cannot be probed).
+
+    Only models with a ``config.vocab_size`` (Hugging Face causal LMs) are probed.
+    """
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    tensor = next(iter(model.parameters()), None)
+    tensor = tensor if tensor is not None else next(iter(model.buffers()), None)
+    if not isinstance(vocab, int) or vocab < 1 or tensor is None:
+        return None
+    ids = (torch.arange(PROBE_TOKENS) % vocab).unsqueeze(0).to(tensor.device)  # (1, T)
+    try:
+        with torch.no_grad():
+            model(ids)
+    except Exception as err:  # noqa: BLE001 - whatever it is, the swapped model does not run
+        return err
+    return None
+
+
+@contextlib.contextmanager
+def swap_guard(model: nn.Module, technique: str):
+    """Undo the block's module swaps unless the model still runs afterwards (``probe_forward``), then refuse.
+
+    Every submodule and public attribute of ``model`` is remembered before the block; when the block
+    raises, or the model ran before but not after, they are put back and a ``ValueError`` names the
+    model class, the technique and the error (an exception of the block itself is re-raised as it is).
+    In-place changes of tensors are not undone: techniques swap modules and leave the old ones intact.
+    """
+    modules = dict(model.named_modules())
+    attrs = {k: v for k, v in vars(model).items() if not k.startswith("_")}
+    ran = probe_forward(model) is None
+
+    def undo() -> None:
+        for name, module in sorted(modules.items(), key=lambda kv: kv[0].count(".")):
+            if not name:
+                continue
+            parent_name, _, child = name.rpartition(".")
+            parent = modules[parent_name] if parent_name else model
+            if parent._modules.get(child) is not module:
+                parent._modules[child] = module
+        for key in [k for k in vars(model) if not k.startswith("_") and k not in attrs]:
+            delattr(model, key)
+        for key, value in attrs.items():
+            if vars(model).get(key) is not value:
+                setattr(model, key, value)
+
+    try:
+        yield
+    except BaseException:
+        undo()
+        raise
+    err = probe_forward(model) if ran else None
+    if err is not None:
+        undo()
+        hint = (" (it reads the embedding's .weight: keep the embedding in float, embedding_bits=None)"
+                if isinstance(err, AttributeError) and "weight" in str(err) else "")
+        raise ValueError(f"{type(model).__name__}: after {technique} swapped its modules the model no longer runs "
+                         f"({type(err).__name__}: {' '.join(str(err).split())[:200]}){hint}; the swap was undone, "
+                         f"nothing was changed")
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module] | None:

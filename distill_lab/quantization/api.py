@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..arch import check_linear_layout
+from ..arch import check_linear_layout, swap_guard
 from ..tensors import storage_key, unique_tensors
 from .configs import CONFIGS, Int4WeightOnlyConfig, Int8DynamicConfig, Int8WeightOnlyConfig, config_to_dict
 from .embeddings import INT4_EMBEDDING_GROUP, Int4Embedding
@@ -68,11 +68,18 @@ def _head_module(weight_int8: torch.Tensor, scales: torch.Tensor, config, bias=N
     return Int8WeightOnlyLinear(weight_int8, scales, bias)
 
 
-def _tied_head(qemb: QuantizedModule, config) -> QuantizedModule:
-    """The head over the quantized embedding's own tensors (stored once)."""
+def _tied_head(qemb: QuantizedModule, config, bias: torch.Tensor | None = None) -> QuantizedModule:
+    """The head over the quantized embedding's own tensors (stored once), with the float head's own ``bias``.
+
+    A tied head may still have a bias of its own (BERT and RoBERTa decoders, Phi with tied embeddings):
+    it is kept, as a copy (its float parameter may stay in the model under another name).
+    """
+    bias = None if bias is None else bias.detach().float().clone()  # (V,)
     if isinstance(qemb, Int4Embedding):
-        return qemb.tied_head()  # int4 weight-only kernel over the embedding's packed codes
-    return _head_module(qemb.weight_int8, qemb.scales, config)
+        head = qemb.tied_head()  # int4 weight-only kernel over the embedding's packed codes
+        head.bias = bias
+        return head
+    return _head_module(qemb.weight_int8, qemb.scales, config, bias)
 
 
 def _untied_head(head: nn.Linear, config) -> QuantizedModule:
@@ -105,23 +112,24 @@ def quantize_(model: nn.Module, config, filter_fn=None) -> QuantizationSummary:
             raise ValueError(f"{type(config).__name__}.group_size={config.group_size} divides none of the "
                              f"{len(eligible)} layers' input widths {widths}; allowed: a divisor of one of them")
     summary = QuantizationSummary(config=config_to_dict(config))
-    head_name = quantize_embedding_and_head_(model, config, summary)
+    with swap_guard(model, "quantize_"):  # the model must still run afterwards, else it is put back
+        head_name = quantize_embedding_and_head_(model, config, summary)
 
-    # 2. every other Linear
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or name == head_name:
-            continue
-        if filter_fn is not None and not filter_fn(module, name):
-            summary.float_modules[name] = "filter_fn"
-            continue
-        qmod = linear_from_config(module, config)
-        if qmod is None:
-            summary.float_modules[name] = (f"in_features={module.in_features} not divisible by "
-                                           f"group_size={config.group_size}")
-            continue
-        set_module(model, name, qmod)
-        summary.count(qmod.kind)
-    model.quantization_config = config_to_dict(config)  # read by save_quantized
+        # 2. every other Linear
+        for name, module in list(model.named_modules()):
+            if not isinstance(module, nn.Linear) or name == head_name:
+                continue
+            if filter_fn is not None and not filter_fn(module, name):
+                summary.float_modules[name] = "filter_fn"
+                continue
+            qmod = linear_from_config(module, config)
+            if qmod is None:
+                summary.float_modules[name] = (f"in_features={module.in_features} not divisible by "
+                                               f"group_size={config.group_size}")
+                continue
+            set_module(model, name, qmod)
+            summary.count(qmod.kind)
+        model.quantization_config = config_to_dict(config)  # read by save_quantized
     return summary
 
 
@@ -148,7 +156,7 @@ def quantize_embedding_and_head_(model: nn.Module, config, summary: Quantization
         set_module(model, emb_name, qemb)
         summary.count(qemb.kind)
         if isinstance(head, nn.Linear):
-            qhead = _tied_head(qemb, config) if tied else _untied_head(head, config)  # tied: same tensors
+            qhead = _tied_head(qemb, config, head.bias) if tied else _untied_head(head, config)  # tied: same codes
             set_module(model, head_name, qhead)
             summary.tied_head = tied
             summary.count(qhead.kind)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..arch import check_linear_layout
+from ..arch import check_linear_layout, swap_guard
 from ..calibration import calibration_pass
 from ..tensors import same_tensor
 from .api import QuantizationSummary, quantize_
@@ -171,19 +171,20 @@ def gptq_(model: nn.Module, config: Int4WeightOnlyConfig | None = None, *, calib
         raise ValueError(f"config={config!r}; allowed: an Int4WeightOnlyConfig (GPTQ serves weight-only int4)")
     check_linear_layout(model, "gptq_")
     hessians = collect_hessians(model, calibration, progress=progress)
-    prepared = {}  # one inverse per distinct Hessian (q/k/v and gate/up share theirs)
-    for name, module in tqdm(list(model.named_modules()), desc="GPTQ", leave=False, disable=not progress):
-        if name not in hessians or not isinstance(module, nn.Linear):
-            continue
-        if module.in_features % config.group_size:
-            continue
-        h = hessians[name]
-        if id(h) not in prepared:
-            prepared = {id(h): prepare_hessian(h, damp, act_order)}  # keep one at a time: memory
-        q = gptq_quantize_weight(module.weight.float().cpu(), prepared[id(h)], config.bits, config.group_size,
-                                 config.symmetric, damp, act_order=act_order, clip=clip)
-        qmod = _int4_module_from_quantized(q, module.bias)
-        if module.weight.device.type != "cpu":
-            qmod.repack(module.weight.device)
-        set_module(model, name, qmod)
-    return quantize_(model, config)  # the embedding and head (Linears already replaced are skipped)
+    with swap_guard(model, "gptq_"):  # the model must still run afterwards, else it is put back
+        prepared = {}  # one inverse per distinct Hessian (q/k/v and gate/up share theirs)
+        for name, module in tqdm(list(model.named_modules()), desc="GPTQ", leave=False, disable=not progress):
+            if name not in hessians or not isinstance(module, nn.Linear):
+                continue
+            if module.in_features % config.group_size:
+                continue
+            h = hessians[name]
+            if id(h) not in prepared:
+                prepared = {id(h): prepare_hessian(h, damp, act_order)}  # keep one at a time: memory
+            q = gptq_quantize_weight(module.weight.float().cpu(), prepared[id(h)], config.bits, config.group_size,
+                                     config.symmetric, damp, act_order=act_order, clip=clip)
+            qmod = _int4_module_from_quantized(q, module.bias)
+            if module.weight.device.type != "cpu":
+                qmod.repack(module.weight.device)
+            set_module(model, name, qmod)
+        return quantize_(model, config)  # the embedding and head (Linears already replaced are skipped)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..arch import check_linear_layout
+from ..arch import check_linear_layout, swap_guard
 from ..distillation import DistillationLoss, DistillationTrainer, TrainConfig, soft_target_loss
 from .api import QuantizationSummary, quantize_embedding_and_head_
 from .api import linear_from_config as _linear_from_config
@@ -99,15 +99,16 @@ def prepare_qat_(model: nn.Module, config, filter_fn=None) -> nn.Module:
         raise ValueError(f"config={config!r}; allowed: an instance of {', '.join(CONFIGS)}")
     check_linear_layout(model, "prepare_qat_")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or module is head:
-            continue
-        if filter_fn is not None and not filter_fn(module, name):
-            continue
-        if isinstance(config, Int4WeightOnly) and module.in_features % config.group_size:
-            continue
-        _set_module(model, name, QATLinear(module, config))
-    model.qat_config = config
+    with swap_guard(model, "prepare_qat_"):  # the model must still run afterwards, else it is put back
+        for name, module in list(model.named_modules()):
+            if not isinstance(module, nn.Linear) or module is head:
+                continue
+            if filter_fn is not None and not filter_fn(module, name):
+                continue
+            if isinstance(config, Int4WeightOnly) and module.in_features % config.group_size:
+                continue
+            _set_module(model, name, QATLinear(module, config))
+        model.qat_config = config
     return model
 
 
@@ -117,18 +118,20 @@ def convert_(model: nn.Module) -> QuantizationSummary:
     if config is None:
         raise ValueError("convert_ needs a model prepared with prepare_qat_(model, config)")
     summary = QuantizationSummary(config=config_to_dict(config))
-    for name, module in list(model.named_modules()):
-        if isinstance(module, QATLinear):
-            with torch.no_grad():
-                qmod = _linear_from_config(module, config)  # duck-typed: .weight, .bias, .in_features
-            _set_module(model, name, qmod)
-            summary.count(qmod.kind)
-    head_name = quantize_embedding_and_head_(model, config, summary)
-    for name, module in model.named_modules():  # Linears prepare_qat_ left alone stay in float: say so
-        if isinstance(module, nn.Linear) and name != head_name:
-            summary.float_modules[name] = "not prepared for QAT (filter_fn or in_features not divisible by group_size)"
-    model.quantization_config = config_to_dict(config)
-    del model.qat_config
+    with swap_guard(model, "convert_"):  # the model must still run afterwards, else it is put back
+        for name, module in list(model.named_modules()):
+            if isinstance(module, QATLinear):
+                with torch.no_grad():
+                    qmod = _linear_from_config(module, config)  # duck-typed: .weight, .bias, .in_features
+                _set_module(model, name, qmod)
+                summary.count(qmod.kind)
+        head_name = quantize_embedding_and_head_(model, config, summary)
+        for name, module in model.named_modules():  # Linears prepare_qat_ left alone stay in float: say so
+            if isinstance(module, nn.Linear) and name != head_name:
+                summary.float_modules[name] = ("not prepared for QAT (filter_fn or in_features not divisible by "
+                                               "group_size)")
+        model.quantization_config = config_to_dict(config)
+        del model.qat_config
     return summary
 
 

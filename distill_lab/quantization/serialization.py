@@ -56,6 +56,8 @@ def save_quantized(model: nn.Module, folder: str | Path, tokenizer=None) -> Path
         shared = [s for s in shared if s is not None]
         if shared and m.kind in _TIED_KINDS:
             spec["tied_to"] = shared[0]  # shares the embedding's codes and scales
+            if getattr(m, "bias", None) is not None:  # a tied head's own bias (BERT, Phi): not the embedding's
+                tensors[f"{name}.bias"] = m.bias.detach().cpu().clone()
             modules[name] = spec
             continue
         for b in m.buffers(recurse=False):
@@ -63,14 +65,16 @@ def save_quantized(model: nn.Module, folder: str | Path, tokenizer=None) -> Path
         for k, v in m.export_tensors().items():
             tensors[f"{name}.{k}"] = v.detach().cpu().contiguous()
         modules[name] = spec
-    seen = set()
+    seen = {storage_key(v): k for k, v in tensors.items()}
+    tied_float = {}  # name -> the saved name of the same tensor (a tied weight, BERT's shared decoder bias)
     for k, v in _persistent_state(model).items():
-        if storage_key(v) in seen:  # tied float weights: saved once
+        if storage_key(v) in seen:  # shared tensors: saved once, tied again on load
+            tied_float[k] = seen[storage_key(v)]
             continue
-        seen.add(storage_key(v))
+        seen[storage_key(v)] = k
         tensors[k] = v.detach().cpu().contiguous()
     qconfig = {"format": FORMAT, "config": getattr(model, "quantization_config", None), "modules": modules,
-               "tied_float": {}}
+               "tied_float": tied_float}
     meta = {"distill_lab": json.dumps(qconfig)}
     with atomic_folder(folder) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=meta)
@@ -117,6 +121,18 @@ def _tied_head(src: QuantizedModule, spec: dict) -> QuantizedModule:
     return Int8WeightOnlyLinear(src.weight_int8, src.scales)
 
 
+def _tie(model: nn.Module, alias: str, source: str) -> None:
+    """Make the tensor at dotted name ``alias`` the very tensor at ``source`` (parameter or buffer)."""
+    src_owner, _, src_attr = source.rpartition(".")
+    tensor = getattr(model.get_submodule(src_owner), src_attr)
+    owner_name, _, attr = alias.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    if attr in owner._parameters:
+        owner._parameters[attr] = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, False)
+    else:
+        owner._buffers[attr] = tensor
+
+
 def load_quantized(folder: str | Path, device: str | torch.device | None = None) -> nn.Module:
     """Load a model written by ``save_quantized``: float parts, then the packed modules, re-packed for ``device``."""
     folder = Path(folder)
@@ -157,12 +173,19 @@ def _load_quantized(folder: Path, device: torch.device) -> nn.Module:
         set_module(model, name, built[name])
     for name, spec in modules.items():
         if "tied_to" in spec:
-            set_module(model, name, _tied_head(built[spec["tied_to"]], spec))
+            head = _tied_head(built[spec["tied_to"]], spec)
+            if f"{name}.bias" in tensors:
+                head.bias = tensors[f"{name}.bias"].float().to(device)
+            set_module(model, name, head)
     float_state = {k: v for k, v in tensors.items()
                    if not any(k.startswith(n + ".") for n in modules)}
     missing, unexpected = model.load_state_dict(float_state, strict=False, assign=True)
     qnames = tuple(n + "." for n in modules)
     missing = [k for k in missing if not k.startswith(qnames)]
+    for alias, source in qconfig.get("tied_float", {}).items():  # shared tensors, saved once: share them again
+        if alias in missing and source in tensors:
+            _tie(model, alias, source)
+            missing.remove(alias)
     emb, head = embedding_and_head(model)
     if getattr(config, "tie_word_embeddings", False) and isinstance(emb, nn.Embedding) \
             and isinstance(head, nn.Linear):  # float tied weights were saved once
