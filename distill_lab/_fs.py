@@ -167,6 +167,15 @@ def replace_dir(src: str | Path, dst: str | Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
+def move(src: str | Path, dst: str | Path) -> Path:
+    """Rename ``src`` (file or folder) to ``dst`` on the same filesystem; never replaces an existing ``dst``."""
+    src, dst = Path(src), Path(dst)
+    if dst.exists() or dst.is_symlink():
+        raise FileExistsError(f"{dst} exists; refusing to replace it with {src}")
+    os.replace(src, dst)
+    return dst
+
+
 def check_replaceable(folder: str | Path) -> None:
     """Raise ``FileExistsError`` unless ``folder`` is missing, empty, or exactly what distill_lab wrote there.
 

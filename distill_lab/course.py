@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ._fs import atomic_write_text, clean_stale_tmp, make_tmp_dir, name_some, sha256_file
+from ._fs import atomic_write_text, clean_stale_tmp, make_tmp_dir, move, name_some, sha256_file
 from .evaluate import REPORT_ENV, environment_info
 from .profiles import ENV_VAR, get_profile
 
@@ -194,11 +194,11 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> Path | None:
         aside = _dated(out, "earlier", first.stat().st_mtime if first.is_file() else time.time())
         aside.mkdir()
         for entry in earlier:
-            os.replace(entry, aside / entry.name)
+            move(entry, aside / entry.name)
     contents = {rel: sha256_file(path) for rel, path in _report_files(tmp).items()}
     for name in REPORT_ENTRIES:
         if (tmp / name).exists():
-            os.replace(tmp / name, out / name)
+            move(tmp / name, out / name)
     atomic_write_text(out / COURSE_MANIFEST, json.dumps({"format": COURSE_FORMAT, "contents": contents}, indent=1))
     if aside is not None and replaceable:
         shutil.rmtree(aside)
@@ -264,5 +264,5 @@ def run_course(out: str | Path = "reports", profile: str | None = None,
 def _keep_partial(tmp: Path, out: Path) -> Path:
     """Rename the report of a failed or interrupted run to ``out/incomplete-<now>`` and return that path."""
     partial = _dated(out, "incomplete", time.time())
-    os.replace(tmp, partial)
+    move(tmp, partial)
     return partial
