@@ -15,6 +15,9 @@ from ._fs import DamagedFileError, verify_manifest, weight_files
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)\.")
 _EMBED = ("embed_tokens.weight", "embed_tokens.weight_int8", "wte.weight", "embed_in.weight")
+# an MLP's first projection, (intermediate, hidden) as saved: float, int8 codes or portable int4 packed rows
+_MLP_UP = re.compile(r"\.(?:up_proj|gate_proj|fc1|dense_h_to_4h|intermediate\.dense)\.(?:weight|weight_int8|packed)$")
+_INTERMEDIATE = ("ffn_dim", "n_inner")  # MLP widths configs name without the word "intermediate"
 
 
 def read_config(folder: Path) -> dict:
@@ -94,7 +97,22 @@ def check_model_folder(folder: str | Path) -> dict:
                 raise DamagedFileError(f"model folder {str(folder)!r}: config.json says hidden_size={hidden} "
                                        f"but {key} has {shape[1]} columns")
             break
+    _check_intermediate(folder, cfg, shapes)
     return {"config": cfg, "shapes": shapes, "meta": meta}
+
+
+def _check_intermediate(folder: Path, cfg: dict, shapes: dict) -> None:
+    """Refuse a config whose MLP width matches none of the MLP weights (``intermediate_size: 10**9`` would
+    make transformers allocate hundreds of GB before its own, unclear, mismatch error)."""
+    scopes = [cfg] + ([cfg["text_config"]] if isinstance(cfg.get("text_config"), dict) else [])
+    sizes = {n: v for scope in scopes for n, v in scope.items()
+             if ("intermediate" in n or n in _INTERMEDIATE) and isinstance(v, int) and not isinstance(v, bool)}
+    rows = {key: shape[0] for key, shape in shapes.items() if len(shape) == 2 and _MLP_UP.search(key)}
+    if sizes and rows and not set(rows.values()) & set(sizes.values()):
+        key, found = next(iter(rows.items()))
+        said = ", ".join(f"{n}={v}" for n, v in sizes.items())
+        raise DamagedFileError(f"model folder {str(folder)!r}: config.json says {said} but {key} has {found} rows "
+                               f"(allowed: the MLP width of the weights)")
 
 
 def loading_problems(model, missing, unexpected, mismatched=()) -> list[str]:

@@ -401,3 +401,53 @@ def test_finding8_the_same_model_quantizes_with_a_float_embedding():
         ref = model(IDS).logits
     quantize_(model, Int8WeightOnlyConfig(embedding_bits=None))
     assert _rel(model, ref) < 0.02
+
+
+# -- 11, 12, 13. strings and sizes have bounds, stated in the error ----------------------------------
+
+
+def test_finding11_a_yaml_alias_bomb_and_a_non_string_description_are_refused_at_load(tmp_path):
+    import time
+
+    nested = "".join(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]\n" for i in range(2, 10))
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("a1: &a1 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + nested.replace(
+        "a9: &a9", "description: &a9") + "steps:\n  - quantize: {method: int8}\n")
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"more than 10000 values .*at most 10000"):
+        Recipe.load(bomb)
+    assert time.perf_counter() - start < 5
+    for text, match in [("description: [not, a, string]\n", r"description=\['not', 'a', 'string'\]; allowed: a string"),
+                        (f"description: {'x' * 1001}\n", "description=.*at most 1000 characters"),
+                        (f"name: {'n' * 101}\n", "name=.*at most 100 characters")]:
+        path = tmp_path / "r.yaml"
+        path.write_text(text + "steps:\n  - quantize: {method: int8}\n")
+        with pytest.raises(ValueError, match=match):
+            Recipe.load(path)
+
+
+@pytest.mark.parametrize("knob,limit", [("steps", "100,000"), ("batch_size", "1,024"), ("top_k", "4,096")])
+@pytest.mark.parametrize("kind", ["distil", "qat"])
+def test_finding12_absurd_training_sizes_are_refused_with_the_limit(kind, knob, limit):
+    with pytest.raises(ValueError, match=rf"step '{kind}': {knob}=1000000000; allowed: null or an int from 1 to "
+                                         rf"{limit}"):
+        Recipe("r", [{kind: {knob: 10**9}}])
+    Recipe("r", [{kind: {knob: int(limit.replace(",", ""))}}])  # the limit itself is allowed
+
+
+def test_finding13_a_huge_intermediate_size_is_refused_before_allocating(tmp_path, capsys):
+    import time
+
+    from distill_lab.models import load_model
+
+    tiny_llama().save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["intermediate_size"] = 10**9
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"intermediate_size=1000000000 but .*(up|gate)_proj.weight has \d+ rows"):
+        load_model(tmp_path / "m", device="cpu")
+    assert time.perf_counter() - start < 5
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "m"), "--profile", "smoke"]) == 2
+    assert "intermediate_size=1000000000" in _one_line_err(capsys)

@@ -18,6 +18,12 @@ from .._fs import atomic_write_text
 
 __all__ = ["Recipe", "STEPS", "Step", "StepKind", "register_step", "step_kinds"]
 
+MAX_NAME = 100  # characters of a recipe's name (one line: table rows, folder names)
+MAX_DESCRIPTION = 1000  # characters of a recipe's description (one line for humans)
+MAX_STEPS = 32  # steps in one recipe
+MAX_FILE_BYTES = 1 << 20  # a recipe file (a few hundred bytes in practice)
+MAX_NODES = 10_000  # values in a parsed recipe, every YAML alias counted each time it is used
+
 # ----------------------------------------------------------------------------------------------
 # The step registry
 # ----------------------------------------------------------------------------------------------
@@ -108,10 +114,18 @@ class Recipe:
     description: str = ""  # one line for humans
 
     def __post_init__(self):
-        if not isinstance(self.name, str) or not self.name.strip():
-            raise ValueError(f"recipe name={self.name!r}; allowed: a non-empty string")
-        if not isinstance(self.steps, (list, tuple)) or not self.steps:
-            raise ValueError(f"recipe steps={self.steps!r}; allowed: a non-empty list of steps")
+        if not isinstance(self.name, str) or not self.name.strip() or len(self.name) > MAX_NAME \
+                or "\n" in self.name:
+            raise ValueError(f"recipe name={_short(self.name)}; allowed: a non-empty one-line string of at most "
+                             f"{MAX_NAME} characters")
+        if self.description is None:
+            self.description = ""
+        if not isinstance(self.description, str) or len(self.description) > MAX_DESCRIPTION:
+            raise ValueError(f"recipe description={_short(self.description)}; allowed: a string of at most "
+                             f"{MAX_DESCRIPTION} characters")
+        if not isinstance(self.steps, (list, tuple)) or not self.steps or len(self.steps) > MAX_STEPS:
+            raise ValueError(f"recipe steps={_short(self.steps)}; allowed: a non-empty list of at most {MAX_STEPS} "
+                             f"steps")
         self.steps = [_as_step(s, i) for i, s in enumerate(self.steps)]
         if self.max_ppl_ratio is not None:
             ok = isinstance(self.max_ppl_ratio, (int, float)) and not isinstance(self.max_ppl_ratio, bool)
@@ -146,6 +160,9 @@ class Recipe:
             raise IsADirectoryError(f"recipe file {str(path)!r} is a folder; allowed: a .yaml, .yml or .json file")
         if not path.is_file():
             raise FileNotFoundError(f"recipe file {str(path)!r} does not exist")
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise ValueError(f"recipe file {str(path)!r} is {path.stat().st_size} bytes; allowed: at most "
+                             f"{MAX_FILE_BYTES} bytes")
         try:
             text = path.read_text()
         except (OSError, UnicodeDecodeError) as err:
@@ -164,6 +181,7 @@ class Recipe:
                 raise ValueError(f"recipe file {path.name}: invalid YAML ({str(err).splitlines()[0]})") from None
         else:
             raise ValueError(f"recipe file {path.name}: suffix {path.suffix!r}; allowed: .yaml, .yml, .json")
+        _check_nodes(data, f"recipe file {path.name}")  # before any value is printed: a YAML alias bomb stops here
         if isinstance(data, dict) and "name" not in data:
             data = {**data, "name": path.stem}
         return cls.from_dict(data)
@@ -203,3 +221,30 @@ def _as_step(obj, index: int) -> Step:
         return Step(obj, {})
     raise ValueError(f"recipe step {index + 1}: {obj!r}; allowed: {{kind: {{knobs}}}} or "
                      f"{{kind: ..., config: {{knobs}}}} with kind in {', '.join(step_kinds())}")
+
+
+def _short(value, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters; a container only by its type and length (never its whole repr)."""
+    if isinstance(value, (list, tuple, dict, set)):
+        flat = len(value) <= 8 and all(isinstance(v, (str, int, float, type(None))) and len(str(v)) <= 40
+                                       for v in (value.values() if isinstance(value, dict) else value))
+        if not flat:
+            return f"<{type(value).__name__} of {len(value)} items>"
+    text = repr(value[:limit + 1] if isinstance(value, str) else value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _check_nodes(data, where: str) -> None:
+    """Raise ``ValueError`` when ``data`` holds more than ``MAX_NODES`` values (shared ones counted at every use)."""
+    stack, count = [data], 0
+    while stack:
+        item = stack.pop()
+        count += 1
+        if count > MAX_NODES:
+            raise ValueError(f"{where} holds more than {MAX_NODES} values (nested YAML aliases?); allowed: at most "
+                             f"{MAX_NODES}")
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
