@@ -37,9 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._fs import atomic_file
-from ._hf import quiet_transformers
-from .models import teacher_gguf_path
+from ._fs import DamagedFileError, atomic_file
+from .models import load_gguf_file, open_gguf, teacher_gguf_path
 from .quantization.embeddings import Int4Embedding
 from .quantization.modules import (
     Int4WeightOnlyLinear,
@@ -297,7 +296,7 @@ def to_gguf(model: nn.Module, tokenizer, path: str | Path, float_type: str = "f3
     report = ExportReport(path=path)
 
     try:
-        teacher = gguf.GGUFReader(teacher_gguf_path())
+        teacher = open_gguf(teacher_gguf_path())
     except (FileNotFoundError, ImportError):
         teacher = None
     use_teacher_vocab = teacher is not None and cfg.vocab_size == len(teacher.fields["tokenizer.ggml.tokens"].data) \
@@ -385,38 +384,32 @@ def _codes_tensor(module: nn.Module) -> torch.Tensor | None:
 # ----------------------------------------------------------------------------- reading back
 def read_gguf_tensors(path: str | Path, raw: bool = False) -> dict[str, np.ndarray]:
     """All tensors of a GGUF file (parsed once): dequantized to float32 (rows, cols), or raw blocks with ``raw=True``."""
-    import gguf
-
-    out = {}
-    for t in gguf.GGUFReader(path).tensors:
-        data = np.array(t.data)
-        out[t.name] = data if raw else gguf.quants.dequantize(data, t.tensor_type).astype(np.float32)
-    return out
+    return {t.name: _tensor_data(path, t, raw) for t in open_gguf(path).tensors}
 
 
 def read_gguf_tensor(path: str | Path, name: str, raw: bool = False) -> np.ndarray:
     """One tensor of a GGUF file: dequantized to float32 in (rows, cols) order, or its raw blocks with ``raw=True``."""
+    for t in open_gguf(path).tensors:
+        if t.name == name:
+            return _tensor_data(path, t, raw)
+    raise KeyError(f"{name!r} is not in {path}")
+
+
+def _tensor_data(path, t, raw: bool) -> np.ndarray:
     import gguf
 
-    for t in gguf.GGUFReader(path).tensors:
-        if t.name == name:
-            data = np.array(t.data)
-            return data if raw else gguf.quants.dequantize(data, t.tensor_type).astype(np.float32)
-    raise KeyError(f"{name!r} is not in {path}")
+    try:
+        data = np.array(t.data)
+        return data if raw else gguf.quants.dequantize(data, t.tensor_type).astype(np.float32)
+    except Exception as err:  # a crafted tensor table: sizes or types its data does not have  # noqa: BLE001
+        raise DamagedFileError(f"GGUF file {str(path)!r}: tensor {t.name!r} cannot be read "
+                               f"({type(err).__name__}: {' '.join(str(err).split())[:120]})") from None
 
 
 def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, tokenizer: bool = True):
     """Load a GGUF file with transformers (it dequantizes to float): ``(model, tokenizer)``, or the model alone."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-
-    path = Path(path).expanduser().resolve()
-    with quiet_transformers():
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype).eval()
-        if not tokenizer:
-            return model
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return model, tok
+    model, tok = load_gguf_file(path, dtype=dtype, tokenizer=tokenizer)
+    return (model, tok) if tokenizer else model
 
 
 def float_copy(model: nn.Module) -> nn.Module:

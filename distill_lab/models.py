@@ -74,14 +74,8 @@ def _convert_gguf_to_cache(target: Path) -> None:
     with quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    # save_pretrained refuses a GGUF-loaded model: rebuild a plain Llama from its config.
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.name_or_path = TEACHER_NAME
-    model = LlamaForCausalLM(config)
-    model.load_state_dict(loaded.state_dict())
-    model.tie_weights()
+    loaded.config.name_or_path = TEACHER_NAME
+    model = _plain_model(loaded)
     tmp = make_tmp_dir(target.parent)
     try:
         with quiet_transformers():
@@ -94,6 +88,17 @@ def _convert_gguf_to_cache(target: Path) -> None:
         replace_dir(tmp, target)  # atomic: a half-written cache is never visible, a damaged one is replaced
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _plain_model(loaded: nn.Module) -> nn.Module:
+    """A plain copy of a model transformers loaded from GGUF (whose ``save_pretrained`` refuses to save it)."""
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = type(loaded)(config)
+    model.load_state_dict(loaded.state_dict())
+    model.tie_weights()
+    return model
 
 
 def read_manifest_ok(folder: Path) -> bool:
@@ -145,12 +150,16 @@ def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
 
 def load_model(name_or_path, device: str | torch.device | None = None,
                dtype: torch.dtype | None = torch.float32):
-    """Load a causal LM and its tokenizer from a local HF folder or a hub id (never remote code)."""
+    """Load a causal LM and its tokenizer from a local HF folder, a .gguf file or a hub id (never remote code)."""
 
     device = torch.device(device) if device is not None else default_device()
     name = str(name_or_path)
     kwargs = dict(trust_remote_code=False, dtype=dtype)
-    if Path(name).expanduser().is_dir():
+    if Path(name).expanduser().is_file():
+        if Path(name).suffix.lower() != ".gguf":
+            raise ValueError(f"model {name!r} is a file; allowed: a model folder, a .gguf file or a hub id")
+        model, tokenizer = load_gguf_file(Path(name).expanduser(), dtype=dtype or torch.float32)
+    elif Path(name).expanduser().is_dir():
         path = str(Path(name).expanduser())
         info = check_model_folder(path)  # sizes and checksums, before anything is allocated
         if (Path(path) / "quantization_config.json").is_file() or "distill_lab" in info["meta"]:
@@ -184,6 +193,48 @@ def load_model(name_or_path, device: str | torch.device | None = None,
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device).eval()
     return model, tokenizer
+
+
+def _gguf_problem(path: Path, err: Exception, what: str) -> DamagedFileError:
+    message = " ".join(str(err).split())[:160] or "no detail"
+    return DamagedFileError(f"GGUF file {str(path)!r} {what} ({type(err).__name__}: {message})")
+
+
+def open_gguf(path: str | Path):
+    """``gguf.GGUFReader`` of ``path``; a truncated, crafted or foreign file raises ``DamagedFileError`` naming it."""
+    import gguf
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist")
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as err:  # struct.error, IndexError, KeyError, ValueError: whatever the bytes make it raise
+        raise _gguf_problem(path, err, "is damaged or not a GGUF file") from None
+
+
+def load_gguf_file(path: str | Path, dtype: torch.dtype = torch.float32, tokenizer: bool = True):
+    """Load a .gguf file with transformers (it dequantizes to float): ``(model, tokenizer or None)``.
+
+    The file is parsed first (``open_gguf``), so a damaged one fails with one line naming it.
+    """
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    path = Path(path).expanduser().resolve()
+    open_gguf(path)
+    bar = gguf_utils.tqdm  # its per-tensor bar ignores transformers' progress-bar switch: off here
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        with quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name) if tokenizer else None
+    except Exception as err:  # a well-formed file that transformers cannot build a model from  # noqa: BLE001
+        raise _gguf_problem(path, err, "cannot be loaded as a causal LM") from None
+    finally:
+        gguf_utils.tqdm = bar
+    return _plain_model(model).to(dtype).eval(), tok
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

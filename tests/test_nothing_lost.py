@@ -451,3 +451,67 @@ def test_finding13_a_huge_intermediate_size_is_refused_before_allocating(tmp_pat
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "m"), "--profile", "smoke"]) == 2
     assert "intermediate_size=1000000000" in _one_line_err(capsys)
+
+
+# -- 14. GGUF inputs: one line naming the file and what is wrong --------------------------------------
+
+def _gguf(path):
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.ones((8, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path.read_bytes()
+
+
+def test_finding14_crafted_gguf_files_are_one_line_errors_naming_the_file(tmp_path, capsys):
+    import struct
+
+    from distill_lab._fs import DamagedFileError
+    from distill_lab.export import read_gguf_tensors
+    from distill_lab.models import load_model
+
+    good = _gguf(tmp_path / "good.gguf")
+    crafted = {"truncated": good[:len(good) // 2], "magic": b"XXXX" + good[4:], "empty": b"",
+               "tensor-count": good[:8] + struct.pack("<Q", 10**6) + good[16:],
+               "kv-count": good[:16] + struct.pack("<Q", 10**6) + good[24:]}
+    for name, data in crafted.items():
+        path = tmp_path / f"{name}.gguf"
+        path.write_bytes(data)
+        with pytest.raises(DamagedFileError, match=rf"GGUF file '{path}' is damaged or not a GGUF file"):
+            read_gguf_tensors(path)
+        with pytest.raises(DamagedFileError, match=rf"GGUF file '{path}'"):
+            load_model(path, device="cpu")
+        capsys.readouterr()
+        assert main(["eval", str(path), "--profile", "smoke"]) == 2
+        err = _one_line_err(capsys)
+        assert str(path) in err and "does not exist" not in err, err
+    # a well-formed GGUF that is no whole model: named, and not called missing
+    assert main(["eval", str(tmp_path / "good.gguf"), "--profile", "smoke"]) == 2
+    err = _one_line_err(capsys)
+    assert "good.gguf' cannot be loaded as a causal LM" in err and "does not exist" not in err
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["eval", str(tmp_path / "notes.txt"), "--profile", "smoke"]) == 2
+    assert "is a file; allowed: a model folder, a .gguf file" in _one_line_err(capsys)
+
+
+def test_finding14_eval_reads_the_gguf_file_export_wrote(tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from distill_lab.models import TEACHER_CACHE_NAME, cache_dir
+
+    teacher_folder = cache_dir() / TEACHER_CACHE_NAME
+    if not teacher_folder.is_dir():
+        pytest.skip("teacher cache not built (the export copies the teacher's tokenizer)")
+    llama = tmp_path / "llama"
+    tiny_llama(vocab_size=49152, hidden_size=64, intermediate_size=128).save_pretrained(llama)
+    AutoTokenizer.from_pretrained(teacher_folder).save_pretrained(llama)
+    assert main(["export", str(llama), "--out", str(tmp_path / "l.gguf")]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "l.gguf"), "--profile", "smoke"]) == 0
+    assert "ppl pydoc" in capsys.readouterr().out
