@@ -35,6 +35,16 @@ def _load(model: str, device=None):
     return load_model(model, device=device)
 
 
+def _model_path(model: str) -> Path | None:
+    """The folder or file ``model`` is read from (the teacher's cache for ``teacher``); None for a hub id."""
+    if model == "teacher":
+        from .models import TEACHER_CACHE_NAME, cache_dir
+
+        return (cache_dir() / TEACHER_CACHE_NAME).resolve()
+    path = Path(model).expanduser()
+    return path.resolve() if path.exists() else None
+
+
 def _cmd_course(args) -> int:
     from .course import run_course
 
@@ -209,6 +219,10 @@ def _cmd_export(args) -> int:
     out = Path(args.out)
     if out.is_dir():
         raise IsADirectoryError(f"--out {out} is a folder; allowed: a .gguf file path")
+    source = _model_path(args.model)
+    target = out.expanduser().resolve()
+    if source is not None and (target == source or source in target.parents):
+        raise ValueError(f"--out {out} lies inside the model being exported ({source}); allowed: a path outside it")
     if out.exists() and not args.overwrite:  # never replace a user's file unasked
         raise FileExistsError(f"--out {out} exists; pass --overwrite to replace it")
     from .export import check_exportable, to_gguf
@@ -312,19 +326,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+INTERRUPTED = {  # what Ctrl-C leaves behind, per command
+    "compress": "finished steps are kept and a re-run resumes after them",
+    "report": "finished rows are kept and a re-run reuses them",
+    "course": "the report in --out is unchanged",
+    "eval": "nothing was written",
+    "export": "--out is unchanged (the file is written whole or not at all)",
+    "doctor": "nothing was stored",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: parse arguments, run the command, turn expected errors into one-line messages."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except KeyboardInterrupt:
-        print(f"distill-lab {args.command}: interrupted; finished steps are kept and a re-run resumes after them",
-              file=sys.stderr)
+    except KeyboardInterrupt as err:
+        detail = " ".join(str(err).split()) or INTERRUPTED.get(args.command, "nothing was changed")
+        print(f"distill-lab {args.command}: interrupted; {detail}", file=sys.stderr)
         return 130
     except _expected_errors() as err:
-        message = " ".join(str(err).split()) or type(err).__name__
+        message = _disk_full(err) or " ".join(str(err).split()) or type(err).__name__
         print(f"distill-lab {args.command}: error: {message}", file=sys.stderr)
         return 2
+
+
+def _disk_full(err: BaseException) -> str | None:
+    """One plain line when ``err`` means the disk (or quota) is full, else None.
+
+    ``shutil.copytree`` reports it as a list of every file it could not copy, numpy's ``tofile`` (the
+    GGUF writer) as "N requested and M written", plain writes as ENOSPC / EDQUOT.
+    """
+    import errno
+    import re
+    import shutil
+
+    text = str(err)
+    full = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in text \
+        or "Disk quota exceeded" in text or bool(re.search(r"\d+ requested and \d+ written", text))
+    if not full:
+        return None
+    where = getattr(err, "filename", None)
+    if where is None and isinstance(err, shutil.Error) and err.args and isinstance(err.args[0], list) \
+            and err.args[0] and isinstance(err.args[0][0], tuple) and len(err.args[0][0]) > 1:
+        where = err.args[0][0][1]  # (src, dst, why) of the first file it could not copy
+    at = f" while writing {where}" if where else ""
+    return (f"the disk is full{at}; what was written is not used and earlier files are unchanged: free some "
+            f"space (df -h shows where) and run it again")
 
 
 def _expected_errors() -> tuple:

@@ -1,7 +1,7 @@
 """Small filesystem helpers shared by the modules that write models atomically.
 
-Every temporary folder distill_lab creates is named ``.tmp-dl-<pid>-<random>``, so a later run can
-recognise (and only remove) the leftovers of an interrupted one: ``clean_stale_tmp``. Saved
+Every temporary folder distill_lab creates is named ``.tmp-dl-<pid>-h<host>-<random>``, so a later run
+can recognise (and only remove) the leftovers of an interrupted one: ``clean_stale_tmp``. Saved
 folders carry a manifest (``distill_lab_manifest.json``, one SHA-256 per weight file) that
 ``verify_manifest`` checks on load, and ``folder_lock`` serialises two writers of one folder.
 """
@@ -15,11 +15,13 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
 
-TMP_PREFIX = ".tmp-dl-"  # distill_lab's own temporary entries: .tmp-dl-<pid>-<random>
+TMP_PREFIX = ".tmp-dl-"  # distill_lab's own temporary entries: .tmp-dl-<pid>-h<host>-<random>
+HOST_TAG = "h" + hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]  # this machine, in tmp names
 MANIFEST_NAME = "distill_lab_manifest.json"  # {"format": ..., "kind": ..., "files": {name: sha256}}
 MANIFEST_FORMAT = "distill_lab.manifest/1"
 
@@ -42,18 +44,22 @@ def share_permissions(path: str | Path) -> None:
         os.chmod(entry, (0o777 if entry.is_dir() else 0o666) & ~umask)
 
 
+def _tmp_prefix() -> str:
+    return f"{TMP_PREFIX}{os.getpid()}-{HOST_TAG}-"
+
+
 def make_tmp_dir(parent: str | Path) -> Path:
     """Create a private temporary folder in ``parent`` named ``.tmp-dl-<pid>-...`` (see ``clean_stale_tmp``)."""
     parent = Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=parent))
+    return Path(tempfile.mkdtemp(prefix=_tmp_prefix(), dir=parent))
 
 
 def make_tmp_file(parent: str | Path, suffix: str = "") -> Path:
     """Create an empty temporary file in ``parent`` named ``.tmp-dl-<pid>-...`` and return its path."""
     parent = Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", suffix=suffix, dir=parent)
+    fd, name = tempfile.mkstemp(prefix=_tmp_prefix(), suffix=suffix, dir=parent)
     os.close(fd)
     return Path(name)
 
@@ -105,8 +111,9 @@ def clean_stale_tmp(parent: str | Path, min_age_s: float = 60.0) -> list[Path]:
     """Remove distill_lab's leftover ``.tmp-dl-<pid>-*`` entries in ``parent`` whose process is gone; return them.
 
     Only names with distill_lab's own prefix are touched, never while the process that made them
-    is alive, and never when younger than ``min_age_s`` (a pid may be reused on another machine
-    sharing the folder; age is a second guard).
+    is alive. An entry made on this machine (its host tag) goes as soon as its process is gone; one
+    from another machine sharing the folder (or from an older distill_lab, without a host tag) only
+    when older than ``min_age_s``, since its pid means nothing here.
     """
     parent = Path(parent)
     removed = []
@@ -116,15 +123,15 @@ def clean_stale_tmp(parent: str | Path, min_age_s: float = 60.0) -> list[Path]:
     for entry in parent.iterdir():
         if not entry.name.startswith(TMP_PREFIX):
             continue
-        pid_text = entry.name[len(TMP_PREFIX):].split("-", 1)[0]
-        if not pid_text.isdigit():
+        parts = entry.name[len(TMP_PREFIX):].split("-")
+        if not parts[0].isdigit():
             continue
-        pid = int(pid_text)
+        pid, here = int(parts[0]), len(parts) > 2 and parts[1] == HOST_TAG
         try:
             age = now - entry.lstat().st_mtime
         except OSError:
             continue
-        if pid == os.getpid() or _pid_alive(pid) or age < min_age_s:
+        if pid == os.getpid() or _pid_alive(pid) or (not here and age < min_age_s):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
@@ -161,7 +168,7 @@ def replace_dir(src: str | Path, dst: str | Path) -> None:
             return
         if ctypes.get_errno() not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
             raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()), str(dst))
-    aside = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=dst.parent))
+    aside = Path(tempfile.mkdtemp(prefix=_tmp_prefix(), dir=dst.parent))
     os.replace(dst, aside / "old")
     os.replace(src, dst)
     shutil.rmtree(aside, ignore_errors=True)

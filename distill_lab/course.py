@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -85,7 +86,15 @@ def execute_notebook(path: Path, out_path: Path, timeout: int = 3600) -> float:
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3", store_widget_state=True,
                             resources={"metadata": {"path": str(path.parent)}})
     try:
-        client.execute(env=kernel_env())
+        # the kernel's own stderr carries only its TCP warning and, when we stop it (Ctrl-C), a ZMQ traceback;
+        # a cell's errors reach the executed copy through the kernel's messages
+        client.execute(env=kernel_env(), stderr=subprocess.DEVNULL)
+    except Exception:
+        # nbclient catches SIGINT / SIGTERM itself: it stops the kernel, and the cell then fails with
+        # whatever error the closed channel gives (AssertionError, RuntimeError). Say what happened.
+        if getattr(client, "_async_cleanup_kernel_future", None) is not None:
+            raise KeyboardInterrupt from None
+        raise
     finally:
         strip_progress_bars(nb)
         out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -515,3 +515,95 @@ def test_finding14_eval_reads_the_gguf_file_export_wrote(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "l.gguf"), "--profile", "smoke"]) == 0
     assert "ppl pydoc" in capsys.readouterr().out
+
+
+# -- 15. disk full and Ctrl-C give one plain line; leftovers go at the next run; export never eats its source
+
+@pytest.mark.parametrize("error", [
+    "copytree",  # shutil.Error: every file it could not copy, 1.6 KB of repr
+    "gguf",  # numpy's tofile
+    "enospc",
+])
+def test_finding15_a_full_disk_is_one_plain_line(monkeypatch, capsys, error):
+    import errno
+    import shutil
+
+    import distill_lab.__main__ as cli
+
+    errors = {"copytree": shutil.Error([(f"/src/{i}.safetensors", f"/out/.tmp-dl-1/m/{i}.safetensors",
+                                         "[Errno 28] No space left on device") for i in range(20)]),
+              "gguf": OSError("3342336 requested and 1875008 written"),
+              "enospc": OSError(errno.ENOSPC, "No space left on device", "/out/result.json")}
+
+    def fail(args):
+        raise errors[error]
+
+    monkeypatch.setattr(cli, "_cmd_compress", fail)
+    assert main(["compress", "--recipe", "r.yaml", "--out", "o"]) == 2
+    err = _one_line_err(capsys)
+    assert "the disk is full" in err and len(err) < 300, err
+
+
+def test_finding15_ctrl_c_during_course_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
+    import nbclient
+
+    from distill_lab import course
+
+    class Stopped(nbclient.NotebookClient):
+        def execute(self, **kwargs):  # what nbclient does on SIGINT: stops the kernel, the cell then fails
+            self._async_cleanup_kernel_future = object()
+            raise AssertionError
+
+    monkeypatch.setattr(nbclient, "NotebookClient", Stopped)
+    monkeypatch.setattr(course, "find_notebooks", lambda folder=None: [tmp_path / "00_x.ipynb"])
+    import nbformat
+
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("1")]), tmp_path / "00_x.ipynb")
+    assert main(["course", "--out", str(tmp_path / "reports"), "--profile", "smoke"]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "ZMQError" not in err
+    last = err.strip().splitlines()[-1]  # after the notebooks' progress bar
+    assert last.startswith("distill-lab course: interrupted; the report in") and "unchanged" in last
+    assert "finished steps" not in last
+
+
+def test_finding15_eval_interrupted_does_not_talk_about_steps(monkeypatch, capsys):
+    import distill_lab.__main__ as cli
+
+    def stop(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_cmd_eval", stop)
+    assert main(["eval", "teacher"]) == 130
+    err = _one_line_err(capsys)
+    assert "interrupted; nothing was written" in err and "steps" not in err
+
+
+def test_finding15_a_killed_runs_leftovers_on_this_machine_go_at_the_next_run(tmp_path):
+    import subprocess
+    import sys
+
+    from distill_lab._fs import HOST_TAG, clean_stale_tmp
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    here = tmp_path / f".tmp-dl-{dead}-{HOST_TAG}-abc"  # a SIGKILLed teacher conversion, seconds ago
+    (here / "inner").mkdir(parents=True)
+    elsewhere = tmp_path / f".tmp-dl-{dead}-h00000000-abc"  # another machine sharing the folder: pid means nothing
+    elsewhere.mkdir()
+    older = tmp_path / f".tmp-dl-{dead}-xyz"  # an older distill_lab's name, no host: the age rule as before
+    older.mkdir()
+    assert clean_stale_tmp(tmp_path) == [here]
+    assert elsewhere.is_dir() and older.is_dir()
+
+
+def test_finding15_export_never_writes_into_the_model_it_exports(tmp_path, capsys):
+    model = tmp_path / "o2"
+    tiny_llama().save_pretrained(model)
+    weights = (model / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["export", str(model), "--out", str(model / "model.safetensors"), "--overwrite"]) == 2
+    assert "lies inside the model being exported" in _one_line_err(capsys)
+    assert main(["export", str(model), "--out", str(model / "m.gguf")]) == 2
+    assert "lies inside the model being exported" in _one_line_err(capsys)
+    assert (model / "model.safetensors").read_bytes() == weights and not (model / "m.gguf").exists()
