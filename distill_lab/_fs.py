@@ -297,7 +297,7 @@ def weight_files(folder: str | Path) -> list[Path]:
 
 
 def write_manifest(folder: str | Path, kind: str = "model", extra: dict | None = None) -> Path:
-    """Write ``distill_lab_manifest.json``: the SHA-256 of each weight file (``files``) and of every file (``contents``).
+    """Write ``distill_lab_manifest.json``: SHA-256 of each weight file (``files``) and of every file (``contents``).
 
     ``contents`` lists everything in the folder (sub-folders included) when the manifest is written, so a
     later run can tell whether anything was added or changed since (``unlisted_entries``).

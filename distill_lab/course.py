@@ -146,7 +146,7 @@ def _report_files(folder: Path) -> dict[str, Path]:
 
 
 def report_changes(out: str | Path) -> list[str] | None:
-    """What in the report in ``out`` its manifest does not list, or lists with another digest; None without a manifest."""
+    """What in ``out``'s report its manifest does not list, or lists with another digest; None without a manifest."""
     out = Path(out)
     try:
         manifest = json.loads((out / COURSE_MANIFEST).read_text())
@@ -169,7 +169,7 @@ def _earlier_entries(out: Path) -> list[Path]:
 
 
 def check_course_out(out: str | Path, overwrite: bool = False) -> None:
-    """Raise before any notebook runs when ``out`` cannot take a report: not a folder, or ``overwrite`` of a changed report."""
+    """Raise before any notebook runs when ``out`` cannot take a report (not a folder; a changed one to overwrite)."""
     out = Path(out)
     if (out.exists() or out.is_symlink()) and not out.is_dir():
         raise FileExistsError(f"--out {out} exists and is not a folder; choose a folder for the report")

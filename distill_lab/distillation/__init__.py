@@ -25,8 +25,9 @@ from .trainer import (SAMPLINGS, SCHEDULES, DistillationTrainer, NonFiniteLossEr
                       distributed_context, final_val_ppl, lr_factor)
 
 __all__ = ["IGNORE_INDEX", "KINDS", "SAMPLINGS", "SCHEDULES", "DistillationLoss", "DistillationTrainer",
-           "HiddenStateLoss", "NonFiniteLossError", "SequenceData", "TeacherCache", "TopKLogits", "TrainConfig", "budget_curve",
-           "cache_teacher_logits", "fit_power_law", "distributed_context", "divergence_reference", "final_val_ppl",
+           "HiddenStateLoss", "NonFiniteLossError", "SequenceData", "TeacherCache", "TopKLogits", "TrainConfig",
+           "budget_curve", "cache_teacher_logits", "fit_power_law", "distributed_context", "divergence_reference",
+           "final_val_ppl",
            "generate_distillation_data", "generated_labels", "is_on_policy_step", "lr_factor",
            "on_policy_divergence", "on_policy_summary", "sample_continuations", "shift_labels", "soft_target_loss",
            "topk_fidelity"]

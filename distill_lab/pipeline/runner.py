@@ -161,7 +161,7 @@ def _foreign_work_entries(out_dir: Path) -> list[str]:
 
 
 def check_work_dir(out_dir: str | Path) -> None:
-    """Raise ``FileExistsError`` unless ``out_dir`` is missing, empty, or a work folder holding only what run_recipe wrote.
+    """Raise ``FileExistsError`` unless ``out_dir`` is missing, empty, or holds only what run_recipe wrote there.
 
     run_recipe rewrites ``recipe.yaml``, ``teacher.json`` and ``result.json`` at the folder's top and
     removes stale ``steps/NN_kind`` folders, so a folder holding anything else (a user's recipe, notes,
