@@ -4,42 +4,17 @@ One test (or a few) per finding, on tiny random models; each fails on the code t
 Finding 1 (the student generator) is tested in test_student.py, findings 6-8 in quantization/test_swaps.py.
 """
 
-import dataclasses
 import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
+from test_integrity import _one_line_err, _run, data  # noqa: F401 (data: the tiny windows fixture)
 
 from distill_lab.__main__ import main
 from distill_lab.models import tiny_llama
-from distill_lab.pipeline import Recipe, run_recipe
-from distill_lab.profiles import get_profile
-
-PROFILE = dataclasses.replace(get_profile("smoke"), seq_len=32, eval_windows=4, batch_size=4,
-                              train_steps=2, train_batch_size=2, calib_windows=2, latency_batch=1,
-                              latency_seq=16, decode_tokens=2, repeats=1, recipe_steps=2, recipe_batch=2)
-
-
-def _windows(n, seed, vocab=256, T=32):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (n, T), generator=g)
-
-
-@pytest.fixture
-def data():
-    return {"windows": {"pydoc": _windows(4, 1), "stdlib-code": _windows(4, 2)}, "train_windows": _windows(8, 3)}
-
-
-def _run(teacher, recipe, out, data, **kw):
-    return run_recipe(teacher, None, recipe, out, profile=PROFILE, progress=False, **kw, **data)
-
-
-def _one_line_err(capsys):
-    err = capsys.readouterr().err.strip()
-    assert err and "\n" not in err and "Traceback" not in err, err
-    return err
+from distill_lab.pipeline import Recipe
 
 
 def _recipe(tmp_path, text="name: r\nsteps:\n  - quantize: {method: int8}\n", name="r.yaml"):
