@@ -51,7 +51,7 @@ FIXED = {"w8a8": {"prefill": "int_mm", "decode": "int_mm"},
          "int4": {"prefill": "kernel", "decode": "kernel"}}
 RAW = {"w8a8": "raw _int_mm", "int8_weight_only": "raw int8pack", "int4": "raw int4pack"}  # the kernels alone
 DECODE_MAX_ROWS = 16  # rows per call up to which the 'decode' choice applies
-PREFILL_ROWS = 1024  # rows of the timed prefill call (4 x 256 tokens; a dequantizing path pays per call, so rows matter)
+PREFILL_ROWS = 1024  # rows of the timed prefill call (4 x 256 tokens: a dequantizing path pays per call)
 SHAPE = (576, 1536)  # K -> N of the timed layer: the teacher's gate/up projections
 GROUP = 64  # int4 group size timed (the course's g64)
 PATH_MARGIN = 1.05  # another path must beat the fixed one by 5 % to replace it ...
@@ -143,7 +143,8 @@ def measure_kernels(repeats: int = 7, budget_s: float = BUDGET_S, timer=None, lo
 
     Each path is first probed (same numbers as the format's reference path) and called once at
     ``GUARD_ROWS`` rows: a path ``GUARD_FACTOR`` times slower than fp32 there, or slower than
-    ``GUARD_MAX_MS``, is dropped before it can cost seconds. The fastest remaining path is chosen; the fixed path (``FIXED``) stays unless
+    ``GUARD_MAX_MS``, is dropped before it can cost seconds. The fastest remaining path is chosen;
+    the fixed path (``FIXED``) stays unless
     another beats it by ``PATH_MARGIN`` (noise cannot move a machine off it). ``timer(fns,
     repeats, deadline) -> {name: ms}``, ``load() -> (busy, load)`` and ``candidates_fn(rows)`` replace
     the clock, the load check and the kernels (tests inject a slow oneDNN this way).
@@ -174,7 +175,8 @@ def measure_kernels(repeats: int = 7, budget_s: float = BUDGET_S, timer=None, lo
         fns.update({f"{fmt}.{p}": fn for fmt in FORMATS for p, fn in c.get(fmt, {}).items()
                     if f"{fmt}.{p}" not in refused})
         fns.update({f"raw.{fmt}": fn for fmt, fn in c.get("raw", {}).items()})
-        ms = timer(fns, max(3, repeats // 2) if phase == "prefill" else 3 * repeats, t0 + budget_s * (i + 1) / len(PHASES))
+        reps = max(3, repeats // 2) if phase == "prefill" else 3 * repeats
+        ms = timer(fns, reps, t0 + budget_s * (i + 1) / len(PHASES))
         for fmt in FORMATS:
             timed = {p: ms[f"{fmt}.{p}"] for p in FORMATS[fmt] if f"{fmt}.{p}" in ms}
             if not timed:

@@ -37,7 +37,7 @@ aten = torch.ops.aten
 
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)  # group sizes PyTorch's int4 kernels accept
 INT8_PACK_MAX_ROWS = 32  # without a measured choice (CUDA, DISTILL_LAB_KERNELS=fixed): kernel up to 32 rows, else bf16
-W8A8_CHUNK_ELEMENTS = 1 << 22  # int32 elements per W8A8 row chunk (16 MiB): one chunk at 8 x 256 tokens; bounds the head
+W8A8_CHUNK_ELEMENTS = 1 << 22  # int32 elements per W8A8 row chunk (16 MiB): one chunk at 8 x 256 tokens
 DEQUANT_PATHS = {"dequant_bf16": torch.bfloat16, "dequant_fp32": torch.float32}  # float GEMM on dequantized weights
 
 _KERNELS = {"enabled": True}
@@ -164,7 +164,7 @@ def onednn_int8_mm(xq: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor],
 # ----------------------------------------------------------------------------- W8A8 layer paths (CPU)
 def quantize_activations(x2: torch.Tensor, smooth: torch.Tensor | None = None,
                          per_token: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M, K) float -> int8 codes (M, K) and absmax scales (M, 1) (or (1, 1) per tensor); ``smooth`` (K,) divides x first."""
+    """(M, K) float -> int8 codes (M, K) and absmax scales (M, 1) (or (1, 1) per tensor); x / ``smooth`` (K,) first."""
     x2 = x2.float()
     if smooth is not None:
         x2 = x2 / smooth

@@ -6,10 +6,10 @@
   oneDNN's int8 linear on the CPU where it is exact).
 * ``Int4WeightOnlyLinear``: group-wise 4-bit weights in the layout of the kernel that runs them (the int4
   kernel, or a float GEMM on the weight dequantized per call).
-
-On the CPU each module asks ``dispatch.kernel_path`` which path to take for the call's phase
-(decode: few rows; prefill: many), a choice timed on this machine; every path keeps the same weights.
 * ``Int8Embedding``: int8 rows with one scale per token (``embeddings.Int4Embedding``: int4 groups).
+
+On the CPU each Linear asks ``dispatch.kernel_path`` which path to take for the call's phase
+(decode: few rows; prefill: many), a choice timed on this machine; every path keeps the same weights.
 
 Each reports its real storage (``storage_bytes``), the weights it stands for (``logical_numel``) and
 what a checkpoint needs to rebuild it (``export_tensors``, ``spec``). ``set_module``,
@@ -25,9 +25,9 @@ from torch import nn
 from ..arch import embedding_scale
 from .dispatch import kernel_path
 from .kernels import (W8A8_CHUNK_ELEMENTS, dequantize_int4, int4_codes_and_scales, int4_layout_for, int4_linear,
-                      int8_weight_only_backend, int8_weight_only_mm, int_mm, int_mm_ok, kernels_enabled, onednn_int8_pack,
-                      pack_int4, quantize_activations, to_kernel_layout, unpack_int4, unpack_kernel_layout,
-                      w8a8_int_mm_cpu, w8a8_onednn)
+                      int8_weight_only_backend, int8_weight_only_mm, int_mm, int_mm_ok, kernels_enabled,
+                      onednn_int8_pack, pack_int4, quantize_activations, to_kernel_layout, unpack_int4,
+                      unpack_kernel_layout, w8a8_int_mm_cpu, w8a8_onednn)
 from .primitives import Granularity, quantize_tensor
 
 __all__ = ["W8A8_CHUNK_ELEMENTS", "W8A8_ONEDNN_MIN_OUTPUTS", "W8A8_ONEDNN_MIN_ROWS", "Int4WeightOnlyLinear",
@@ -120,8 +120,9 @@ class Int8DynamicLinear(QuantizedModule):
     gives ``_int_mm``'s exact integers (``kernels.onednn_int8_pack`` checks): it applies the weight
     scales inside the kernel, so on an Intel Xeon with AMX the layer costs about what the raw
     ``_int_mm`` costs (issue 18 measured the ``_int_mm`` epilogue at 1.4x the matmul); on an AMD
-    EPYC the same call is 3,000x slower, and the timing keeps it off. Same numbers on every path. The packed weight is a second in-memory
-    copy of the int8 codes (not a buffer: checkpoints and ``storage_bytes`` hold the codes once).
+    EPYC the same call is 3,000x slower, and the timing keeps it off. Same numbers on every path.
+    The packed weight is a second in-memory copy of the int8 codes (not a buffer: checkpoints and
+    ``storage_bytes`` hold the codes once).
     """
 
     kind = "int8_dynamic"
