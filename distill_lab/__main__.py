@@ -4,7 +4,7 @@
   eval      print a model's card: perplexity in- and out-of-domain, size on disk, speed
   compress  apply a recipe (prune -> distil -> quantize ...) and export the compressed model
   report    measure the seed's comparison table (INT8, INT4, distillation, pruning, combined)
-  doctor    this machine: CPU, ISA flags, threads, and the measured fp32 / bf16 / int8 / int4 speeds
+  doctor    this machine: CPU, ISA flags, threads, the measured bf16 choice and int8 / int4 kernel paths
   export    write a model as a GGUF file that llama.cpp (Ollama, LM Studio) runs
 """
 
@@ -196,16 +196,22 @@ def _cmd_doctor(args) -> int:
     import os
 
     from . import hardware
+    from .quantization import dispatch
 
     entry = hardware.machine_profile(refresh=args.refresh)
+    kernels = dispatch.kernel_profile(refresh=args.refresh)
     if args.json:
-        print(json.dumps(entry, indent=1, sort_keys=True))
+        print(json.dumps({"bf16": entry, "kernels": kernels}, indent=1, sort_keys=True))
         return 0
     print(hardware.format_profile(entry))
+    print("\nint8 / int4 kernel paths, one Linear at the teacher's shapes (every path that passed its probe):")
+    print(dispatch.format_kernel_profile(kernels))
     forced = os.environ.get(hardware.ENV_BF16)
-    where = "not stored (busy machine)" if entry.get("busy") else f"stored in {hardware.cache_path()}"
-    print(f"\n{where} under {entry['key']!r}, measured {entry.get('measured_at')} "
-          f"in {entry.get('measured_s', float('nan')):.2f} s (--refresh measures again)"
+    stored = not (entry.get("busy") or kernels.get("busy"))
+    where = f"stored in {hardware.cache_path()}" if stored else "not stored (busy machine)"
+    print(f"\n{where} under {entry['key']!r}, measured {entry.get('measured_at')} in "
+          f"{entry.get('measured_s', float('nan')) + kernels.get('measured_s', float('nan')):.2f} s "
+          f"(--refresh measures again)"
           + (f"\n{hardware.ENV_BF16}={forced} is set: it decides bf16='auto' in this shell" if forced else ""))
     return 0
 
@@ -304,9 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     doc = sub.add_parser("doctor", help="this machine's CPU, ISA flags, threads and measured speed choices",
                          description="Print the CPU, its ISA flags and threads, and a short micro-benchmark "
-                                     "(fp32 vs bf16 autocast, fp32 vs the int8 / int4 kernels at the teacher's "
-                                     "shapes) that decides bf16='auto'. The result is cached per CPU model, "
-                                     "torch version and thread count in $DISTILL_LAB_CACHE/hardware.json.")
+                                     "that decides bf16='auto' (fp32 vs bf16 autocast at prefill and at decode) "
+                                     "and the path each quantized format takes per phase (the int8 / int4 kernels "
+                                     "vs oneDNN and vs dequantizing, at the teacher's shapes). The result is "
+                                     "cached per CPU model, torch version and thread count in "
+                                     "$DISTILL_LAB_CACHE/hardware.json; DISTILL_LAB_BF16 and DISTILL_LAB_KERNELS "
+                                     "override it.")
     doc.add_argument("--refresh", action="store_true", help="measure again instead of reading the cache")
     doc.add_argument("--json", action="store_true", help="print the stored entry as JSON")
     doc.set_defaults(func=_cmd_doctor)
@@ -340,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: parse arguments, run the command, turn expected errors into one-line messages."""
     args = build_parser().parse_args(argv)
     try:
+        _check_env()
         return args.func(args)
     except KeyboardInterrupt as err:
         detail = " ".join(str(err).split()) or INTERRUPTED.get(args.command, "nothing was changed")
@@ -373,6 +383,15 @@ def _disk_full(err: BaseException) -> str | None:
     at = f" while writing {where}" if where else ""
     return (f"the disk is full{at}; what was written is not used and earlier files are unchanged: free some "
             f"space (df -h shows where) and run it again")
+
+
+def _check_env() -> None:
+    """The environment variables that steer choices, read before any work (ValueError: one line, exit 2)."""
+    from .hardware import check_env
+    from .quantization.dispatch import check_env as check_kernels_env
+
+    check_env()
+    check_kernels_env()
 
 
 def _expected_errors() -> tuple:

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .quantization.dispatch import kernel_path
 from .quantization.modules import Int4WeightOnlyLinear
 from .timing import timed
 
@@ -259,7 +260,8 @@ class _Projection:
 
 def _projection(mod: nn.Module) -> _Projection:
     aten = torch.ops.aten
-    if isinstance(mod, Int4WeightOnlyLinear) and mod.bias is None and mod.layout in ("cpu", "cuda"):
+    if (isinstance(mod, Int4WeightOnlyLinear) and mod.bias is None and mod.layout in ("cpu", "cuda")
+            and kernel_path("int4", 1, mod.packed.device) == "kernel"):  # else the module's measured path
         kernel = aten._weight_int4pack_mm_for_cpu if mod.layout == "cpu" else aten._weight_int4pack_mm
         packed, group, sz = mod.packed, mod.group_size, mod.scales_and_zeros
         return _Projection(lambda x: kernel(x, packed, group, sz), torch.bfloat16)

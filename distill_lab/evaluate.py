@@ -164,7 +164,7 @@ def latency(model: nn.Module, batch: int = 8, seq: int = 256, decode_tokens: int
             model(prompt, use_cache=False)
 
     def decode():
-        with _autocast(device, bf16):
+        with _autocast(device, bf16, phase="decode"):
             out = model(short, use_cache=True)
             cache, token = out.cache, out.logits[:, -1:].argmax(-1)  # (1, 1)
             state = {"cache": cache, "token": token}

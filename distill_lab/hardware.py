@@ -1,18 +1,22 @@
-"""Speed choices measured on this machine, not assumed: bf16 autocast vs fp32, int8/int4 kernels vs fp32.
+"""Speed choices measured on this machine, not assumed: bf16 autocast vs fp32, per phase, and the cache they live in.
 
 The same code is fast on one CPU and slow on another. On a 2-core AMD EPYC with AVX512-BF16,
 bf16 autocast runs the teacher 2.7x faster than fp32; on a 2-core Intel Xeon that reports the
 same ``avx512_bf16`` flag it runs at 0.59x. ISA flags do not settle it, so this module times
-fp32 against bf16 and each quantized kernel on the model's shapes (a short micro-benchmark,
-well under 2 s), keeps the result per CPU model, torch version and thread count in
-``$DISTILL_LAB_CACHE/hardware.json``, and lets ``bf16="auto"`` follow it. This is the
+fp32 against bf16 at prefill (256 rows) and at decode (1 row) on the model's shapes (a short
+micro-benchmark, well under a second), keeps the result per CPU model, torch version and thread
+count in ``$DISTILL_LAB_CACHE/hardware.json``, and lets ``bf16="auto"`` follow it. This is the
 autotuning idea of ATLAS (Whaley & Dongarra, 1998) and FFTW's "wisdom" (Frigo & Johnson, 2005):
 measure once on the machine, remember it, reuse it.
 
+The same file holds other measured sections: ``quantization.dispatch`` stores which int8 / int4
+kernel path each quantized format takes (``cached_section``). Every section is validated when it
+is read; a damaged one is reported in one line, dropped from the file and measured again.
+
 Low level on purpose: imports only torch and the standard library.
 
-    resolve_bf16("auto", device)  -> bool   (True/False are returned as given: an explicit choice wins)
-    DISTILL_LAB_BF16=0|1|auto               (forces what "auto" means, e.g. for "bf16 forced" runs)
+    resolve_bf16("auto", device, phase="prefill")  -> bool   (True/False are returned as given)
+    DISTILL_LAB_BF16=0|1|auto                      (forces what "auto" means, e.g. for "bf16 forced" runs)
 """
 
 from __future__ import annotations
@@ -35,11 +39,12 @@ CACHE_FILE = "hardware.json"
 ENV_BF16 = "DISTILL_LAB_BF16"
 BF16_MARGIN = 1.15  # bf16 must be at least 15% faster than fp32 before "auto" leaves fp32
 BUSY_MARGIN = 1.5  # ... and 50% faster when the machine was busy while measuring (noisy timings)
-BUDGET_S = 1.5  # the micro-benchmark stops repeating after this long (it needs a few hundred ms when idle)
+BUDGET_S = 1.0  # the bf16 micro-benchmark stops repeating after this long (a few hundred ms when idle)
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16",
              "amx_int8")
-SCHEMA = 1  # bump when the measurement changes meaning: older cache entries are measured again
-_MEMO: dict = {}  # key -> measured entry, for this process
+SCHEMA = 2  # bump when the measurement changes meaning: older cache entries are measured again
+_MEMO: dict = {}  # (machine key, section) -> measured entry, for this process
+PHASES = ("prefill", "decode")  # many rows per call (a prompt, training, perplexity) vs one token per sequence
 
 
 # ----------------------------------------------------------------------------- the machine
@@ -82,21 +87,28 @@ def cache_path() -> Path:
 
 
 # ----------------------------------------------------------------------------- the micro-benchmark
-def _min_ms(fns: dict, repeats: int, deadline: float) -> dict[str, float]:
+def min_ms(fns: dict, repeats: int, deadline: float, cap_ms: float = 1000.0) -> dict[str, float]:
     """Fastest of ``repeats`` calls of each callable in milliseconds, calls interleaved.
 
     Interleaving makes drift hit every candidate alike; the minimum is the run least disturbed by
     other programs (on a shared machine the median measures the neighbours). At least 3 rounds,
-    then no new round after ``deadline`` (``time.perf_counter()``).
+    then no new round after ``deadline`` (``time.perf_counter()``). A candidate whose warm-up call
+    takes longer than ``cap_ms`` is not called again (its time is that call's): one pathological
+    kernel costs one call, not seconds per repeat.
     """
     times = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()  # warm-up: first-call allocation and kernel selection
+    slow = set()
+    for name, fn in fns.items():
+        t = timed(fn)  # warm-up: first-call allocation and kernel selection
+        if 1e3 * t > cap_ms:
+            times[name].append(t)
+            slow.add(name)
     for i in range(repeats):
         if i >= 3 and time.perf_counter() > deadline:
             break
         for name, fn in fns.items():
-            times[name].append(timed(fn))
+            if name not in slow:
+                times[name].append(timed(fn))
     return {name: 1e3 * min(t) for name, t in times.items()}
 
 
@@ -127,68 +139,62 @@ def _bf16_candidates(rows: int = 256, hidden: int = 576, inter: int = 1536) -> d
     return {"fp32": mlp, "bf16": mlp_bf16}
 
 
-def _kernel_candidates(k: int = 576, n: int = 1536, prefill_rows: int = 256, group: int = 64) -> dict:
-    """Decode (1 row) and prefill shapes: fp32 vs the int8 / int4 kernels the quantized modules call."""
-    gen = torch.Generator().manual_seed(1)
-    w = torch.randn(n, k, generator=gen) * 0.05  # (N, K)
-    x1 = torch.randn(1, k, generator=gen)  # (1, K)
-    xp = torch.randn(prefill_rows, k, generator=gen)  # (M, K)
-    aten = torch.ops.aten
-    out = {"decode": {"fp32": lambda: F.linear(x1, w)}, "prefill": {"fp32": lambda: F.linear(xp, w)}}
-    w8 = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)  # (N, K)
-    s8 = torch.rand(n, generator=gen).to(torch.bfloat16)
-    x1b = x1.to(torch.bfloat16)
-    if hasattr(aten, "_weight_int8pack_mm") and k % 16 == 0:
-        out["decode"]["int8 weight-only"] = lambda: aten._weight_int8pack_mm(x1b, w8, s8)
-    if hasattr(torch, "_int_mm"):
-        xq = torch.randint(-127, 128, (prefill_rows, k), dtype=torch.int8, generator=gen)
-        w8t = w8.t()
-        out["prefill"]["W8A8 (_int_mm)"] = lambda: torch._int_mm(xq, w8t)
-    if hasattr(aten, "_weight_int4pack_mm_for_cpu") and k % group == 0 and n % 16 == 0:
-        codes = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=gen)
-        packed = aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-        sz = torch.ones(k // group, n, 2, dtype=torch.bfloat16)
-        out["decode"]["int4 g64"] = lambda: aten._weight_int4pack_mm_for_cpu(x1b, packed, group, sz)
-    return out
+BF16_ROWS = {"prefill": 256, "decode": 1}  # rows of the MLP block timed for each phase
 
 
 def measure(repeats: int = 9, budget_s: float = BUDGET_S, timer=None, load=None) -> dict:
-    """Time fp32 vs bf16 autocast and fp32 vs each quantized kernel here; return the table and the choices.
+    """Time fp32 vs bf16 autocast here, at prefill (256 rows) and at decode (1 row); return the table and the choices.
 
-    Speeds are ``fp32 ms / candidate ms`` (above 1: the candidate is faster). bf16 is chosen only
+    Speeds are ``fp32 ms / bf16 ms`` (above 1: bf16 is faster). bf16 is chosen for a phase only
     when it is at least ``BF16_MARGIN`` times faster (``BUSY_MARGIN`` when the machine was busy),
     so noise cannot move a machine off fp32. ``busy`` entries are not written to the cache file.
     ``timer(fns, repeats, deadline) -> {name: ms}`` and ``load() -> (busy, load)`` replace the
     clock and the load check (tests).
     """
-    timer, load_fn = timer or _min_ms, load or busy
+    timer, load_fn = timer or min_ms, load or busy
     t0 = time.perf_counter()
     was_busy, load = load_fn()
     rows = []
-    bf = timer(_bf16_candidates(), repeats, t0 + budget_s / 2)
-    rows.append({"what": "MLP block 256x576->1536->576, autocast", "path": "bf16",
-                 "fp32_ms": bf["fp32"], "ms": bf["bf16"], "speed": bf["fp32"] / bf["bf16"]})
-    for phase, fns in _kernel_candidates().items():
-        try:
-            ms = timer(fns, repeats if phase == "prefill" else 3 * repeats, t0 + budget_s)
-        except (RuntimeError, NotImplementedError):  # a kernel this build lists but cannot run
-            ms = {"fp32": timer({"fp32": fns["fp32"]}, repeats, t0 + budget_s)["fp32"]}
-        shape = "1x576->1536" if phase == "decode" else "256x576->1536"
-        for name, v in ms.items():
-            if name != "fp32":
-                rows.append({"what": f"{phase} matmul {shape}", "path": name, "fp32_ms": ms["fp32"], "ms": v,
-                             "speed": ms["fp32"] / v})
-    bf16_speed = rows[0]["speed"]
+    for i, (phase, n) in enumerate(BF16_ROWS.items()):
+        ms = timer(_bf16_candidates(n), repeats if phase == "prefill" else 3 * repeats,
+                   t0 + budget_s * (i + 1) / len(BF16_ROWS))
+        rows.append({"what": f"MLP block {n}x576->1536->576, autocast", "phase": phase, "path": "bf16",
+                     "fp32_ms": ms["fp32"], "ms": ms["bf16"], "speed": ms["fp32"] / ms["bf16"]})
     now_busy, load_after = load_fn()
     was_busy = was_busy or now_busy
+    margin = BUSY_MARGIN if was_busy else BF16_MARGIN
+    speed = {r["phase"]: r["speed"] for r in rows}
     return {"schema": SCHEMA, "key": machine_key(), "cpu": cpu_model(), "isa": isa_flags(),
             "capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "rows": rows,
             "busy": was_busy, "load": max(load, load_after), "cores": os.cpu_count(),
-            "choices": {"bf16": bf16_speed >= (BUSY_MARGIN if was_busy else BF16_MARGIN),
-                        **{r["path"]: r["speed"] > 1.0 for r in rows[1:]}},
+            "choices": {"bf16": speed["prefill"] >= margin, "bf16_decode": speed["decode"] >= margin},
             "measured_s": time.perf_counter() - t0,
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def _bf16_problem(entry: dict) -> str | None:
+    """What is wrong with a stored bf16 entry (None: usable)."""
+    choices = entry.get("choices")
+    if not isinstance(choices, dict) or not all(isinstance(choices.get(c), bool) for c in ("bf16", "bf16_decode")):
+        return "its choices are not bf16 / bf16_decode true-or-false"
+    return rows_problem(entry)
+
+
+def rows_problem(entry: dict) -> str | None:
+    """What is wrong with an entry's timing rows and fields (None: usable); shared by every measured section."""
+    rows = entry.get("rows")
+    if not isinstance(rows, list) or not rows:
+        return "it has no timing rows"
+    for r in rows:
+        if not isinstance(r, dict) or not all(isinstance(r.get(f), (int, float)) and r.get(f) == r.get(f)
+                                              for f in ("fp32_ms", "ms", "speed")):
+            return f"a timing row is damaged: {str(r)[:80]}"
+        if not isinstance(r.get("what"), str) or not isinstance(r.get("path"), str):
+            return f"a timing row has no 'what' / 'path': {str(r)[:80]}"
+    if not isinstance(entry.get("key"), str):
+        return "it has no machine key"
+    return None
 
 
 # ----------------------------------------------------------------------------- the cache
@@ -215,29 +221,59 @@ def _write_cache(path: Path, data: dict) -> None:
               file=sys.stderr)
 
 
-def machine_profile(refresh: bool = False, measure_fn=None) -> dict:
-    """This machine's measured entry: from memory, else from the cache file, else measured now and stored.
+def _entry_problem(entry, problem_fn) -> str | None:
+    """``problem_fn(entry)``, with a non-dict or a crashing check counted as damage."""
+    if not isinstance(entry, dict):
+        return f"a {type(entry).__name__}, not an object"
+    try:
+        return problem_fn(entry)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        return f"{type(err).__name__}: {err}"
 
-    ``refresh`` measures again. ``measure_fn`` replaces ``measure`` (tests inject a fake one).
+
+def cached_section(section: str, measure_fn, problem_fn, refresh: bool = False) -> dict:
+    """This machine's measured ``section``: from memory, else from the cache file, else measured now and stored.
+
+    The file maps a machine key to ``{"schema": SCHEMA, section: entry, ...}``. ``problem_fn(entry)``
+    says what is wrong with a stored entry (None when usable): a damaged one is reported in one line,
+    measured again and replaced (or, when the machine is busy, dropped from the file). ``refresh``
+    measures again. Entries measured while the machine was busy are used in this process only.
     """
     key = machine_key()
-    if not refresh and key in _MEMO:
-        return _MEMO[key]
+    if not refresh and (key, section) in _MEMO:
+        return _MEMO[(key, section)]
     path = cache_path()
     data = _read_cache(path)
-    entry = data.get(key)
-    if refresh or not isinstance(entry, dict) or entry.get("schema") != SCHEMA or "choices" not in entry:
-        entry = (measure_fn or measure)()
+    stored = data.get(key)
+    sections = {k: v for k, v in stored.items()} if isinstance(stored, dict) and stored.get("schema") == SCHEMA else {}
+    entry = sections.get(section)
+    problem = None if entry is None else _entry_problem(entry, problem_fn)
+    if problem:
+        print(f"distill_lab: {path} holds a damaged {section!r} entry for this machine ({problem}); "
+              f"measuring again", file=sys.stderr)
+    if refresh or entry is None or problem:
+        entry = measure_fn()
         entry["key"] = key
         if entry.get("busy"):
-            print(f"distill_lab: this machine was busy while measuring its speeds (load {entry.get('load', 0):.1f} "
-                  f"on {entry.get('cores')} cores); using them in this process only, not storing them "
-                  f"(bf16='auto' -> {'bf16' if entry['choices']['bf16'] else 'fp32'})", file=sys.stderr)
+            print(f"distill_lab: this machine was busy while measuring its {section} speeds (load "
+                  f"{entry.get('load', 0):.1f} on {entry.get('cores')} cores); using them in this process only, "
+                  f"not storing them ({entry.get('summary', 'python -m distill_lab doctor shows them')})",
+                  file=sys.stderr)
+            sections.pop(section, None)
+            if problem:  # a damaged entry must not be read again by the next process
+                data[key] = {**sections, "schema": SCHEMA}
+                _write_cache(path, data)
         else:
-            data[key] = entry
+            sections[section] = entry
+            data[key] = {**sections, "schema": SCHEMA}
             _write_cache(path, data)
-    _MEMO[key] = entry
+    _MEMO[(key, section)] = entry
     return entry
+
+
+def machine_profile(refresh: bool = False, measure_fn=None) -> dict:
+    """This machine's measured bf16 entry (``cached_section``). ``measure_fn`` replaces ``measure`` (tests)."""
+    return cached_section("bf16", measure_fn or measure, _bf16_problem, refresh)
 
 
 def clear_memo() -> None:
@@ -261,15 +297,31 @@ def _parse_bf16(value, name: str):
     raise ValueError(f"{name}={value!r}; allowed: True, False or 'auto' (measured on this machine)")
 
 
-def resolve_bf16(bf16="auto", device: torch.device | str | None = None, measure_fn=None) -> bool:
+def check_env() -> None:
+    """Raise one-line ``ValueError`` when ``$DISTILL_LAB_BF16`` holds something other than 0, 1 or auto."""
+    value = os.environ.get(ENV_BF16)
+    if value is not None:
+        try:
+            _parse_bf16(value, ENV_BF16)
+        except ValueError:
+            raise ValueError(f"{ENV_BF16}={value!r}; allowed: 0, 1 or auto (or unset: measured on this "
+                             f"machine)") from None
+
+
+def resolve_bf16(bf16="auto", device: torch.device | str | None = None, measure_fn=None,
+                 phase: str = "prefill") -> bool:
     """Whether to run bf16 autocast: an explicit True/False wins; ``'auto'`` follows this machine.
 
     ``'auto'`` (or None): ``$DISTILL_LAB_BF16`` when it says 0 or 1; else on CUDA, whether the GPU
-    supports bf16; else on the CPU, the measured choice (bf16 only when clearly faster than fp32).
+    supports bf16; else on the CPU, the measured choice for ``phase`` ('prefill': many rows per
+    call; 'decode': one token per sequence), bf16 only when clearly faster than fp32 there.
     """
+    if phase not in PHASES:
+        raise ValueError(f"phase={phase!r}; allowed: {', '.join(PHASES)}")
     choice = _parse_bf16(bf16, "bf16")
     if choice != "auto":
         return choice
+    check_env()
     forced = _parse_bf16(os.environ.get(ENV_BF16, "auto"), ENV_BF16)
     if forced != "auto":
         return forced
@@ -278,7 +330,8 @@ def resolve_bf16(bf16="auto", device: torch.device | str | None = None, measure_
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device.type != "cpu":
         return False
-    return bool(machine_profile(measure_fn=measure_fn)["choices"]["bf16"])
+    choices = machine_profile(measure_fn=measure_fn)["choices"]
+    return bool(choices["bf16" if phase == "prefill" else "bf16_decode"])
 
 
 def check_bf16(value, owner: str, name: str = "bf16") -> None:
@@ -288,28 +341,41 @@ def check_bf16(value, owner: str, name: str = "bf16") -> None:
 
 
 # ----------------------------------------------------------------------------- the report
-def format_profile(entry: dict) -> str:
-    """Text table of a ``machine_profile`` entry: the CPU, ISA flags, threads, timings and choices."""
+def format_machine(entry: dict) -> str:
+    """The CPU, its ISA flags, torch and the thread count of a measured entry (the header of ``doctor``)."""
     isa = entry.get("isa") or {}
     have = [f for f, ok in isa.items() if ok] or ["(flags not readable here)"]
     missing = [f for f, ok in isa.items() if not ok]
-    lines = [f"CPU:        {entry.get('cpu')}",
-             f"ISA flags:  {' '.join(have)}" + (f"   (absent: {' '.join(missing)})" if missing else ""),
-             f"torch:      {entry.get('torch')} (kernels compiled for {entry.get('capability')}), "
-             f"{entry.get('threads')} threads",
-             "",
-             f"{'measured here':40s}{'path':>18s}{'fp32 ms':>10s}{'ms':>9s}{'speed vs fp32':>15s}  use it?"]
+    return "\n".join([f"CPU:        {entry.get('cpu')}",
+                      f"ISA flags:  {' '.join(have)}" + (f"   (absent: {' '.join(missing)})" if missing else ""),
+                      f"torch:      {entry.get('torch')} (kernels compiled for {entry.get('capability')}), "
+                      f"{entry.get('threads')} threads"])
+
+
+def format_rows(rows: list[dict], choices_of) -> list[str]:
+    """Lines of a timing table: what, phase, path, fp32 ms, ms, speed vs fp32 and ``choices_of(row)`` (the verdict)."""
+    lines = [f"{'measured here':44s}{'phase':>8s}{'path':>16s}{'fp32 ms':>10s}{'ms':>10s}{'vs fp32':>9s}  chosen?"]
+    for r in rows:
+        lines.append(f"{r['what']:44s}{r.get('phase', ''):>8s}{r['path']:>16s}{r['fp32_ms']:10.3f}{r['ms']:10.3f}"
+                     f"{r['speed']:8.2f}x  {choices_of(r)}")
+    return lines
+
+
+def format_profile(entry: dict) -> str:
+    """Text table of a ``machine_profile`` entry: the CPU, ISA flags, threads, bf16 timings and choices."""
     choices = entry.get("choices", {})
-    for r in entry.get("rows", []):
-        use = choices.get(r["path"])
-        lines.append(f"{r['what']:40s}{r['path']:>18s}{r['fp32_ms']:10.3f}{r['ms']:9.3f}{r['speed']:14.2f}x  "
-                     f"{'yes' if use else 'no'}")
-    lines.append("")
+
+    def verdict(r):
+        return "yes" if choices.get("bf16" if r.get("phase", "prefill") == "prefill" else "bf16_decode") else "no"
+
+    lines = [format_machine(entry), "", *format_rows(entry.get("rows", []), verdict), ""]
     margin = BUSY_MARGIN if entry.get("busy") else BF16_MARGIN  # the one threshold this measurement was judged by
     if entry.get("busy"):
         lines.append(f"(measured while the machine was busy: load {entry.get('load', 0):.1f} on {entry.get('cores')} "
                      f"cores; provisional, not stored; an idle measurement needs only >= {BF16_MARGIN:.2f}x)")
-    lines.append(f"bf16='auto' means: {'bf16 autocast' if choices.get('bf16') else 'fp32'} on this CPU "
+    name = {True: "bf16 autocast", False: "fp32"}
+    lines.append(f"bf16='auto' means: {name[bool(choices.get('bf16'))]} at prefill, "
+                 f"{name[bool(choices.get('bf16_decode'))]} at decode on this CPU "
                  f"(bf16 needs >= {margin:.2f}x to be chosen; explicit bf16=True/False or "
                  f"{ENV_BF16}=0/1 override it)")
     return "\n".join(lines)

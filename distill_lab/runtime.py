@@ -1,8 +1,8 @@
 """Where a model runs: the one device and autocast helper of the package (timers are in ``timing``).
 
 * ``device_of(module)``: the device of a module's first parameter (or buffer).
-* ``autocast(device, bf16)``: bf16 autocast when ``bf16`` resolves to True on this machine
-  (``bf16="auto"`` asks ``hardware.resolve_bf16``, which measures it), otherwise autocast disabled.
+* ``autocast(device, bf16, phase)``: bf16 autocast when ``bf16`` resolves to True on this machine for
+  the phase (``bf16="auto"`` asks ``hardware.resolve_bf16``, which measures it), otherwise disabled.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ def device_of(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def autocast(device: torch.device | str, bf16: bool | str = False):
-    """bf16 autocast on ``device`` if ``bf16`` resolves to True there (``"auto"``: measured), else disabled."""
+def autocast(device: torch.device | str, bf16: bool | str = False, phase: str = "prefill"):
+    """bf16 autocast on ``device`` if ``bf16`` resolves to True there for ``phase`` ('prefill' or 'decode';
+    ``"auto"``: measured), else disabled."""
     device = torch.device(device)
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=resolve_bf16(bf16, device))
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                          enabled=resolve_bf16(bf16, device, phase=phase))

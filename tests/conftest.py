@@ -11,6 +11,9 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 # bf16="auto" follows a timing of this machine; unit tests keep the former defaults (bf16 on) so their
 # numbers do not depend on the CPU. tests/test_hardware.py clears it.
 os.environ.setdefault("DISTILL_LAB_BF16", "1")
+# Likewise the int8/int4 kernel paths: the integer kernel wherever it applies, no timing (quantization.dispatch).
+# tests/quantization/test_dispatch.py measures them with injected timings.
+os.environ.setdefault("DISTILL_LAB_KERNELS", "fixed")
 
 
 @pytest.fixture

@@ -64,14 +64,80 @@ def test_busy_machine_needs_a_larger_margin_and_is_not_stored(tmp_path, capsys):
     assert len(calls) == 2
 
 
-def test_kernel_rows_and_choices_are_reported():
-    entry = hardware.measure(timer=fake_timer(20.0, fp32_ms=10.0, kernel_ms=20.0), load=idle)
-    assert entry["rows"][0]["path"] == "bf16" and entry["rows"][0]["speed"] == pytest.approx(0.5)
-    kernels = [r for r in entry["rows"] if r["path"] != "bf16"]
-    assert kernels, "no int8 / int4 kernel was measured"
-    assert all(entry["choices"][r["path"]] is False for r in kernels)  # slower than fp32 here
+def phase_timer(prefill_bf16_ms: float, decode_bf16_ms: float, fp32_ms: float = 10.0):
+    """A fake timer: the first call is the prefill block, the second the decode block."""
+    calls = []
+
+    def timer(fns, repeats, deadline):
+        calls.append(1)
+        return {"fp32": fp32_ms, "bf16": prefill_bf16_ms if len(calls) == 1 else decode_bf16_ms}
+    return timer
+
+
+@pytest.mark.parametrize("prefill_ms, decode_ms", [(4.0, 20.0), (20.0, 4.0), (4.0, 4.0), (20.0, 20.0)])
+def test_bf16_is_chosen_per_phase(prefill_ms, decode_ms):
+    """Issue 27: bf16 autocast can win at prefill and lose at decode (the AMD EPYC: 1.96x and 0.63x), or the reverse."""
+    entry = hardware.measure(timer=phase_timer(prefill_ms, decode_ms), load=idle)
+    assert [r["phase"] for r in entry["rows"]] == ["prefill", "decode"]
+    assert entry["choices"] == {"bf16": prefill_ms < 10.0, "bf16_decode": decode_ms < 10.0}
+    hardware._MEMO[(hardware.machine_key(), "bf16")] = entry
+    assert hardware.resolve_bf16("auto", "cpu", phase="prefill") is (prefill_ms < 10.0)
+    assert hardware.resolve_bf16("auto", "cpu", phase="decode") is (decode_ms < 10.0)
+    with pytest.raises(ValueError, match="phase='training'; allowed: prefill, decode"):
+        hardware.resolve_bf16("auto", "cpu", phase="training")
     table = hardware.format_profile(entry)
-    assert "bf16='auto' means: fp32" in table and entry["cpu"] in table
+    assert entry["cpu"] in table and "at prefill" in table and "at decode" in table
+
+
+def _stored(tmp_path):
+    return json.loads((tmp_path / hardware.CACHE_FILE).read_text())[hardware.machine_key()]
+
+
+@pytest.mark.parametrize("damage", [{}, {"choices": {}}, {"choices": {"bf16": "yes", "bf16_decode": True}},
+                                    {"choices": {"bf16": True, "bf16_decode": True}, "rows": [{"ms": "x"}]},
+                                    [1, 2], "text"])
+def test_damaged_entry_in_valid_json_is_measured_again(damage, tmp_path, capsys):
+    """Issue 28 (9): an entry without its fields crashed doctor (KeyError 'key') and compress (KeyError 'bf16')."""
+    (tmp_path / hardware.CACHE_FILE).write_text(json.dumps(
+        {hardware.machine_key(): {"schema": hardware.SCHEMA, "bf16": damage}}))
+    calls = []
+    assert hardware.resolve_bf16("auto", measure_fn=counting_measure(4.0, calls)) is True
+    err = capsys.readouterr().err.strip()
+    assert len(calls) == 1 and len(err.splitlines()) == 1 and "damaged 'bf16' entry" in err
+    assert _stored(tmp_path)["bf16"]["choices"]["bf16"] is True  # repaired
+
+
+def test_damaged_entry_is_dropped_even_when_the_new_measurement_is_busy(tmp_path, capsys):
+    """Issue 28 (9): `doctor --refresh` on a busy machine could not repair the file; now the damage is removed."""
+    (tmp_path / hardware.CACHE_FILE).write_text(json.dumps(
+        {hardware.machine_key(): {"schema": hardware.SCHEMA, "bf16": {"choices": 1}}}))
+    assert hardware.resolve_bf16("auto", measure_fn=counting_measure(4.0, [], loaded)) is True
+    assert "bf16" not in _stored(tmp_path)
+    hardware.clear_memo()
+    calls = []
+    hardware.resolve_bf16("auto", measure_fn=counting_measure(4.0, calls))  # a later idle process measures
+    assert calls == [1] and "damaged" not in capsys.readouterr().err.split("busy")[-1]
+
+
+def test_an_older_schema_is_measured_again(tmp_path):
+    (tmp_path / hardware.CACHE_FILE).write_text(json.dumps(
+        {hardware.machine_key(): {"schema": 1, "choices": {"bf16": True}, "rows": []}}))
+    calls = []
+    assert hardware.resolve_bf16("auto", measure_fn=counting_measure(20.0, calls)) is False
+    assert calls == [1] and _stored(tmp_path)["schema"] == hardware.SCHEMA
+
+
+@pytest.mark.parametrize("value", ["banana", "2", "maybe"])
+def test_a_bad_bf16_env_var_stops_every_command_before_any_work(value, monkeypatch, capsys):
+    """Issue 28 (10): DISTILL_LAB_BF16=banana was accepted by doctor; compress failed only when distil began."""
+    from distill_lab.__main__ import main
+
+    monkeypatch.setenv(hardware.ENV_BF16, value)
+    monkeypatch.setattr(hardware, "measure", lambda: pytest.fail("must not measure"))
+    for argv in (["doctor"], ["compress", "--recipe", "nowhere.yaml", "--out", "o"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"DISTILL_LAB_BF16={value!r}" in err and "allowed: 0, 1 or auto" in err
 
 
 @pytest.mark.parametrize("explicit", [True, False])
@@ -101,7 +167,7 @@ def test_cache_is_keyed_by_cpu_model_and_torch_version(tmp_path, monkeypatch):
     assert hardware.resolve_bf16("auto", measure_fn=counting_measure(20.0, calls)) is False
     data = json.loads((tmp_path / hardware.CACHE_FILE).read_text())
     key = hardware.machine_key()
-    assert list(data) == [key] and data[key]["choices"]["bf16"] is False
+    assert list(data) == [key] and data[key]["bf16"]["choices"]["bf16"] is False
     assert hardware.cpu_model() in key and torch.__version__ in key and f"{torch.get_num_threads()} threads" in key
 
     hardware.clear_memo()  # a new process: read from the file, no measuring
@@ -126,7 +192,7 @@ def test_corrupt_cache_is_measured_again_with_one_line(content, tmp_path, capsys
     assert hardware.resolve_bf16("auto", measure_fn=counting_measure(4.0, calls)) is True
     err = capsys.readouterr().err.strip()
     assert len(calls) == 1 and len(err.splitlines()) == 1 and "measuring this machine again" in err
-    assert json.loads((tmp_path / hardware.CACHE_FILE).read_text())[hardware.machine_key()]["choices"]["bf16"]
+    assert _stored(tmp_path)["bf16"]["choices"]["bf16"]
 
 
 def test_cuda_auto_does_not_measure_the_cpu():
@@ -158,13 +224,18 @@ def test_teacher_cache_records_the_resolved_choice(tiny, monkeypatch):
 def test_doctor_prints_the_table_and_where_it_is_stored(tmp_path, monkeypatch, capsys):
     from distill_lab.__main__ import main
 
+    from distill_lab.quantization import dispatch
+
     monkeypatch.setattr(hardware, "measure", _fake_measure)
+    dispatch.kernel_profile(measure_fn=_fake_kernels)  # stored, as a first run would
+    monkeypatch.setattr(dispatch, "measure_kernels", lambda: pytest.fail("measured"))
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
     assert "CPU:" in out and "ISA flags:" in out and "threads" in out
     assert "bf16='auto' means: fp32" in out and str(tmp_path / hardware.CACHE_FILE) in out
     assert main(["doctor", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["choices"]["bf16"] is False
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["bf16"]["choices"]["bf16"] is False and doc["kernels"]["choices"]["w8a8"]["prefill"] == "int_mm"
 
 
 _real_measure = hardware.measure
@@ -172,3 +243,11 @@ _real_measure = hardware.measure
 
 def _fake_measure():
     return _real_measure(timer=fake_timer(20.0), load=idle)
+
+
+def _fake_kernels():
+    from distill_lab.quantization import dispatch
+
+    def timer(fns, repeats, deadline):
+        return {name: 10.0 if name == "fp32" else 5.0 for name in fns}
+    return dispatch.measure_kernels(timer=timer, load=idle)

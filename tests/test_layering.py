@@ -23,7 +23,7 @@ LAYERS = {
     "runtime": 1, "arch": 1, "data": 1, "_folder": 1, "_hf": 1,
     "plotting": 1,  # draws plain data with matplotlib; imports no model code, so recipes' reports can use it
     # 2: numeric primitives and layer types of the techniques (no model-level logic)
-    "quantization.primitives": 2, "quantization.kernels": 2, "quantization.configs": 2,
+    "quantization.primitives": 2, "quantization.kernels": 2, "quantization.configs": 2, "quantization.dispatch": 2,
     "pruning.masks": 2, "pruning.selection": 2,
     "quantization.modules": 3, "quantization.embeddings": 3, "quantization.serialization": 3, "pruning.sparse_storage": 3,
     # 4: saving and loading every kind of model the package writes

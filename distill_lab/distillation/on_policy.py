@@ -96,7 +96,7 @@ def sample_continuations(model: nn.Module, prompts: torch.Tensor, gen_tokens: in
     was_training = model.training
     model.eval()
     try:
-        with autocast(prompts.device, bf16):
+        with autocast(prompts.device, bf16, phase="decode"):  # token by token: decode's measured choice
             out = model(prompts, use_cache=True)
             new = []
             for i in range(gen_tokens):

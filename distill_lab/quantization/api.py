@@ -14,16 +14,21 @@ import torch
 from torch import nn
 
 from ..arch import check_linear_layout, swap_guard
+from ..runtime import device_of
 from ..tensors import storage_key, unique_tensors
 from .configs import CONFIGS, Int4WeightOnlyConfig, Int8DynamicConfig, Int8WeightOnlyConfig, config_to_dict
 from .embeddings import INT4_EMBEDDING_GROUP, Int4Embedding
 from .modules import (Int4WeightOnlyLinear, Int8DynamicLinear, Int8Embedding, Int8WeightOnlyLinear, QuantizedModule,
                       embedding_and_head, module_name, set_module)
+from .dispatch import kernel_paths
 from .primitives import check_finite, quantize_tensor
 from .serialization import saved_size_bytes
 
 __all__ = ["QuantizationSummary", "compression_report", "fp32_equivalent_bytes", "linear_from_config",
            "memory_bytes", "quantize_", "quantize_embedding_and_head_"]
+
+
+KIND_FORMAT = {"int8_weight_only": "int8_weight_only", "int8_dynamic": "w8a8", "int4_weight_only": "int4"}
 
 
 @dataclass
@@ -34,6 +39,7 @@ class QuantizationSummary:
     replaced: dict = field(default_factory=dict)  # kind -> count
     float_modules: dict = field(default_factory=dict)  # module name -> reason it stayed in float
     tied_head: bool = False  # True when the head shares the embedding's codes and scales (int8 or int4)
+    paths: dict = field(default_factory=dict)  # kind -> {phase: path} where a phase does not run its integer kernel
 
     def count(self, kind: str) -> None:
         """Count one replaced module of ``kind``."""
@@ -42,7 +48,24 @@ class QuantizationSummary:
     def __repr__(self) -> str:
         kinds = ", ".join(f"{v}× {k}" for k, v in self.replaced.items()) or "nothing"
         floats = "; ".join(f"{k} ({v})" for k, v in self.float_modules.items()) or "none"
-        return f"QuantizationSummary({self.config['type']}: {kinds}; kept in float: {floats})"
+        paths = "; ".join(f"{k} {ph} runs {p} (not its integer kernel on this CPU)"
+                          for k, by_phase in self.paths.items() for ph, p in by_phase.items())
+        return (f"QuantizationSummary({self.config['type']}: {kinds}; kept in float: {floats}"
+                + (f"; {paths}" if paths else "") + ")")
+
+    def note_paths(self, device: torch.device) -> None:
+        """Record the phases where this CPU's measured dispatch leaves a replaced kind's integer kernel."""
+        if device.type != "cpu":
+            return
+        chosen = kernel_paths()
+        for kind in self.replaced:
+            fmt = KIND_FORMAT.get(kind)
+            if fmt is None:
+                continue
+            default = "int_mm" if fmt == "w8a8" else "kernel"
+            moved = {ph: p for ph, p in chosen[fmt].items() if p != default}
+            if moved:
+                self.paths[kind] = moved
 
 
 def linear_from_config(linear: nn.Linear, config) -> QuantizedModule | None:
@@ -130,6 +153,7 @@ def quantize_(model: nn.Module, config, filter_fn=None) -> QuantizationSummary:
             set_module(model, name, qmod)
             summary.count(qmod.kind)
         model.quantization_config = config_to_dict(config)  # read by save_quantized
+    summary.note_paths(device_of(model))
     return summary
 
 

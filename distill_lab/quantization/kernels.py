@@ -8,6 +8,8 @@
 * Weight-only int8: ``aten._weight_int8pack_mm``.
 * Weight-only int4 with group-wise scales and zeros: ``aten._weight_int4pack_mm[_for_cpu]``, the
   "tinygemm" layout torchao uses, with its packing (``to_kernel_layout``) and a way back to the codes.
+* Dequantizing paths (``int8_weight_only_mm``, ``int4_linear``): the integer kernel or a float GEMM on
+  weights dequantized for the call, whichever ``dispatch`` measured faster on this CPU for the phase.
 * Row reads of a packed int4 weight (``int4_row_positions``, ``gather_int4_rows``): an int4
   embedding looks up a few rows of the very tensor its tied head multiplies with.
 
@@ -24,15 +26,19 @@ import torch.nn.functional as F
 
 from .primitives import SCALE_EPS, QuantizedTensor, quantize_tensor
 
-__all__ = ["INT4_KERNEL_GROUPS", "INT8_PACK_MAX_ROWS", "dequantize_int4", "gather_int4_rows", "int4_codes_and_scales",
-           "int4_kernel_codes", "int4_layout_for", "int4_mm", "int4_row_positions", "int8_weight_only_backend",
+__all__ = ["DEQUANT_PATHS", "INT4_KERNEL_GROUPS", "INT8_PACK_MAX_ROWS", "W8A8_CHUNK_ELEMENTS", "dequantize_int4",
+           "gather_int4_rows", "int4_codes_and_scales", "int4_dequantize_packed", "int4_kernel_codes",
+           "int4_layout_for", "int4_linear", "int4_mm", "int4_row_positions", "int8_weight_only_backend",
            "int8_weight_only_mm", "int_mm", "int_mm_ok", "kernels_enabled", "onednn_int8_mm", "onednn_int8_pack",
-           "pack_int4", "to_kernel_layout", "unpack_int4", "unpack_kernel_layout", "use_kernels"]
+           "pack_int4", "quantize_activations", "to_kernel_layout", "unpack_int4", "unpack_kernel_layout",
+           "use_kernels", "w8a8_int_mm_cpu", "w8a8_onednn"]
 
 aten = torch.ops.aten
 
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)  # group sizes PyTorch's int4 kernels accept
-INT8_PACK_MAX_ROWS = 32  # measured here: the CPU kernel is a per-row GEMV; above ~32 rows bf16 GEMM wins
+INT8_PACK_MAX_ROWS = 32  # without a measured choice (CUDA, DISTILL_LAB_KERNELS=fixed): kernel up to 32 rows, else bf16
+W8A8_CHUNK_ELEMENTS = 1 << 22  # int32 elements per W8A8 row chunk (16 MiB): one chunk at 8 x 256 tokens
+DEQUANT_PATHS = {"dequant_bf16": torch.bfloat16, "dequant_fp32": torch.float32}  # float GEMM on dequantized weights
 
 _KERNELS = {"enabled": True}
 
@@ -67,20 +73,25 @@ def int8_weight_only_backend(device: torch.device, in_features: int) -> str:
 
 
 def int8_weight_only_mm(x: torch.Tensor, w_int8: torch.Tensor, scales: torch.Tensor,
-                        backend: str = "kernel") -> torch.Tensor:
-    """``x @ (w_int8 * scales[:, None]).T`` for 2-D ``x`` (M, K), int8 ``w`` (N, K), fp32 ``scales`` (N,) -> (M, N) bf16.
+                        backend: str = "kernel", path: str | None = None) -> torch.Tensor:
+    """``x @ (w_int8 * scales[:, None]).T`` for 2-D ``x`` (M, K), int8 ``w`` (N, K), fp32 ``scales`` (N,) -> (M, N).
 
-    Few rows (decode, memory-bound): ``aten._weight_int8pack_mm`` reads the int8 weight directly.
-    Many rows (prefill, compute-bound): dequantize to bf16 once and use the bf16 GEMM, because the
-    int8 kernel's time grows linearly with the rows (2.1 s vs 0.7 s for 2048 × 576 → 49152 here).
+    ``path``: 'kernel' (``aten._weight_int8pack_mm`` reads the int8 weight directly; bf16 out),
+    'dequant_bf16' or 'dequant_fp32' (dequantize for this call, then the float GEMM; the output in
+    that dtype). None: the fixed rule, kernel up to ``INT8_PACK_MAX_ROWS`` rows, else bf16 (the
+    kernel is a per-row GEMV: 2.1 s vs 0.7 s for 2048 × 576 → 49152 on a Xeon). ``backend``
+    'fallback' (the kernel cannot take this shape) never calls the kernel.
     """
-    x = x.to(torch.bfloat16).contiguous()  # the fp32 CPU kernel is ~30x slower than bf16
-    if backend == "kernel" and x.shape[0] <= INT8_PACK_MAX_ROWS:
+    if path is None:
+        path = "kernel" if x.shape[0] <= INT8_PACK_MAX_ROWS else "dequant_bf16"
+    if path == "kernel" and backend == "kernel":
         try:
-            return aten._weight_int8pack_mm(x, w_int8, scales.to(torch.bfloat16))  # (M, N)
+            return aten._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), w_int8,
+                                            scales.to(torch.bfloat16))  # (M, N) bf16
         except (RuntimeError, NotImplementedError):
             pass  # e.g. no CUDA implementation in this build: dequantize instead
-    return F.linear(x, w_int8.to(torch.bfloat16) * scales.to(torch.bfloat16)[:, None])  # (M, N)
+    dtype = DEQUANT_PATHS.get(path, torch.bfloat16)
+    return F.linear(x.to(dtype), w_int8.to(dtype) * scales.to(dtype)[:, None])  # (M, N)
 
 
 def int_mm_ok(m: int, k: int, n: int, device: torch.device) -> bool:
@@ -150,6 +161,68 @@ def onednn_int8_mm(xq: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor],
                                               1.0, 0, torch.float32, "none", [], "")  # (M, N)
 
 
+# ----------------------------------------------------------------------------- W8A8 layer paths (CPU)
+def quantize_activations(x2: torch.Tensor, smooth: torch.Tensor | None = None,
+                         per_token: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) float -> int8 codes (M, K) and absmax scales (M, 1) (or (1, 1) per tensor); x / ``smooth`` (K,) first."""
+    x2 = x2.float()
+    if smooth is not None:
+        x2 = x2 / smooth
+    work = x2.abs()  # (M, K), reused below for x / scale: one temporary instead of two
+    absmax = work.amax(-1, keepdim=True) if per_token else work.amax().reshape(1, 1)
+    scale = absmax.clamp_min(1e-8) / 127  # (M, 1)
+    grad = torch.is_grad_enabled() and (x2.requires_grad or scale.requires_grad)
+    q = torch.div(x2, scale) if grad else torch.div(x2, scale, out=work)  # out= has no autograd
+    return q.round_().to(torch.int8), scale
+
+
+def w8a8_int_mm_cpu(x2: torch.Tensor, weight_int8: torch.Tensor, scales: torch.Tensor,
+                    smooth: torch.Tensor | None = None, per_token: bool = True,
+                    chunk_elements: int = W8A8_CHUNK_ELEMENTS) -> torch.Tensor:
+    """CPU W8A8 (M, K) -> (M, N) fp32 on ``torch._int_mm`` without (M, N) temporaries, in row chunks; no bias.
+
+    ``torch.mul(int32, fp32)`` first copies the whole accumulator to a new fp32 tensor (type
+    promotion on the CPU), so a plain epilogue allocates and walks two (M, N) temporaries, and its
+    cost depends on the allocator's state in each process. Here ``_int_mm`` writes each chunk's
+    int32 result straight into the fp32 output's own memory, which is then converted and scaled in
+    place: one (M, N) allocation in all, like the raw kernel's. Smaller chunks would keep the
+    epilogue in L2 but multiply the ops, and on a busy CPU each op costs a scheduling delay
+    (measured: 4 chunks ran 3x slower than the plain path under load 10). Bit-identical to
+    ``_int_mm(q, w.t()) * scales * row_scales``.
+    """
+    m, n = x2.shape[0], weight_int8.shape[0]
+    x2 = x2.float()
+    out = torch.empty(m, n, dtype=torch.float32)  # (M, N)
+    tensor_scale = None
+    if not per_token:
+        xs = x2 if smooth is None else x2 / smooth
+        tensor_scale = xs.abs().amax().reshape(1, 1).clamp_min(1e-8) / 127  # (1, 1)
+    chunks = -(-m // max(1, chunk_elements // n))
+    rows = -(-m // chunks)  # even chunks: every op is a parallel region, which costs on a busy CPU
+    wt = weight_int8.t()  # (K, N) view
+    for i in range(0, m, rows):
+        xc = x2[i:i + rows]  # (r, K)
+        if smooth is not None:
+            xc = xc / smooth
+        sc = tensor_scale if tensor_scale is not None else \
+            xc.abs().amax(-1, keepdim=True).clamp_min(1e-8) / 127  # (r, 1)
+        q = torch.div(xc, sc).round_().to(torch.int8)  # (r, K)
+        o = out[i:i + rows]  # (r, N) fp32, contiguous
+        acc = torch._int_mm(q, wt, out=o.view(torch.int32))  # int32 written into o's bytes
+        o.copy_(acc).mul_(scales).mul_(sc)  # in place: int32 -> fp32, weight scale, token scale
+    return out
+
+
+def w8a8_onednn(x2: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor], scales: torch.Tensor,
+                smooth: torch.Tensor | None = None, per_token: bool = True) -> torch.Tensor:
+    """CPU W8A8 (M, K) -> (M, N) fp32 on oneDNN's int8 linear (weight scales applied in the kernel); no bias.
+
+    Bit-identical to ``w8a8_int_mm_cpu`` where ``onednn_int8_pack`` accepted the weight.
+    """
+    xq, sx = quantize_activations(x2, smooth, per_token)
+    return onednn_int8_mm(xq, packed, scales).mul_(sx)  # (M, N)
+
+
 # ----------------------------------------------------------------------------- int4
 def _int4_inner_k_tiles(k: int) -> int:
     for tiles in (8, 4, 2):
@@ -206,6 +279,22 @@ def int4_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_and_z
     if layout == "cuda":
         return aten._weight_int4pack_mm(x, packed, group_size, scales_and_zeros)
     return F.linear(x, dequantize_int4(unpack_int4(packed), group_size, scales_and_zeros, torch.bfloat16))
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor,
+                layout: str, out_features: int, path: str = "kernel") -> torch.Tensor:
+    """(M, K) @ int4 weight (N, K) -> (M, N): the int4 kernel (bf16 out), or for ``path`` 'dequant_bf16' /
+    'dequant_fp32' a float GEMM on the weight dequantized for this call (output in that dtype).
+
+    The dequantizing paths pay one pass over the (N, K) weight per call, which a prefill of many
+    rows amortizes; on a CPU whose int4 kernel is slower than its float GEMM at many rows (measured:
+    0.46-0.9x fp32 at 2048 rows on an Intel Xeon with AMX and on an AMD EPYC), they win there.
+    """
+    if path == "kernel" or layout == "plain":
+        return int4_mm(x, packed, group_size, scales_and_zeros, layout)
+    dtype = DEQUANT_PATHS[path]
+    w = int4_dequantize_packed(packed, layout, group_size, scales_and_zeros, out_features, x.shape[-1], dtype)
+    return F.linear(x.to(dtype), w)  # (M, N)
 
 
 def dequantize_int4(codes: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor,
@@ -303,6 +392,29 @@ def gather_int4_rows(packed: torch.Tensor, positions: torch.Tensor, ids: torch.T
     nib = (ids // block).unsqueeze(-1) * (block * k) + positions[ids % block]  # (M, K) nibble offsets
     byte = packed.reshape(-1).view(torch.uint8)[nib >> 1]  # (M, K)
     return ((byte >> ((nib & 1) << 2)) & 0x0F).to(torch.uint8)
+
+
+def int4_dequantize_packed(packed: torch.Tensor, layout: str, group_size: int, scales_and_zeros: torch.Tensor,
+                           out_features: int, in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """(N, K) weights ``(q - 8)·scale + zero`` in ``dtype`` straight from a packed layout: one gather of nibbles.
+
+    Exactly ``dequantize_int4(unpack_kernel_layout(...))`` in fp32 (the bf16 scales and zeros are
+    exact in fp32), without the identity matmul: the codes are read at ``int4_row_positions``.
+    """
+    pos = _flat_positions(layout, out_features, in_features)  # (B·K,) nibble offsets inside a block of B rows
+    codes = _nibbles(packed).reshape(-1, pos.numel()).index_select(1, pos)  # (N/B, B·K)
+    n, k, g = out_features, in_features, group_size
+    sz = scales_and_zeros.to(dtype)  # (K/g, N, 2)
+    w = codes.reshape(n, k // g, g).to(dtype).sub_(8)  # (N, K/g, g)
+    w.mul_(sz[..., 0].t().unsqueeze(-1)).add_(sz[..., 1].t().unsqueeze(-1))
+    return w.reshape(n, k)
+
+
+@functools.lru_cache(maxsize=64)
+def _flat_positions(layout: str, out_features: int, in_features: int) -> torch.Tensor:
+    """``int4_row_positions`` flattened (B·K,) on the layout's device; one small tensor per shape, shared."""
+    pos = int4_row_positions(layout, out_features, in_features)
+    return pos.reshape(-1).to("cuda" if layout == "cuda" else "cpu")
 
 
 def int4_codes_and_scales(weight: torch.Tensor, group_size: int, bits: int = 4,

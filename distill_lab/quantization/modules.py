@@ -1,10 +1,15 @@
 """Quantized layer types: Linear and Embedding modules whose weights live in integer buffers.
 
-* ``Int8WeightOnlyLinear``: int8 weights per output channel, bf16 activations (``aten._weight_int8pack_mm``).
+* ``Int8WeightOnlyLinear``: int8 weights per output channel (``aten._weight_int8pack_mm``, or a float GEMM on
+  the weight dequantized per call).
 * ``Int8DynamicLinear``: W8A8, activations quantized per token at run time (``torch._int_mm``, or
   oneDNN's int8 linear on the CPU where it is exact).
-* ``Int4WeightOnlyLinear``: group-wise 4-bit weights in the layout of the kernel that runs them.
+* ``Int4WeightOnlyLinear``: group-wise 4-bit weights in the layout of the kernel that runs them (the int4
+  kernel, or a float GEMM on the weight dequantized per call).
 * ``Int8Embedding``: int8 rows with one scale per token (``embeddings.Int4Embedding``: int4 groups).
+
+On the CPU each Linear asks ``dispatch.kernel_path`` which path to take for the call's phase
+(decode: few rows; prefill: many), a choice timed on this machine; every path keeps the same weights.
 
 Each reports its real storage (``storage_bytes``), the weights it stands for (``logical_numel``) and
 what a checkpoint needs to rebuild it (``export_tensors``, ``spec``). ``set_module``,
@@ -18,19 +23,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..arch import embedding_scale
-from .kernels import (dequantize_int4, int4_codes_and_scales, int4_layout_for, int4_mm, int8_weight_only_backend,
-                      int8_weight_only_mm, int_mm, int_mm_ok, kernels_enabled, onednn_int8_mm, onednn_int8_pack,
-                      pack_int4, to_kernel_layout, unpack_int4, unpack_kernel_layout)
+from .dispatch import kernel_path
+from .kernels import (W8A8_CHUNK_ELEMENTS, dequantize_int4, int4_codes_and_scales, int4_layout_for, int4_linear,
+                      int8_weight_only_backend, int8_weight_only_mm, int_mm, int_mm_ok, kernels_enabled,
+                      onednn_int8_pack, pack_int4, quantize_activations, to_kernel_layout, unpack_int4,
+                      unpack_kernel_layout, w8a8_int_mm_cpu, w8a8_onednn)
 from .primitives import Granularity, quantize_tensor
 
 __all__ = ["W8A8_CHUNK_ELEMENTS", "W8A8_ONEDNN_MIN_OUTPUTS", "W8A8_ONEDNN_MIN_ROWS", "Int4WeightOnlyLinear",
            "Int8DynamicLinear", "Int8Embedding", "Int8WeightOnlyLinear", "QuantizedModule", "embedding_and_head",
            "module_name", "set_module"]
 
-W8A8_CHUNK_ELEMENTS = 1 << 22  # int32 elements per W8A8 row chunk (16 MiB): one chunk at 8 x 256 tokens; bounds the head
-# oneDNN's int8 linear only for large outputs: measured on an Intel Xeon (AMX), torch 2.13, it costs ~50 us per
-# call at any size (``_int_mm``: ~20 us) and 1-10 ms at 1-4 rows with N <= 256 (decode through k/v_proj); from
-# 256 x 576 outputs up it beats ``_int_mm`` + epilogue (2048 x 1536: 1.0 ms vs 4.7 ms).
+# oneDNN's int8 linear, where ``dispatch`` measured it faster, only for large outputs: on an Intel Xeon (AMX),
+# torch 2.13, it costs ~50 us per call at any size (``_int_mm``: ~20 us) and 1-10 ms at 1-4 rows with N <= 256
+# (decode through k/v_proj); from 256 x 576 outputs up it beats ``_int_mm`` + epilogue (2048 x 1536: 1.0 vs 4.7 ms).
+# On an AMD EPYC it takes 3,081 ms where ``_int_mm`` takes 0.89 ms: there ``dispatch`` never chooses it.
 W8A8_ONEDNN_MIN_ROWS = 16
 W8A8_ONEDNN_MIN_OUTPUTS = 1 << 17
 
@@ -82,7 +89,8 @@ class Int8WeightOnlyLinear(QuantizedModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2, lead = _flatten(x)  # (M, K)
         backend = int8_weight_only_backend(x.device, self.in_features)
-        y = int8_weight_only_mm(x2, self.weight_int8, self.scales, backend).to(x.dtype)  # (M, N)
+        path = kernel_path("int8_weight_only", x2.shape[0], x.device) if backend == "kernel" else None
+        y = int8_weight_only_mm(x2, self.weight_int8, self.scales, backend, path).to(x.dtype)  # (M, N)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features)
@@ -108,11 +116,13 @@ class Int8DynamicLinear(QuantizedModule):
     the factor cannot be folded into the previous layer).
 
     On the CPU, large outputs (``W8A8_ONEDNN_MIN_ROWS``, ``W8A8_ONEDNN_MIN_OUTPUTS``) run on
-    oneDNN's int8 linear when it gives ``_int_mm``'s exact integers here
-    (``kernels.onednn_int8_pack`` checks): it applies the weight scales inside the kernel, so the
-    layer costs about what the raw ``_int_mm`` costs (issue 18 measured the ``_int_mm`` epilogue
-    at 1.4x the matmul). Same numbers on every path. The packed weight is a second in-memory
-    copy of the int8 codes (not a buffer: checkpoints and ``storage_bytes`` hold the codes once).
+    oneDNN's int8 linear when ``dispatch`` timed it faster than ``_int_mm`` on this machine and it
+    gives ``_int_mm``'s exact integers (``kernels.onednn_int8_pack`` checks): it applies the weight
+    scales inside the kernel, so on an Intel Xeon with AMX the layer costs about what the raw
+    ``_int_mm`` costs (issue 18 measured the ``_int_mm`` epilogue at 1.4x the matmul); on an AMD
+    EPYC the same call is 3,000x slower, and the timing keeps it off. Same numbers on every path.
+    The packed weight is a second in-memory copy of the int8 codes (not a buffer: checkpoints and
+    ``storage_bytes`` hold the codes once).
     """
 
     kind = "int8_dynamic"
@@ -162,30 +172,26 @@ class Int8DynamicLinear(QuantizedModule):
 
     def quantize_input(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(M, K) float -> int8 codes (M, K) and scales (M, 1) (or (1, 1) per tensor)."""
-        x2 = x2.float()
-        if self.smooth is not None:
-            x2 = x2 / self.smooth
-        work = x2.abs()  # (M, K), reused below for x / scale: one temporary instead of two
-        absmax = work.amax(-1, keepdim=True) if self.act_granularity == "per_token" else work.amax().reshape(1, 1)
-        scale = absmax.clamp_min(1e-8) / 127  # (M, 1)
-        grad = torch.is_grad_enabled() and (x2.requires_grad or scale.requires_grad)
-        q = torch.div(x2, scale) if grad else torch.div(x2, scale, out=work)  # out= has no autograd
-        return q.round_().to(torch.int8), scale
+        return quantize_activations(x2, self.smooth, self.act_granularity == "per_token")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2, lead = _flatten(x)  # (M, K)
         cpu_no_grad = (x2.device.type == "cpu" and x2.shape[0]
                        and not (torch.is_grad_enabled() and x2.requires_grad))
-        m = x2.shape[0]
-        big = m >= W8A8_ONEDNN_MIN_ROWS and m * self.out_features >= W8A8_ONEDNN_MIN_OUTPUTS
-        packed = self._onednn_weight() if cpu_no_grad and big and kernels_enabled() else None
+        m, per_token = x2.shape[0], self.act_granularity == "per_token"
+        packed = None
+        if (cpu_no_grad and kernels_enabled() and m >= W8A8_ONEDNN_MIN_ROWS
+                and m * self.out_features >= W8A8_ONEDNN_MIN_OUTPUTS and kernel_path("w8a8", m) == "onednn"):
+            packed = self._onednn_weight()
         if packed is not None:  # same numbers in one kernel call: the int32 result is scaled in registers
-            xq, sx = self.quantize_input(x2)
-            y = onednn_int8_mm(xq, packed, self.scales).mul_(sx)  # (M, N) float32
+            y = w8a8_onednn(x2, packed, self.scales, self.smooth, per_token)  # (M, N) float32
             if self.bias is not None:
                 y.add_(self.bias)
         elif cpu_no_grad and int_mm_ok(*x2.shape, self.out_features, x2.device):
-            y = self._forward_cpu_chunked(x2)  # same numbers, without the int32 -> fp32 temporaries
+            # same numbers, without the int32 -> fp32 temporaries
+            y = w8a8_int_mm_cpu(x2, self.weight_int8, self.scales, self.smooth, per_token, W8A8_CHUNK_ELEMENTS)
+            if self.bias is not None:
+                y.add_(self.bias)
         else:
             xq, sx = self.quantize_input(x2)
             acc = int_mm(xq, self.weight_int8.t())  # (M, N) int32; the transposed view is what CUDA wants
@@ -193,41 +199,6 @@ class Int8DynamicLinear(QuantizedModule):
             if self.bias is not None:
                 y = y + self.bias
         return y.to(x.dtype).reshape(*lead, self.out_features)
-
-    def _forward_cpu_chunked(self, x2: torch.Tensor) -> torch.Tensor:
-        """CPU W8A8 without (M, N) temporaries, in row chunks for very wide layers; bit-identical to the plain path.
-
-        ``torch.mul(int32, fp32)`` first copies the whole accumulator to a new fp32 tensor (type
-        promotion on the CPU), so the plain epilogue allocated and walked two (M, N) temporaries,
-        and its cost depended on the allocator's state in each process. Here ``_int_mm`` writes
-        each chunk's int32 result straight into the fp32 output's own memory, which is then
-        converted and scaled in place: one (M, N) allocation in all, like the raw kernel's. Smaller
-        chunks would keep the epilogue in L2 but multiply the ops, and on a busy CPU each op costs a
-        scheduling delay (measured: 4 chunks ran 3x slower than the plain path under load 10).
-        """
-        m, n = x2.shape[0], self.out_features
-        x2 = x2.float()
-        out = torch.empty(m, n, dtype=torch.float32)  # (M, N)
-        tensor_scale = None
-        if self.act_granularity == "per_tensor":
-            xs = x2 if self.smooth is None else x2 / self.smooth
-            tensor_scale = xs.abs().amax().reshape(1, 1).clamp_min(1e-8) / 127  # (1, 1)
-        chunks = -(-m // max(1, W8A8_CHUNK_ELEMENTS // n))
-        rows = -(-m // chunks)  # even chunks: every op is a parallel region, which costs on a busy CPU
-        wt = self.weight_int8.t()  # (K, N) view
-        for i in range(0, m, rows):
-            xc = x2[i:i + rows]  # (r, K)
-            if self.smooth is not None:
-                xc = xc / self.smooth
-            sc = tensor_scale if tensor_scale is not None else \
-                xc.abs().amax(-1, keepdim=True).clamp_min(1e-8) / 127  # (r, 1)
-            q = torch.div(xc, sc).round_().to(torch.int8)  # (r, K)
-            o = out[i:i + rows]  # (r, N) fp32, contiguous
-            acc = torch._int_mm(q, wt, out=o.view(torch.int32))  # int32 written into o's bytes
-            o.copy_(acc).mul_(self.scales).mul_(sc)  # in place: int32 -> fp32, weight scale, token scale
-        if self.bias is not None:
-            out.add_(self.bias)
-        return out
 
     def dequantized_weight(self) -> torch.Tensor:
         """The (N, K) float weight (before activation quantization)."""
@@ -318,7 +289,9 @@ class Int4WeightOnlyLinear(QuantizedModule):
         if self.layout != "plain" and self.packed.device.type != self.layout:
             self._repack_in_place()  # moved with .to(device): the layouts differ between devices
         x2, lead = _flatten(x)  # (M, K)
-        y = int4_mm(x2, self.packed, self.group_size, self.scales_and_zeros, self.layout).to(x.dtype)
+        path = kernel_path("int4", x2.shape[0], x2.device) if self.layout == "cpu" else "kernel"
+        y = int4_linear(x2, self.packed, self.group_size, self.scales_and_zeros, self.layout, self.out_features,
+                        path).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features)

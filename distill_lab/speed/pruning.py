@@ -82,7 +82,8 @@ def compare_speed(models: dict[str, nn.Module], batch: int = 8, seq: int = 256, 
     device = device_of(first)
     vocab = first.config.vocab_size
     prompt, short = timing_prompts(vocab, batch, seq, 32, seed, device)  # (B, T), (1, 32)
-    use_bf16 = resolve_bf16(bf16, device)
+    use_bf16 = resolve_bf16(bf16, device)  # prefill's choice
+    decode_bf16 = resolve_bf16(bf16, device, phase="decode")
 
     def prefill(model):
         def run():
@@ -91,7 +92,7 @@ def compare_speed(models: dict[str, nn.Module], batch: int = 8, seq: int = 256, 
         return timed(run, device)
 
     def run_decode(model):
-        with autocast(device, use_bf16):
+        with autocast(device, decode_bf16):
             out = model(short, use_cache=True)
             cache, token = out.cache, out.logits[:, -1:].argmax(-1)  # token (1, 1)
 
