@@ -112,13 +112,46 @@ def min_ms(fns: dict, repeats: int, deadline: float, cap_ms: float = 1000.0) -> 
     return {name: 1e3 * min(t) for name, t in times.items()}
 
 
+CONTENTION_RATIO = 3.0  # a tiny parallel kernel this much slower on all threads than on one: timings unreliable
+
+
+def contended(repeats: int = 5) -> bool:
+    """True when a tiny parallel kernel runs far slower on all of torch's threads than on one.
+
+    Seen on 2-core cloud VMs: in some process states every parallel region of a ~30 us kernel
+    (``torch._int_mm`` at one row) waits milliseconds for its second thread (a sleeping vCPU woken
+    by the hypervisor), 7.9 ms against 0.034 ms on one thread, consistently; MKL's fp32 GEMV is not
+    affected. A measurement taken then would rank paths by how many parallel ops they launch, not
+    by their speed, so callers treat it as busy.
+    """
+    threads = torch.get_num_threads()
+    if threads < 2 or not hasattr(torch, "_int_mm"):
+        return False
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (1, 576), dtype=torch.int8, generator=gen)  # (1, K)
+    b = torch.randint(-127, 128, (576, 1536), dtype=torch.int8, generator=gen)  # (K, N)
+
+    def op():
+        torch._int_mm(a, b)
+
+    op()
+    many = min(timed(op) for _ in range(repeats))
+    torch.set_num_threads(1)
+    try:
+        one = min(timed(op) for _ in range(repeats))
+    finally:
+        torch.set_num_threads(threads)
+    return many > CONTENTION_RATIO * one
+
+
 def busy() -> tuple[bool, float]:
-    """(busy, 1-minute load average): busy when more tasks wanted to run than there are cores."""
+    """(busy, 1-minute load average): busy when more tasks wanted to run than there are cores, or when
+    tiny parallel kernels are pathologically slow right now (``contended``)."""
     try:
         load = os.getloadavg()[0]
     except (AttributeError, OSError):  # Windows
-        return False, float("nan")
-    return load > (os.cpu_count() or 1), load
+        load = float("nan")
+    return load > (os.cpu_count() or 1) or contended(), load
 
 
 def _bf16_candidates(rows: int = 256, hidden: int = 576, inter: int = 1536) -> dict:

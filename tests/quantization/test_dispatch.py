@@ -94,6 +94,26 @@ def test_a_slow_kernel_at_prefill_gives_way_to_dequantizing(fmt):
     assert "dequant_fp32" in entry["summary"]
 
 
+def test_stalling_parallel_kernels_keep_the_fixed_paths_and_are_not_stored(monkeypatch, tmp_path):
+    """A 2-core VM where every tiny parallel kernel waits ms for a vCPU: the timings favour single-op paths."""
+    monkeypatch.setattr(dispatch, "contended", lambda: True)
+    monkeypatch.setattr(dispatch, "busy", idle)
+    table = {"fp32": 10.0, "int4.kernel": 22.0, "int4.dequant_bf16": 5.0, "int8_weight_only.kernel": 30.0}
+    fake = lambda: dispatch.measure_kernels(timer=timer_from(table), candidates_fn=_fake_candidates())  # noqa: E731
+    entry = dispatch.kernel_profile(measure_fn=fake)
+    assert entry["distorted"] and entry["busy"] and "fixed paths kept" in entry["summary"]
+    assert entry["choices"] == {fmt: dict(ch) for fmt, ch in dispatch.FIXED.items()}
+    assert not (tmp_path / hardware.CACHE_FILE).exists()
+    assert "stalled" in dispatch.format_kernel_profile(entry)
+
+
+def test_decode_times_only_the_integer_paths():
+    calls = []
+    dispatch.measure_kernels(timer=timer_from({}, calls=calls), load=idle, candidates_fn=_fake_candidates())
+    decode = next(names for phase, names in calls if phase == "decode")
+    assert "int4.kernel" in decode and not [n for n in decode if "dequant" in n]
+
+
 def test_a_path_within_the_margin_does_not_replace_the_fixed_one():
     fixed = dispatch.FIXED["int4"]["prefill"]
     entry = measure({"int4.kernel": 10.0, "int4.dequant_bf16": 10.0 / 1.03, "int4.dequant_fp32": 20.0},

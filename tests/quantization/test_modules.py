@@ -93,7 +93,7 @@ def _onednn_or_skip(monkeypatch):
         pytest.skip("oneDNN's int8 linear is not available (or not exact) on this CPU")
     monkeypatch.setattr(modules, "W8A8_ONEDNN_MIN_ROWS", 1)
     monkeypatch.setattr(modules, "W8A8_ONEDNN_MIN_OUTPUTS", 1)
-    monkeypatch.setenv("DISTILL_LAB_KERNELS", "w8a8.*=onednn")  # as where dispatch timed oneDNN faster
+    monkeypatch.setenv("DISTILL_LAB_KERNELS", "fixed,w8a8.*=onednn")  # as where dispatch timed oneDNN faster
 
 
 def test_onednn_int8_probe_refuses_a_kernel_that_is_not_exact(monkeypatch):
@@ -198,7 +198,7 @@ def test_finding_and_swapping_modules_in_a_model():
 def test_int8_dynamic_small_outputs_stay_on_int_mm(monkeypatch):
     """Decode-sized calls (few rows, or few outputs) never reach oneDNN, whose per-call cost is higher there,
     even where dispatch chose oneDNN for both phases."""
-    monkeypatch.setenv("DISTILL_LAB_KERNELS", "w8a8.*=onednn")
+    monkeypatch.setenv("DISTILL_LAB_KERNELS", "fixed,w8a8.*=onednn")
     mod = Int8DynamicLinear.from_float(linear(192, 576))
     with torch.no_grad():
         mod(torch.randn(1, 576))  # 1 row: below W8A8_ONEDNN_MIN_ROWS
