@@ -138,12 +138,13 @@ def main(argv=None):
     load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     print(f"CPU: {cpu_model()}; torch {torch.__version__}, {torch.get_num_threads()} threads{load}")
 
+    kernels = dispatch.kernel_profile(refresh=True)  # measured once, before the workers read it
     ok_w8a8 = report_w8a8(w8a8_processes(args.processes, args.threads, args.pairs))
     if args.w8a8_only:
         sys.exit(0 if ok_w8a8 or not args.check else 1)
 
     print("\n2. Every kernel path, one Linear at the teacher's shapes (quantization.dispatch, measured now):")
-    print(dispatch.format_kernel_profile(dispatch.kernel_profile(refresh=True)))
+    print(dispatch.format_kernel_profile(kernels))
     paths = dispatch.kernel_paths()
 
     model, tok = dl.load_teacher(device="cpu")

@@ -112,7 +112,9 @@ def min_ms(fns: dict, repeats: int, deadline: float, cap_ms: float = 1000.0) -> 
     return {name: 1e3 * min(t) for name, t in times.items()}
 
 
-CONTENTION_RATIO = 3.0  # a tiny parallel kernel this much slower on all threads than on one: timings unreliable
+CONTENTION_RATIO = 20.0  # a tiny parallel kernel this much slower on all threads than on one ...
+CONTENTION_MIN_MS = 1.0  # ... and slower than this (fork/join overhead alone stays far below): timings unreliable
+STALE = "stale"  # what a section's problem check returns for an entry of an older layout: measured again quietly
 
 
 def contended(repeats: int = 5) -> bool:
@@ -141,7 +143,7 @@ def contended(repeats: int = 5) -> bool:
         one = min(timed(op) for _ in range(repeats))
     finally:
         torch.set_num_threads(threads)
-    return many > CONTENTION_RATIO * one
+    return many > CONTENTION_RATIO * one and 1e3 * many > CONTENTION_MIN_MS
 
 
 def busy() -> tuple[bool, float]:
@@ -281,6 +283,8 @@ def cached_section(section: str, measure_fn, problem_fn, refresh: bool = False) 
     sections = {k: v for k, v in stored.items()} if isinstance(stored, dict) and stored.get("schema") == SCHEMA else {}
     entry = sections.get(section)
     problem = None if entry is None else _entry_problem(entry, problem_fn)
+    if problem == STALE:  # an older layout of this section (an upgrade), not damage: measured again quietly
+        entry, problem = None, None
     if problem:
         print(f"distill_lab: {path} holds a damaged {section!r} entry for this machine ({problem}); "
               f"measuring again", file=sys.stderr)

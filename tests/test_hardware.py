@@ -89,6 +89,32 @@ def test_bf16_is_chosen_per_phase(prefill_ms, decode_ms):
     assert entry["cpu"] in table and "at prefill" in table and "at decode" in table
 
 
+def test_min_ms_calls_a_pathological_candidate_once(monkeypatch):
+    """A kernel whose first call takes seconds (oneDNN on an AMD EPYC at 2048 rows: 23 s) costs one call, not ten."""
+    calls = {"slow": 0, "fast": 0}
+    clock = {"slow": 2.0, "fast": 0.001}
+    monkeypatch.setattr(hardware, "timed", lambda fn: (fn(), clock[fn.__name__])[1])
+
+    def slow():
+        calls["slow"] += 1
+
+    def fast():
+        calls["fast"] += 1
+    ms = hardware.min_ms({"slow": slow, "fast": fast}, repeats=10, deadline=float("inf"))
+    assert calls == {"slow": 1, "fast": 11} and ms == {"slow": 2000.0, "fast": 1.0}
+
+
+@pytest.mark.parametrize("many_ms, one_ms, want", [(7.9, 0.034, True),  # the stall seen on the 2-core VM
+                                                   (0.2, 0.034, False),  # fork/join overhead, not a stall
+                                                   (0.04, 0.034, False)])
+def test_contended_needs_a_large_and_absolute_stall(many_ms, one_ms, want, monkeypatch):
+    monkeypatch.setattr(hardware.torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(hardware.torch, "set_num_threads", lambda n: None)
+    times = iter([many_ms / 1e3] * 5 + [one_ms / 1e3] * 5)
+    monkeypatch.setattr(hardware, "timed", lambda fn: next(times))
+    assert hardware.contended(repeats=5) is want
+
+
 def _stored(tmp_path):
     return json.loads((tmp_path / hardware.CACHE_FILE).read_text())[hardware.machine_key()]
 

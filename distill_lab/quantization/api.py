@@ -20,7 +20,7 @@ from .configs import CONFIGS, Int4WeightOnlyConfig, Int8DynamicConfig, Int8Weigh
 from .embeddings import INT4_EMBEDDING_GROUP, Int4Embedding
 from .modules import (Int4WeightOnlyLinear, Int8DynamicLinear, Int8Embedding, Int8WeightOnlyLinear, QuantizedModule,
                       embedding_and_head, module_name, set_module)
-from .dispatch import kernel_paths
+from .dispatch import FIXED, check_env, kernel_paths
 from .primitives import check_finite, quantize_tensor
 from .serialization import saved_size_bytes
 
@@ -39,7 +39,7 @@ class QuantizationSummary:
     replaced: dict = field(default_factory=dict)  # kind -> count
     float_modules: dict = field(default_factory=dict)  # module name -> reason it stayed in float
     tied_head: bool = False  # True when the head shares the embedding's codes and scales (int8 or int4)
-    paths: dict = field(default_factory=dict)  # kind -> {phase: path} where a phase does not run its integer kernel
+    paths: dict = field(default_factory=dict)  # kind -> {phase: path} where a phase leaves its fixed path here
 
     def count(self, kind: str) -> None:
         """Count one replaced module of ``kind``."""
@@ -48,13 +48,13 @@ class QuantizationSummary:
     def __repr__(self) -> str:
         kinds = ", ".join(f"{v}× {k}" for k, v in self.replaced.items()) or "nothing"
         floats = "; ".join(f"{k} ({v})" for k, v in self.float_modules.items()) or "none"
-        paths = "; ".join(f"{k} {ph} runs {p} (not its integer kernel on this CPU)"
+        paths = "; ".join(f"{k} {ph} runs {p} on this CPU, not {FIXED[KIND_FORMAT[k]][ph]} (doctor shows why)"
                           for k, by_phase in self.paths.items() for ph, p in by_phase.items())
         return (f"QuantizationSummary({self.config['type']}: {kinds}; kept in float: {floats}"
                 + (f"; {paths}" if paths else "") + ")")
 
     def note_paths(self, device: torch.device) -> None:
-        """Record the phases where this CPU's measured dispatch leaves a replaced kind's integer kernel."""
+        """Record the phases where this CPU's dispatch (measured or forced) leaves a replaced kind's fixed path."""
         if device.type != "cpu":
             return
         chosen = kernel_paths()
@@ -62,8 +62,7 @@ class QuantizationSummary:
             fmt = KIND_FORMAT.get(kind)
             if fmt is None:
                 continue
-            default = "int_mm" if fmt == "w8a8" else "kernel"
-            moved = {ph: p for ph, p in chosen[fmt].items() if p != default}
+            moved = {ph: p for ph, p in chosen[fmt].items() if p != FIXED[fmt][ph]}
             if moved:
                 self.paths[kind] = moved
 
@@ -135,6 +134,9 @@ def quantize_(model: nn.Module, config, filter_fn=None) -> QuantizationSummary:
             raise ValueError(f"{type(config).__name__}.group_size={config.group_size} divides none of the "
                              f"{len(eligible)} layers' input widths {widths}; allowed: a divisor of one of them")
     summary = QuantizationSummary(config=config_to_dict(config))
+    if device_of(model).type == "cpu":  # the kernel paths are measured (or read) here, not inside the swap guard
+        check_env()
+        kernel_paths()
     with swap_guard(model, "quantize_"):  # the model must still run afterwards, else it is put back
         head_name = quantize_embedding_and_head_(model, config, summary)
 

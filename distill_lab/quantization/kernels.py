@@ -36,7 +36,7 @@ __all__ = ["DEQUANT_PATHS", "INT4_KERNEL_GROUPS", "INT8_PACK_MAX_ROWS", "W8A8_CH
 aten = torch.ops.aten
 
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)  # group sizes PyTorch's int4 kernels accept
-INT8_PACK_MAX_ROWS = 32  # without a measured choice (CUDA, DISTILL_LAB_KERNELS=fixed): kernel up to 32 rows, else bf16
+INT8_PACK_MAX_ROWS = 32  # int8_weight_only_mm(path=None): its kernel up to 32 rows, else bf16 (dispatch.FIXED_MIN_ROWS)
 W8A8_CHUNK_ELEMENTS = 1 << 22  # int32 elements per W8A8 row chunk (16 MiB): one chunk at 8 x 256 tokens
 DEQUANT_PATHS = {"dequant_bf16": torch.bfloat16, "dequant_fp32": torch.float32}  # float GEMM on dequantized weights
 
@@ -287,8 +287,8 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_a
     'dequant_fp32' a float GEMM on the weight dequantized for this call (output in that dtype).
 
     The dequantizing paths pay one pass over the (N, K) weight per call, which a prefill of many
-    rows amortizes; on a CPU whose int4 kernel is slower than its float GEMM at many rows (measured:
-    0.46-0.9x fp32 at 2048 rows on an Intel Xeon with AMX and on an AMD EPYC), they win there.
+    rows amortizes; on a CPU whose int4 kernel is slower than its float GEMM at many rows they win
+    there (one 1024 x 576 -> 1536 Linear on an AMD EPYC: kernel 0.90x fp32, dequant_bf16 1.29x).
     """
     if path == "kernel" or layout == "plain":
         return int4_mm(x, packed, group_size, scales_and_zeros, layout)

@@ -114,6 +114,49 @@ def test_decode_times_only_the_integer_paths():
     assert "int4.kernel" in decode and not [n for n in decode if "dequant" in n]
 
 
+def test_a_dequantizing_path_serves_only_prefills_past_its_crossover(monkeypatch):
+    """Review of issue 27: dequantizing pays a fixed cost per call, so a 256-token prompt must keep the kernel.
+
+    Kernel: 0.25 ms at 16 rows, 10.7 ms at 1024; dequant_bf16: 3.4 and 7.5 ms (this AMD EPYC's one Linear).
+    Straight lines through both cross at (3.4 - 0.25 + 16 b_k - 16 b_d) / (b_k - b_d), about 515 rows.
+    """
+    table = {"fp32": {"guard": 0.5, "prefill": 9.6, "decode": 0.07},
+             "int4.kernel": {"guard": 0.25, "prefill": 10.7, "decode": 0.03},
+             "int4.dequant_bf16": {"guard": 3.4, "prefill": 7.5}, "int4.dequant_fp32": {"guard": 3.0, "prefill": 12.5}}
+    entry = measure(table, candidates_fn=_fake_candidates())
+    b_k, b_d = (10.7 - 0.25) / 1008, (7.5 - 3.4) / 1008
+    want = (3.4 - 16 * b_d - 0.25 + 16 * b_k) / (b_k - b_d)
+    assert entry["choices"]["int4"] == {"prefill": "dequant_bf16", "decode": "kernel"}
+    assert abs(entry["min_rows"]["int4"] - want) <= 1 and 400 < entry["min_rows"]["int4"] < 600
+    hardware._MEMO[(hardware.machine_key(), "kernels")] = entry
+    assert [dispatch.kernel_path("int4", r) for r in (1, 16, 17, 256, 514, 600, 2048)] == \
+        ["kernel"] * 4 + [dispatch.kernel_path("int4", 514)] + ["dequant_bf16"] * 2
+    assert "from 5" in dispatch.format_kernel_profile(entry)  # "prefill dequant_bf16 from 5xx rows (below: kernel)"
+    monkeypatch.setenv(dispatch.ENV_KERNELS, "int4.prefill=dequant_bf16")  # forced: the whole phase
+    assert dispatch.kernel_path("int4", 17) == "dequant_bf16"
+
+
+def test_a_path_cheaper_per_row_only_by_noise_serves_only_calls_as_large_as_timed():
+    entry = measure({"int4.kernel": {"guard": 0.2, "prefill": 10.0}, "int4.dequant_bf16": {"guard": 0.2,
+                                                                                        "prefill": 9.0}},
+                    candidates_fn=_fake_candidates())
+    assert entry["choices"]["int4"]["prefill"] == "dequant_bf16" and entry["min_rows"]["int4"] > 16
+
+
+def test_the_measurement_is_fp32_even_inside_a_callers_autocast():
+    seen = []
+
+    def build(rows):
+        c = _fake_candidates()(rows)
+        fp32 = c["fp32"]["fp32"]
+        c["fp32"]["fp32"] = lambda: (seen.append(torch.is_autocast_enabled("cpu")), fp32())[1]
+        return c
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dispatch.measure_kernels(timer=lambda fns, r, d: {n: (fn(), 1.0)[1] for n, fn in fns.items()}, load=idle,
+                                 candidates_fn=build)
+    assert seen and not any(seen)
+
+
 def test_a_path_within_the_margin_does_not_replace_the_fixed_one():
     fixed = dispatch.FIXED["int4"]["prefill"]
     entry = measure({"int4.kernel": 10.0, "int4.dequant_bf16": 10.0 / 1.03, "int4.dequant_fp32": 20.0},
@@ -228,6 +271,7 @@ def test_fixed_measures_nothing_and_forced_paths_win(monkeypatch):
     assert dispatch.kernel_path("int4", 1) == paths["int4"]["decode"] and dispatch.kernel_path("int4", 17) == \
         "dequant_bf16"
     assert dispatch.kernel_path("int4", 17, "meta") == dispatch.FIXED["int4"]["prefill"]  # other devices: fixed
+    assert [dispatch.kernel_path("int8_weight_only", r, "meta") for r in (32, 33)] == ["kernel", "dequant_bf16"]
 
 
 def test_the_quantization_summary_says_which_phase_left_its_kernel(tiny, monkeypatch):
@@ -237,13 +281,20 @@ def test_the_quantization_summary_says_which_phase_left_its_kernel(tiny, monkeyp
     hardware._MEMO[(hardware.machine_key(), "kernels")] = measure({}, candidates_fn=_fake_candidates())
     summary = quantize_(tiny, Int4WeightOnlyConfig(group_size=32))
     assert summary.paths["int4_weight_only"] == {"prefill": "dequant_bf16"}
-    assert "int4_weight_only prefill runs dequant_bf16" in repr(summary)
+    assert "int4_weight_only prefill runs dequant_bf16 on this CPU, not kernel" in repr(summary)
+
+
+def test_an_older_kernels_entry_is_measured_again_quietly(tmp_path, capsys):
+    (tmp_path / hardware.CACHE_FILE).write_text(json.dumps(
+        {hardware.machine_key(): {"schema": hardware.SCHEMA, "kernels": {"schema": 1, "choices": {}}}}))
+    entry = dispatch.kernel_profile(measure_fn=lambda: measure({}, candidates_fn=_fake_candidates()))
+    assert entry["schema"] == dispatch.SCHEMA and "damaged" not in capsys.readouterr().err
 
 
 def test_a_damaged_kernels_entry_is_measured_again(tmp_path, capsys):
     (tmp_path / hardware.CACHE_FILE).write_text(json.dumps(
-        {hardware.machine_key(): {"schema": hardware.SCHEMA, "kernels": {"schema": 1, "choices": {"int4": {
-            "prefill": "teleport"}}}}}))
+        {hardware.machine_key(): {"schema": hardware.SCHEMA, "kernels": {"schema": dispatch.SCHEMA, "choices": {
+            "int4": {"prefill": "teleport"}}}}}))
     entry = dispatch.kernel_profile(measure_fn=lambda: measure({}, candidates_fn=_fake_candidates()))
     assert "damaged 'kernels' entry" in capsys.readouterr().err and dispatch._kernels_problem(entry) is None
 
