@@ -220,7 +220,7 @@ def _measure(repeats, budget_s, timer, load, candidates_fn) -> dict:
     min_rows = {fmt: _crossover(fmt, ch, once, prefill_ms) for fmt, ch in choices.items() if len(ch) == len(PHASES)}
     slower = [f"{r['format']} {r['phase']} {r['speed']:.2f}x" for r in rows if r["chosen"] and r["speed"] < SLOW_RATIO]
     summary = "; ".join(f"{fmt} {ph} {p}" for fmt, ch in choices.items() for ph, p in ch.items()
-                        if p != FIXED[fmt][ph]) or "the integer kernels everywhere"
+                        if p != FIXED[fmt][ph]) or "the fixed paths everywhere"
     return {"schema": SCHEMA, "key": machine_key(), "cpu": cpu_model(), "isa": isa_flags(),
             "capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "rows": rows, "refused": refused, "choices": choices, "min_rows": min_rows,
