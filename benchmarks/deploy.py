@@ -35,7 +35,7 @@ from distill_lab.quantization import Int4WeightOnlyConfig, quantize_  # noqa: E4
 INSTALL_HINT = ("llama.cpp columns skipped: llama-cpp-python is not installed. Install it with\n"
                 "  pip install cmake ninja && CMAKE_ARGS=\"-DGGML_NATIVE=ON\" pip install 'distill_lab[deploy]'\n"
                 "(built from source, about 20 min on 2 cores; needs a C++ compiler). If llama.cpp then dies with\n"
-                "'Illegal instruction' on a CPU with AMX, rebuild without native AMX (README, Deploy).")
+                "'Illegal instruction' on a CPU with AMX, rebuild without native AMX (docs/deploy.md).")
 
 
 def llama_cpp_available() -> bool:

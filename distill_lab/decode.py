@@ -15,9 +15,9 @@ that concatenates, mask and rotary construction, output dataclasses, one call pe
   bf16 input (its bf16 output is promoted by the next fp32 op instead of converted), rotary on q
   and k at once with a precomputed signed sine, no module calls or reshapes per projection. A
   decode step of a 135M model was over a thousand small ops, each costing microseconds of dispatch,
-  so once the weights are int4 the op count decides the step time (measured: README, Deploy);
+  so once the weights are int4 the op count decides the step time (measured: docs/deploy.md);
 * optionally ``torch.compile`` of the per-token step, falling back to eager where no compiler works
-  (on the 2-core Xeon it compiled in 10 s and decoded slower than the flat eager step: README, Deploy).
+  (on the 2-core Xeon it compiled in 10 s and decoded slower than the flat eager step: docs/deploy.md).
 
 Greedy tokens equal ``model.generate(do_sample=False)``, and the flat step's logits equal the
 general step's bit for bit (tested).

@@ -4,8 +4,8 @@ The table below is the contract that ``tests/test_families.py`` checks cell by c
 random models built offline from configs: a supported cell must match a reference (quantized
 logits within a band of a float fake-quant model, pruned logits equal to a zeroed-weights or
 skipped-blocks reference, smoothing preserving the float function, reloads identical); a
-refused cell must raise one ``ValueError`` naming the model class. The README's support table is
-generated from it (``python -m distill_lab.support --markdown``).
+refused cell must raise one ``ValueError`` naming the model class. The support table in
+``docs/byom.md`` is generated from it (``python -m distill_lab.support --markdown``).
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def support_table() -> list[dict]:
 
 
 def support_markdown() -> str:
-    """The support table as Markdown (the README's copy must equal it)."""
+    """The support table as Markdown (``docs/byom.md``'s copy must equal it)."""
     head = "| family | " + " | ".join(ENTRY_POINTS) + " |"
     rule = "|---|" + "---|" * len(ENTRY_POINTS)
     rows = [f"| {r['family']} | " + " | ".join("yes" if r[e] else "refused" for e in ENTRY_POINTS) + " |"

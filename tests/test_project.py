@@ -1,9 +1,12 @@
-"""Project-level checks: environment.yml and pyproject.toml stay in sync; the lock pins CPU torch."""
+"""Project-level checks: environment.yml and pyproject.toml stay in sync; the lock pins CPU torch; the README
+stays a short page and every relative link in it and in docs/ resolves."""
 
 import re
+import shutil
 import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,3 +42,82 @@ def test_makefile_installs_offline_teacher_and_ci_calls_make_test():
     assert "make test" in (ROOT / ".ci" / "run").read_text()
     readme = (ROOT / "README.md").read_text()
     assert "make run" in readme and "make test" in readme
+
+
+# ------------------------------------------------------------------------------------------------ docs
+README_MAX_BYTES = 15_000
+DOC_PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def _prose(text: str) -> str:
+    """Markdown without its fenced code blocks (a ``# comment`` there is no heading, ``](x)`` no link)."""
+    return re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
+
+
+def github_slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lowercase, punctuation dropped except - and _, spaces to -."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(text: str) -> set[str]:
+    """Every heading anchor of a Markdown page; a repeated heading gets -1, -2, ... as on GitHub."""
+    found: set[str] = set()
+    for heading in re.findall(r"^#{1,6} +(.+?)[ #]*$", _prose(text), flags=re.M):
+        slug = anchor = github_slug(heading)
+        n = 0
+        while anchor in found:
+            n += 1
+            anchor = f"{slug}-{n}"
+        found.add(anchor)
+    return found
+
+
+def broken_links(page: Path) -> list[str]:
+    """The relative links of ``page`` whose file does not exist or whose ``#anchor`` is no heading there."""
+    text = re.sub(r"`[^`\n]*`", "", _prose(page.read_text()))
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto:, ...
+            continue
+        path, _, anchor = target.partition("#")
+        dest = (page.parent / path) if path else page
+        if not dest.exists():
+            broken.append(f"{page.name}: {target} (no such file)")
+        elif anchor and dest.suffix == ".md" and anchor not in anchors(dest.read_text()):
+            broken.append(f"{page.name}: {target} (no heading #{anchor} in {dest.name})")
+    return broken
+
+
+def test_readme_is_a_short_page():
+    size = len((ROOT / "README.md").read_bytes())
+    assert size <= README_MAX_BYTES, f"README.md is {size} bytes, at most {README_MAX_BYTES}: move detail to docs/"
+
+
+@pytest.mark.parametrize("page", DOC_PAGES, ids=lambda p: p.name)
+def test_every_relative_link_resolves(page):
+    assert broken_links(page) == []
+
+
+def test_github_slug_and_anchors():
+    assert github_slug("Combined compression (notebook 04, `python -m distill_lab report`)") == \
+        "combined-compression-notebook-04-python--m-distill_lab-report"
+    assert github_slug("Deploy (GGUF / llama.cpp)") == "deploy-gguf--llamacpp"
+    assert anchors("# A\n## Notes\n```\n# not a heading\n```\n## Notes\n") == {"a", "notes", "notes-1"}
+
+
+def test_link_checker_finds_a_planted_broken_link(tmp_path):
+    shutil.copy(ROOT / "README.md", tmp_path / "README.md")
+    shutil.copytree(ROOT / "docs", tmp_path / "docs")
+    readme = tmp_path / "README.md"
+    assert broken_links(readme) == []
+    readme.write_text(readme.read_text() + "\n[a](docs/results.md#no-such-heading) [b](docs/missing.md) "
+                      "[c](#the-two-commands) [d](docs/results.md#three-cpus-same-code) `[e](nowhere.md)`\n"
+                      "```\n[f](nowhere.md)\n```\n")
+    assert broken_links(readme) == [
+        "README.md: docs/results.md#no-such-heading (no heading #no-such-heading in results.md)",
+        "README.md: docs/missing.md (no such file)"]
+
+
+def test_readme_links_every_docs_page():
+    links = set(re.findall(r"\]\((docs/[^)#\s]+)", (ROOT / "README.md").read_text()))
+    assert {f"docs/{p.name}" for p in DOC_PAGES[1:]} <= links
