@@ -117,7 +117,7 @@ def _wanda_reference(model, batches, config):
     prefix = {id(m): n for n, m in model.named_modules()}
     for block in blocks:
         names = [f"{prefix[id(block)]}.{n}" for n in prunable_linears(block, every)]
-        norms = input_norms(model, batches, every)
+        norms = input_norms(model, calibration=batches, filter_fn=every)
         linears = prunable_linears(model, every)
         for name in names:
             lin = linears[name]
@@ -259,18 +259,18 @@ def test_smoothquant_and_awq_keep_the_float_function(family, ids):
         model = model.double()  # float64: the function is kept to rounding, far below the tolerance
     stats = collect_activation_stats(model, [ids], progress=False)
     if not supported(family, "smoothquant"):
-        _assert_refused(family, model, lambda: smooth_(model, SmoothQuantConfig(alpha=0.5), calibration=stats))
+        _assert_refused(family, model, lambda: smooth_(model, SmoothQuantConfig(alpha=0.5), stats=stats))
         _assert_refused(family, model,
-                        lambda: awq_(model, Int4WeightOnlyConfig(group_size=32), calibration=stats, progress=False))
+                        lambda: awq_(model, Int4WeightOnlyConfig(group_size=32), stats=stats, progress=False))
         return
     want = _logits(model, ids)
     smoothed = copy.deepcopy(model)
-    scales = smooth_(smoothed, SmoothQuantConfig(alpha=0.5), calibration=stats)
+    scales = smooth_(smoothed, SmoothQuantConfig(alpha=0.5), stats=stats)
     assert len(scales) == 4 * len(arch.decoder_blocks(model))
     assert any((s - 1).abs().max() > 0.1 for s in scales.values())  # something really moved
     torch.testing.assert_close(_logits(smoothed, ids), want, rtol=1e-5, atol=1e-5)
     scaled = copy.deepcopy(model)
-    awq_(scaled, Int4WeightOnlyConfig(group_size=32), calibration=stats, grid=3, clip=False, progress=False)
+    awq_(scaled, Int4WeightOnlyConfig(group_size=32), stats=stats, grid=3, clip=False, progress=False)
     torch.testing.assert_close(_logits(scaled, ids), want, rtol=1e-5, atol=1e-5)
 
 
@@ -284,7 +284,7 @@ def test_awq_then_int4(family, ids, tmp_path):
     model = tiny_model(family)
     stats = collect_activation_stats(model, [ids], progress=False)
     config = Int4WeightOnlyConfig(group_size=32)
-    awq_(model, config, calibration=stats, grid=3, progress=False)
+    awq_(model, config, stats=stats, grid=3, progress=False)
     ref = _logits(_fake_quant_reference(model, config), ids)
     quantize_(model, config)
     got = _logits(model, ids)

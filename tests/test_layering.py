@@ -19,6 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "distill_lab"
 LAYERS = {
     # 0: foundations that know nothing of models
     "_startup": 0, "_fs": 0, "_lazy": 0, "claims": 0, "profiles": 0, "hardware": 0, "tensors": 0, "timing": 0,
+    "summary": 0,  # what an in-place technique did: the one return type of every *_ function
     # 1: devices, timers, families, data
     "runtime": 1, "arch": 1, "data": 1, "_folder": 1, "_hf": 1,
     "plotting": 1,  # draws plain data with matplotlib; imports no model code, so recipes' reports can use it

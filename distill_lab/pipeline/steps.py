@@ -212,9 +212,9 @@ def _apply_quantize(model: nn.Module, config: dict, ctx: StepContext) -> nn.Modu
 
         stats = collect_activation_stats(model, ctx.calibration(), progress=False, seed=ctx.seed)
         if cfg.algorithm == "awq":
-            ctx.report("awq_exponents", awq_(model, config, calibration=stats, progress=False))
+            ctx.report("awq_exponents", dict(awq_(model, config, stats=stats, progress=False)))
         else:
-            smooth_(model, SmoothQuantConfig(alpha=0.5), calibration=stats)
+            smooth_(model, SmoothQuantConfig(alpha=0.5), stats=stats)
     if cfg.algorithm == "gptq":
 
         summary = gptq_(model, config, calibration=ctx.calibration(), progress=False)

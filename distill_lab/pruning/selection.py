@@ -3,30 +3,23 @@
 Layer selection works as in ``quantize_``: ``filter_fn(module, name) -> bool`` says whether a
 ``nn.Linear`` is pruned. The default leaves the output head and the embeddings dense
 (``default_filter``); ``exclude_globs(patterns)`` builds a filter from fnmatch patterns of module
-names, which is what the deprecated ``exclude=`` keyword of earlier releases meant.
+names.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import warnings
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
 __all__ = ["DEFAULT_EXCLUDE", "StopForward", "as_batches", "default_filter", "exclude_globs", "prunable_linears",
-           "resolve_filter", "warn_renamed"]
+           "resolve_filter"]
 
 DEFAULT_EXCLUDE = ("lm_head", "*embed*")  # module names the default filter leaves dense (fnmatch patterns)
 
 FilterFn = Callable[[nn.Module, str], bool]
-
-
-def warn_renamed(old: str, new: str, stacklevel: int = 3) -> None:
-    """Emit the DeprecationWarning of a renamed keyword (accepted for one more release)."""
-    warnings.warn(f"{old}= is deprecated and will be removed in the next release; use {new}",
-                  DeprecationWarning, stacklevel=stacklevel)
 
 
 def exclude_globs(patterns: Iterable[str] | str) -> FilterFn:
@@ -43,37 +36,25 @@ def exclude_globs(patterns: Iterable[str] | str) -> FilterFn:
 default_filter = exclude_globs(DEFAULT_EXCLUDE)  # all Linear layers but the output head and the embeddings
 
 
-def resolve_filter(filter_fn: FilterFn | None = None, exclude: Iterable[str] | None = None,
-                   stacklevel: int = 4) -> FilterFn:
-    """The ``filter_fn`` to use: the given one, one built from the deprecated ``exclude`` globs, or the default.
+def resolve_filter(filter_fn: FilterFn | None = None) -> FilterFn:
+    """The ``filter_fn`` to use: the given callable, or ``default_filter`` for None.
 
-    Glob patterns passed where a ``filter_fn`` goes (the positional ``exclude`` of earlier releases)
-    are accepted too, with the same DeprecationWarning, which points ``stacklevel`` frames up (4: the
-    caller of the public function that called this one).
+    Glob patterns are not a filter: ``exclude_globs(patterns)`` turns them into one.
     """
-    if exclude is not None:
-        if filter_fn is not None:
-            raise ValueError("pass filter_fn or the deprecated exclude, not both")
-        warn_renamed("exclude", "filter_fn=exclude_globs(patterns)", stacklevel)
-        return exclude_globs(exclude)
     if filter_fn is None:
         return default_filter
     if callable(filter_fn):
         return filter_fn
-    if isinstance(filter_fn, (str, tuple, list)) and all(isinstance(p, str) for p in filter_fn):
-        warn_renamed("exclude", "filter_fn=exclude_globs(patterns)", stacklevel)
-        return exclude_globs(filter_fn)
-    raise ValueError(f"filter_fn={filter_fn!r}; allowed: None or a callable (module, name) -> bool")
+    hint = " (for glob patterns pass exclude_globs(patterns))" if isinstance(filter_fn, (str, tuple, list)) else ""
+    raise ValueError(f"filter_fn={filter_fn!r}; allowed: None or a callable (module, name) -> bool{hint}")
 
 
-def prunable_linears(model: nn.Module, filter_fn: FilterFn | None = None, *,
-                     exclude: Iterable[str] | None = None) -> dict[str, nn.Linear]:
+def prunable_linears(model: nn.Module, filter_fn: FilterFn | None = None) -> dict[str, nn.Linear]:
     """Return ``{name: Linear}`` for every ``nn.Linear`` that ``filter_fn(module, name)`` selects.
 
     ``filter_fn`` None: every Linear except the output head and the embeddings (``default_filter``).
-    ``exclude`` (deprecated): fnmatch patterns of names left out; use ``filter_fn=exclude_globs(...)``.
     """
-    filter_fn = resolve_filter(filter_fn, exclude)
+    filter_fn = resolve_filter(filter_fn)
     return {name: module for name, module in model.named_modules()
             if isinstance(module, nn.Linear) and filter_fn(module, name)}
 

@@ -22,6 +22,7 @@ from torch import nn
 from .._folder import check_model_folder
 from .._fs import atomic_folder
 from .._hf import quiet_transformers
+from ..summary import Summary
 from ..tensors import storage_key
 from .masks import is_nm_sparse
 from .selection import prunable_linears, resolve_filter
@@ -57,20 +58,20 @@ def sparse_bytes(numel: int, nnz: int, rows: int, element_size: int, fmt: str) -
 
 
 @torch.no_grad()
-def sparsity_stats(model: nn.Module, filter_fn=None, *, exclude=None) -> dict:
+def sparsity_stats(model: nn.Module, filter_fn=None) -> dict:
     """Per-layer and total sparsity of the prunable Linear weights, and what sparse storage would save.
 
     Returns ``{"layers": {name: {numel, zeros, sparsity}}, "linear": {...}, "model": {...}}``.
     ``linear`` sums the Linear weights ``filter_fn`` selects (default: all but the head and the
     embeddings); ``model`` counts every unique parameter, with those weights stored in each format of
     ``STORAGE_FORMATS`` and everything else dense. ``compression_<fmt>`` is dense bytes / bytes in
-    that format (above 1 means smaller). ``exclude`` (deprecated): fnmatch patterns, see ``exclude_globs``.
+    that format (above 1 means smaller).
     """
     layers = {}
     fmt_bytes = {f: 0 for f in STORAGE_FORMATS}
     numel_sum = zeros_sum = 0
     seen = set()
-    for name, lin in prunable_linears(model, resolve_filter(filter_fn, exclude, stacklevel=5)).items():
+    for name, lin in prunable_linears(model, resolve_filter(filter_fn)).items():
         w = lin.weight
         seen.add(id(w))
         numel, zeros = w.numel(), int((w == 0).sum())
@@ -113,21 +114,20 @@ def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_sparse(model: nn.Module, folder: str | Path, min_sparsity: float = 0.25, filter_fn=None, *,
-                exclude=None) -> int:
+def save_sparse(model: nn.Module, folder: str | Path, min_sparsity: float = 0.25, filter_fn=None) -> int:
     """Save a pruned model with its sparse Linear weights as bitmask + non-zero values; return weight bytes.
 
     Weights of the layers ``filter_fn`` selects (default: all but the head and the embeddings) with at
     least ``min_sparsity`` zeros are stored as a packed bitmask (1 bit per element) plus their
     non-zero values; all else is stored dense. The folder holds ``model.safetensors`` and
     ``config.json``; ``load_sparse`` rebuilds the dense model. Written atomically (temp folder, then
-    rename). ``exclude`` (deprecated): fnmatch patterns, see ``exclude_globs``.
+    rename).
     """
     from safetensors.torch import save_file
 
     folder = Path(folder)
     sparse_names = set()
-    for name, lin in prunable_linears(model, resolve_filter(filter_fn, exclude)).items():
+    for name, lin in prunable_linears(model, resolve_filter(filter_fn)).items():
         if (lin.weight == 0).float().mean().item() >= min_sparsity:
             sparse_names.add(f"{name}.weight")
     tensors = {}
@@ -181,10 +181,10 @@ def load_sparse(folder: str | Path, device: str | torch.device = "cpu") -> nn.Mo
     return model.to(device).eval()
 
 
-def sparse_bytes_on_disk(model: nn.Module, filter_fn=None, *, exclude=None) -> int:
+def sparse_bytes_on_disk(model: nn.Module, filter_fn=None) -> int:
     """Bytes of the weights file ``save_sparse`` writes for this model (bitmask + values)."""
     with tempfile.TemporaryDirectory() as tmp:
-        return save_sparse(model, Path(tmp) / "m", filter_fn=resolve_filter(filter_fn, exclude))
+        return save_sparse(model, Path(tmp) / "m", filter_fn=resolve_filter(filter_fn))
 
 
 def save_dense_bytes(model: nn.Module) -> int:
@@ -216,23 +216,26 @@ class CSRLinear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
 
-def to_sparse_csr_(model: nn.Module, filter_fn=None, min_sparsity: float = 0.25, *, exclude=None) -> int:
-    """Replace each pruned Linear by a ``CSRLinear`` in place (for timing sparse kernels); return how many.
+def to_sparse_csr_(model: nn.Module, filter_fn=None, min_sparsity: float = 0.25) -> Summary:
+    """Replace each pruned Linear by a ``CSRLinear`` in place (for timing sparse kernels).
 
     Only layers ``filter_fn`` selects (default: all but the head and the embeddings) with at least
-    ``min_sparsity`` zeros are replaced. ``exclude`` (deprecated): fnmatch patterns.
+    ``min_sparsity`` zeros are replaced. Returns a ``Summary``: {replaced layer: its sparsity}, and the
+    selected layers kept dense with their reason.
     """
-    count = 0
+    summary = Summary("to_sparse_csr_", {"min_sparsity": min_sparsity}, unit="sparsity")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-        for name, lin in list(prunable_linears(model, resolve_filter(filter_fn, exclude)).items()):
-            if (lin.weight == 0).float().mean().item() < min_sparsity:
+        for name, lin in list(prunable_linears(model, resolve_filter(filter_fn)).items()):
+            sparsity = (lin.weight == 0).float().mean().item()
+            if sparsity < min_sparsity:
+                summary.kept[name] = f"sparsity {sparsity:.2f} < min_sparsity={min_sparsity}"
                 continue
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, CSRLinear(lin))
-            count += 1
-    return count
+            summary.changed[name] = sparsity
+    return summary
 
 
 def semi_structured_available() -> tuple[bool, str]:
@@ -249,25 +252,27 @@ def semi_structured_available() -> tuple[bool, str]:
     return True, f"CUDA sm{major}{minor}: 2:4 sparse tensor cores"
 
 
-def to_semi_structured_(model: nn.Module, filter_fn=None, *, exclude=None) -> int:
-    """Convert every 2:4-sparse Linear weight (CUDA, fp16/bf16) to a semi-structured sparse tensor; return how many.
+def to_semi_structured_(model: nn.Module, filter_fn=None) -> Summary:
+    """Convert every 2:4-sparse Linear weight (CUDA, fp16/bf16) to a semi-structured sparse tensor, in place.
 
     Only layers ``filter_fn`` selects (default: all but the head and the embeddings) are looked at.
-    ``exclude`` (deprecated): fnmatch patterns.
+    Returns a ``Summary``: {converted layer: "2:4"}, and the selected layers that are not 2:4 sparse.
     """
-    filter_fn = resolve_filter(filter_fn, exclude)
+    filter_fn = resolve_filter(filter_fn)
     ok, why = semi_structured_available()
     if not ok:
         raise RuntimeError(f"to_semi_structured_ needs CUDA sm80+: {why}")
     from torch.sparse import to_sparse_semi_structured
 
-    count = 0
-    for _, lin in prunable_linears(model, filter_fn).items():
+    summary = Summary("to_semi_structured_", unit="pattern")
+    for name, lin in prunable_linears(model, filter_fn).items():
         w = lin.weight
         if w.device.type != "cuda" or w.dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(f"weight on {w.device} in {w.dtype}; allowed: CUDA with float16/bfloat16 "
                              "(call model.half().cuda() first)")
         if is_nm_sparse(w, 2, 4):
             lin.weight = nn.Parameter(to_sparse_semi_structured(w.detach()), requires_grad=False)
-            count += 1
-    return count
+            summary.changed[name] = "2:4"
+        else:
+            summary.kept[name] = "not 2:4 sparse"
+    return summary

@@ -13,7 +13,8 @@ the teacher).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +24,9 @@ from tqdm.auto import tqdm
 from ..arch import adapter
 from ..calibration import calibration_pass
 from ..runtime import device_of
+from ..summary import Summary
 from ..tensors import unique_tensors
-from .selection import as_batches, warn_renamed
+from .selection import as_batches
 
 __all__ = ["HEAD_GRANULARITIES", "IMPORTANCE_METRICS", "StructuredConfig", "block_influence", "importance",
            "prune_channels", "prune_heads", "prune_layers", "prune_structured", "prune_structured_",
@@ -38,17 +40,6 @@ DEFAULT_IMPORTANCE = "l2_norm"
 def _check_importance(importance: str) -> None:
     if importance not in IMPORTANCE_METRICS:
         raise ValueError(f"importance={importance!r}; allowed: {', '.join(IMPORTANCE_METRICS)}")
-
-
-def _resolve_importance(importance: str, method: str | None, stacklevel: int = 4) -> str:
-    """``importance``, or the deprecated ``method`` keyword's value when only that was given."""
-    if method is None:
-        return importance
-    warn_renamed("method", "importance", stacklevel)
-    if importance not in (DEFAULT_IMPORTANCE, method):
-        raise ValueError(f"importance={importance!r} and method={method!r}; pass importance only "
-                         "(method is its deprecated name)")
-    return method
 
 
 def _check_keep_ratio(keep_ratio, name: str = "keep_ratio") -> None:
@@ -176,8 +167,8 @@ def _activation_importance(model, batches, progress):
     return {"heads": heads, "kv_groups": kv, "channels": channels}
 
 
-def importance(model: nn.Module, importance: str = DEFAULT_IMPORTANCE, calibration=None,
-               progress: bool = False, *, method: str | None = None) -> dict[str, torch.Tensor]:
+def importance(model: nn.Module, importance: str = DEFAULT_IMPORTANCE, *, calibration=None,
+               progress: bool = False) -> dict[str, torch.Tensor]:
     """Importance of every query head (L, H), KV group (L, G) and MLP channel (L, I); higher = keep.
 
     * ``l2_norm``: Euclidean norm of the unit's weights (q rows + o columns for a head; plus its
@@ -187,10 +178,7 @@ def importance(model: nn.Module, importance: str = DEFAULT_IMPORTANCE, calibrati
       change when the unit is removed; gradients of the LM loss over ``calibration``.
     * ``activation``: mean over calibration tokens of the head's output norm (input of o_proj)
       or of the channel's ``|act(gate x) * up x|`` (input of down_proj); a KV group sums its heads.
-
-    ``method`` is the deprecated name of ``importance``.
     """
-    importance = _resolve_importance(importance, method)
     _check_importance(importance)
     if importance in ("l2_norm", "magnitude"):
         return _weight_importance(model, importance)
@@ -285,7 +273,6 @@ class StructuredConfig:
     channels_keep: float = 1.0  # fraction of MLP channels (intermediate size) kept, in (0, 1]
     layers_keep: float = 1.0  # fraction of decoder blocks kept (by Block Influence), in (0, 1]
     importance: str = DEFAULT_IMPORTANCE  # head/channel importance: "l2_norm", "magnitude", "taylor", "activation"
-    method: str | None = field(default=None, repr=False, compare=False)  # deprecated name of importance
 
     def __post_init__(self):
         _check_keep_ratio(self.heads_keep, "heads_keep")
@@ -293,7 +280,6 @@ class StructuredConfig:
         _check_keep_ratio(self.layers_keep, "layers_keep")
         if self.head_granularity not in HEAD_GRANULARITIES:
             raise ValueError(f"head_granularity={self.head_granularity!r}; allowed: {', '.join(HEAD_GRANULARITIES)}")
-        self.importance, self.method = _resolve_importance(self.importance, self.method, stacklevel=5), None
         _check_importance(self.importance)
 
     @property
@@ -303,7 +289,7 @@ class StructuredConfig:
         return self.layers_keep < 1 or (width and self.importance in ("taylor", "activation"))
 
 
-def prune_structured(model: nn.Module, config: StructuredConfig, calibration=None,
+def prune_structured(model: nn.Module, config: StructuredConfig, *, calibration=None,
                      scores: dict[str, torch.Tensor] | None = None, progress: bool = False) -> nn.Module:
     """Return a new, smaller dense model of the same family (the input model is left untouched).
 
@@ -319,7 +305,7 @@ def prune_structured(model: nn.Module, config: StructuredConfig, calibration=Non
     n_rep = ad.config.num_attention_heads // ad.config.num_key_value_heads
     width = config.heads_keep < 1 or config.channels_keep < 1
     if width and scores is None:
-        scores = importance(model, config.importance, calibration, progress)
+        scores = importance(model, config.importance, calibration=calibration, progress=progress)
     layers = list(range(len(ad.blocks)))
     if config.layers_keep < 1:
         layers = select_layers(block_influence(model, as_batches(calibration), progress), config.layers_keep)
@@ -338,50 +324,44 @@ def _parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in unique_tensors(model.parameters()))
 
 
-def prune_structured_(model: nn.Module, config: StructuredConfig, calibration=None,
-                      scores: dict[str, torch.Tensor] | None = None, progress: bool = False) -> dict[str, float]:
+def prune_structured_(model: nn.Module, config: StructuredConfig, *, calibration=None,
+                      scores: dict[str, torch.Tensor] | None = None, progress: bool = False) -> Summary:
     """Structured pruning in place: ``model`` becomes the smaller model ``prune_structured`` returns.
 
     Its modules, parameters and config are replaced by the smaller model's (same class, device and
-    train/eval mode; hooks registered on the old submodules are dropped with them). Returns
-    ``{"model": fraction of parameters removed}``.
+    train/eval mode; hooks registered on the old submodules are dropped with them). Returns a
+    ``Summary``: ``{"model": fraction of parameters removed}``.
     """
     before = _parameters(model)
-    small = prune_structured(model, config, calibration, scores, progress)
+    small = prune_structured(model, config, calibration=calibration, scores=scores, progress=progress)
     for slot in ("_modules", "_parameters", "_buffers"):
         model.__dict__[slot] = small.__dict__[slot]
     model.config = small.config
-    return {"model": 1 - _parameters(model) / before}
+    return Summary("prune_structured_", dataclasses.asdict(config), {"model": 1 - _parameters(model) / before},
+                   unit="fraction of parameters removed")
 
 
-def prune_heads(model: nn.Module, keep_ratio: float, importance: str = DEFAULT_IMPORTANCE, calibration=None,
-                granularity: str = "query", scores=None, progress: bool = False, *,
-                method: str | None = None) -> nn.Module:
-    """Return a copy keeping ``keep_ratio`` of the query heads in every KV group (or of the KV groups).
-
-    ``method`` is the deprecated name of ``importance``.
-    """
-    importance = _resolve_importance(importance, method)
+def prune_heads(model: nn.Module, keep_ratio: float, importance: str = DEFAULT_IMPORTANCE, *, calibration=None,
+                granularity: str = "query", scores=None, progress: bool = False) -> nn.Module:
+    """Return a copy keeping ``keep_ratio`` of the query heads in every KV group (or of the KV groups)."""
     _check_keep_ratio(keep_ratio)
     _check_importance(importance)
     return prune_structured(model, StructuredConfig(heads_keep=keep_ratio, head_granularity=granularity,
-                                                    importance=importance), calibration, scores, progress)
+                                                    importance=importance), calibration=calibration, scores=scores,
+                            progress=progress)
 
 
-def prune_channels(model: nn.Module, keep_ratio: float, importance: str = DEFAULT_IMPORTANCE, calibration=None,
-                   scores=None, progress: bool = False, *, method: str | None = None) -> nn.Module:
-    """Return a copy keeping ``keep_ratio`` of the MLP channels (gate, up and down pruned together).
-
-    ``method`` is the deprecated name of ``importance``.
-    """
-    importance = _resolve_importance(importance, method)
+def prune_channels(model: nn.Module, keep_ratio: float, importance: str = DEFAULT_IMPORTANCE, *, calibration=None,
+                   scores=None, progress: bool = False) -> nn.Module:
+    """Return a copy keeping ``keep_ratio`` of the MLP channels (gate, up and down pruned together)."""
     _check_keep_ratio(keep_ratio)
     _check_importance(importance)
     return prune_structured(model, StructuredConfig(channels_keep=keep_ratio, importance=importance),
-                            calibration, scores, progress)
+                            calibration=calibration, scores=scores, progress=progress)
 
 
-def prune_layers(model: nn.Module, keep_ratio: float, calibration, progress: bool = False) -> nn.Module:
+def prune_layers(model: nn.Module, keep_ratio: float, *, calibration, progress: bool = False) -> nn.Module:
     """Return a copy keeping the ``keep_ratio`` fraction of blocks with the highest Block Influence."""
     _check_keep_ratio(keep_ratio)
-    return prune_structured(model, StructuredConfig(layers_keep=keep_ratio), calibration, None, progress)
+    return prune_structured(model, StructuredConfig(layers_keep=keep_ratio), calibration=calibration,
+                            progress=progress)

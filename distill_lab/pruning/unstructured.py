@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -21,9 +22,10 @@ from tqdm.auto import tqdm
 from ..arch import check_linear_layout, decoder_blocks
 from ..calibration import calibration_pass
 from ..runtime import device_of
+from ..summary import Summary
 from .masks import GRANULARITIES, check_sparsity, magnitude_scores, nm_mask, parse_pattern, unstructured_mask, \
     wanda_scores
-from .selection import StopForward, as_batches, exclude_globs, prunable_linears, resolve_filter, warn_renamed
+from .selection import StopForward, as_batches, prunable_linears, resolve_filter
 from .structured import StructuredConfig, prune_structured_
 
 __all__ = ["MagnitudeConfig", "WandaConfig", "input_norms", "keep_mask", "prune_"]
@@ -34,14 +36,12 @@ class MagnitudeConfig:
     """Unstructured (or N:M) magnitude pruning: drop the weights with the smallest ``|W|``.
 
     Which layers are pruned is ``prune_``'s ``filter_fn`` (default: all Linear layers but the head
-    and the embeddings). ``exclude`` is deprecated: fnmatch patterns of module names left dense,
-    now ``prune_(model, config, filter_fn=exclude_globs(patterns))``.
+    and the embeddings; ``exclude_globs(patterns)`` leaves fnmatch patterns of module names dense).
     """
 
     sparsity: float = 0.5  # fraction of weights set to zero in each pruned Linear, in [0, 1)
     granularity: str = "row"  # "row": exact sparsity per output row; "layer": per weight matrix
     pattern: str = "unstructured"  # "unstructured" or "N:M" (keep N of every M inputs, e.g. "2:4")
-    exclude: tuple[str, ...] | None = None  # deprecated: fnmatch patterns of module names left dense
 
     def __post_init__(self):
         check_sparsity(self.sparsity)
@@ -51,9 +51,6 @@ class MagnitudeConfig:
         if nm is not None and not math.isclose(self.sparsity, 1 - nm[0] / nm[1]):
             raise ValueError(f"sparsity={self.sparsity} does not match pattern={self.pattern!r}, "
                              f"which implies sparsity={1 - nm[0] / nm[1]:g}")
-        if self.exclude is not None:
-            warn_renamed("exclude", "prune_(model, config, filter_fn=exclude_globs(patterns))", stacklevel=4)
-            self.exclude = tuple(self.exclude)
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -91,15 +88,13 @@ class _NormCollector:
 
 
 @torch.inference_mode()
-def input_norms(model: nn.Module, calibration, filter_fn=None, progress: bool = False, *,
-                exclude=None) -> dict[str, torch.Tensor]:
+def input_norms(model: nn.Module, *, calibration, filter_fn=None, progress: bool = False) -> dict[str, torch.Tensor]:
     """One dense forward over the calibration batches; return ``{linear name: ||X_j||_2 (in,)}``.
 
     For the Linear layers ``filter_fn`` selects (default: all but the head and the embeddings).
-    ``exclude`` (deprecated): fnmatch patterns of names left out.
     """
     batches = as_batches(calibration)
-    collector = _NormCollector(prunable_linears(model, resolve_filter(filter_fn, exclude, stacklevel=5)))
+    collector = _NormCollector(prunable_linears(model, resolve_filter(filter_fn)))
     calibration_pass(model, batches, collector.handles, progress=progress, use_cache=False)
     return collector.norms()
 
@@ -190,13 +185,13 @@ def _wanda_sequential(model: nn.Module, batches, config: WandaConfig, filter_fn,
     # Linear layers outside the decoder blocks (selected by filter_fn) are pruned one-shot.
     rest = {n: m for n, m in prunable_linears(model, filter_fn).items() if n not in report}
     if rest:
-        _prune_with_norms(rest, input_norms(model, batches, filter_fn), config, report)
+        _prune_with_norms(rest, input_norms(model, calibration=batches, filter_fn=filter_fn), config, report)
     return report
 
 
-def prune_(model: nn.Module, config, calibration=None, *, filter_fn=None,
-           norms: dict[str, torch.Tensor] | None = None, progress: bool = False) -> dict[str, float]:
-    """Prune a model in place; return ``{layer: sparsity}`` (structured: ``{"model": parameters removed}``).
+def prune_(model: nn.Module, config, *, calibration=None, filter_fn=None,
+           norms: dict[str, torch.Tensor] | None = None, progress: bool = False) -> Summary:
+    """Prune a model in place; return a ``Summary``: {layer: sparsity} (structured: {"model": parameters removed}).
 
     ``MagnitudeConfig`` needs nothing else. ``WandaConfig`` needs ``calibration`` (a list of
     (B, T) token batches) or precomputed ``norms`` from ``input_norms`` (one-shot; handy for
@@ -209,13 +204,9 @@ def prune_(model: nn.Module, config, calibration=None, *, filter_fn=None,
         if filter_fn is not None or norms is not None:
             raise ValueError("structured pruning keeps one config for all blocks: filter_fn and norms apply to "
                              "MagnitudeConfig / WandaConfig only")
-        return prune_structured_(model, config, calibration, progress=progress)
+        return prune_structured_(model, config, calibration=calibration, progress=progress)
     if not isinstance(config, MagnitudeConfig):
         raise ValueError(f"config={config!r}; allowed: MagnitudeConfig, WandaConfig or StructuredConfig")
-    if config.exclude is not None:  # the deprecated config field (warned when the config was made)
-        if filter_fn is not None:
-            raise ValueError("pass filter_fn or the config's deprecated exclude, not both")
-        filter_fn = exclude_globs(config.exclude)
     filter_fn = resolve_filter(filter_fn)
     check_linear_layout(model, "prune_")  # Conv1D / 3-D expert weights would stay dense silently
     linears = prunable_linears(model, filter_fn)
@@ -226,18 +217,22 @@ def prune_(model: nn.Module, config, calibration=None, *, filter_fn=None,
                 if decoder_blocks(model) is None:
                     raise ValueError(f"{type(model).__name__}: sequential Wanda needs the decoder blocks and "
                                      "none were found; pass WandaConfig(sequential=False) for one-shot Wanda")
-                return _wanda_sequential(model, batches, config, filter_fn, progress)
-            norms = input_norms(model, batches, filter_fn, progress)
+                return _summary(config, _wanda_sequential(model, batches, config, filter_fn, progress))
+            norms = input_norms(model, calibration=batches, filter_fn=filter_fn, progress=progress)
         missing = [n for n in linears if n not in norms]
         if missing:
             raise ValueError(f"norms lack {len(missing)} layers (first: {missing[0]!r}); "
-                             "compute them with input_norms(model, calibration)")
+                             "compute them with input_norms(model, calibration=batches)")
         report = {}
         _prune_with_norms(linears, norms, config, report)
-        return report
+        return _summary(config, report)
     report = {}
     for name, lin in linears.items():
         mask = keep_mask(lin.weight, magnitude_scores(lin.weight), config)
         _apply(lin, mask)
         report[name] = 1 - mask.float().mean().item()
-    return report
+    return _summary(config, report)
+
+
+def _summary(config: MagnitudeConfig, report: dict[str, float]) -> Summary:
+    return Summary("prune_", {"type": type(config).__name__, **dataclasses.asdict(config)}, report, unit="sparsity")

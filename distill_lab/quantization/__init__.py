@@ -9,9 +9,10 @@
   (``embedding_bits=4``) whose tied head shares its packed codes.
 * ``api``: ``quantize_(model, config, filter_fn)`` and the size measurements.
 * ``serialization``: ``save_quantized`` / ``load_quantized``.
-* ``smoothquant``, ``awq``, ``gptq``: calibrated transforms, config first and calibration by keyword:
-  ``smooth_(model, SmoothQuantConfig(), calibration=stats)``, ``awq_(model, Int4WeightOnlyConfig(),
-  calibration=stats)``, ``gptq_(model, Int4WeightOnlyConfig(), calibration=batches)``.
+* ``smoothquant``, ``awq``, ``gptq``: calibrated transforms, config first and token batches by keyword:
+  ``smooth_(model, SmoothQuantConfig(), calibration=batches)``, ``awq_(model, Int4WeightOnlyConfig(),
+  calibration=batches)`` (or ``stats=`` their precomputed ``ActivationStats``),
+  ``gptq_(model, Int4WeightOnlyConfig(), calibration=batches)``.
 
 * ``qat``: quantization-aware training (``prepare_qat_``, ``train_qat`` on the one training loop, ``convert_``).
 

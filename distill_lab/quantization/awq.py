@@ -14,9 +14,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..summary import Summary
 from .configs import Int4WeightOnlyConfig
 from .primitives import clip_weight_, fake_quantize
-from .smoothquant import apply_group_scale, check_stats, group_scale, smoothing_groups
+from .smoothquant import ActivationStats, apply_group_scale, group_scale, smoothing_groups, stats_for
 
 __all__ = ["awq_"]
 
@@ -33,17 +34,20 @@ def _quant_error(x: torch.Tensor, weights: list[torch.Tensor], refs: list[torch.
 
 
 @torch.no_grad()
-def awq_(model: nn.Module, config: Int4WeightOnlyConfig | None = None, *, calibration, grid: int = 11,
-         include: tuple = ("qkv", "o", "gate_up", "down"), clip: bool = True,
-         progress: bool = True) -> dict[str, float]:
+def awq_(model: nn.Module, config: Int4WeightOnlyConfig | None = None, *, calibration=None,
+         stats: ActivationStats | None = None, grid: int = 11, filter_fn=None, clip: bool = True,
+         progress: bool = True) -> Summary:
     """AWQ-style scaling in place for ``config``'s int4 grid: per group, ``s = mean|x|^a`` with ``a`` searched.
 
-    ``calibration``: the ``ActivationStats`` of ``collect_activation_stats`` on the float model.
+    ``calibration``: token batches, each (B, T) ids, run once through the float model; or pass
+    ``stats``, their ``ActivationStats`` (``collect_activation_stats``). ``filter_fn`` picks the
+    smoothing groups as in ``smooth_``.
     For each group the exponent ``a`` in ``linspace(0, 1, grid)`` that minimizes the output
     error of the round-to-nearest quantized Linears is kept (``a = 0`` is plain RTN, so the
     search never does worse on the calibration rows). With ``clip``, each scaled weight is then
     clamped to the per-group range that minimizes its rounding error weighted by ``E[x²]`` (AWQ's
-    clipping step; ``primitives.search_clip_ratios``). Returns ``{group: a}``. Quantize afterwards
+    clipping step; ``primitives.search_clip_ratios``). Returns a ``Summary``: {group: a}, and the groups
+    the grid does not divide. Quantize afterwards
     with the same config: ``quantize_(model, config)``.
     """
     config = Int4WeightOnlyConfig() if config is None else config
@@ -51,13 +55,15 @@ def awq_(model: nn.Module, config: Int4WeightOnlyConfig | None = None, *, calibr
         raise ValueError(f"config={config!r}; allowed: an Int4WeightOnlyConfig (AWQ serves weight-only int4)")
     if not isinstance(grid, int) or grid < 2:
         raise ValueError(f"grid={grid!r}; allowed: an int >= 2")
-    stats = check_stats(calibration)
+    stats = stats_for(model, calibration, stats, progress)
     bits, group_size, symmetric = config.bits, config.group_size, config.symmetric
-    chosen = {}
-    groups = smoothing_groups(model, include)
+    chosen = Summary("awq_", {"type": type(config).__name__, "group_size": group_size, "grid": grid, "clip": clip},
+                     unit="scale exponent a")
+    groups = smoothing_groups(model, filter_fn)
     for group in tqdm(groups, desc="AWQ search", leave=False, disable=not progress):
         first = group.linears[0][0]
         if group.linears[0][1].in_features % group_size:
+            chosen.kept[group.name] = f"in_features={group.linears[0][1].in_features} not divisible by group_size={group_size}"
             continue
         x = stats.samples[first].float()  # (S, K)
         weights = [lin.weight.detach().float().cpu() for _, lin in group.linears]
@@ -79,5 +85,5 @@ def awq_(model: nn.Module, config: Int4WeightOnlyConfig | None = None, *, calibr
             importance = (x / s_in).pow(2).mean(0)  # (K,) E[x²] of the scaled input
             for _, lin in group.linears:
                 clip_weight_(lin.weight, bits, group_size, symmetric, importance.to(lin.weight.device))
-        chosen[group.name] = a
+        chosen.changed[group.name] = a
     return chosen

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..arch import check_linear_layout, swap_guard
 from ..distillation import DistillationLoss, DistillationTrainer, TrainConfig, soft_target_loss
+from ..summary import Summary
 from .api import QuantizationSummary, quantize_embedding_and_head_
 from .api import linear_from_config as _linear_from_config
 from .configs import CONFIGS, config_to_dict
@@ -89,27 +90,32 @@ class QATLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
-def prepare_qat_(model: nn.Module, config, filter_fn=None) -> nn.Module:
-    """Swap every Linear (but the output head) for a ``QATLinear`` in place; returns the model.
+def prepare_qat_(model: nn.Module, config, filter_fn=None) -> Summary:
+    """Swap every Linear (but the output head) for a ``QATLinear`` in place.
 
     The embedding and the head stay in float during training and follow
-    ``config.embedding_bits`` at ``convert_``.
+    ``config.embedding_bits`` at ``convert_``. Returns a ``Summary``: {swapped Linear: "QATLinear"},
+    and the Linears left in float with their reason.
     """
     if not isinstance(config, tuple(CONFIGS.values())):
         raise ValueError(f"config={config!r}; allowed: an instance of {', '.join(CONFIGS)}")
     check_linear_layout(model, "prepare_qat_")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    summary = Summary("prepare_qat_", config_to_dict(config), unit="module")
     with swap_guard(model, "prepare_qat_"):  # the model must still run afterwards, else it is put back
         for name, module in list(model.named_modules()):
             if not isinstance(module, nn.Linear) or module is head:
                 continue
             if filter_fn is not None and not filter_fn(module, name):
+                summary.kept[name] = "filter_fn"
                 continue
             if isinstance(config, Int4WeightOnly) and module.in_features % config.group_size:
+                summary.kept[name] = f"in_features={module.in_features} not divisible by group_size={config.group_size}"
                 continue
             _set_module(model, name, QATLinear(module, config))
+            summary.changed[name] = "QATLinear"
         model.qat_config = config
-    return model
+    return summary
 
 
 def convert_(model: nn.Module) -> QuantizationSummary:

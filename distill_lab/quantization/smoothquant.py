@@ -24,10 +24,12 @@ from torch import nn
 
 from ..arch import adapter
 from ..calibration import calibration_pass
+from ..summary import Summary
 from .configs import SmoothQuantConfig
 
-__all__ = ["ActivationStats", "SmoothGroup", "apply_group_scale", "check_stats", "collect_activation_stats",
-           "group_scale", "outlier_table", "smooth_", "smoothing_groups"]
+__all__ = ["ActivationStats", "SmoothGroup", "apply_group_scale", "collect_activation_stats",
+           "group_scale", "outlier_table", "smooth_", "smoothing_groups",
+           "stats_for"]
 
 
 @dataclass
@@ -108,8 +110,11 @@ class SmoothGroup:
     norm_offset: float = 0.0  # the previous norm computes x_hat * (norm_offset + w) (Gemma: 1)
 
 
-def smoothing_groups(model: nn.Module, include: tuple = ("qkv", "o", "gate_up", "down")) -> list[SmoothGroup]:
-    """The foldable (previous op → Linears) pairs of every block, read from the model's architecture adapter."""
+def smoothing_groups(model: nn.Module, filter_fn=None) -> list[SmoothGroup]:
+    """The foldable (previous op → Linears) pairs of every block, read from the model's architecture adapter.
+
+    ``filter_fn(module, name)``: a group is kept when it selects every Linear of the group (default: all).
+    """
     ad = adapter(model, "smoothing (SmoothQuant / AWQ)")
     groups = []
     prefix = ad.blocks_prefix
@@ -120,18 +125,16 @@ def smoothing_groups(model: nn.Module, include: tuple = ("qkv", "o", "gate_up", 
         def named(key):
             return [(f"{pre}.{n}", lin) for n, lin in inputs[key]]
 
-        if "qkv" in include:
-            groups.append(SmoothGroup(f"{pre}.self_attn.qkv", named("qkv"), ad.attn_norm(block), "norm",
-                                      norm_offset=ad.norm_offset))
-        if "o" in include:
-            v, v_rows = ad.linear(block, "v")
-            groups.append(SmoothGroup(f"{pre}.self_attn.o", named("o"), v, "v_to_o", ad.n_rep, ad.head_dim, v_rows))
-        if "gate_up" in include:
-            groups.append(SmoothGroup(f"{pre}.mlp.gate_up", named("gate_up"), ad.mlp_norm(block), "norm",
-                                      norm_offset=ad.norm_offset))
-        if "down" in include:
-            up, up_rows = ad.linear(block, "up")
-            groups.append(SmoothGroup(f"{pre}.mlp.down", named("down"), up, "linear", prev_rows=up_rows))
+        v, v_rows = ad.linear(block, "v")
+        up, up_rows = ad.linear(block, "up")
+        groups += [SmoothGroup(f"{pre}.self_attn.qkv", named("qkv"), ad.attn_norm(block), "norm",
+                               norm_offset=ad.norm_offset),
+                   SmoothGroup(f"{pre}.self_attn.o", named("o"), v, "v_to_o", ad.n_rep, ad.head_dim, v_rows),
+                   SmoothGroup(f"{pre}.mlp.gate_up", named("gate_up"), ad.mlp_norm(block), "norm",
+                               norm_offset=ad.norm_offset),
+                   SmoothGroup(f"{pre}.mlp.down", named("down"), up, "linear", prev_rows=up_rows)]
+    if filter_fn is not None:
+        groups = [g for g in groups if all(filter_fn(lin, name) for name, lin in g.linears)]
     return groups
 
 
@@ -162,33 +165,44 @@ def apply_group_scale(group: SmoothGroup, s_in: torch.Tensor, s_prev: torch.Tens
 
 
 @torch.no_grad()
-def smooth_(model: nn.Module, config: SmoothQuantConfig | None = None, *, calibration: ActivationStats,
-            include: tuple = ("qkv", "o", "gate_up", "down")) -> dict[str, torch.Tensor]:
-    """SmoothQuant in place: migrate ``config.alpha`` of the activation range into the weights; returns the scales.
+def smooth_(model: nn.Module, config: SmoothQuantConfig | None = None, *, calibration=None,
+            stats: ActivationStats | None = None, filter_fn=None, progress: bool = False) -> Summary:
+    """SmoothQuant in place: migrate ``config.alpha`` of the activation range into the weights.
 
-    ``calibration``: the ``ActivationStats`` of ``collect_activation_stats`` on the unsmoothed model.
-    The float model computes the same function afterwards (up to rounding); only its
-    quantization changes. Quantize afterwards (e.g. ``Int8DynamicConfig``).
+    ``calibration``: token batches, each (B, T) ids, run once through the unsmoothed model for the
+    activation ranges; or pass ``stats``, the ``ActivationStats`` of ``collect_activation_stats``
+    (handy to sweep alpha). ``filter_fn(module, name)`` picks the smoothing groups (all their
+    Linears must be selected; default all). The float model computes the same function afterwards
+    (up to rounding); only its quantization changes. Quantize afterwards (e.g. ``Int8DynamicConfig``).
+    Returns a ``Summary``: {group: its (K,) input scale}.
     """
     config = SmoothQuantConfig() if config is None else config
     if not isinstance(config, SmoothQuantConfig):
         raise ValueError(f"config={config!r}; allowed: a SmoothQuantConfig (or None for the default alpha 0.5)")
-    stats = check_stats(calibration)
+    stats = stats_for(model, calibration, stats, progress)
     alpha = config.alpha
-    scales = {}
-    for group in smoothing_groups(model, include):
+    scales = Summary("smooth_", {"type": type(config).__name__, "alpha": alpha}, unit="input scale")
+    for group in smoothing_groups(model, filter_fn):
         x_max = stats.absmax[group.linears[0][0]].float()  # (K,)
         w_max = torch.stack([lin.weight.abs().amax(0).float().cpu() for _, lin in group.linears]).amax(0)
         s = (x_max.clamp_min(1e-5).pow(alpha) / w_max.clamp_min(1e-5).pow(1 - alpha)).clamp_min(1e-5)
         s_in, s_prev = group_scale(group, s)
         apply_group_scale(group, s_in, s_prev)
-        scales[group.name] = s_in
+        scales.changed[group.name] = s_in
     return scales
 
 
-def check_stats(calibration) -> ActivationStats:
-    """``calibration`` if it is an ``ActivationStats``, else a ValueError that says how to get one."""
-    if not isinstance(calibration, ActivationStats):
-        raise ValueError(f"calibration={type(calibration).__name__}; allowed: the ActivationStats of "
-                         "collect_activation_stats(model, batches)")
-    return calibration
+def stats_for(model: nn.Module, calibration, stats: ActivationStats | None, progress: bool = False) -> ActivationStats:
+    """``stats`` as given, else collected on ``calibration`` (token batches); a ValueError names what is wrong."""
+    if stats is not None:
+        if calibration is not None:
+            raise ValueError("pass calibration (token batches) or stats (their ActivationStats), not both")
+        if not isinstance(stats, ActivationStats):
+            raise ValueError(f"stats={type(stats).__name__}; allowed: the ActivationStats of "
+                             "collect_activation_stats(model, batches)")
+        return stats
+    if isinstance(calibration, ActivationStats):
+        raise ValueError("calibration is token batches; pass precomputed ActivationStats as stats=")
+    if calibration is None:
+        raise ValueError("calibration=None; allowed: token batches, each (B, T) ids (or stats=ActivationStats)")
+    return collect_activation_stats(model, calibration, progress=progress)

@@ -39,7 +39,7 @@ def sparsity_curve(model: nn.Module, windows: torch.Tensor, calibration=None, sp
     Returns ``{"sparsities", "magnitude", "wanda", "dense"}``.
     """
     if norms is None:
-        norms = input_norms(model, calibration)
+        norms = input_norms(model, calibration=calibration)
     dense = perplexity(model, windows, batch_size, bf16, progress=False)
     curves = {"sparsities": [0.0] + [float(s) for s in sparsities], "magnitude": [dense], "wanda": [dense],
               "dense": dense}

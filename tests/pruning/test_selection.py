@@ -29,14 +29,11 @@ def test_exclude_globs_builds_a_filter_fn(tiny):
     assert S.exclude_globs("lm_head")(None, "lm_head") is False  # one pattern as a string
 
 
-def test_exclude_keyword_is_a_deprecated_alias(tiny):
-    with pytest.warns(DeprecationWarning, match="exclude= is deprecated.*filter_fn"):
-        old = S.prunable_linears(tiny, exclude=("lm_head", "*embed*", "*self_attn*"))
-    assert old.keys() == S.prunable_linears(tiny, S.exclude_globs(("lm_head", "*embed*", "*self_attn*"))).keys()
-    with pytest.warns(DeprecationWarning):  # globs where filter_fn goes: the old positional exclude
-        assert S.prunable_linears(tiny, ()).keys() == S.prunable_linears(tiny, lambda m, n: True).keys()
-    with pytest.raises(ValueError, match="not both"):
-        S.prunable_linears(tiny, lambda m, n: True, exclude=())
+def test_filter_fn_is_the_one_way_to_select_layers(tiny):
+    with pytest.raises(TypeError, match="exclude"):
+        S.prunable_linears(tiny, exclude=("lm_head",))
+    with pytest.raises(ValueError, match=r"filter_fn=\('lm_head',\).*exclude_globs"):  # globs are not a filter
+        S.prunable_linears(tiny, ("lm_head",))
     with pytest.raises(ValueError, match="filter_fn=3"):
         S.prunable_linears(tiny, 3)
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from distill_lab.pruning import selection as S
 from distill_lab.pruning import sparse_storage as SS
 from distill_lab.pruning.masks import nm_mask
 from distill_lab.pruning.selection import prunable_linears
@@ -52,16 +53,16 @@ def test_save_sparse_roundtrip_and_smaller(tiny, calib, tmp_path):
         assert torch.equal(back(x).logits, tiny(x).logits)
 
 
-def test_save_sparse_filter_fn_and_deprecated_exclude(tiny, tmp_path):
+def test_save_sparse_filter_fn(tiny, tmp_path):
     prune_(tiny, MagnitudeConfig(0.5))
     everything = SS.save_sparse(tiny, tmp_path / "all")
     mlp_only = SS.save_sparse(tiny, tmp_path / "mlp", filter_fn=lambda module, name: ".mlp." in name)
     assert mlp_only > everything  # the attention weights are stored dense
-    with pytest.warns(DeprecationWarning, match="exclude= is deprecated"):
-        assert SS.sparse_bytes_on_disk(tiny, exclude=("lm_head", "*embed*", "*self_attn*")) == mlp_only
-    with pytest.warns(DeprecationWarning):
-        old = SS.sparsity_stats(tiny, exclude=("lm_head", "*embed*", "*self_attn*"))
-    assert old == SS.sparsity_stats(tiny, lambda module, name: ".mlp." in name)
+    globs = S.exclude_globs(("lm_head", "*embed*", "*self_attn*"))
+    assert SS.sparse_bytes_on_disk(tiny, globs) == mlp_only
+    assert SS.sparsity_stats(tiny, globs) == SS.sparsity_stats(tiny, lambda module, name: ".mlp." in name)
+    with pytest.raises(TypeError, match="exclude"):  # one name for layer selection: filter_fn
+        SS.sparsity_stats(tiny, exclude=("lm_head",))
 
 
 def test_save_sparse_stores_a_tied_weight_once(tiny, tmp_path):
@@ -86,7 +87,7 @@ def test_csr_linear_matches_dense(tiny, calib):
     n = len(prunable_linears(tiny))
     with torch.no_grad():
         want = tiny(x).logits
-        assert SS.to_sparse_csr_(tiny) == n
+        assert len(SS.to_sparse_csr_(tiny)) == n
         assert isinstance(tiny.model.layers[0].mlp.up_proj, SS.CSRLinear)
         got = tiny(x).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
@@ -94,7 +95,7 @@ def test_csr_linear_matches_dense(tiny, calib):
 
 def test_to_sparse_csr_only_selected_and_sparse_layers(tiny):
     prune_(tiny, MagnitudeConfig(0.5), filter_fn=lambda module, name: ".mlp." in name)
-    assert SS.to_sparse_csr_(tiny) == 3 * len(tiny.model.layers)  # dense attention weights stay Linear
+    assert len(SS.to_sparse_csr_(tiny)) == 3 * len(tiny.model.layers)  # dense attention weights stay Linear
     assert isinstance(tiny.model.layers[0].self_attn.q_proj, nn.Linear)
 
 
@@ -119,7 +120,7 @@ def test_semi_structured_cuda_matches_and_speed():
     x = torch.randn(128, 1024, device="cuda", dtype=torch.float16)
     want = lin(x)
     model = nn.Sequential(lin)
-    assert SS.to_semi_structured_(model) == 1
+    assert len(SS.to_semi_structured_(model)) == 1
     torch.testing.assert_close(model(x), want, atol=1e-2, rtol=1e-2)
     r = semi_structured_speed(4096, 4096, 4096, repeats=10)
     assert r["speedup_24"] > 0

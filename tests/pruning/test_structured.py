@@ -56,41 +56,24 @@ def test_needs_calibration():
     assert S.StructuredConfig(layers_keep=0.5).needs_calibration
 
 
-# ---------------------------------------------------------------- the deprecated method= keyword
+# ---------------------------------------------------------------- importance is the one word (no method=)
 
-def test_method_is_a_deprecated_alias_of_importance(tiny, gqa_tiny):
-    with pytest.warns(DeprecationWarning, match="method= is deprecated.*importance"):
-        cfg = S.StructuredConfig(channels_keep=0.5, method="taylor")
-    assert cfg == S.StructuredConfig(channels_keep=0.5, importance="taylor") and cfg.method is None
-    assert "method" not in repr(cfg)
-    with pytest.raises(ValueError, match="pass importance only"), pytest.warns(DeprecationWarning):
-        S.StructuredConfig(importance="taylor", method="activation")
-    with pytest.warns(DeprecationWarning):
-        old = S.importance(tiny, method="magnitude")
-    assert all(torch.equal(old[k], v) for k, v in S.importance(tiny, "magnitude").items())
-    model = gqa_tiny()
-    with pytest.warns(DeprecationWarning):
-        a = S.prune_heads(model, 2 / 3, method="magnitude")
-    with pytest.warns(DeprecationWarning):
-        b = S.prune_channels(model, 0.5, method="magnitude")
-    x = torch.randint(0, 128, (1, 8))
-    with torch.no_grad():
-        assert torch.equal(a(x).logits, S.prune_heads(model, 2 / 3, importance="magnitude")(x).logits)
-        assert torch.equal(b(x).logits, S.prune_channels(model, 0.5, importance="magnitude")(x).logits)
-    with pytest.raises(ValueError, match="importance='random'"), pytest.warns(DeprecationWarning):
-        S.prune_heads(tiny, 0.5, method="random")
+def test_method_is_not_a_second_name_for_importance(tiny):
+    with pytest.raises(TypeError, match="method"):
+        S.StructuredConfig(channels_keep=0.5, method="taylor")
+    with pytest.raises(TypeError, match="method"):
+        S.importance(tiny, method="magnitude")
+    with pytest.raises(TypeError):  # calibration is keyword-only, as in awq_ / gptq_ / smooth_
+        S.prune_layers(tiny, 0.5, [torch.zeros(1, 4, dtype=torch.long)])
 
 
-def test_recipes_that_say_method_still_load(tmp_path):
+def test_a_recipe_that_says_method_for_importance_is_refused_by_name(tmp_path):
     from distill_lab.pipeline import Recipe
 
     path = tmp_path / "r.yaml"
     path.write_text("name: r\nsteps:\n  - prune: {channels_keep: 0.5, method: activation}\n")
-    with pytest.warns(DeprecationWarning, match="method= is deprecated"):
-        recipe = Recipe.load(path)
-    with pytest.warns(DeprecationWarning):
-        cfg = S.StructuredConfig(**recipe.steps[0].config)
-    assert cfg.importance == "activation" and cfg.needs_calibration
+    with pytest.raises(ValueError, match="method"):
+        Recipe.load(path)
     Recipe("r", [{"prune": {"channels_keep": 0.5, "importance": "taylor"}}])
 
 
@@ -99,7 +82,7 @@ def test_recipes_that_say_method_still_load(tmp_path):
 @pytest.mark.parametrize("importance", S.IMPORTANCE_METRICS)
 def test_importance_shapes_and_methods_differ(importance, gqa_tiny, calib):
     model = gqa_tiny()
-    s = S.importance(model, importance, calib(vocab=128))
+    s = S.importance(model, importance, calibration=calib(vocab=128))
     assert s["heads"].shape == (4, 9) and s["kv_groups"].shape == (4, 3) and s["channels"].shape == (4, 64)
     assert all(torch.isfinite(v).all() and (v >= 0).all() for v in s.values())
 
@@ -119,7 +102,7 @@ def test_taylor_is_first_order_loss_change(gqa_tiny, calib):
     """|grad . w| of a channel predicts the loss change when that channel is zeroed (to first order)."""
     model = gqa_tiny()
     batches = calib(vocab=128)
-    s = S.importance(model, "taylor", batches)["channels"]
+    s = S.importance(model, "taylor", calibration=batches)["channels"]
     # recompute by hand for one channel
     for p in model.parameters():
         p.grad = None
@@ -138,7 +121,7 @@ def test_taylor_is_first_order_loss_change(gqa_tiny, calib):
 def test_activation_importance_by_hand(gqa_tiny, calib):
     model = gqa_tiny()
     batches = calib(vocab=128)
-    s = S.importance(model, "activation", batches)
+    s = S.importance(model, "activation", calibration=batches)
     captured = []
     h = model.model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda m, i: captured.append(i[0]))
     with torch.no_grad():
@@ -159,7 +142,7 @@ def test_block_influence_identity_block_scores_zero(gqa_tiny, calib):
     assert bi.shape == (4,)
     assert bi[2].item() == pytest.approx(0.0, abs=1e-6)
     assert (bi[[0, 1, 3]] > 1e-4).all()
-    pruned = S.prune_layers(model, 0.75, calib(vocab=128))
+    pruned = S.prune_layers(model, 0.75, calibration=calib(vocab=128))
     assert pruned.config.num_hidden_layers == 3
     # the identity block was the one removed: outputs are unchanged
     x = calib(vocab=128)[0]

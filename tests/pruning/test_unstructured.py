@@ -84,13 +84,13 @@ def test_precomputed_norms_match_one_shot(tiny, calib):
     batches = calib()
     a, b = copy.deepcopy(tiny), copy.deepcopy(tiny)
     U.prune_(a, U.WandaConfig(0.4, sequential=False), calibration=batches)
-    U.prune_(b, U.WandaConfig(0.4), norms=U.input_norms(b, batches))
+    U.prune_(b, U.WandaConfig(0.4), norms=U.input_norms(b, calibration=batches))
     for (n, la), lb in zip(prunable_linears(a).items(), prunable_linears(b).values()):
         assert torch.equal(la.weight, lb.weight), n
 
 
 def test_norms_must_cover_every_pruned_layer(tiny, calib):
-    norms = U.input_norms(tiny, calib(), lambda m, n: ".mlp." in n)
+    norms = U.input_norms(tiny, calibration=calib(), filter_fn=lambda m, n: ".mlp." in n)
     with pytest.raises(ValueError, match="norms lack"):
         U.prune_(tiny, U.WandaConfig(0.5), norms=norms)
 
@@ -106,14 +106,12 @@ def test_wanda_sequential_matches_reference_on_first_block(tiny, calib):
 
 # ---------------------------------------------------------------- layer selection
 
-def test_exclude_patterns(tiny):
-    with pytest.warns(DeprecationWarning, match="exclude= is deprecated"):
-        config = U.MagnitudeConfig(0.5, exclude=("lm_head", "*embed*", "*self_attn*"))
-    U.prune_(tiny, config)
+def test_exclude_globs_as_filter_fn(tiny):
+    U.prune_(tiny, U.MagnitudeConfig(0.5), filter_fn=exclude_globs(("lm_head", "*embed*", "*self_attn*")))
     assert (tiny.model.layers[0].self_attn.q_proj.weight != 0).all()
     assert (tiny.model.layers[0].mlp.up_proj.weight == 0).float().mean() == 0.5
-    with pytest.raises(ValueError, match="not both"):
-        U.prune_(tiny, config, filter_fn=lambda m, n: True)
+    with pytest.raises(TypeError, match="exclude"):  # the config's old exclude field is gone
+        U.MagnitudeConfig(0.5, exclude=("lm_head",))
 
 
 def test_filter_fn_selects_the_pruned_layers(tiny, calib):
@@ -168,7 +166,7 @@ def test_teacher_wanda_beats_magnitude_at_50(teacher):
     test = dl.corpus_windows("pydoc", "test", tok, 128, max_windows=6)
     train = dl.corpus_windows("pydoc", "train", tok, 128)
     batches = dl.calibration_batches(train, 4, 4)
-    norms = U.input_norms(model, batches)
+    norms = U.input_norms(model, calibration=batches)
     ppl = {}
     for name, cfg in (("magnitude", U.MagnitudeConfig(0.5)), ("wanda", U.WandaConfig(0.5))):
         m = copy.deepcopy(model)

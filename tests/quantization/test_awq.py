@@ -9,6 +9,7 @@ from distill_lab.quantization import awq
 from distill_lab.quantization.awq import awq_
 from distill_lab.quantization.configs import Int4WeightOnlyConfig, Int8WeightOnlyConfig
 from distill_lab.quantization.smoothquant import collect_activation_stats
+from distill_lab.summary import Summary
 
 from .helpers import calibration, tiny
 
@@ -20,7 +21,7 @@ def test_awq_preserves_function_and_does_not_hurt_calibration_error():
     stats = collect_activation_stats(model, calibration(), sample_tokens=64, progress=False)
     scaled = copy.deepcopy(model)
     config = Int4WeightOnlyConfig(group_size=32)
-    chosen = awq_(scaled, config, calibration=stats, grid=5, clip=False, progress=False)  # scaling alone: same function
+    chosen = awq_(scaled, config, stats=stats, grid=5, clip=False, progress=False)  # scaling alone: same function
     assert len(chosen) == 8 and all(0 <= a <= 1 for a in chosen.values())
     torch.testing.assert_close(scaled(ids).logits, ref, rtol=1e-4, atol=1e-4)
 
@@ -44,7 +45,7 @@ def test_awq_searches_and_clips_on_the_configs_grid(config, monkeypatch):
     monkeypatch.setattr(awq, "clip_weight_", spy_clip)
     model = tiny()
     stats = collect_activation_stats(model, calibration(), sample_tokens=32, progress=False)
-    awq_(model, config, calibration=stats, grid=2, progress=False)
+    awq_(model, config, stats=stats, grid=2, progress=False)
     grid = (config.bits, config.group_size, config.symmetric)
     assert {kind for kind, *_ in seen} == {"search", "clip"} and {tuple(g) for _, *g in seen} == {grid}
 
@@ -53,16 +54,22 @@ def test_awq_takes_the_config_first_and_the_calibration_by_keyword():
     model = tiny()
     stats = collect_activation_stats(model, calibration(), sample_tokens=32, progress=False)
     default, explicit = copy.deepcopy(model), copy.deepcopy(model)
-    a = awq_(default, calibration=stats, grid=3, progress=False)  # config=None: Int4WeightOnlyConfig() (g64)
-    b = awq_(explicit, Int4WeightOnlyConfig(group_size=64), calibration=stats, grid=3, progress=False)
-    assert a == b and len(a) == 8
+    a = awq_(default, stats=stats, grid=3, progress=False)  # config=None: Int4WeightOnlyConfig() (g64)
+    b = awq_(explicit, Int4WeightOnlyConfig(group_size=64), stats=stats, grid=3, progress=False)
+    assert a == b and len(a) == 8 and isinstance(a, Summary) and a.technique == "awq_"
+    c = awq_(copy.deepcopy(model), calibration=calibration(), grid=3, progress=False)  # token batches, as gptq_
+    d = awq_(copy.deepcopy(model), stats=collect_activation_stats(model, calibration(), progress=False), grid=3,
+             progress=False)
+    assert dict(c) == dict(d)
     with pytest.raises(TypeError):
         awq_(model, Int4WeightOnlyConfig(), stats)  # calibration is keyword-only
     with pytest.raises(TypeError):
         awq_(model, stats, group_size=32)  # the old loose keywords are gone
     with pytest.raises(ValueError, match="allowed: an Int4WeightOnlyConfig"):
-        awq_(model, Int8WeightOnlyConfig(), calibration=stats)
-    with pytest.raises(ValueError, match="calibration=list; allowed: the ActivationStats"):
-        awq_(model, Int4WeightOnlyConfig(), calibration=calibration())
+        awq_(model, Int8WeightOnlyConfig(), stats=stats)
+    with pytest.raises(ValueError, match="pass precomputed ActivationStats as stats="):
+        awq_(model, Int4WeightOnlyConfig(), calibration=stats)
+    with pytest.raises(ValueError, match="not both"):
+        awq_(model, Int4WeightOnlyConfig(), calibration=calibration(), stats=stats)
     with pytest.raises(ValueError, match="grid=1"):
-        awq_(model, Int4WeightOnlyConfig(), calibration=stats, grid=1)
+        awq_(model, Int4WeightOnlyConfig(), stats=stats, grid=1)

@@ -51,7 +51,7 @@ def _technique(name):
             "w8a8-head": (lambda m: quantize_(m, Int8DynamicConfig(head="w8a8")), 0.03),
             "int4": (lambda m: quantize_(m, int4), 0.06),
             "gptq": (lambda m: gptq_(m, int4, calibration=[IDS], progress=False), 0.06),
-            "qat-convert": (lambda m: convert_(prepare_qat_(m, Int8WeightOnlyConfig())), 0.02)}[name]
+            "qat-convert": (lambda m: (prepare_qat_(m, Int8WeightOnlyConfig()), convert_(m)), 0.02)}[name]
 
 
 @pytest.mark.parametrize("family", ["bert", "phi"])
