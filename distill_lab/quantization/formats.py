@@ -55,7 +55,7 @@ def int4_to_ggml(module: Int4WeightOnlyLinear | Int4Embedding) -> GGMLTensor | N
 
 
 # ----------------------------------------------------------------------------- int8 weight-only
-def _int8_weight_only(spec: dict, tensors: dict, device) -> Int8WeightOnlyLinear:
+def _int8_weight_only(tensors: dict, spec: dict, device) -> Int8WeightOnlyLinear:
     t = _on(tensors, device)
     return Int8WeightOnlyLinear(t["weight_int8"], t["scales"], t.get("bias"))
 
@@ -70,7 +70,7 @@ register_format(Int8WeightOnlyConfig, FormatSpec(
 
 
 # ----------------------------------------------------------------------------- W8A8
-def _int8_dynamic(spec: dict, tensors: dict, device) -> Int8DynamicLinear:
+def _int8_dynamic(tensors: dict, spec: dict, device) -> Int8DynamicLinear:
     t = _on(tensors, device)
     return Int8DynamicLinear(t["weight_int8"], t["scales"], t.get("bias"), spec["act_granularity"], t.get("smooth"))
 
@@ -116,7 +116,7 @@ register_format(Int4WeightOnlyConfig, FormatSpec(
 
 
 # ----------------------------------------------------------------------------- embeddings (embedding_bits)
-def _int8_embedding(spec: dict, tensors: dict, device) -> Int8Embedding:
+def _int8_embedding(tensors: dict, spec: dict, device) -> Int8Embedding:
     t = _on(tensors, device)
     return Int8Embedding(t["weight_int8"], t["scales"], getattr(torch, spec.get("out_dtype", "float32")),
                          spec.get("embed_scale", 1.0))

@@ -31,7 +31,7 @@ def _no_act_fake_quant(config) -> None:
 class ModuleFormat:
     """One saved module kind (``QuantizedModule.kind``): how it comes back from a folder and goes to GGUF.
 
-    ``rebuild(spec, tensors, device)`` builds the module from its ``spec()`` and ``export_tensors()``
+    ``rebuild(tensors, spec, device)`` builds the module from its ``export_tensors()`` and ``spec()``
     (the saved folder's keys). ``to_ggml(module)`` returns a ``ggml.GGMLTensor``, or None where this
     module's layout has no ggml block type (its float weight is written instead); a format with
     ``to_ggml=None`` is not exportable to GGUF at all (``export.to_gguf`` raises). ``tied(embedding,
@@ -49,7 +49,7 @@ class ModuleFormat:
         if not isinstance(self.kind, str) or not self.kind:
             raise ValueError(f"ModuleFormat.kind={self.kind!r}; allowed: a non-empty string")
         if not callable(self.rebuild):
-            raise ValueError(f"ModuleFormat.rebuild={self.rebuild!r}; allowed: a callable (spec, tensors, device)")
+            raise ValueError(f"ModuleFormat.rebuild={self.rebuild!r}; allowed: a callable (tensors, spec, device)")
 
 
 @dataclass(frozen=True)

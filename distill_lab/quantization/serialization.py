@@ -93,7 +93,7 @@ def saved_size_bytes(model: nn.Module) -> int:
 
 def _rebuild(spec: dict, tensors: dict, device) -> QuantizedModule:
     """The module a saved ``spec`` and its tensors describe, by its registered kind (``registry.module_format``)."""
-    return module_format(spec["kind"]).rebuild(spec, tensors, device)
+    return module_format(spec["kind"]).rebuild(tensors, spec, device)
 
 
 def _tied_head(src: QuantizedModule, spec: dict) -> QuantizedModule:
