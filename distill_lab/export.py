@@ -5,7 +5,8 @@ https://github.com/ggml-org/ggml/blob/master/docs/gguf.md). The file is written 
 ``gguf`` package's ``GGUFWriter``; quantized tensors are ggml blocks laid out as ``gguf.quants``
 reads them.
 
-How distill_lab's tensors map, without a second rounding where the formats coincide:
+How distill_lab's tensors map, without a second rounding where the formats coincide (each format
+registers its mapping in ``quantization/formats.py``; the ggml blocks are built in ``quantization/ggml.py``):
 
 * ``Int4WeightOnlyLinear`` (group 32/64/128/256, asymmetric or symmetric) -> **Q4_1**. Our kernel
   computes ``w = (q - 8)·scale + zero`` with bf16 ``scale`` and ``zero``; Q4_1 stores blocks of
@@ -39,19 +40,14 @@ from torch import nn
 
 from ._fs import DamagedFileError, atomic_file
 from .models import load_gguf_file, open_gguf, teacher_gguf_path
+from .quantization import formats  # noqa: F401  the built-in formats register their GGUF mappings
 from .quantization.embeddings import Int4Embedding
-from .quantization.modules import (
-    Int4WeightOnlyLinear,
-    Int8DynamicLinear,
-    Int8Embedding,
-    Int8WeightOnlyLinear,
-    QuantizedModule,
-)
+from .quantization.modules import Int8Embedding, QuantizedModule
+from .quantization.registry import module_format
 from .tensors import same_tensor
 
 SUPPORTED_FAMILIES = ("llama",)
 FLOAT_TYPES = ("f32", "f16")
-QK = 32  # ggml block size of Q4_1 and Q8_0
 
 
 @dataclass
@@ -61,7 +57,7 @@ class ExportReport:
     path: Path  # the GGUF file
     tensor_types: dict = field(default_factory=dict)  # GGUF tensor name -> ggml type name (Q4_1, Q8_0, F32, F16)
     rounded_groups: dict = field(default_factory=dict)  # tensor name -> Q4_1 groups whose m (or d) was rounded to fp16
-    int4_groups: int = 0  # our int4 groups written as Q4_1 (each becomes group_size / 32 ggml blocks)
+    int4_groups: int = 0  # our int4 groups written as ggml blocks (Q4_1: each becomes group_size / 32 of them)
     notes: list = field(default_factory=list)  # one line per tensor that was re-quantized or dequantized
     tokenizer_source: str = ""  # "teacher GGUF" or "HF tokenizer"
 
@@ -82,54 +78,7 @@ class ExportReport:
                 f"had their Q4_1 offset rounded to fp16; tokenizer from {self.tokenizer_source}")
 
 
-# ----------------------------------------------------------------------------- ggml blocks
-def _fp16_exact(x: np.ndarray) -> np.ndarray:
-    """True where the float32 value survives a round trip through fp16 unchanged."""
-    return x.astype(np.float16).astype(np.float32) == x
-
-
-def q4_1_blocks(codes: np.ndarray, d: np.ndarray, m: np.ndarray, group_size: int) -> np.ndarray:
-    """(N, K) codes in [0, 15], (N, K/g) fp32 ``d`` and ``m`` -> (N, K/32·20) uint8 Q4_1 blocks.
-
-    One block: fp16 ``d``, fp16 ``m``, then 16 bytes holding element ``j`` in the low nibble
-    and element ``j + 16`` in the high nibble of byte ``j``; it decodes to ``d·q + m``.
-    """
-    n, k = codes.shape
-    if k % QK or group_size % QK:
-        raise ValueError(f"Q4_1 needs in_features ({k}) and group_size ({group_size}) divisible by {QK}")
-    per = group_size // QK
-    dd = np.repeat(d.astype(np.float16), per, axis=1).reshape(-1, 1)  # (N·K/32, 1)
-    mm = np.repeat(m.astype(np.float16), per, axis=1).reshape(-1, 1)
-    q = codes.astype(np.uint8).reshape(-1, QK)  # (N·K/32, 32)
-    qs = q[:, :QK // 2] | (q[:, QK // 2:] << np.uint8(4))  # (N·K/32, 16)
-    blocks = np.concatenate([dd.view(np.uint8), mm.view(np.uint8), qs], axis=1)  # (N·K/32, 20)
-    return blocks.reshape(n, -1)
-
-
-def q8_0_blocks(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """(N, K) int8 codes and (N,) per-row scales -> (N, K/32·34) uint8 Q8_0 blocks (fp16 d, 32 int8)."""
-    n, k = codes.shape
-    if k % QK:
-        raise ValueError(f"Q8_0 needs a row length ({k}) divisible by {QK}")
-    d = np.repeat(scales.astype(np.float16).reshape(n, 1), k // QK, axis=1).reshape(-1, 1)  # (N·K/32, 1)
-    q = codes.astype(np.int8).reshape(-1, QK).view(np.uint8)
-    return np.concatenate([d.view(np.uint8), q], axis=1).reshape(n, -1)
-
-
-def int4_q4_1_parts(module: Int4WeightOnlyLinear | Int4Embedding) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Codes (N, K) and Q4_1 ``d``, ``m`` (N, K/g) fp32 of an int4 module, plus the number of groups not exact in fp16.
-
-    ``w = (q - 8)·s + z = s·q + (z - 8·s)``; both terms are computed exactly in fp32 from bf16.
-    """
-    codes = module.codes().cpu().numpy()  # (N, K) uint8
-    sz = module.scales_and_zeros.float().cpu()  # (K/g, N, 2)
-    s = sz[..., 0].t().contiguous().numpy()  # (N, K/g)
-    z = sz[..., 1].t().contiguous().numpy()
-    m = (z - 8 * s).astype(np.float32)
-    inexact = int((~(_fp16_exact(s) & _fp16_exact(m))).sum())
-    return codes, s, m, inexact
-
-
+# ----------------------------------------------------------------------------- rows
 def _permute_rows(a: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's q/k row order: within each head, rows (i, i + d/2) become adjacent (2i, 2i + 1)."""
     rows = a.shape[0]
@@ -226,34 +175,28 @@ def _float_tensor(w: torch.Tensor, float_type: str) -> tuple[np.ndarray, str]:
 
 def _module_tensor(module: nn.Module, float_type: str, n_head: int | None, report: ExportReport,
                    name: str):
-    """(array, ggml type name, raw quant type or None) for one weight-holding module."""
+    """(array, ggml type name, raw quant type or None) for one weight-holding module.
+
+    A quantized module is written the way its registered kind says (``ModuleFormat.to_ggml``, see
+    ``quantization/formats.py``); where its layout has no ggml block type, as its float weight.
+    """
     import gguf
 
-    width = getattr(module, "in_features", getattr(module, "embedding_dim", 0))
-    if isinstance(module, (Int4WeightOnlyLinear, Int4Embedding)) and getattr(module, "bias", None) is None \
-            and width % QK == 0 and module.group_size % QK == 0:
-        codes, d, m, inexact = int4_q4_1_parts(module)
-        if n_head:
-            codes, d, m = (_permute_rows(a, n_head) for a in (codes, d, m))
-        report.int4_groups += d.size  # (N, K/g): one scale per group
-        if inexact:
-            report.rounded_groups[name] = inexact
-        return q4_1_blocks(codes, d, m, module.group_size), "Q4_1", gguf.GGMLQuantizationType.Q4_1
-    if isinstance(module, (Int8WeightOnlyLinear, Int8DynamicLinear, Int8Embedding)) \
-            and getattr(module, "bias", None) is None and module.weight_int8.shape[1] % QK == 0:
-        if isinstance(module, Int8DynamicLinear) and module.smooth is not None:
-            w = module.dequantized_weight().cpu().numpy()
-            if n_head:
-                w = _permute_rows(w, n_head)
-            report.notes.append(f"{name}: SmoothQuant factor folded into the weight and re-quantized to Q8_0")
-            return gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0), "Q8_0", gguf.GGMLQuantizationType.Q8_0
-        codes = module.weight_int8.cpu().numpy()
-        scales = module.scales.float().cpu().numpy()
-        if n_head:
-            codes, scales = _permute_rows(codes, n_head), _permute_rows(scales, n_head)
-        return q8_0_blocks(codes, scales), "Q8_0", gguf.GGMLQuantizationType.Q8_0
-    if isinstance(module, QuantizedModule):  # a layout ggml has no block type for: write its float weight
-        w = module.dequantized_weight()
+    if isinstance(module, QuantizedModule):
+        to_ggml = module_format(module.kind).to_ggml
+        if to_ggml is None:
+            raise ValueError(f"{name}: {module.kind} modules are not exportable to GGUF (their format registers no "
+                             "GGUF mapping); allowed: int8, w8a8 and int4 models, or a float one")
+        blocks = to_ggml(module)
+        if blocks is not None:
+            report.int4_groups += blocks.groups
+            if blocks.rounded:
+                report.rounded_groups[name] = blocks.rounded
+            if blocks.note:
+                report.notes.append(f"{name}: {blocks.note}")
+            data = _permute_rows(blocks.data, n_head) if n_head else blocks.data  # rows of blocks stay rows
+            return data, blocks.ggml_type, gguf.GGMLQuantizationType[blocks.ggml_type]
+        w = module.dequantized_weight()  # a layout ggml has no block type for: write its float weight
         report.notes.append(f"{name}: {module.kind} ({module.extra_repr()}) has no ggml block type; "
                             f"written as {float_type.upper()}")
     elif isinstance(module, (nn.Linear, nn.Embedding)):

@@ -458,11 +458,11 @@ def test_size_model():
 
 
 def test_size_model_matches_a_saved_int4_file(tmp_path):
-    from distill_lab.quantization import Int4WeightOnlyConfig as Int4WeightOnly
+    from distill_lab.quantization import Int4WeightOnlyConfig
     from distill_lab.quantization import quantize_, save_quantized
 
     model = dl.tiny_llama(hidden_size=64, num_heads=4, num_kv_heads=2)  # int4 embeddings: groups of 64 values
-    quantize_(model, Int4WeightOnly(group_size=64, embedding_bits=4))
+    quantize_(model, Int4WeightOnlyConfig(group_size=64, embedding_bits=4))
     save_quantized(model, tmp_path / "m")
     measured = C.measured_parts(tmp_path / "m")
     predicted = C.size_model_reference(model.config, 64)

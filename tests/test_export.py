@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from distill_lab.export import (float_copy, int4_q4_1_parts, load_gguf, q4_1_blocks, q8_0_blocks, read_gguf_tensor,
-                                read_gguf_tensors, to_gguf)
+from distill_lab.export import float_copy, load_gguf, read_gguf_tensor, read_gguf_tensors, to_gguf
 from distill_lab.quantization import (Int4WeightOnlyConfig, Int4WeightOnlyLinear, Int8Embedding, Int8WeightOnlyConfig,
                                       quantize_)
+from distill_lab.quantization.ggml import int4_q4_1_parts, q4_1_blocks, q8_0_blocks
 
 gguf = pytest.importorskip("gguf")
 

@@ -25,8 +25,10 @@ LAYERS = {
     "plotting": 1,  # draws plain data with matplotlib; imports no model code, so recipes' reports can use it
     # 2: numeric primitives and layer types of the techniques (no model-level logic)
     "quantization.primitives": 2, "quantization.kernels": 2, "quantization.configs": 2, "quantization.dispatch": 2,
+    "quantization.registry": 2, "quantization.ggml": 2,  # the format table (knows no format); ggml's block layouts
     "pruning.masks": 2, "pruning.selection": 2,
     "quantization.modules": 3, "quantization.embeddings": 3, "quantization.serialization": 3, "pruning.sparse_storage": 3,
+    "quantization.formats": 3,  # the built-in formats, registered
     # 4: saving and loading every kind of model the package writes
     "serialization": 4,
     # 5: models and measurements

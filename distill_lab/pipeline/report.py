@@ -18,6 +18,8 @@ from ..evaluate import environment_info
 from ..models import cache_dir
 from ..plotting import plot_pareto
 from ..profiles import Profile, get_profile
+from ..quantization import formats  # noqa: F401  the built-in formats register their knobs
+from ..quantization.registry import quantize_knobs
 from .measure import eval_windows, relative
 from .recipe import Recipe, Step
 from .runner import run_recipe, teacher_metrics
@@ -219,10 +221,9 @@ def comparison_table(teacher: nn.Module, tokenizer, profile: Profile | str | Non
     return ComparisonTable(rows=out, teacher=base, profile=profile.name, env=environment_info())
 
 
-# the notebook panel's quantize choices: label -> (method, algorithm); None = no quantize step
-QUANTIZE_KNOBS = {"none": None, "int8": ("int8", "rtn"), "w8a8": ("w8a8", "rtn"),
-                  "w8a8 + SmoothQuant": ("w8a8", "smoothquant"), "int4": ("int4", "rtn"),
-                  "int4 + AWQ": ("int4", "awq")}
+# the notebook panel's quantize choices: label -> (method, algorithm), as each format registers them
+# (quantization/formats.py); None = no quantize step
+QUANTIZE_KNOBS = {"none": None, **quantize_knobs()}
 
 
 def recipe_from_knobs(heads_keep: float = 1.0, channels_keep: float = 1.0, layers_keep: float = 1.0,

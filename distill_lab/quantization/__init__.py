@@ -15,28 +15,27 @@
   ``gptq_(model, Int4WeightOnlyConfig(), calibration=batches)``.
 
 * ``qat``: quantization-aware training (``prepare_qat_``, ``train_qat`` on the one training loop, ``convert_``).
-
-The old config names (``Int8WeightOnly``, ``Int8Dynamic``,
-``Int4WeightOnly``) still resolve here, with a DeprecationWarning, for one release.
+* ``registry``: one entry per format (``register_format``): its ``from_float``, QAT fake-quantizer, rebuild
+  from a saved folder and GGUF mapping; ``formats`` registers the built-in ones, ``ggml`` builds GGUF blocks.
 """
 
 from .._lazy import lazy_exports
-from .configs import deprecated_alias
 
 _EXPORTS = {
     "api": ["QuantizationSummary", "compression_report", "fp32_equivalent_bytes", "memory_bytes", "quantize_",
             "quantize_embedding_and_head_"],
     "awq": ["awq_"],
-    "configs": ["DEPRECATED_NAMES", "EMBEDDING_BITS", "Int4WeightOnlyConfig", "Int8DynamicConfig",
-                "Int8WeightOnlyConfig", "SmoothQuantConfig", "config_from_dict", "config_to_dict", "deprecated_config"],
+    "configs": ["EMBEDDING_BITS", "Int4WeightOnlyConfig", "Int8DynamicConfig", "Int8WeightOnlyConfig",
+                "SmoothQuantConfig", "config_from_dict", "config_to_dict"],
     "embeddings": ["INT4_EMBEDDING_GROUP", "Int4Embedding"],
     "gptq": ["gptq_"],
     "modules": ["Int4WeightOnlyLinear", "Int8DynamicLinear", "Int8Embedding", "Int8WeightOnlyLinear",
                 "QuantizedModule"],
-    "primitives": ["Granularity", "QuantizedTensor", "clip_weight_", "dequantize", "fake_quantize",
+    "primitives": ["FakeQuantize", "Granularity", "QuantizedTensor", "clip_weight_", "dequantize", "fake_quantize",
                    "quantization_error", "quantize_tensor", "search_clip_ratios", "sqnr_db"],
-    "qat": ["FakeQuantize", "QATLinear", "convert_", "prepare_qat_", "train_qat"],
+    "qat": ["QATLinear", "convert_", "prepare_qat_", "train_qat"],
+    "registry": ["FormatSpec", "ModuleFormat", "register_format", "unregister_format"],
     "serialization": ["load_quantized", "save_quantized", "saved_size_bytes"],
     "smoothquant": ["ActivationStats", "collect_activation_stats", "outlier_table", "smooth_"],
 }
-__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, fallback=deprecated_alias)
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

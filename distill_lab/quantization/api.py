@@ -16,19 +16,19 @@ from torch import nn
 from ..arch import check_linear_layout, swap_guard
 from ..runtime import device_of
 from ..tensors import storage_key, unique_tensors
-from .configs import CONFIGS, Int4WeightOnlyConfig, Int8DynamicConfig, Int8WeightOnlyConfig, config_to_dict
+from . import formats  # noqa: F401  the built-in formats register themselves
+from .configs import Int8DynamicConfig, config_to_dict
 from .embeddings import INT4_EMBEDDING_GROUP, Int4Embedding
 from .modules import (Int4WeightOnlyLinear, Int8DynamicLinear, Int8Embedding, Int8WeightOnlyLinear, QuantizedModule,
                       embedding_and_head, module_name, set_module)
 from .dispatch import FIXED, check_env, kernel_paths
 from .primitives import check_finite, quantize_tensor
+from .registry import format_for, module_format
 from .serialization import saved_size_bytes
 
 __all__ = ["QuantizationSummary", "compression_report", "fp32_equivalent_bytes", "linear_from_config",
            "memory_bytes", "quantize_", "quantize_embedding_and_head_"]
 
-
-KIND_FORMAT = {"int8_weight_only": "int8_weight_only", "int8_dynamic": "w8a8", "int4_weight_only": "int4"}
 
 
 @dataclass
@@ -48,7 +48,7 @@ class QuantizationSummary:
     def __repr__(self) -> str:
         kinds = ", ".join(f"{v}× {k}" for k, v in self.replaced.items()) or "nothing"
         floats = "; ".join(f"{k} ({v})" for k, v in self.float_modules.items()) or "none"
-        paths = "; ".join(f"{k} {ph} runs {p} on this CPU, not {FIXED[KIND_FORMAT[k]][ph]} (doctor shows why)"
+        paths = "; ".join(f"{k} {ph} runs {p} on this CPU, not {FIXED[module_format(k).kernel][ph]} (doctor shows why)"
                           for k, by_phase in self.paths.items() for ph, p in by_phase.items())
         return (f"QuantizationSummary({self.config['type']}: {kinds}; kept in float: {floats}"
                 + (f"; {paths}" if paths else "") + ")")
@@ -59,7 +59,7 @@ class QuantizationSummary:
             return
         chosen = kernel_paths()
         for kind in self.replaced:
-            fmt = KIND_FORMAT.get(kind)
+            fmt = module_format(kind).kernel  # the dispatch format whose measured paths the kind follows
             if fmt is None:
                 continue
             moved = {ph: p for ph, p in chosen[fmt].items() if p != FIXED[fmt][ph]}
@@ -68,19 +68,15 @@ class QuantizationSummary:
 
 
 def linear_from_config(linear: nn.Linear, config) -> QuantizedModule | None:
-    """The quantized module ``config`` turns ``linear`` into (None: int4 groups do not divide its inputs).
+    """The quantized module ``config``'s registered format turns ``linear`` into (None: the format does not fit it,
+    e.g. int4 groups that do not divide its inputs).
 
     Duck-typed: anything with ``.weight``, ``.bias`` and ``.in_features`` works (QAT's ``QATLinear``).
     """
-    if isinstance(config, Int8WeightOnlyConfig):
-        return Int8WeightOnlyLinear.from_float(linear)
-    if isinstance(config, Int8DynamicConfig):
-        return Int8DynamicLinear.from_float(linear, config.act_granularity, config.weight_granularity)
-    if isinstance(config, Int4WeightOnlyConfig):
-        if linear.in_features % config.group_size:
-            return None
-        return Int4WeightOnlyLinear.from_float(linear, config.group_size, config.bits, config.symmetric)
-    raise ValueError(f"config={config!r}; allowed: {', '.join(CONFIGS)}")
+    spec = format_for(config)
+    if not spec.fits(linear.in_features, config):
+        return None
+    return spec.from_float(linear, config)
 
 
 def _head_module(weight_int8: torch.Tensor, scales: torch.Tensor, config, bias=None) -> QuantizedModule:
@@ -119,17 +115,16 @@ def quantize_(model: nn.Module, config, filter_fn=None) -> QuantizationSummary:
     the output head, which follows ``config.embedding_bits``). Returns a summary that says what
     stayed in float.
     """
-    if not isinstance(config, tuple(CONFIGS.values())):
-        raise ValueError(f"config={config!r}; allowed: an instance of {', '.join(CONFIGS)}")
+    spec = format_for(config)  # a registered format, else ValueError naming the registered ones
     check_linear_layout(model, "quantize_")  # Conv1D / 3-D expert weights would be skipped silently
     for name, module in model.named_modules():  # refuse NaN/Inf before anything is replaced
         if isinstance(module, (nn.Linear, nn.Embedding)):
             check_finite(module.weight.detach(), f"{name}.weight" if name else "weight")
-    if isinstance(config, Int4WeightOnlyConfig):
+    if hasattr(config, "group_size"):  # a grouped format that fits no layer would quantize nothing
         head = embedding_and_head(model)[1]
         eligible = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head
                     and (filter_fn is None or filter_fn(m, n))]
-        if eligible and all(m.in_features % config.group_size for _, m in eligible):
+        if eligible and not any(spec.fits(m.in_features, config) for _, m in eligible):
             widths = sorted({m.in_features for _, m in eligible})
             raise ValueError(f"{type(config).__name__}.group_size={config.group_size} divides none of the "
                              f"{len(eligible)} layers' input widths {widths}; allowed: a divisor of one of them")

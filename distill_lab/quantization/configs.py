@@ -4,9 +4,9 @@ The configs follow torchao's (``Int8WeightOnlyConfig``, ``Int8DynamicActivationI
 ``Int4WeightOnlyConfig``): ``quantize_(model, config)`` reads them, and so do ``awq_``, ``gptq_``
 and QAT. ``SmoothQuantConfig`` holds the knob of ``smooth_``.
 
-The names without the ``Config`` suffix (``Int8WeightOnly``, ``Int8Dynamic``, ``Int4WeightOnly``)
-are deprecated aliases of the same classes for one release: using one warns (DeprecationWarning),
-and ``config_from_dict`` still reads files saved under them.
+Files saved before the configs took the ``Config`` suffix name them ``Int8WeightOnly``,
+``Int8Dynamic`` and ``Int4WeightOnly``: ``config_from_dict`` still reads them. A config type
+registered as a format (``registry.register_format``) reads back too.
 
 ``embedding_bits`` (every config): 8 quantizes the token embedding per row to int8 and the output
 head with it; 4 quantizes it to asymmetric int4 groups of 64 along the hidden dim and runs a tied
@@ -16,15 +16,14 @@ weights); None keeps both in float.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import asdict, dataclass
 
 from .kernels import INT4_KERNEL_GROUPS
 from .primitives import Granularity
+from .registry import config_types
 
-__all__ = ["CONFIGS", "DEPRECATED_NAMES", "EMBEDDING_BITS", "Int4WeightOnlyConfig", "Int8DynamicConfig",
-           "Int8WeightOnlyConfig", "SmoothQuantConfig", "config_from_dict", "config_to_dict", "deprecated_alias",
-           "deprecated_config"]
+__all__ = ["EMBEDDING_BITS", "Int4WeightOnlyConfig", "Int8DynamicConfig", "Int8WeightOnlyConfig", "SmoothQuantConfig",
+           "config_from_dict", "config_to_dict"]
 
 
 def _check_choice(owner: str, name: str, value, allowed) -> None:
@@ -111,10 +110,9 @@ class SmoothQuantConfig:
             raise ValueError(f"{type(self).__name__}.alpha={self.alpha!r}; allowed: a number in [0, 1]")
 
 
-CONFIGS = {c.__name__: c for c in (Int8WeightOnlyConfig, Int8DynamicConfig, Int4WeightOnlyConfig)}  # for quantize_
-DEPRECATED_NAMES = {"Int8WeightOnly": "Int8WeightOnlyConfig", "Int8Dynamic": "Int8DynamicConfig",
-                    "Int4WeightOnly": "Int4WeightOnlyConfig"}  # old name -> new name, for one release
-_BY_NAME = {**CONFIGS, SmoothQuantConfig.__name__: SmoothQuantConfig}
+_BUILT_IN = (Int8WeightOnlyConfig, Int8DynamicConfig, Int4WeightOnlyConfig, SmoothQuantConfig)
+_SAVED_BEFORE_SUFFIX = {"Int8WeightOnly": "Int8WeightOnlyConfig", "Int8Dynamic": "Int8DynamicConfig",
+                        "Int4WeightOnly": "Int4WeightOnlyConfig"}  # the "type" of files saved before the rename
 
 
 def config_to_dict(config) -> dict:
@@ -124,31 +122,11 @@ def config_to_dict(config) -> dict:
 
 
 def config_from_dict(d: dict):
-    """Inverse of ``config_to_dict`` (also reads dicts saved under the deprecated names, e.g. ``"Int4WeightOnly"``)."""
+    """Inverse of ``config_to_dict`` (also reads files saved before the rename, e.g. ``"Int4WeightOnly"``)."""
     d = dict(d)
     kind = d.pop("type")
-    kind = DEPRECATED_NAMES.get(kind, kind)
-    if kind not in _BY_NAME:
-        raise ValueError(f"unknown quantization config {kind!r}; allowed: {', '.join(_BY_NAME)}")
-    return _BY_NAME[kind](**d)
-
-
-def deprecated_config(name: str):
-    """The class a deprecated name stands for, with a DeprecationWarning (for a module's ``__getattr__``)."""
-    new = DEPRECATED_NAMES[name]
-    warnings.warn(f"{name} is deprecated; use {new} (from distill_lab.quantization); the old name is removed "
-                  "in the next release", DeprecationWarning, stacklevel=3)
-    return _BY_NAME[new]
-
-
-def deprecated_alias(name: str):
-    """A module ``__getattr__`` fallback: the class behind a deprecated name, else AttributeError."""
-    if name in DEPRECATED_NAMES:
-        return deprecated_config(name)
-    raise AttributeError(f"module 'distill_lab.quantization' has no attribute {name!r}")
-
-
-def __getattr__(name: str):
-    if name in DEPRECATED_NAMES:
-        return deprecated_config(name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    kind = _SAVED_BEFORE_SUFFIX.get(kind, kind)
+    by_name = {c.__name__: c for c in (*_BUILT_IN, *config_types())}
+    if kind not in by_name:
+        raise ValueError(f"unknown quantization config {kind!r}; allowed: {', '.join(by_name)}")
+    return by_name[kind](**d)

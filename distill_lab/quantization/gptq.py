@@ -8,7 +8,8 @@ column ``i``, the error is spread over the columns not yet rounded with the inve
 already-updated weights (as in the reference implementation).
 
 This is the simple variant: the Hessians of all Linears come from one calibration pass through
-the float model (not block-by-block through the partly quantized one).
+the float model (not block-by-block through the partly quantized one): ``calibration.collect_hessians``,
+which SparseGPT's pass would share.
 """
 
 from __future__ import annotations
@@ -18,53 +19,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import check_linear_layout, swap_guard
-from ..calibration import calibration_pass
-from ..tensors import same_tensor
+from ..calibration import collect_hessians
 from .api import QuantizationSummary, quantize_
 from .configs import Int4WeightOnlyConfig
 from .kernels import int4_kernel_codes
-from .modules import Int4WeightOnlyLinear, embedding_and_head, set_module
+from .modules import Int4WeightOnlyLinear, set_module
 from .primitives import QuantizedTensor, quantize_tensor, search_clip_ratios, shrink_clamp
 
-__all__ = ["collect_hessians", "gptq_", "gptq_quantize_weight", "prepare_hessian"]
-
-
-@torch.inference_mode()
-def collect_hessians(model: nn.Module, batches, filter_fn=None, progress: bool = True) -> dict:
-    """Return ``{linear name: XᵀX / n}`` (K, K) float64 over calibration batches (each (B, T) ids).
-
-    Linears that read the same input (q/k/v, gate/up) share one tensor object. "The same input"
-    means the same memory as the previous Linear's input, which is held until the next Linear runs:
-    comparing addresses alone would also match a new tensor that the allocator placed where a freed
-    one was (o_proj's input, then gate/up's), and give gate/up o_proj's Hessian.
-    """
-    sums, counts, alias, hooks = {}, {}, {}, []
-    state = {"input": None, "owner": None}  # the previous Linear's input, kept alive
-
-    def hook(name):
-        def fn(module, args):
-            x = args[0].detach()  # (B, T, K)
-            if same_tensor(x, state["input"]):  # q/k/v or gate/up: share the first one's Hessian
-                alias[name] = state["owner"]
-                return
-            state["input"], state["owner"] = x, name
-            xd = x.reshape(-1, x.shape[-1]).double()  # (N, K)
-            h = xd.t() @ xd  # (K, K)
-            sums[name] = sums[name] + h if name in sums else h
-            counts[name] = counts.get(name, 0) + xd.shape[0]
-        return fn
-
-    head = embedding_and_head(model)[1]
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and module is not head and (filter_fn is None or filter_fn(module, name)):
-            hooks.append(module.register_forward_pre_hook(hook(name)))
-    calibration_pass(model, batches, hooks, desc="GPTQ Hessians", progress=progress,
-                     before_batch=lambda batch: state.update(input=None))
-    state["input"] = None
-    out = {k: (v / counts[k]).cpu() for k, v in sums.items()}
-    for name, owner in alias.items():
-        out[name] = out[owner]
-    return out
+__all__ = ["gptq_", "gptq_quantize_weight", "prepare_hessian"]
 
 
 def prepare_hessian(hessian: torch.Tensor, damp: float = 0.01, act_order: bool = False) -> dict:

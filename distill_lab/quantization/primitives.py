@@ -7,6 +7,8 @@
 * ``Granularity``: how many values share one scale (the one vocabulary of the package).
 * The clipping search of AWQ: shrink each group's range when that lowers its (weighted) rounding error.
 
+* ``FakeQuantize``: quantize-dequantize with the straight-through estimator (QAT).
+
 No model-level logic here: tensors in, tensors out.
 """
 
@@ -17,9 +19,10 @@ from dataclasses import dataclass
 from enum import Enum
 
 import torch
+from torch import nn
 
-__all__ = ["MAX_BITS", "MIN_BITS", "SCALE_EPS", "Granularity", "QuantizedTensor", "check_bits", "check_finite",
-           "check_float_tensor", "clip_weight_", "dequantize", "fake_quantize", "quantization_error",
+__all__ = ["MAX_BITS", "MIN_BITS", "SCALE_EPS", "FakeQuantize", "Granularity", "QuantizedTensor", "check_bits",
+           "check_finite", "check_float_tensor", "clip_weight_", "dequantize", "fake_quantize", "quantization_error",
            "quantize_tensor", "search_clip_ratios", "shrink_clamp", "sqnr_db"]
 
 MIN_BITS, MAX_BITS = 2, 8
@@ -234,6 +237,33 @@ def fake_quantize(w: torch.Tensor, bits: int = 8, group_size: int | None = None,
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         out = torch.sub(grouped, lo).div_(scale).round_().clamp_(0, qmax).mul_(scale).add_(lo)
     return undo(out).to(w.dtype)
+
+
+class FakeQuantize(nn.Module):
+    """Quantize-dequantize in the forward pass, identity in the backward pass (the straight-through estimator).
+
+    QAT's weight and activation fake-quantizers (a format's ``FormatSpec.weight_fake_quant``
+    builds one with the format's rounding).
+    """
+
+    def __init__(self, bits: int = 4, group_size: int | None = 64, symmetric: bool = False,
+                 axis: int | None = -1, dynamic_per_token: bool = False):
+        super().__init__()
+        self.bits, self.group_size, self.symmetric, self.axis = bits, group_size, symmetric, axis
+        self.dynamic_per_token = dynamic_per_token  # activations: one absmax scale per row
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dynamic_per_token:
+            scale = x.detach().abs().amax(-1, keepdim=True).clamp_min(1e-8) / (2 ** (self.bits - 1) - 1)
+            q = torch.round(x.detach() / scale) * scale
+        else:
+            q = fake_quantize(x.detach(), self.bits, self.group_size, self.symmetric, self.axis).to(x.dtype)
+        return x + (q - x).detach()  # value of q, gradient of x
+
+    def extra_repr(self) -> str:
+        if self.dynamic_per_token:
+            return f"int{self.bits} per-token dynamic"
+        return f"int{self.bits} group={self.group_size} {'sym' if self.symmetric else 'asym'}"
 
 
 def sqnr_db(w: torch.Tensor, w_hat: torch.Tensor) -> float:

@@ -19,49 +19,16 @@ from torch import nn
 from ..arch import check_linear_layout, swap_guard
 from ..distillation import DistillationLoss, DistillationTrainer, TrainConfig, soft_target_loss
 from ..summary import Summary
-from .api import QuantizationSummary, quantize_embedding_and_head_
-from .api import linear_from_config as _linear_from_config
-from .configs import CONFIGS, config_to_dict
-from .configs import Int4WeightOnlyConfig as Int4WeightOnly
-from .configs import Int8DynamicConfig as Int8Dynamic
-from .configs import Int8WeightOnlyConfig as Int8WeightOnly
-from .modules import set_module as _set_module
-from .primitives import fake_quantize
-
-
-class FakeQuantize(nn.Module):
-    """Quantize-dequantize in the forward pass, identity in the backward pass (STE)."""
-
-    def __init__(self, bits: int = 4, group_size: int | None = 64, symmetric: bool = False,
-                 axis: int | None = -1, dynamic_per_token: bool = False):
-        super().__init__()
-        self.bits, self.group_size, self.symmetric, self.axis = bits, group_size, symmetric, axis
-        self.dynamic_per_token = dynamic_per_token  # activations: one absmax scale per row
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dynamic_per_token:
-            scale = x.detach().abs().amax(-1, keepdim=True).clamp_min(1e-8) / (2 ** (self.bits - 1) - 1)
-            q = torch.round(x.detach() / scale) * scale
-        else:
-            q = fake_quantize(x.detach(), self.bits, self.group_size, self.symmetric, self.axis).to(x.dtype)
-        return x + (q - x).detach()  # value of q, gradient of x
-
-    def extra_repr(self) -> str:
-        if self.dynamic_per_token:
-            return f"int{self.bits} per-token dynamic"
-        return f"int{self.bits} group={self.group_size} {'sym' if self.symmetric else 'asym'}"
+from .api import QuantizationSummary, linear_from_config, quantize_embedding_and_head_
+from .configs import config_to_dict
+from .modules import set_module
+from .primitives import FakeQuantize
+from .registry import format_for
 
 
 def weight_fake_quantizer(config) -> FakeQuantize:
-    """The weight fake-quantizer that reproduces ``config``'s rounding."""
-    if isinstance(config, Int4WeightOnly):
-        return FakeQuantize(config.bits, config.group_size, config.symmetric, -1)
-    if isinstance(config, Int8Dynamic):
-        axis = -1 if config.weight_granularity == "per_channel" else None
-        return FakeQuantize(8, None, True, axis)
-    if isinstance(config, Int8WeightOnly):
-        return FakeQuantize(8, None, True, -1)
-    raise ValueError(f"config={config!r}; allowed: an instance of {', '.join(CONFIGS)}")
+    """The weight fake-quantizer that reproduces ``config``'s rounding (its registered format's)."""
+    return format_for(config).weight_fake_quant(config)
 
 
 class QATLinear(nn.Module):
@@ -74,12 +41,7 @@ class QATLinear(nn.Module):
         self.bias = linear.bias
         self.config = config
         self.weight_fake_quant = weight_fake_quantizer(config)
-        self.act_fake_quant = None
-        if isinstance(config, Int8Dynamic):
-            if config.act_granularity == "per_token":
-                self.act_fake_quant = FakeQuantize(8, dynamic_per_token=True)
-            else:
-                self.act_fake_quant = FakeQuantize(8, None, True, axis=None)
+        self.act_fake_quant = format_for(config).act_fake_quant(config)  # None: weight-only format
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_fake_quant is not None:
@@ -97,8 +59,7 @@ def prepare_qat_(model: nn.Module, config, filter_fn=None) -> Summary:
     ``config.embedding_bits`` at ``convert_``. Returns a ``Summary``: {swapped Linear: "QATLinear"},
     and the Linears left in float with their reason.
     """
-    if not isinstance(config, tuple(CONFIGS.values())):
-        raise ValueError(f"config={config!r}; allowed: an instance of {', '.join(CONFIGS)}")
+    spec = format_for(config)  # a registered format, else ValueError naming the registered ones
     check_linear_layout(model, "prepare_qat_")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     summary = Summary("prepare_qat_", config_to_dict(config), unit="module")
@@ -109,10 +70,10 @@ def prepare_qat_(model: nn.Module, config, filter_fn=None) -> Summary:
             if filter_fn is not None and not filter_fn(module, name):
                 summary.kept[name] = "filter_fn"
                 continue
-            if isinstance(config, Int4WeightOnly) and module.in_features % config.group_size:
-                summary.kept[name] = f"in_features={module.in_features} not divisible by group_size={config.group_size}"
+            if not spec.fits(module.in_features, config):
+                summary.kept[name] = f"in_features={module.in_features} does not fit {type(config).__name__}"
                 continue
-            _set_module(model, name, QATLinear(module, config))
+            set_module(model, name, QATLinear(module, config))
             summary.changed[name] = "QATLinear"
         model.qat_config = config
     return summary
@@ -128,8 +89,8 @@ def convert_(model: nn.Module) -> QuantizationSummary:
         for name, module in list(model.named_modules()):
             if isinstance(module, QATLinear):
                 with torch.no_grad():
-                    qmod = _linear_from_config(module, config)  # duck-typed: .weight, .bias, .in_features
-                _set_module(model, name, qmod)
+                    qmod = linear_from_config(module, config)  # duck-typed: .weight, .bias, .in_features
+                set_module(model, name, qmod)
                 summary.count(qmod.kind)
         head_name = quantize_embedding_and_head_(model, config, summary)
         for name, module in model.named_modules():  # Linears prepare_qat_ left alone stay in float: say so
@@ -207,5 +168,5 @@ def train_qat(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, steps
     return history
 
 
-__all__ = ["FakeQuantize", "QATLinear", "prepare_qat_", "convert_", "kd_loss", "train_qat",
+__all__ = ["QATLinear", "prepare_qat_", "convert_", "kd_loss", "train_qat",
            "qat_parameters", "weight_fake_quantizer"]

@@ -3,7 +3,7 @@
 The packed int4 codes are written in a portable layout (``pack_int4``) and re-packed for the
 kernel of the device they are loaded on. A head that shares the embedding's codes (int8, or the
 packed int4 codes, scales and zeros of ``embedding_bits=4``) is written once and tied again on load.
-Low on purpose: it knows the module types, not ``quantize_``.
+Low on purpose: it knows the registered module kinds (``registry``), not ``quantize_``.
 """
 
 from __future__ import annotations
@@ -19,16 +19,15 @@ from .._folder import check_model_folder
 from .._fs import atomic_folder
 from ..profiles import default_device
 from ..tensors import storage_key
-from .embeddings import Int4Embedding
-from .modules import (Int4WeightOnlyLinear, Int8DynamicLinear, Int8Embedding, Int8WeightOnlyLinear, QuantizedModule,
-                      embedding_and_head, module_name, set_module)
+from . import formats  # noqa: F401  the built-in formats register their module kinds
+from .modules import QuantizedModule, embedding_and_head, module_name, set_module
+from .registry import module_format
 
 __all__ = ["FORMAT", "QCONFIG_NAME", "WEIGHTS_NAME", "load_quantized", "save_quantized", "saved_size_bytes"]
 
 FORMAT = "distill_lab.quantized/1"  # tag written into saved checkpoints
 WEIGHTS_NAME = "model.safetensors"
 QCONFIG_NAME = "quantization_config.json"
-_TIED_KINDS = ("int8_weight_only", "int8_dynamic", "int4_weight_only")  # heads that may share an embedding's tensors
 
 
 def _persistent_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -54,7 +53,7 @@ def save_quantized(model: nn.Module, folder: str | Path, tokenizer=None) -> Path
         spec = m.spec()
         shared = [owners.get(storage_key(b)) for b in m.buffers(recurse=False) if b.numel() > 1]
         shared = [s for s in shared if s is not None]
-        if shared and m.kind in _TIED_KINDS:
+        if shared and module_format(m.kind).tied is not None:  # a head that may share an embedding's tensors
             spec["tied_to"] = shared[0]  # shares the embedding's codes and scales
             if getattr(m, "bias", None) is not None:  # a tied head's own bias (BERT, Phi): not the embedding's
                 tensors[f"{name}.bias"] = m.bias.detach().cpu().clone()
@@ -93,32 +92,16 @@ def saved_size_bytes(model: nn.Module) -> int:
 
 
 def _rebuild(spec: dict, tensors: dict, device) -> QuantizedModule:
-    kind = spec["kind"]
-    t = {k: v.to(device) for k, v in tensors.items()}
-    if kind == "int8_embedding":
-        return Int8Embedding(t["weight_int8"], t["scales"], getattr(torch, spec.get("out_dtype", "float32")),
-                             spec.get("embed_scale", 1.0))
-    if kind == "int8_weight_only":
-        return Int8WeightOnlyLinear(t["weight_int8"], t["scales"], t.get("bias"))
-    if kind == "int8_dynamic":
-        return Int8DynamicLinear(t["weight_int8"], t["scales"], t.get("bias"), spec["act_granularity"],
-                                 t.get("smooth"))
-    if kind == "int4_weight_only":
-        return Int4WeightOnlyLinear.from_exported(tensors, spec, device)
-    if kind == "int4_embedding":
-        return Int4Embedding.from_exported(tensors, spec, device)
-    raise ValueError(f"unknown quantized module kind {kind!r} in checkpoint")
+    """The module a saved ``spec`` and its tensors describe, by its registered kind (``registry.module_format``)."""
+    return module_format(spec["kind"]).rebuild(tensors, spec, device)
 
 
 def _tied_head(src: QuantizedModule, spec: dict) -> QuantizedModule:
     """The head ``spec`` describes, over the tensors of the embedding ``src`` it was saved tied to."""
-    if spec["kind"] == "int4_weight_only":
-        if not isinstance(src, Int4Embedding):
-            raise ValueError(f"an int4 head is tied to a {src.kind} module; allowed: an int4_embedding")
-        return src.tied_head()
-    if spec["kind"] == "int8_dynamic":
-        return Int8DynamicLinear(src.weight_int8, src.scales, None, spec["act_granularity"])
-    return Int8WeightOnlyLinear(src.weight_int8, src.scales)
+    tied = module_format(spec["kind"]).tied
+    if tied is None:
+        raise ValueError(f"a {spec['kind']} module is saved tied to {src.kind}; allowed: a kind that can be tied")
+    return tied(src, spec)
 
 
 def _tie(model: nn.Module, alias: str, source: str) -> None:

@@ -285,7 +285,7 @@ def test_heal_and_qat_have_no_loop_of_their_own():
 
 def test_heal_and_train_qat_step_through_the_trainer(monkeypatch):
     from distill_lab import pruning as prune
-    from distill_lab.quantization import Int4WeightOnlyConfig as Int4WeightOnly
+    from distill_lab.quantization import Int4WeightOnlyConfig
     from distill_lab.quantization import qat
 
     steps = []
@@ -302,6 +302,6 @@ def test_heal_and_train_qat_step_through_the_trainer(monkeypatch):
         prune.heal(tiny_llama(seed=2), teacher, windows, steps=2, batch_size=4, bf16=False, progress=False,
                    use_trainer=use_trainer)
     student = tiny_llama(seed=2)
-    qat.prepare_qat_(student, Int4WeightOnly(group_size=32))
+    qat.prepare_qat_(student, Int4WeightOnlyConfig(group_size=32))
     qat.train_qat(student, teacher, windows, steps=3, batch_size=4, bf16=False, progress=False)
     assert steps == ["healing"] * 4 + ["QAT"] * 3

@@ -1,4 +1,4 @@
-"""Tests for distill_lab.quantization.configs: validation, (de)serialization, and the deprecated names."""
+"""Tests for distill_lab.quantization.configs: validation, (de)serialization, and files saved under the old names."""
 
 import importlib
 import json
@@ -6,9 +6,10 @@ import warnings
 
 import pytest
 
-from distill_lab.quantization.configs import (CONFIGS, Int4WeightOnlyConfig, Int8DynamicConfig, Int8WeightOnlyConfig,
+from distill_lab.quantization.configs import (Int4WeightOnlyConfig, Int8DynamicConfig, Int8WeightOnlyConfig,
                                               SmoothQuantConfig, config_from_dict, config_to_dict)
 from distill_lab.quantization.primitives import Granularity
+from distill_lab.quantization.registry import config_types
 
 from .helpers import SAMPLE_CONFIGS
 
@@ -65,30 +66,18 @@ def test_granularity_fields_take_the_enum_and_its_strings_and_save_as_strings():
 
 
 def test_one_config_suffix_everywhere():
-    assert set(CONFIGS) == {"Int8WeightOnlyConfig", "Int8DynamicConfig", "Int4WeightOnlyConfig"}
+    importlib.import_module("distill_lab.quantization.formats")  # the built-in formats register themselves
+    assert {c.__name__ for c in config_types()} >= {"Int8WeightOnlyConfig", "Int8DynamicConfig", "Int4WeightOnlyConfig"}
+    assert all(c.__name__.endswith("Config") for c in config_types())
     assert config_to_dict(Int4WeightOnlyConfig())["type"] == "Int4WeightOnlyConfig"
     assert config_from_dict(config_to_dict(SmoothQuantConfig(0.3))) == SmoothQuantConfig(alpha=0.3)
 
 
 @pytest.mark.parametrize("module", ["distill_lab.quantization", "distill_lab.quantization.configs"])
-@pytest.mark.parametrize("old, new", [("Int8WeightOnly", Int8WeightOnlyConfig), ("Int8Dynamic", Int8DynamicConfig),
-                                      ("Int4WeightOnly", Int4WeightOnlyConfig)])
-def test_old_config_names_are_deprecated_aliases_of_the_same_classes(module, old, new):
-    mod = importlib.import_module(module)
-    with pytest.warns(DeprecationWarning, match=f"{old} is deprecated; use {new.__name__}"):
-        alias = getattr(mod, old)
-    assert alias is new  # the same class: isinstance checks and saved configs do not change
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the new name does not warn
-        assert getattr(mod, new.__name__) is new
-    with pytest.raises(AttributeError, match="Int2Magic"):
-        getattr(mod, "Int2Magic")
-
-
-def test_from_import_of_an_old_name_warns():
-    with pytest.deprecated_call():
-        from distill_lab.quantization import Int4WeightOnly  # noqa: F401
-    assert Int4WeightOnly(group_size=32) == Int4WeightOnlyConfig(group_size=32)
+@pytest.mark.parametrize("old", ["Int8WeightOnly", "Int8Dynamic", "Int4WeightOnly"])
+def test_the_old_config_names_are_gone_from_the_api(module, old):
+    with pytest.raises(AttributeError, match=old):
+        getattr(importlib.import_module(module), old)
 
 
 @pytest.mark.parametrize("old, new", [("Int8WeightOnly", Int8WeightOnlyConfig()),

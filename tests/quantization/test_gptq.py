@@ -6,7 +6,8 @@ from torch import nn
 
 from distill_lab.models import tiny_llama
 from distill_lab.quantization.configs import Int4WeightOnlyConfig, Int8DynamicConfig
-from distill_lab.quantization.gptq import collect_hessians, gptq_, gptq_quantize_weight
+from distill_lab.calibration import collect_hessians
+from distill_lab.quantization.gptq import gptq_, gptq_quantize_weight
 from distill_lab.quantization.modules import Int4WeightOnlyLinear
 from distill_lab.quantization.primitives import dequantize, fake_quantize
 from distill_lab.quantization.serialization import load_quantized, save_quantized

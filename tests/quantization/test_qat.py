@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from distill_lab.distillation import DistillationLoss
-from distill_lab.quantization.qat import FakeQuantize, QATLinear, convert_, kd_loss, prepare_qat_, train_qat
+from distill_lab.quantization.primitives import FakeQuantize
+from distill_lab.quantization.qat import QATLinear, convert_, kd_loss, prepare_qat_, train_qat
 from distill_lab.quantization.api import quantize_
 from distill_lab.quantization.configs import Int4WeightOnlyConfig, Int8DynamicConfig, Int8WeightOnlyConfig
 from distill_lab.quantization.modules import Int4WeightOnlyLinear
