@@ -97,7 +97,8 @@ def test_a_toy_int4_format_quantizes_saves_reloads_and_exports(toy_formats, tmp_
 
 
 def test_qat_follows_the_toy_format(toy_formats):
-    model = prepare_qat_(_tiny(), Int4PerRowConfig())
+    model = _tiny()
+    assert "model.layers.0.mlp.up_proj" in prepare_qat_(model, Int4PerRowConfig())
     qat_up = model.model.layers[0].mlp.up_proj
     with torch.no_grad():
         faked = qat_up.weight_fake_quant(qat_up.weight)
