@@ -5,7 +5,8 @@
   ``divergence_reference`` (per position), ``HiddenStateLoss``, ``TopKLogits``.
 * ``cache``: ``TeacherCache``, ``cache_teacher_logits``, ``topk_fidelity``.
 * ``data``: ``SequenceData``, ``generate_distillation_data`` (sequence-level KD), ``shift_labels``.
-* ``trainer``: ``TrainConfig``, ``lr_factor``, ``DistillationTrainer`` (also what ``pruning.heal`` and
+* ``train_config``: ``TrainConfig`` (how a run trains), ``SCHEDULES``, ``SAMPLINGS``.
+* ``trainer``: ``lr_factor``, ``DistillationTrainer`` (also what ``pruning.heal`` and
   ``quantization.qat.train_qat`` run), ``distributed_context``, ``final_val_ppl``.
 * ``budget``: ``budget_curve`` (a run's ratio against training tokens), ``fit_power_law``.
 * ``on_policy``: on-policy distillation (GKD, ``TrainConfig.lmbda``): ``sample_continuations``,
@@ -21,8 +22,8 @@ from .losses import (IGNORE_INDEX, KINDS, DistillationLoss, HiddenStateLoss, Top
                      soft_target_loss)
 from .on_policy import (generated_labels, is_on_policy_step, on_policy_divergence, on_policy_summary,
                         sample_continuations)
-from .trainer import (SAMPLINGS, SCHEDULES, DistillationTrainer, NonFiniteLossError, TrainConfig,
-                      distributed_context, final_val_ppl, lr_factor)
+from .train_config import SAMPLINGS, SCHEDULES, TrainConfig
+from .trainer import DistillationTrainer, NonFiniteLossError, distributed_context, final_val_ppl, lr_factor
 
 __all__ = ["IGNORE_INDEX", "KINDS", "SAMPLINGS", "SCHEDULES", "DistillationLoss", "DistillationTrainer",
            "HiddenStateLoss", "NonFiniteLossError", "SequenceData", "TeacherCache", "TopKLogits", "TrainConfig",

@@ -18,7 +18,8 @@ from distill_lab.distillation.cache import cache_teacher_logits
 from distill_lab.distillation.data import SequenceData, shift_labels
 from distill_lab.distillation.losses import IGNORE_INDEX, DistillationLoss
 from distill_lab.distillation.on_policy import generated_labels, is_on_policy_step
-from distill_lab.distillation.trainer import DistillationTrainer, TrainConfig
+from distill_lab.distillation.train_config import TrainConfig
+from distill_lab.distillation.trainer import DistillationTrainer
 from distill_lab.models import tiny_llama
 
 from ._helpers import flat_params, run, tiny_data

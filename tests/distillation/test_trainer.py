@@ -17,7 +17,8 @@ from distill_lab.data import sample_batch
 from distill_lab.distillation.cache import cache_teacher_logits
 from distill_lab.distillation.data import SequenceData, shift_labels
 from distill_lab.distillation.losses import DistillationLoss, HiddenStateLoss
-from distill_lab.distillation.trainer import DistillationTrainer, TrainConfig, lr_factor
+from distill_lab.distillation.train_config import TrainConfig
+from distill_lab.distillation.trainer import DistillationTrainer, lr_factor
 from distill_lab.models import tiny_llama
 
 from ._helpers import flat_params, run, tiny_data
