@@ -55,7 +55,7 @@ class TrainConfig:
     lmbda: float = 0.0  # in [0, 1]; 0 = the off-policy trainer exactly
     prompt_tokens: int = 32  # prompt = this prefix of each window
     gen_tokens: int = 32  # tokens the student samples per prompt; the loss counts these only
-    gen_temperature: float = 1.0  # sampling temperature of the student (GKD: 1, its own distribution)
+    sampling_temperature: float = 1.0  # how the student samples (GKD: 1, its own distribution); not the loss's
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "eval_batch_size"):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..arch import check_linear_layout, swap_guard
-from ..distillation import DistillationLoss, DistillationTrainer, TrainConfig, soft_target_loss
+from ..distillation import KD_TEMPERATURE, DistillationLoss, DistillationTrainer, TrainConfig
 from .api import QuantizationSummary, quantize_embedding_and_head_
 from .api import linear_from_config as _linear_from_config
 from .configs import CONFIGS, config_to_dict
@@ -135,15 +135,6 @@ def convert_(model: nn.Module) -> QuantizationSummary:
     return summary
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Token-level ``T² · KL(p_teacher^T ‖ p_student^T)``, averaged over tokens; logits (..., V).
-
-    The package's one divergence on every position, in its unchunked autograd form
-    (``distillation.soft_target_loss``), in float32.
-    """
-    return soft_target_loss(student_logits.float(), teacher_logits.float(), temperature)
-
-
 def qat_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters QAT trains: the fake-quantized Linear weights (and their biases)."""
     params = []
@@ -156,7 +147,7 @@ def qat_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def train_qat(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, steps: int = 30,
-              batch_size: int = 4, lr: float = 2e-5, temperature: float = 1.0, loss_fn=None,
+              batch_size: int = 4, lr: float = 2e-5, kd_temperature: float = KD_TEMPERATURE, loss_fn=None,
               bf16: bool | str = "auto", seed: int = 0, progress: bool = True) -> list[dict]:
     """Distil the fp32 ``teacher`` into the fake-quantized ``model`` for ``steps`` AdamW steps; returns the loss history.
 
@@ -165,14 +156,14 @@ def train_qat(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, steps
     live once per step under ``no_grad`` (bf16 autocast when ``bf16``); the student runs with bf16
     autocast too, with fp32 master weights. ``bf16='auto'`` turns it on only where it is measured
     faster here (``distill_lab.hardware``). ``loss_fn(student_logits, teacher_logits)`` defaults to
-    ``distillation.DistillationLoss(temperature, alpha=1)`` on every position (pure forward KL, chunked
-    so the 49k vocabulary fits), which is ``kd_loss``. A cosine schedule decays the learning rate
+    ``distillation.DistillationLoss(kd_temperature, alpha=1)`` on every position (pure forward KL, chunked
+    so the 49k vocabulary fits; its unchunked form is ``distillation.soft_target_loss``). A cosine schedule decays the learning rate
     to 10 %. Each history row is ``{"step", "loss", "lr"}`` with the learning rate after that step.
     """
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps={steps}, batch_size={batch_size}; allowed: both >= 1")
     if loss_fn is None:
-        loss_fn = DistillationLoss(temperature=temperature, alpha=1.0)
+        loss_fn = DistillationLoss(kd_temperature, alpha=1.0)
     params = qat_parameters(model)
     if not params:
         raise ValueError("no QATLinear in the model: call prepare_qat_(model, config) first")
@@ -201,5 +192,5 @@ def train_qat(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, steps
     return history
 
 
-__all__ = ["FakeQuantize", "QATLinear", "prepare_qat_", "convert_", "kd_loss", "train_qat",
+__all__ = ["FakeQuantize", "QATLinear", "prepare_qat_", "convert_", "train_qat",
            "qat_parameters", "weight_fake_quantizer"]
