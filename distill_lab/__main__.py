@@ -152,7 +152,7 @@ def _cmd_compress(args) -> int:
         result = run_recipe(teacher, tokenizer, recipe, work, profile=profile, seed=args.seed,
                             progress=not args.quiet, keep_model=False)
         for rec in result.steps:  # layers a resumed quantize step left in float: said even with --quiet
-            skipped = [k for k, v in rec.extras.get("kept_in_float", {}).items() if "group_size" in str(v)]
+            skipped = list(group_size_skips(rec.extras))
             if rec.resumed and skipped:
                 print(f"distill-lab compress: step {rec.index} ({rec.kind}) left {len(skipped)} layer(s) in float: "
                       f"group_size does not divide their input width (e.g. {skipped[0]})", file=sys.stderr)

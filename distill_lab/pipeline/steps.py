@@ -14,12 +14,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..distillation import KD_TEMPERATURE, DistillationLoss, DistillationTrainer, TeacherCache, TrainConfig, cache_teacher_logits
+from ..distillation import (KD_TEMPERATURE, DistillationLoss, DistillationTrainer, TeacherCache, TrainConfig,
+                            cache_teacher_logits)
 from ..models import make_student
 from ..pruning.structured import StructuredConfig, prune_structured
 from ..quantization.qat import convert_, prepare_qat_
 from ..quantization import configs as q
-from ..quantization.api import quantize_
+from ..quantization.api import KeptInFloat, Reason, quantize_
 from ..quantization.awq import awq_
 from ..quantization.configs import SmoothQuantConfig
 from ..quantization.gptq import gptq_
@@ -28,7 +29,8 @@ from ..quantization.smoothquant import collect_activation_stats, smooth_
 from .context import StepContext, _notice, model_digest
 from .recipe import _config_from, register_step
 
-__all__ = ["DistilStep", "LayerDropStep", "QATStep", "QUANT_ALGORITHMS", "QUANT_METHODS", "QuantizeStep"]
+__all__ = ["DistilStep", "LayerDropStep", "QATStep", "QUANT_ALGORITHMS", "QUANT_METHODS", "QuantizeStep",
+           "group_size_skips"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,6 +105,18 @@ class DistilStep:
     def loss(self) -> DistillationLoss:
         """The step's loss, built (and so validated) by ``DistillationLoss`` itself."""
         return DistillationLoss(self.kd_temperature, self.alpha, self.kind)
+
+
+def _report_kept_in_float(ctx: StepContext, summary) -> None:
+    """Record what stayed in float, as structured ``KeptInFloat`` dicts (JSON in the step record)."""
+    ctx.report("kept_in_float", {name: why.to_dict() for name, why in summary.float_modules.items()})
+
+
+def group_size_skips(extras: dict) -> dict:
+    """The modules a step's ``extras`` say stayed in float because ``group_size`` does not divide their width:
+    ``{name: detail}`` (the detail is the printed text)."""
+    kept = {name: KeptInFloat.from_dict(v) for name, v in extras.get("kept_in_float", {}).items()}
+    return {name: why.detail for name, why in kept.items() if why.reason is Reason.GROUP_SIZE}
 
 
 def _validate_distil(config: dict) -> None:
@@ -220,7 +234,7 @@ def _apply_quantize(model: nn.Module, config: dict, ctx: StepContext) -> nn.Modu
     else:
         summary = quantize_(model, config)
     ctx.report("quantized", _quantized_kinds(model))
-    ctx.report("kept_in_float", dict(summary.float_modules))
+    _report_kept_in_float(ctx, summary)
     return model
 
 
@@ -257,7 +271,7 @@ def _apply_qat(model: nn.Module, config: dict, ctx: StepContext) -> nn.Module:
     summary = convert_(model)
     ctx.report("train_loss", [round(r["loss"], 5) for r in history["train"]])
     ctx.report("quantized", dict(summary.replaced))
-    ctx.report("kept_in_float", dict(summary.float_modules))
+    _report_kept_in_float(ctx, summary)
     return model
 
 

@@ -9,6 +9,7 @@ and the output head) with the real quantized module of ``config``, and returns a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 
 import torch
 from torch import nn
@@ -24,11 +25,41 @@ from .dispatch import FIXED, check_env, kernel_paths
 from .primitives import check_finite, quantize_tensor
 from .serialization import saved_size_bytes
 
-__all__ = ["QuantizationSummary", "compression_report", "fp32_equivalent_bytes", "linear_from_config",
+__all__ = ["KeptInFloat", "QuantizationSummary", "Reason", "compression_report", "fp32_equivalent_bytes", "linear_from_config",
            "memory_bytes", "quantize_", "quantize_embedding_and_head_"]
 
 
 KIND_FORMAT = {"int8_weight_only": "int8_weight_only", "int8_dynamic": "w8a8", "int4_weight_only": "int4"}
+
+
+class Reason(str, Enum):
+    """Why ``quantize_`` (or QAT's ``convert_``) left a module in float."""
+
+    FILTER_FN = "filter_fn"  # the caller's filter_fn excluded it
+    GROUP_SIZE = "group_size"  # config.group_size does not divide its input width
+    EMBEDDING_BITS = "embedding_bits"  # config.embedding_bits is None: embedding and head stay in float
+    NOT_AN_EMBEDDING = "not_an_embedding"  # the input embedding is not an nn.Embedding
+    EMBEDDING_GROUP = "embedding_group"  # the int4 embedding's group does not divide embedding_dim
+
+
+@dataclass(frozen=True)
+class KeptInFloat:
+    """A module that stayed in float: a ``Reason`` to test, and the ``detail`` that is printed (its ``str``)."""
+
+    reason: Reason
+    detail: str
+
+    def __str__(self) -> str:
+        return self.detail
+
+    def to_dict(self) -> dict:
+        """JSON-ready form, as a recipe step records it."""
+        return {"reason": self.reason.value, "detail": self.detail}
+
+    @classmethod
+    def from_dict(cls, value: dict) -> "KeptInFloat":
+        """Back from ``to_dict`` (a step record read from disk)."""
+        return cls(Reason(value["reason"]), value["detail"])
 
 
 @dataclass
@@ -37,7 +68,7 @@ class QuantizationSummary:
 
     config: dict  # the config as a dict
     replaced: dict = field(default_factory=dict)  # kind -> count
-    float_modules: dict = field(default_factory=dict)  # module name -> reason it stayed in float
+    float_modules: dict = field(default_factory=dict)  # module name -> KeptInFloat (why it stayed in float)
     tied_head: bool = False  # True when the head shares the embedding's codes and scales (int8 or int4)
     paths: dict = field(default_factory=dict)  # kind -> {phase: path} where a phase leaves its fixed path here
 
@@ -145,12 +176,12 @@ def quantize_(model: nn.Module, config, filter_fn=None) -> QuantizationSummary:
             if not isinstance(module, nn.Linear) or name == head_name:
                 continue
             if filter_fn is not None and not filter_fn(module, name):
-                summary.float_modules[name] = "filter_fn"
+                summary.float_modules[name] = KeptInFloat(Reason.FILTER_FN, "filter_fn")
                 continue
             qmod = linear_from_config(module, config)
             if qmod is None:
-                summary.float_modules[name] = (f"in_features={module.in_features} not divisible by "
-                                               f"group_size={config.group_size}")
+                summary.float_modules[name] = KeptInFloat(Reason.GROUP_SIZE, f"in_features={module.in_features} "
+                                                          f"not divisible by group_size={config.group_size}")
                 continue
             set_module(model, name, qmod)
             summary.count(qmod.kind)
@@ -172,10 +203,11 @@ def quantize_embedding_and_head_(model: nn.Module, config, summary: Quantization
     emb, head = embedding_and_head(model)
     emb_name, head_name = module_name(model, emb), module_name(model, head)
     bits = config.embedding_bits
-    reason = f"embedding_bits={bits}" if bits is None else "the input embedding is not an nn.Embedding"
+    reason = (KeptInFloat(Reason.EMBEDDING_BITS, f"embedding_bits={bits}") if bits is None
+              else KeptInFloat(Reason.NOT_AN_EMBEDDING, "the input embedding is not an nn.Embedding"))
     if bits == 4 and isinstance(emb, nn.Embedding) and emb.embedding_dim % INT4_EMBEDDING_GROUP:
-        reason = (f"embedding_dim={emb.embedding_dim} not divisible by the int4 embedding group size "
-                  f"{INT4_EMBEDDING_GROUP}")
+        reason = KeptInFloat(Reason.EMBEDDING_GROUP, f"embedding_dim={emb.embedding_dim} not divisible by the "
+                                                     f"int4 embedding group size {INT4_EMBEDDING_GROUP}")
     elif bits is not None and isinstance(emb, nn.Embedding):
         tied = isinstance(head, nn.Linear) and head.weight is emb.weight
         qemb = Int8Embedding.from_float(emb) if bits == 8 else Int4Embedding.from_float(emb, INT4_EMBEDDING_GROUP)
@@ -190,7 +222,7 @@ def quantize_embedding_and_head_(model: nn.Module, config, summary: Quantization
     if emb_name is not None and isinstance(emb, nn.Embedding):
         summary.float_modules[emb_name] = reason
     if head_name is not None and isinstance(head, nn.Linear):
-        summary.float_modules[head_name] = f"output head follows {reason}"
+        summary.float_modules[head_name] = KeptInFloat(reason.reason, f"output head follows {reason}")
     return head_name
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..arch import check_linear_layout, swap_guard
 from ..distillation import KD_TEMPERATURE, DistillationLoss, DistillationTrainer, TrainConfig
-from .api import QuantizationSummary, quantize_embedding_and_head_
+from .api import KeptInFloat, QuantizationSummary, Reason, quantize_embedding_and_head_
 from .api import linear_from_config as _linear_from_config
 from .configs import CONFIGS, config_to_dict
 from .configs import Int4WeightOnlyConfig as Int4WeightOnly
@@ -128,8 +128,9 @@ def convert_(model: nn.Module) -> QuantizationSummary:
         head_name = quantize_embedding_and_head_(model, config, summary)
         for name, module in model.named_modules():  # Linears prepare_qat_ left alone stay in float: say so
             if isinstance(module, nn.Linear) and name != head_name:
-                summary.float_modules[name] = ("not prepared for QAT (filter_fn or in_features not divisible by "
-                                               "group_size)")
+                why = Reason.GROUP_SIZE if module.in_features % getattr(config, "group_size", 1) else Reason.FILTER_FN
+                summary.float_modules[name] = KeptInFloat(why, "not prepared for QAT (filter_fn or in_features not "
+                                                               "divisible by group_size)")
         model.quantization_config = config_to_dict(config)
         del model.qat_config
     return summary
