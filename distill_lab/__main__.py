@@ -132,7 +132,7 @@ def _cmd_compress(args) -> int:
     from ._fs import clean_stale_tmp, folder_lock, make_tmp_dir, replace_dir, share_permissions, write_manifest
     from .evaluate import generate_samples
     from .models import load_model
-    from .pipeline import Recipe, check_work_dir, run_recipe
+    from .pipeline import Recipe, check_work_dir, group_size_skips, run_recipe
 
     profile = _profile(args.profile)
     recipe = Recipe.load(args.recipe)  # before loading anything: bad recipes fail fast
