@@ -153,7 +153,7 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         for phase, steps, opt in plan:
             sched = {k: opt[k] for k in ("lr", "min_lr_ratio") if k in opt}
-            loss = DistillationLoss(temperature=1.0, alpha=opt.get("alpha", 1.0))
+            loss = DistillationLoss(kd_temperature=1.0, alpha=opt.get("alpha", 1.0))
             if phase in caches:
                 DistillationTrainer(s, caches[phase], loss=loss, config=config(steps, **sched)).train()
             elif phase == "live":

@@ -56,7 +56,7 @@ def main():
         cfg = TrainConfig(steps=args.steps + 1, batch_size=args.batch, bf16=True,
                           teacher_bf16=m["teacher_bf16"], progress=False)
         trainers[name] = DistillationTrainer(student, m["train"], teacher=m["teacher"], config=cfg,
-                                             loss=DistillationLoss(temperature=2.0, alpha=0.5))
+                                             loss=DistillationLoss(kd_temperature=2.0, alpha=0.5))
         before = _rss_bytes()
         _, peak = dl.peak_memory(trainers[name].train_step)  # warm-up step, and its peak
         peaks[name] = peak - before if trainers[name].device.type == "cpu" else peak

@@ -132,7 +132,7 @@ def _cmd_compress(args) -> int:
     from ._fs import clean_stale_tmp, folder_lock, make_tmp_dir, replace_dir, share_permissions, write_manifest
     from .evaluate import generate_samples
     from .models import load_model
-    from .pipeline import Recipe, check_work_dir, run_recipe
+    from .pipeline import Recipe, check_work_dir, group_size_skips, run_recipe
 
     profile = _profile(args.profile)
     recipe = Recipe.load(args.recipe)  # before loading anything: bad recipes fail fast
@@ -152,7 +152,7 @@ def _cmd_compress(args) -> int:
         result = run_recipe(teacher, tokenizer, recipe, work, profile=profile, seed=args.seed,
                             progress=not args.quiet, keep_model=False)
         for rec in result.steps:  # layers a resumed quantize step left in float: said even with --quiet
-            skipped = [k for k, v in rec.extras.get("kept_in_float", {}).items() if "group_size" in str(v)]
+            skipped = list(group_size_skips(rec.extras))
             if rec.resumed and skipped:
                 print(f"distill-lab compress: step {rec.index} ({rec.kind}) left {len(skipped)} layer(s) in float: "
                       f"group_size does not divide their input width (e.g. {skipped[0]})", file=sys.stderr)

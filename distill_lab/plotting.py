@@ -173,7 +173,7 @@ def plot_distillation_view(view: dict, axes=None):
     ax.barh(y + 0.2, view["teacher_probs"], height=0.4, label="teacher", color="tab:blue")
     ax.barh(y - 0.2, view["student_probs"], height=0.4, label="student", color="tab:orange")
     ax.set_yticks(y, [repr(t) for t in view["tokens"]])
-    ax.set_xlabel(f"probability at T = {view['temperature']:.2f}")
+    ax.set_xlabel(f"probability at T = {view['kd_temperature']:.2f}")
     ax.set_title(f"teacher entropy {view['teacher_entropy_bits']:.2f} bits; target {view['target']!r}")
     ax.legend(loc="lower right")
     terms = {"α·T²·KL": view["kd_term"], "(1−α)·CE": view["ce_term"], "total": view["total"]}

@@ -131,17 +131,17 @@ def recipe_panel(run, plot, heads_keep: float = 1.0, channels_keep: float = STUD
     return _interactive(wire(run, plot, figsize=(7.5, 4)), knobs, {"manual": True, "manual_name": "Run recipe"})
 
 
-def distillation_widget(student_logits, teacher_logits, target: int, tokenizer, temperature: float = 2.0,
+def distillation_widget(student_logits, teacher_logits, target: int, tokenizer, kd_temperature: float = 2.0,
                         alpha: float = 0.5, k: int = 8):
     """Sliders for the distillation temperature and alpha that redraw the softened distributions and loss terms."""
-    t_slider = widgets.FloatSlider(value=temperature, min=0.25, max=8.0, step=0.25, description="temperature T",
+    t_slider = widgets.FloatSlider(value=kd_temperature, min=0.25, max=8.0, step=0.25, description="temperature T",
                                    continuous_update=False, style=_STYLE, layout=_layout())
     a_slider = widgets.FloatSlider(value=alpha, min=0.0, max=1.0, step=0.05, description="alpha (weight of KL)",
                                    continuous_update=False, style=_STYLE, layout=_layout())
-    compute = lambda temperature, alpha: distillation_view(  # noqa: E731
-        student_logits, teacher_logits, target, tokenizer, temperature, alpha, k)
+    compute = lambda kd_temperature, alpha: distillation_view(  # noqa: E731
+        student_logits, teacher_logits, target, tokenizer, kd_temperature, alpha, k)
     view = wire(compute, plot_distillation_view, figsize=(9, 3.5), ncols=2, gridspec_kw={"width_ratios": [2, 1]})
-    return _interactive(view, {"temperature": t_slider, "alpha": a_slider})
+    return _interactive(view, {"kd_temperature": t_slider, "alpha": a_slider})
 
 
 def granularity_label(granularity) -> str:

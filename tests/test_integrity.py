@@ -384,7 +384,9 @@ def test_finding7_a_constant_group_keeps_its_value(symmetric):
 
 
 def test_finding7_group_size_that_divides_no_layer_is_an_error(tmp_path, data, capsys):
+    from distill_lab.pipeline import group_size_skips
     from distill_lab.quantization import Int4WeightOnlyConfig, quantize_
+    from distill_lab.quantization.api import Reason
 
     with pytest.raises(ValueError, match=r"group_size=100 divides none"):
         quantize_(tiny_llama(), Int4WeightOnlyConfig(group_size=100))
@@ -393,12 +395,13 @@ def test_finding7_group_size_that_divides_no_layer_is_an_error(tmp_path, data, c
     # one that skips some layers is reported in the summary and printed without progress bars
     model = tiny_llama(hidden_size=64, intermediate_size=128)
     summary = quantize_(tiny_llama(hidden_size=64, intermediate_size=128), Int4WeightOnlyConfig(group_size=128))
-    assert any("group_size=128" in why for why in summary.float_modules.values())
+    assert any(why.reason is Reason.GROUP_SIZE and "group_size=128" in str(why)
+               for why in summary.float_modules.values())
     capsys.readouterr()
     result = _run(model, Recipe("g", [{"quantize": {"method": "int4", "group_size": 128}}]), tmp_path / "h", data)
     err = capsys.readouterr().err
     assert "stayed in float" in err and "group_size" in err
-    assert result.final.extras["kept_in_float"]
+    assert group_size_skips(result.final.extras)  # read back from the step's structured record
 
 
 def test_finding7_labels_other_than_ids_and_minus_100_are_refused():

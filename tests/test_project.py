@@ -121,3 +121,25 @@ def test_link_checker_finds_a_planted_broken_link(tmp_path):
 def test_readme_links_every_docs_page():
     links = set(re.findall(r"\]\((docs/[^)#\s]+)", (ROOT / "README.md").read_text()))
     assert {f"docs/{p.name}" for p in DOC_PAGES[1:]} <= links
+
+
+def test_every_in_place_technique_returns_one_summary_type():
+    """The model-level ``*_`` functions (issue 32: they returned 7 types) all return ``distill_lab.summary.Summary``."""
+    import inspect
+    import typing
+
+    from distill_lab import pruning, quantization
+    from distill_lab.summary import Summary
+
+    found = {}
+    for package in (quantization, pruning):
+        for name in package.__all__:
+            fn = getattr(package, name)
+            if name.endswith("_") and inspect.isfunction(fn):
+                params = list(inspect.signature(fn).parameters)
+                if params and params[0] == "model":
+                    found[name] = typing.get_type_hints(fn).get("return")
+    assert {"quantize_", "gptq_", "awq_", "smooth_", "prepare_qat_", "convert_", "prune_", "prune_structured_",
+            "to_sparse_csr_", "to_semi_structured_"} <= set(found)
+    wrong = {n: r for n, r in found.items() if not (isinstance(r, type) and issubclass(r, Summary))}
+    assert not wrong, f"in-place techniques that do not return a Summary: {wrong}"

@@ -23,7 +23,7 @@ def test_distillation_widget_recomputes_on_slider_change():
     cold = w.result
     w.children[0].value, w.children[1].value = 4.0, 1.0
     hot = w.result
-    assert cold["temperature"] == 1.0 and hot["alpha"] == 1.0
+    assert cold["kd_temperature"] == 1.0 and hot["alpha"] == 1.0
     assert cold["teacher_entropy_bits"] < hot["teacher_entropy_bits"]
     assert cold["total"] == pytest.approx(cold["ce"]) and hot["total"] == pytest.approx(16 * hot["kl"])
     assert hot["tokens"][0] == f"t{int(teacher.argmax())}" and len(hot["student_probs"]) == 5

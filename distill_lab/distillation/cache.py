@@ -30,7 +30,7 @@ class TeacherCache:
     """Token windows with their teacher's top-k logits, ready for offline distillation."""
 
     windows: torch.Tensor  # (N, T) token ids
-    values: torch.Tensor  # (N, T, k) float16 teacher logits (temperature 1), descending
+    values: torch.Tensor  # (N, T, k) float16 teacher logits (kd_temperature 1), descending
     indices: torch.Tensor  # (N, T, k) int32 vocabulary ids
     mass: torch.Tensor  # (N, T) float32 teacher probability (T = 1) covered by the top-k
     meta: dict = field(default_factory=dict)  # k, vocab_size, bf16, teacher name
@@ -124,11 +124,11 @@ def topk_fidelity(student_logits: torch.Tensor, teacher_logits: torch.Tensor, la
     """For each k: bytes per token, teacher mass kept (at the loss's T), and the distillation term
     computed from top-k vs from the full teacher (absolute and relative error)."""
     V = teacher_logits.shape[-1]
-    full_loss = DistillationLoss(loss.temperature, 1.0, loss.kind, loss.beta, loss.chunk_size)
+    full_loss = DistillationLoss(loss.kd_temperature, 1.0, loss.kind, loss.beta, loss.chunk_size)
     _, parts = full_loss(student_logits, teacher_logits, labels, return_parts=True)
     full = parts["kd"]
     valid = labels != IGNORE_INDEX
-    logq_T = torch.log_softmax(teacher_logits.float() / loss.temperature, -1)  # (B, T, V)
+    logq_T = torch.log_softmax(teacher_logits.float() / loss.kd_temperature, -1)  # (B, T, V)
     rows = []
     for k in ks:
         k = min(int(k), V)

@@ -33,7 +33,7 @@ class SequenceData:
 
 @torch.no_grad()
 def generate_distillation_data(teacher: nn.Module, tokenizer, prompts: list[str],
-                               max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0,
+                               max_new_tokens: int = 64, sampling_temperature: float = 0.0, seed: int = 0,
                                chat: bool = False, progress: bool = True) -> SequenceData:
     """Let the teacher answer each prompt and return the token sequences for a student to learn from.
 
@@ -44,8 +44,8 @@ def generate_distillation_data(teacher: nn.Module, tokenizer, prompts: list[str]
         raise ValueError("prompts=[]; allowed: a non-empty list of strings")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r}; allowed: an int >= 1")
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature}; allowed: >= 0 (0 means greedy)")
+    if not sampling_temperature >= 0:
+        raise ValueError(f"sampling_temperature={sampling_temperature}; allowed: >= 0 (0 means greedy)")
     device = device_of(teacher)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     seqs, prompt_lens, texts = [], [], []
@@ -55,7 +55,8 @@ def generate_distillation_data(teacher: nn.Module, tokenizer, prompts: list[str]
                                               add_generation_prompt=True) if chat else prompt)
         ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
         torch.manual_seed(seed + j)
-        kwargs = (dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0
+        kwargs = (dict(do_sample=True, temperature=sampling_temperature, top_k=0, top_p=1.0)
+                  if sampling_temperature > 0
                   else dict(do_sample=False, temperature=None, top_k=None, top_p=None))
         out = teacher.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                pad_token_id=pad, **kwargs)[0].cpu()

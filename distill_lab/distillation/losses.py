@@ -12,7 +12,16 @@
 The loss computes its gradient in the forward pass, chunk by chunk over tokens, so that beyond the
 logits themselves it keeps exactly one extra ``(B, T, V)`` tensor (the gradient) plus
 ``(chunk_size, V)`` temporaries: a 49k vocabulary fits on a laptop. Every KL in the package
-(distillation, healing a pruned model, QAT, ``prune.kl_to_teacher``) is this one.
+(distillation, healing a pruned model, QAT, ``pruning.kl_to_teacher``, the lesson's ``distillation_view``)
+is this one, and every KL in it is ``kl_divergence``.
+
+Two temperatures, two names. ``kd_temperature`` is the *softening* temperature of the divergence
+(both distributions at ``softmax(logits / T)``, the loss scaled by T²). Its default, ``KD_TEMPERATURE = 1``,
+is the one every lesson, recipe, healing and QAT run uses: at T = 1 the loss compares the very
+distributions the course evaluates (perplexity, KL to the teacher), as in Minitron and GKD; Hinton's
+T > 1 is a knob to turn, not the default. ``sampling_temperature`` (``on_policy``, ``TrainConfig``,
+``data.generate_distillation_data``) is how the student or teacher *samples* tokens; it never enters a
+divergence.
 """
 
 from __future__ import annotations
@@ -24,11 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["IGNORE_INDEX", "KINDS", "DistillationLoss", "HiddenStateLoss", "TopKLogits", "divergence_reference",
-           "soft_target_loss"]
+__all__ = ["IGNORE_INDEX", "KD_TEMPERATURE", "KINDS", "DistillationLoss", "HiddenStateLoss", "TopKLogits",
+           "divergence_reference", "kl_divergence", "soft_target_loss"]
 
 IGNORE_INDEX = -100
 KINDS = ("forward_kl", "reverse_kl", "jsd")
+KD_TEMPERATURE = 1.0  # the one default softening temperature (see the module docstring)
 
 
 @dataclass
@@ -43,7 +53,7 @@ class TopKLogits:
     equals the live-teacher loss exactly. ``topk_fidelity`` measures what is lost for smaller k.
     """
 
-    values: torch.Tensor  # (B, T, k) float, teacher logits at temperature 1, descending
+    values: torch.Tensor  # (B, T, k) float, teacher logits at kd_temperature 1, descending
     indices: torch.Tensor  # (B, T, k) int, vocabulary ids of those logits
 
     def __post_init__(self):
@@ -76,7 +86,8 @@ class DistillationLoss(nn.Module):
     ``beta · KL(teacher ‖ m) + (1 − beta) · KL(student ‖ m)`` with ``m = beta · teacher +
     (1 − beta) · student``; as in TRL's GKD trainer, ``beta = 0`` is defined as the forward KL and
     ``beta = 1`` as the reverse KL (the unscaled JSD tends to 0 at both ends; JSD/beta tends to the
-    forward KL and JSD/(1 − beta) to the reverse KL). The CE term uses temperature 1.
+    forward KL and JSD/(1 − beta) to the reverse KL). ``T`` is ``kd_temperature`` (the softening
+    temperature, default ``KD_TEMPERATURE``); the CE term uses T = 1.
 
     ``labels`` are aligned with the logits (``labels[b, t]`` is the target of ``logits[b, t]``, so a
     causal LM passes its inputs shifted left by one); positions labelled -100 (padding, prompts, the
@@ -84,30 +95,36 @@ class DistillationLoss(nn.Module):
     kept positions divided by their number.
     """
 
-    def __init__(self, temperature: float = 2.0, alpha: float = 0.5, kind: str = "forward_kl",
+    def __init__(self, kd_temperature: float = KD_TEMPERATURE, alpha: float = 0.5, kind: str = "forward_kl",
                  beta: float = 0.5, chunk_size: int | None = 128):
         super().__init__()
-        _check_range("temperature", temperature, 0.0, math.inf, low_open=True)
+        _check_range("kd_temperature", kd_temperature, 0.0, math.inf, low_open=True)
         _check_range("alpha", alpha, 0.0, 1.0)
         if kind not in KINDS:
             raise ValueError(f"kind={kind!r}; allowed: {', '.join(repr(k) for k in KINDS)}")
         _check_range("beta", beta, 0.0, 1.0)
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size={chunk_size!r}; allowed: a positive int (tokens per chunk) or None")
-        self.temperature = float(temperature)  # softening temperature T > 0
+        self.kd_temperature = float(kd_temperature)  # softening temperature T > 0
         self.alpha = float(alpha)  # weight of the distillation term, in [0, 1]
         self.kind = kind  # "forward_kl" | "reverse_kl" | "jsd"
         self.beta = float(beta)  # JSD interpolation in [0, 1] (only for kind="jsd")
         self.chunk_size = chunk_size  # tokens per chunk; None = all at once
 
     def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, alpha={self.alpha}, kind={self.kind!r}, "
+        return (f"kd_temperature={self.kd_temperature}, alpha={self.alpha}, kind={self.kind!r}, "
                 f"beta={self.beta}, chunk_size={self.chunk_size}")
 
     @property
     def needs_teacher(self) -> bool:
         """True when the loss has a distillation term (alpha > 0)."""
         return self.alpha > 0
+
+    def weighted_terms(self, parts: dict) -> dict:
+        """The two terms of the total from ``return_parts``'s ``{"kd", "ce"}``: ``alpha · T² · kd``, ``(1 − alpha) · ce``."""
+        kd_term = self.alpha * self.kd_temperature ** 2 * parts["kd"]
+        ce_term = (1 - self.alpha) * parts["ce"]
+        return {"kd_term": kd_term, "ce_term": ce_term, "total": kd_term + ce_term}
 
     def forward(self, student_logits: torch.Tensor, teacher_logits=None,
                 labels: torch.Tensor | None = None, return_parts: bool = False):
@@ -158,6 +175,15 @@ class DistillationLoss(nn.Module):
                              f"student V={V}")
 
 
+def kl_divergence(a: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """``KL(a ‖ b) = Σ a · (log a − log b)`` over the last dimension, from ``a``'s probabilities and both log-probs.
+
+    The package's one KL: forward KL is ``kl_divergence(q, log q, log p)`` (teacher q, student p), reverse
+    KL ``kl_divergence(p, log p, log q)``, and the generalized JSD a mix of two of them.
+    """
+    return (a * (log_a - log_b)).sum(-1)
+
+
 def _divergence(kind: str, beta: float, logp: torch.Tensor, logq: torch.Tensor,
                 need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row divergence ``D(q, p)`` for student log-probs ``logp`` and teacher ``logq`` (c, V'),
@@ -168,17 +194,16 @@ def _divergence(kind: str, beta: float, logp: torch.Tensor, logq: torch.Tensor,
         kind = "reverse_kl"
     if kind == "forward_kl":
         q = logq.exp()
-        d = (q * (logq - logp)).sum(-1)  # (c,)
+        d = kl_divergence(q, logq, logp)  # (c,)
         return d, (logp.exp() - q if need_grad else None)
     p = logp.exp()  # (c, V')
     if kind == "reverse_kl":
-        f = logp - logq
-        d = (p * f).sum(-1)
-        return d, (p * (f - d[:, None]) if need_grad else None)
+        d = kl_divergence(p, logp, logq)
+        return d, (p * (logp - logq - d[:, None]) if need_grad else None)
     # generalized JSD: m = beta q + (1 - beta) p; dD/dp_i = (1 - beta)(log p_i - log m_i)
     q = logq.exp()
     logm = torch.logaddexp(logq + math.log(beta), logp + math.log1p(-beta))
-    d = beta * (q * (logq - logm)).sum(-1) + (1 - beta) * (p * (logp - logm)).sum(-1)
+    d = beta * kl_divergence(q, logq, logm) + (1 - beta) * kl_divergence(p, logp, logm)
     if not need_grad:
         return d, None
     g = (1 - beta) * (logp - logm)
@@ -207,7 +232,7 @@ class _DistillFunction(torch.autograd.Function):
                 t_idx = teacher.indices.reshape(B * T, -1)
             else:
                 t_flat = teacher.reshape(B * T, V)
-        temp, alpha = loss.temperature, loss.alpha
+        temp, alpha = loss.kd_temperature, loss.alpha
         kd_sum = torch.zeros((), dtype=torch.float64)
         ce_sum = torch.zeros((), dtype=torch.float64)
         chunk = loss.chunk_size or B * T
@@ -231,7 +256,7 @@ class _DistillFunction(torch.autograd.Function):
                         logp = torch.log_softmax(s, -1)
                         del s
                         q = logq.exp()
-                        d = (q * (logq - logp.gather(-1, idx))).sum(-1)
+                        d = kl_divergence(q, logq, logp.gather(-1, idx))
                         if need_grad:
                             g = logp.exp_().scatter_add_(-1, idx, -q)  # p - q, in place
                     else:  # both on the top-k support (the student renormalised there)
@@ -274,23 +299,25 @@ class _DistillFunction(torch.autograd.Function):
 
 
 def divergence_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                         temperature: float = 1.0, kind: str = "forward_kl",
+                         kd_temperature: float = KD_TEMPERATURE, kind: str = "forward_kl",
                          beta: float = 0.5) -> torch.Tensor:
     """Plain (unchunked, autograd) per-position divergence, shape (..., ): the textbook formulas."""
-    logp = torch.log_softmax(student_logits / temperature, -1)
-    logq = torch.log_softmax(teacher_logits / temperature, -1)
+    logp = torch.log_softmax(student_logits / kd_temperature, -1)
+    logq = torch.log_softmax(teacher_logits / kd_temperature, -1)
     return _divergence(kind, beta, logp, logq, need_grad=False)[0]
 
 
-def soft_target_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
-                     kind: str = "forward_kl", beta: float = 0.5) -> torch.Tensor:
+def soft_target_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                     kd_temperature: float = KD_TEMPERATURE, kind: str = "forward_kl",
+                     beta: float = 0.5) -> torch.Tensor:
     """``T² · D(p_teacher^T, p_student^T)`` averaged over every position of ``(..., V)`` logits, by autograd.
 
-    The unchunked form of ``DistillationLoss(temperature, alpha=1, kind, beta)`` without labels: the same
+    The unchunked form of ``DistillationLoss(kd_temperature, alpha=1, kind, beta)`` without labels: the same
     formulas (``divergence_reference``), with autograd's gradient and a few ``(..., V)`` temporaries.
-    QAT's ``kd_loss`` and the healing loop of ``pruning.heal(use_trainer=False)`` use it.
+    The healing loop of ``pruning.heal(use_trainer=False)`` uses it; QAT's tests measure with it.
     """
-    return divergence_reference(student_logits, teacher_logits, temperature, kind, beta).mean() * temperature ** 2
+    return (divergence_reference(student_logits, teacher_logits, kd_temperature, kind, beta).mean()
+            * kd_temperature ** 2)
 
 
 class HiddenStateLoss(nn.Module):

@@ -13,7 +13,7 @@ How it fits ``DistillationTrainer`` (``TrainConfig.lmbda > 0``): each optimizer 
 with probability ``lmbda``, a coin seeded by ``(seed, step)`` (as TRL's per-step draw; a resumed run
 or every DDP process flips the same coin). On such a step the first ``prompt_tokens`` of each window
 are the prompt; the student samples ``gen_tokens`` more (eval mode, ``no_grad``, a seeded generator,
-``gen_temperature``, no stop token); the live teacher runs on prompt + generated ids; the loss's
+``sampling_temperature``, no stop token); the live teacher runs on prompt + generated ids; the loss's
 divergence counts only the generated positions (labels -100 on the prompt). Off-policy steps are
 the trainer's usual ones.
 """
@@ -32,7 +32,7 @@ from ..timing import sync
 from .data import shift_labels
 from .losses import IGNORE_INDEX, DistillationLoss
 
-__all__ = ["check_on_policy_config", "check_on_policy_setup", "generated_labels", "is_on_policy_step",
+__all__ = ["check_on_policy_config", "check_on_policy_setup", "check_sampling_temperature", "generated_labels", "is_on_policy_step",
            "on_policy_batch", "on_policy_divergence", "on_policy_summary", "sample_continuations"]
 
 
@@ -42,7 +42,7 @@ def _seed(*parts: int) -> int:
 
 
 def check_on_policy_config(cfg) -> None:
-    """Check ``TrainConfig``'s on-policy fields: ``lmbda``, ``prompt_tokens``, ``gen_tokens``, ``gen_temperature``."""
+    """Check ``TrainConfig``'s on-policy fields: ``lmbda``, ``prompt_tokens``, ``gen_tokens``, ``sampling_temperature``."""
     lmbda = cfg.lmbda
     if isinstance(lmbda, bool) or not isinstance(lmbda, (int, float)) or not 0.0 <= lmbda <= 1.0:
         raise ValueError(f"TrainConfig.lmbda={lmbda!r}; allowed: a float in [0, 1] "
@@ -51,10 +51,13 @@ def check_on_policy_config(cfg) -> None:
         value = getattr(cfg, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"TrainConfig.{name}={value!r}; allowed: an int >= 1")
-    t = cfg.gen_temperature
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and t > 0):
-        raise ValueError(f"TrainConfig.gen_temperature={t!r}; allowed: a float > 0 and finite "
-                         f"(1 samples from the student as it is)")
+    check_sampling_temperature(cfg.sampling_temperature, "TrainConfig.sampling_temperature")
+
+
+def check_sampling_temperature(value, name: str = "sampling_temperature") -> None:
+    """A sampling temperature is a finite float > 0 (1 samples from the model as it is)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}={value!r}; allowed: a float > 0 and finite (1 samples from the model as it is)")
 
 
 def check_on_policy_setup(cfg, loss, teacher: nn.Module | None, train, every_position: bool) -> None:
@@ -86,13 +89,15 @@ def is_on_policy_step(seed: int, step: int, lmbda: float) -> bool:
 
 
 @torch.no_grad()
-def sample_continuations(model: nn.Module, prompts: torch.Tensor, gen_tokens: int, temperature: float = 1.0,
+def sample_continuations(model: nn.Module, prompts: torch.Tensor, gen_tokens: int,
+                         sampling_temperature: float = 1.0,
                          generator: torch.Generator | None = None, bf16: bool | str = False) -> torch.Tensor:
     """Sample ``gen_tokens`` tokens after each prompt ``(B, P)``; return prompt + generated ids ``(B, P + G)``.
 
-    Plain ancestral sampling from ``softmax(logits / temperature)`` (no top-k/top-p, no stop token),
-    with a KV cache, in eval mode; the model's train/eval mode is restored afterwards.
+    Plain ancestral sampling from ``softmax(logits / sampling_temperature)`` (no top-k/top-p, no stop
+    token), with a KV cache, in eval mode; the model's train/eval mode is restored afterwards.
     """
+    check_sampling_temperature(sampling_temperature)
     was_training = model.training
     model.eval()
     try:
@@ -100,7 +105,7 @@ def sample_continuations(model: nn.Module, prompts: torch.Tensor, gen_tokens: in
             out = model(prompts, use_cache=True)
             new = []
             for i in range(gen_tokens):
-                probs = torch.softmax(out.logits[:, -1].float() / temperature, -1)  # (B, V)
+                probs = torch.softmax(out.logits[:, -1].float() / sampling_temperature, -1)  # (B, V)
                 new.append(torch.multinomial(probs, 1, generator=generator))  # (B, 1)
                 if i + 1 < gen_tokens:  # feed the sampled token back with the KV cache ('cache' from transformers 5.2x)
                     key = "cache" if "cache" in out else "past_key_values"
@@ -131,7 +136,7 @@ def on_policy_batch(student: nn.Module, windows: torch.Tensor, cfg, step: int, m
     gen = torch.Generator(device=device).manual_seed(_seed(cfg.seed, step, micro, rank))
     sync(device)
     start = time.perf_counter()
-    ids = sample_continuations(student, windows[:, :cfg.prompt_tokens], cfg.gen_tokens, cfg.gen_temperature,
+    ids = sample_continuations(student, windows[:, :cfg.prompt_tokens], cfg.gen_tokens, cfg.sampling_temperature,
                                gen, cfg.bf16)
     sync(device)
     return ids, generated_labels(ids, cfg.prompt_tokens), time.perf_counter() - start
@@ -139,17 +144,20 @@ def on_policy_batch(student: nn.Module, windows: torch.Tensor, cfg, step: int, m
 
 @torch.no_grad()
 def on_policy_divergence(student: nn.Module, teacher: nn.Module, prompts: torch.Tensor, gen_tokens: int,
-                         loss: DistillationLoss | None = None, seed: int = 0, temperature: float = 1.0) -> float:
+                         loss: DistillationLoss | None = None, seed: int = 0,
+                         sampling_temperature: float = 1.0) -> float:
     """The loss's divergence to the teacher on text the student generates from ``prompts`` ``(B, P)``.
 
     What on-policy distillation lowers: the student samples ``gen_tokens`` per prompt (seeded), the
     teacher scores them, and ``D(teacher, student)`` is averaged over the generated positions only.
+    ``sampling_temperature`` is how the student samples; the loss's own ``kd_temperature`` softens the
+    divergence (default ``DistillationLoss(alpha=1)``, at ``KD_TEMPERATURE``).
     """
-    loss = loss or DistillationLoss(temperature=1.0, alpha=1.0)
+    loss = loss or DistillationLoss(alpha=1.0)
     device = device_of(student)
     prompts = prompts.to(device)
     gen = torch.Generator(device=device).manual_seed(_seed(seed, 0x65766C))
-    ids = sample_continuations(student, prompts, gen_tokens, temperature, gen)
+    ids = sample_continuations(student, prompts, gen_tokens, sampling_temperature, gen)
     was_training = student.training
     student.eval()
     s_logits, t_logits = student(ids).logits.float(), teacher(ids.to(device_of(teacher))).logits.float()

@@ -1,10 +1,10 @@
 """The one place where the exercises import the package's techniques and tools (the references they check against)."""
 
-from ..distillation import DistillationLoss, TopKLogits
+from ..distillation import KD_TEMPERATURE, DistillationLoss, TopKLogits
 from ..models import tiny_llama
 from ..profiles import set_seed
 from ..pruning.masks import nm_mask, unstructured_mask
 from ..quantization.primitives import fake_quantize, quantize_tensor, sqnr_db
 
-__all__ = ["DistillationLoss", "TopKLogits", "fake_quantize", "nm_mask", "quantize_tensor", "set_seed", "sqnr_db",
+__all__ = ["KD_TEMPERATURE", "DistillationLoss", "TopKLogits", "fake_quantize", "nm_mask", "quantize_tensor", "set_seed", "sqnr_db",
            "tiny_llama", "unstructured_mask"]

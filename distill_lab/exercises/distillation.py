@@ -11,19 +11,19 @@ import torch
 
 from ..runtime import device_of
 from ._check import allclose, check, label_of, yours_or_reference
-from ._package import DistillationLoss, TopKLogits, set_seed, tiny_llama
+from ._package import KD_TEMPERATURE, DistillationLoss, TopKLogits, set_seed, tiny_llama
 
 
 def kd_loss_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                       temperature: float) -> torch.Tensor:
     """``T² · mean_rows KL(q_T ‖ p_T)`` for (N, V) logits, by ``DistillationLoss(alpha=1)``."""
-    loss = DistillationLoss(temperature=temperature, alpha=1.0, kind="forward_kl")
+    loss = DistillationLoss(temperature, alpha=1.0, kind="forward_kl")
     return loss(student_logits[None], teacher_logits[None])
 
 
 def _reverse_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                        temperature: float) -> torch.Tensor:
-    loss = DistillationLoss(temperature=temperature, alpha=1.0, kind="reverse_kl")
+    loss = DistillationLoss(temperature, alpha=1.0, kind="reverse_kl")
     return loss(student_logits[None].double(), teacher_logits[None].double()) / temperature ** 2
 
 
@@ -216,7 +216,7 @@ def check_train_step(fn) -> bool:
 
 
 def train_with(make_student, teacher, windows: torch.Tensor, train_step, kd_loss, steps: int,
-               batch_size: int, lr: float, temperature: float = 2.0, seed: int = 0) -> dict:
+               batch_size: int, lr: float, kd_temperature: float = KD_TEMPERATURE, seed: int = 0) -> dict:
     """Train ``make_student()`` for ``steps`` with the learner's ``train_step`` and ``kd_loss`` (live teacher, fp32).
 
     Batch ``i`` is ``windows[i·batch_size : (i+1)·batch_size]``; AdamW at a constant ``lr``. Returns
@@ -229,7 +229,7 @@ def train_with(make_student, teacher, windows: torch.Tensor, train_step, kd_loss
     device = device_of(student)
     optimizer = torch.optim.AdamW(student.parameters(), lr=lr)
     losses = [step(student, teacher, windows[i * batch_size:(i + 1) * batch_size].to(device), optimizer, loss,
-                   temperature) for i in range(steps)]
+                   kd_temperature) for i in range(steps)]
     return {"losses": [float(x) for x in losses], "by": label_of(step, loss)}
 
 

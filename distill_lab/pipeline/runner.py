@@ -29,6 +29,7 @@ from ..serialization import load_saved, save_model
 from .context import StepContext, _notice, code_version, model_digest
 from .measure import SPEED_KEYS, eval_windows, measure, measure_speed, relative
 from .recipe import STEPS, Recipe
+from .steps import group_size_skips
 
 __all__ = ["HEALING_STEPS", "QualityGuardError", "RecipeResult", "STATE_FILE", "StepRecord", "WORK_MARKER",
            "check_work_dir", "run_recipe", "teacher_metrics"]
@@ -418,7 +419,7 @@ def run_recipe(teacher: nn.Module, tokenizer, recipe: Recipe, out_dir: str | Pat
                 print(f"[{recipe.name}] step {i + 1} {step.label}: ppl {m[first_ppl_key]:.2f} "
                       f"(×{m[f'ppl_ratio_{first_ppl_key[4:]}']:.2f}), {m['size_bytes'] / 2**20:.1f} MiB "
                       f"({m['size_reduction']:.1f}× smaller), {seconds:.0f} s")
-            skipped = {k: v for k, v in ctx.extras.get("kept_in_float", {}).items() if "group_size" in str(v)}
+            skipped = group_size_skips(ctx.extras)
             if skipped:  # printed even without progress: the user asked for these layers to be quantized
                 _notice(f"[{recipe.name}] step {i + 1} {step.label}: {len(skipped)} layer(s) stayed in float "
                         f"because group_size does not divide their input width (e.g. {next(iter(skipped))}: "

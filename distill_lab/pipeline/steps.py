@@ -14,12 +14,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..distillation import DistillationLoss, DistillationTrainer, TeacherCache, TrainConfig, cache_teacher_logits
+from ..distillation import (KD_TEMPERATURE, DistillationLoss, DistillationTrainer, TeacherCache, TrainConfig,
+                            cache_teacher_logits)
 from ..models import make_student
 from ..pruning.structured import StructuredConfig, prune_structured
 from ..quantization.qat import convert_, prepare_qat_
 from ..quantization import configs as q
-from ..quantization.api import quantize_
+from ..quantization.api import KeptInFloat, Reason, quantize_
 from ..quantization.awq import awq_
 from ..quantization.configs import SmoothQuantConfig
 from ..quantization.gptq import gptq_
@@ -28,7 +29,8 @@ from ..quantization.smoothquant import collect_activation_stats, smooth_
 from .context import StepContext, _notice, model_digest
 from .recipe import _config_from, register_step
 
-__all__ = ["DistilStep", "LayerDropStep", "QATStep", "QUANT_ALGORITHMS", "QUANT_METHODS", "QuantizeStep"]
+__all__ = ["DistilStep", "LayerDropStep", "QATStep", "QUANT_ALGORITHMS", "QUANT_METHODS", "QuantizeStep",
+           "group_size_skips"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -82,7 +84,7 @@ class DistilStep:
     steps: int | None = None  # optimizer steps (null: profile.recipe_steps)
     batch_size: int | None = None  # windows per step (null: profile.recipe_batch)
     lr: float = 2e-4  # peak AdamW learning rate (warm-up, then cosine)
-    temperature: float = 1.0  # distillation temperature T
+    kd_temperature: float = KD_TEMPERATURE  # softening temperature T of the divergence
     alpha: float = 1.0  # weight of the KD term (1 - alpha goes to cross-entropy on the labels)
     kind: str = "forward_kl"  # forward_kl, reverse_kl or jsd
     top_k: int | None = 64  # cached teacher logits per token (null: a live teacher, full vocabulary)
@@ -95,15 +97,26 @@ class DistilStep:
                 raise ValueError(f"{name}={v!r}; allowed: null or an int from 1 to {most:,}")
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not 0 < self.lr <= 1:
             raise ValueError(f"lr={self.lr!r}; allowed: a number in (0, 1]")
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
-                or not self.temperature > 0:
-            raise ValueError(f"temperature={self.temperature!r}; allowed: a number > 0")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
-            raise ValueError(f"alpha={self.alpha!r}; allowed: a number in [0, 1]")
-        if self.kind not in ("forward_kl", "reverse_kl", "jsd"):
-            raise ValueError(f"kind={self.kind!r}; allowed: forward_kl, reverse_kl, jsd")
+        self.loss()  # kd_temperature, alpha and kind are checked by the loss itself
         if not (isinstance(self.bf16, bool) or self.bf16 == "auto"):
             raise ValueError(f"bf16={self.bf16!r}; allowed: true, false or auto (measured on this machine)")
+
+
+    def loss(self) -> DistillationLoss:
+        """The step's loss, built (and so validated) by ``DistillationLoss`` itself."""
+        return DistillationLoss(self.kd_temperature, self.alpha, self.kind)
+
+
+def _report_kept_in_float(ctx: StepContext, summary) -> None:
+    """Record what stayed in float, as structured ``KeptInFloat`` dicts (JSON in the step record)."""
+    ctx.report("kept_in_float", {name: why.to_dict() for name, why in summary.float_modules.items()})
+
+
+def group_size_skips(extras: dict) -> dict:
+    """The modules a step's ``extras`` say stayed in float because ``group_size`` does not divide their width:
+    ``{name: detail}`` (the detail is the printed text)."""
+    kept = {name: KeptInFloat.from_dict(v) for name, v in extras.get("kept_in_float", {}).items()}
+    return {name: why.detail for name, why in kept.items() if why.reason is Reason.GROUP_SIZE}
 
 
 def _validate_distil(config: dict) -> None:
@@ -139,7 +152,7 @@ def _distil_train(model: nn.Module, cfg: DistilStep, ctx: StepContext, before_tr
     windows = windows[:min(len(windows), steps * batch)]  # one pass at most; fewer teacher forwards
     batch = min(batch, len(windows))
     train = _teacher_cache(ctx, windows, cfg.top_k) if cfg.top_k else windows
-    loss = DistillationLoss(temperature=cfg.temperature, alpha=cfg.alpha, kind=cfg.kind)
+    loss = cfg.loss()
     tcfg = TrainConfig(steps=steps, batch_size=batch, lr=cfg.lr, warmup_steps=max(1, steps // 10),
                        bf16=cfg.bf16, seed=ctx.seed, progress=ctx.progress)
     trainer = DistillationTrainer(model, train, teacher=None if cfg.top_k else ctx.teacher,
@@ -221,7 +234,7 @@ def _apply_quantize(model: nn.Module, config: dict, ctx: StepContext) -> nn.Modu
     else:
         summary = quantize_(model, config)
     ctx.report("quantized", _quantized_kinds(model))
-    ctx.report("kept_in_float", dict(summary.float_modules))
+    _report_kept_in_float(ctx, summary)
     return model
 
 
@@ -258,7 +271,7 @@ def _apply_qat(model: nn.Module, config: dict, ctx: StepContext) -> nn.Module:
     summary = convert_(model)
     ctx.report("train_loss", [round(r["loss"], 5) for r in history["train"]])
     ctx.report("quantized", dict(summary.replaced))
-    ctx.report("kept_in_float", dict(summary.float_modules))
+    _report_kept_in_float(ctx, summary)
     return model
 
 
@@ -267,7 +280,7 @@ register_step("layer_drop", _apply_layer_drop, _validate_layer_drop,
 register_step("prune", _apply_prune, lambda c: _prune_config(c),
               "structured pruning of heads / MLP channels / layers (distill_lab.pruning.StructuredConfig)")
 register_step("distil", _apply_distil, _validate_distil,
-              "distil toward the teacher from cached top-k logits; knobs: steps, batch_size, lr, temperature, "
+              "distil toward the teacher from cached top-k logits; knobs: steps, batch_size, lr, kd_temperature, "
               "alpha, kind, top_k, bf16")
 register_step("quantize", _apply_quantize, _validate_quantize,
               "post-training quantization with integer kernels; knobs: method (int8, w8a8, int4), group_size, "

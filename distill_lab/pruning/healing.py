@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..distillation import (DistillationLoss, DistillationTrainer, TeacherCache, TrainConfig, divergence_reference,
-                            soft_target_loss)
+from ..distillation import (KD_TEMPERATURE, DistillationLoss, DistillationTrainer, TeacherCache, TrainConfig,
+                            divergence_reference, soft_target_loss)
 from ..runtime import autocast, device_of
 
 __all__ = ["heal", "kl_to_teacher"]
@@ -21,12 +21,12 @@ __all__ = ["heal", "kl_to_teacher"]
 # ----------------------------------------------------------------------------------------------
 
 def heal(student: nn.Module, teacher: nn.Module | None, windows=None, steps: int = 30,
-         batch_size: int = 4, lr: float = 3e-4, temperature: float = 1.0, bf16: bool | str = "auto",
+         batch_size: int = 4, lr: float = 3e-4, kd_temperature: float = KD_TEMPERATURE, bf16: bool | str = "auto",
          seed: int = 0, progress: bool = True, use_trainer: bool = True) -> list[float]:
     """Distil a pruned student toward the teacher for ``steps`` steps, in place; return the loss per step.
 
     Minitron-style healing: forward KL(teacher || student) on the logits only (``alpha = 1``,
-    temperature 1), AdamW with a short warm-up and cosine decay, run by the package's one training
+    softened at ``kd_temperature``, 1 by default), AdamW with a short warm-up and cosine decay, run by the package's one training
     loop, ``distill_lab.distillation.DistillationTrainer``. ``windows`` is a (N, T) tensor of token
     windows (the teacher runs live; bf16 autocast per ``bf16``, 'auto': where measured faster) or a
     ``distill_lab.distillation.TeacherCache`` of top-k teacher logits, which several pruned students
@@ -42,17 +42,17 @@ def heal(student: nn.Module, teacher: nn.Module | None, windows=None, steps: int
     if teacher is None and not is_cache:
         raise ValueError("heal needs a teacher, or a TeacherCache of its logits as windows")
     if not use_trainer:
-        return _heal_local(student, teacher, windows, steps, batch_size, lr, temperature, bf16, seed, progress)
+        return _heal_local(student, teacher, windows, steps, batch_size, lr, kd_temperature, bf16, seed, progress)
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, weight_decay=0.0,
                          warmup_steps=min(5, max(1, steps // 5)), bf16=bf16,
                          teacher_bf16=bf16, seed=seed, progress=progress)
-    loss = DistillationLoss(temperature=temperature, alpha=1.0, kind="forward_kl")
+    loss = DistillationLoss(kd_temperature, alpha=1.0, kind="forward_kl")
     trainer = DistillationTrainer(student, windows, teacher=None if is_cache else teacher,
                                   loss=loss, config=config, desc="healing", eval_after=True)
     return [row["loss"] for row in trainer.train()["train"]]
 
 
-def _heal_local(student, teacher, windows, steps, batch_size, lr, temperature, bf16, seed, progress):
+def _heal_local(student, teacher, windows, steps, batch_size, lr, kd_temperature, bf16, seed, progress):
     """Healing with the former local loop's settings, on the one trainer: T² · KL(teacher || student) by
     autograd on every position of windows drawn with replacement, AdamW (unfused, no decay) at a
     constant rate, clipping at 1."""
@@ -60,7 +60,7 @@ def _heal_local(student, teacher, windows, steps, batch_size, lr, temperature, b
                          warmup_steps=0, schedule="constant", sampling="random", fused=False, reseed=False,
                          bf16=bf16, teacher_bf16=bf16, seed=seed, progress=progress)
     trainer = DistillationTrainer(student, windows, teacher=teacher, config=config,
-                                  loss=lambda s, t: soft_target_loss(s, t, temperature),
+                                  loss=lambda s, t: soft_target_loss(s, t, kd_temperature),
                                   every_position=True, freeze_teacher=False, desc="healing", eval_after=True)
     return [row["loss"] for row in trainer.train()["train"]]
 

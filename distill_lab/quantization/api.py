@@ -9,12 +9,14 @@ and the output head) with the real quantized module of ``config``, and returns a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 
 import torch
 from torch import nn
 
 from ..arch import check_linear_layout, swap_guard
 from ..runtime import device_of
+from ..summary import Summary
 from ..tensors import storage_key, unique_tensors
 from . import formats  # noqa: F401  the built-in formats register themselves
 from .configs import Int8DynamicConfig, config_to_dict
@@ -26,24 +28,76 @@ from .primitives import check_finite, quantize_tensor
 from .registry import format_for, module_format
 from .serialization import saved_size_bytes
 
-__all__ = ["QuantizationSummary", "compression_report", "fp32_equivalent_bytes", "linear_from_config",
-           "memory_bytes", "quantize_", "quantize_embedding_and_head_"]
+__all__ = ["KeptInFloat", "QuantizationSummary", "Reason", "compression_report", "fp32_equivalent_bytes", "linear_from_config",
+           "memory_bytes", "misfit", "quantize_", "quantize_embedding_and_head_"]
 
 
 
-@dataclass
-class QuantizationSummary:
-    """What ``quantize_`` did: modules replaced per kind, modules left in float, and why."""
+class Reason(str, Enum):
+    """Why ``quantize_`` (or QAT's ``convert_``) left a module in float."""
 
-    config: dict  # the config as a dict
-    replaced: dict = field(default_factory=dict)  # kind -> count
-    float_modules: dict = field(default_factory=dict)  # module name -> reason it stayed in float
+    FILTER_FN = "filter_fn"  # the caller's filter_fn excluded it
+    GROUP_SIZE = "group_size"  # config.group_size does not divide its input width
+    EMBEDDING_BITS = "embedding_bits"  # config.embedding_bits is None: embedding and head stay in float
+    NOT_AN_EMBEDDING = "not_an_embedding"  # the input embedding is not an nn.Embedding
+    EMBEDDING_GROUP = "embedding_group"  # the int4 embedding's group does not divide embedding_dim
+    FORMAT = "format"  # a registered format's fits() refused the layer's shape
+
+
+@dataclass(frozen=True)
+class KeptInFloat:
+    """A module that stayed in float: a ``Reason`` to test, and the ``detail`` that is printed (its ``str``)."""
+
+    reason: Reason
+    detail: str
+
+    def __str__(self) -> str:
+        return self.detail
+
+    def to_dict(self) -> dict:
+        """JSON-ready form, as a recipe step records it."""
+        return {"reason": self.reason.value, "detail": self.detail}
+
+    @classmethod
+    def from_dict(cls, value: dict) -> "KeptInFloat":
+        """Back from ``to_dict`` (a step record read from disk)."""
+        return cls(Reason(value["reason"]), value["detail"])
+
+
+def misfit(in_features: int, config) -> KeptInFloat:
+    """Why a Linear that ``config``'s format cannot take stays in float (int4: the group size does not divide it)."""
+    group = getattr(config, "group_size", None)
+    if group is not None:
+        return KeptInFloat(Reason.GROUP_SIZE, f"in_features={in_features} not divisible by group_size={group}")
+    return KeptInFloat(Reason.FORMAT, f"in_features={in_features} does not fit {type(config).__name__}")
+
+
+@dataclass(repr=False, eq=False)
+class QuantizationSummary(Summary):
+    """What ``quantize_`` (``convert_``, ``gptq_``) did: {module name: its quantized kind}, and in ``kept`` the
+    modules left in float, each with its ``KeptInFloat`` reason."""
+
+    technique: str = "quantize_"
+    unit: str = "quantized kind"
     tied_head: bool = False  # True when the head shares the embedding's codes and scales (int8 or int4)
     paths: dict = field(default_factory=dict)  # kind -> {phase: path} where a phase leaves its fixed path here
 
-    def count(self, kind: str) -> None:
-        """Count one replaced module of ``kind``."""
-        self.replaced[kind] = self.replaced.get(kind, 0) + 1
+    def add(self, name: str, kind: str) -> None:
+        """Record that module ``name`` became a quantized module of ``kind``."""
+        self.changed[name] = kind
+
+    @property
+    def replaced(self) -> dict:
+        """{kind: how many modules became that kind}, in the order first seen."""
+        counts = {}
+        for kind in self.changed.values():
+            counts[kind] = counts.get(kind, 0) + 1
+        return counts
+
+    @property
+    def float_modules(self) -> dict:
+        """{module name: KeptInFloat}: the modules left in float (the same dict as ``kept``)."""
+        return self.kept
 
     def __repr__(self) -> str:
         kinds = ", ".join(f"{v}× {k}" for k, v in self.replaced.items()) or "nothing"
@@ -133,60 +187,62 @@ def quantize_(model: nn.Module, config, filter_fn=None) -> QuantizationSummary:
         check_env()
         kernel_paths()
     with swap_guard(model, "quantize_"):  # the model must still run afterwards, else it is put back
-        head_name = quantize_embedding_and_head_(model, config, summary)
+        head_name = module_name(model, embedding_and_head(model)[1])
+        quantize_embedding_and_head_(model, config, summary)
 
         # 2. every other Linear
         for name, module in list(model.named_modules()):
             if not isinstance(module, nn.Linear) or name == head_name:
                 continue
             if filter_fn is not None and not filter_fn(module, name):
-                summary.float_modules[name] = "filter_fn"
+                summary.float_modules[name] = KeptInFloat(Reason.FILTER_FN, "filter_fn")
                 continue
             qmod = linear_from_config(module, config)
             if qmod is None:
-                summary.float_modules[name] = (f"in_features={module.in_features} not divisible by "
-                                               f"group_size={config.group_size}")
+                summary.float_modules[name] = misfit(module.in_features, config)
                 continue
             set_module(model, name, qmod)
-            summary.count(qmod.kind)
+            summary.add(name, qmod.kind)
         model.quantization_config = config_to_dict(config)  # read by save_quantized
     summary.note_paths(device_of(model))
     return summary
 
 
-def quantize_embedding_and_head_(model: nn.Module, config, summary: QuantizationSummary | None = None) -> str | None:
+def quantize_embedding_and_head_(model: nn.Module, config,
+                                 summary: QuantizationSummary | None = None) -> QuantizationSummary:
     """Quantize the token embedding and the output head with it (shared codes when tied), per ``config.embedding_bits``.
 
     8: int8 rows (``Int8Embedding``) and an int8 head. 4: asymmetric int4 groups of 64 along the
     hidden dim (``Int4Embedding``) and a head on the int4 weight-only kernel; a hidden size that 64
     does not divide keeps both in float, with the reason in the summary (as Linear layers do).
-    Returns the head's module name (so callers can skip it). The tied 49k × 576 head is the
+    Returns ``summary`` (a new one when None) with both recorded. The tied 49k × 576 head is the
     largest single matmul of a decode step, so leaving it in float caps the speed-up.
     """
     summary = summary if summary is not None else QuantizationSummary(config=config_to_dict(config))
     emb, head = embedding_and_head(model)
     emb_name, head_name = module_name(model, emb), module_name(model, head)
     bits = config.embedding_bits
-    reason = f"embedding_bits={bits}" if bits is None else "the input embedding is not an nn.Embedding"
+    reason = (KeptInFloat(Reason.EMBEDDING_BITS, f"embedding_bits={bits}") if bits is None
+              else KeptInFloat(Reason.NOT_AN_EMBEDDING, "the input embedding is not an nn.Embedding"))
     if bits == 4 and isinstance(emb, nn.Embedding) and emb.embedding_dim % INT4_EMBEDDING_GROUP:
-        reason = (f"embedding_dim={emb.embedding_dim} not divisible by the int4 embedding group size "
-                  f"{INT4_EMBEDDING_GROUP}")
+        reason = KeptInFloat(Reason.EMBEDDING_GROUP, f"embedding_dim={emb.embedding_dim} not divisible by the "
+                                                     f"int4 embedding group size {INT4_EMBEDDING_GROUP}")
     elif bits is not None and isinstance(emb, nn.Embedding):
         tied = isinstance(head, nn.Linear) and head.weight is emb.weight
         qemb = Int8Embedding.from_float(emb) if bits == 8 else Int4Embedding.from_float(emb, INT4_EMBEDDING_GROUP)
         set_module(model, emb_name, qemb)
-        summary.count(qemb.kind)
+        summary.add(emb_name, qemb.kind)
         if isinstance(head, nn.Linear):
             qhead = _tied_head(qemb, config, head.bias) if tied else _untied_head(head, config)  # tied: same codes
             set_module(model, head_name, qhead)
             summary.tied_head = tied
-            summary.count(qhead.kind)
-        return head_name
+            summary.add(head_name, qhead.kind)
+        return summary
     if emb_name is not None and isinstance(emb, nn.Embedding):
         summary.float_modules[emb_name] = reason
     if head_name is not None and isinstance(head, nn.Linear):
-        summary.float_modules[head_name] = f"output head follows {reason}"
-    return head_name
+        summary.float_modules[head_name] = KeptInFloat(reason.reason, f"output head follows {reason}")
+    return summary
 
 
 # ----------------------------------------------------------------------------- sizes

@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..arch import check_linear_layout, swap_guard
-from ..distillation import DistillationLoss, DistillationTrainer, TrainConfig, soft_target_loss
+from ..distillation import KD_TEMPERATURE, DistillationLoss, DistillationTrainer, TrainConfig
 from ..summary import Summary
-from .api import QuantizationSummary, linear_from_config, quantize_embedding_and_head_
+from .api import KeptInFloat, QuantizationSummary, Reason, linear_from_config, misfit, quantize_embedding_and_head_
 from .configs import config_to_dict
-from .modules import set_module
+from .modules import embedding_and_head, module_name, set_module
 from .primitives import FakeQuantize
 from .registry import format_for
 
@@ -68,10 +68,10 @@ def prepare_qat_(model: nn.Module, config, filter_fn=None) -> Summary:
             if not isinstance(module, nn.Linear) or module is head:
                 continue
             if filter_fn is not None and not filter_fn(module, name):
-                summary.kept[name] = "filter_fn"
+                summary.kept[name] = KeptInFloat(Reason.FILTER_FN, "filter_fn")
                 continue
             if not spec.fits(module.in_features, config):
-                summary.kept[name] = f"in_features={module.in_features} does not fit {type(config).__name__}"
+                summary.kept[name] = misfit(module.in_features, config)
                 continue
             set_module(model, name, QATLinear(module, config))
             summary.changed[name] = "QATLinear"
@@ -84,31 +84,25 @@ def convert_(model: nn.Module) -> QuantizationSummary:
     config = getattr(model, "qat_config", None)
     if config is None:
         raise ValueError("convert_ needs a model prepared with prepare_qat_(model, config)")
-    summary = QuantizationSummary(config=config_to_dict(config))
+    summary = QuantizationSummary(technique="convert_", config=config_to_dict(config))
     with swap_guard(model, "convert_"):  # the model must still run afterwards, else it is put back
         for name, module in list(model.named_modules()):
             if isinstance(module, QATLinear):
                 with torch.no_grad():
                     qmod = linear_from_config(module, config)  # duck-typed: .weight, .bias, .in_features
                 set_module(model, name, qmod)
-                summary.count(qmod.kind)
-        head_name = quantize_embedding_and_head_(model, config, summary)
+                summary.add(name, qmod.kind)
+        head_name = module_name(model, embedding_and_head(model)[1])
+        quantize_embedding_and_head_(model, config, summary)
+        spec = format_for(config)
         for name, module in model.named_modules():  # Linears prepare_qat_ left alone stay in float: say so
             if isinstance(module, nn.Linear) and name != head_name:
-                summary.float_modules[name] = ("not prepared for QAT (filter_fn or in_features not divisible by "
-                                               "group_size)")
+                fits = spec.fits(module.in_features, config)
+                summary.float_modules[name] = KeptInFloat(Reason.FILTER_FN, "not prepared for QAT (filter_fn)") \
+                    if fits else misfit(module.in_features, config)
         model.quantization_config = config_to_dict(config)
         del model.qat_config
     return summary
-
-
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Token-level ``T² · KL(p_teacher^T ‖ p_student^T)``, averaged over tokens; logits (..., V).
-
-    The package's one divergence on every position, in its unchunked autograd form
-    (``distillation.soft_target_loss``), in float32.
-    """
-    return soft_target_loss(student_logits.float(), teacher_logits.float(), temperature)
 
 
 def qat_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -123,7 +117,7 @@ def qat_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def train_qat(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, steps: int = 30,
-              batch_size: int = 4, lr: float = 2e-5, temperature: float = 1.0, loss_fn=None,
+              batch_size: int = 4, lr: float = 2e-5, kd_temperature: float = KD_TEMPERATURE, loss_fn=None,
               bf16: bool | str = "auto", seed: int = 0, progress: bool = True) -> list[dict]:
     """Distil the fp32 ``teacher`` into the fake-quantized ``model`` for ``steps`` AdamW steps; returns the loss history.
 
@@ -132,14 +126,14 @@ def train_qat(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, steps
     live once per step under ``no_grad`` (bf16 autocast when ``bf16``); the student runs with bf16
     autocast too, with fp32 master weights. ``bf16='auto'`` turns it on only where it is measured
     faster here (``distill_lab.hardware``). ``loss_fn(student_logits, teacher_logits)`` defaults to
-    ``distillation.DistillationLoss(temperature, alpha=1)`` on every position (pure forward KL, chunked
-    so the 49k vocabulary fits), which is ``kd_loss``. A cosine schedule decays the learning rate
+    ``distillation.DistillationLoss(kd_temperature, alpha=1)`` on every position (pure forward KL, chunked
+    so the 49k vocabulary fits; its unchunked form is ``distillation.soft_target_loss``). A cosine schedule decays the learning rate
     to 10 %. Each history row is ``{"step", "loss", "lr"}`` with the learning rate after that step.
     """
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps={steps}, batch_size={batch_size}; allowed: both >= 1")
     if loss_fn is None:
-        loss_fn = DistillationLoss(temperature=temperature, alpha=1.0)
+        loss_fn = DistillationLoss(kd_temperature, alpha=1.0)
     params = qat_parameters(model)
     if not params:
         raise ValueError("no QATLinear in the model: call prepare_qat_(model, config) first")
@@ -168,5 +162,5 @@ def train_qat(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, steps
     return history
 
 
-__all__ = ["QATLinear", "prepare_qat_", "convert_", "kd_loss", "train_qat",
+__all__ = ["QATLinear", "prepare_qat_", "convert_", "train_qat",
            "qat_parameters", "weight_fake_quantizer"]

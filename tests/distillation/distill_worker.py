@@ -47,7 +47,7 @@ def main():
             os.kill(os.getpid(), signal.SIGKILL)
 
     trainer = DistillationTrainer(student, train, teacher=teacher, val_windows=val, config=cfg,
-                                  loss=DistillationLoss(temperature=2.0, alpha=0.5),
+                                  loss=DistillationLoss(kd_temperature=2.0, alpha=0.5),
                                   callbacks=[kill] if args.kill_at else [])
     history = trainer.train(resume=args.resume)
     flat = torch.cat([p.detach().reshape(-1) for p in student.parameters()])

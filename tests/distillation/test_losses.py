@@ -91,7 +91,7 @@ def test_masked_positions_do_not_count():
 
 
 @pytest.mark.parametrize("kwargs,field", [
-    (dict(temperature=0.0), "temperature"), (dict(temperature=-1.0), "temperature"),
+    (dict(kd_temperature=0.0), "kd_temperature=0.0; allowed: > 0.0"), (dict(kd_temperature=-1.0), "kd_temperature"),
     (dict(alpha=1.5), "alpha"), (dict(alpha=-0.1), "alpha"), (dict(kind="kl"), "kind"),
     (dict(beta=2.0), "beta"), (dict(chunk_size=0), "chunk_size")])
 def test_bad_config_raises_naming_the_field(kwargs, field):
@@ -147,7 +147,7 @@ def test_topk_forward_kl_renormalises_the_teacher():
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
 def test_divergence_reference_is_the_loss_per_position(kind):
     student, teacher, labels = random_case(seed=10)
-    per = divergence_reference(student, teacher, temperature=2.0, kind=kind, beta=0.3)
+    per = divergence_reference(student, teacher, kd_temperature=2.0, kind=kind, beta=0.3)
     assert per.shape == labels.shape
     keep = labels != -100
     got = DistillationLoss(2.0, 1.0, kind, beta=0.3)(student, teacher, labels)

@@ -18,7 +18,8 @@ from distill_lab.distillation.cache import cache_teacher_logits
 from distill_lab.distillation.data import SequenceData, shift_labels
 from distill_lab.distillation.losses import IGNORE_INDEX, DistillationLoss
 from distill_lab.distillation.on_policy import generated_labels, is_on_policy_step
-from distill_lab.distillation.trainer import DistillationTrainer, TrainConfig
+from distill_lab.distillation.train_config import TrainConfig
+from distill_lab.distillation.trainer import DistillationTrainer
 from distill_lab.models import tiny_llama
 
 from ._helpers import flat_params, run, tiny_data
@@ -49,7 +50,7 @@ class SpyTeacher(nn.Module):
 
 
 def _kd():
-    return DistillationLoss(temperature=1.0, alpha=1.0)
+    return DistillationLoss(kd_temperature=1.0, alpha=1.0)
 
 
 def _teacher():
@@ -160,7 +161,7 @@ def test_lmbda_zero_is_the_off_policy_trainer_bit_for_bit(monkeypatch):
 
     monkeypatch.setattr(on_policy, "sample_continuations", never)
     _, new = run(b, train, steps=5, teacher=_teacher(), val_windows=val, loss=DistillationLoss(2.0, 0.5),
-                 cfg={"lmbda": 0.0, "prompt_tokens": 3, "gen_tokens": 5, "gen_temperature": 0.5})
+                 cfg={"lmbda": 0.0, "prompt_tokens": 3, "gen_tokens": 5, "sampling_temperature": 0.5})
     for key in ("loss", "kd", "ce", "grad_norm", "tokens"):
         assert [r[key] for r in new["train"]] == [r[key] for r in old["train"]]
     assert new["eval"] == old["eval"]
@@ -225,7 +226,7 @@ def test_bad_lmbda_names_the_value_and_the_range(bad):
 
 def test_bad_on_policy_settings_are_rejected():
     for name, bad, allowed in [("prompt_tokens", 0, ">= 1"), ("gen_tokens", 2.0, ">= 1"),
-                               ("gen_temperature", 0.0, "> 0"), ("gen_temperature", float("inf"), "> 0")]:
+                               ("sampling_temperature", 0.0, "> 0"), ("sampling_temperature", float("inf"), "> 0")]:
         with pytest.raises(ValueError, match=rf"TrainConfig\.{name}={bad!r}; allowed: .*{allowed}"):
             TrainConfig(**{name: bad})
     train, _ = tiny_data(n=8)

@@ -17,7 +17,8 @@ from distill_lab.data import sample_batch
 from distill_lab.distillation.cache import cache_teacher_logits
 from distill_lab.distillation.data import SequenceData, shift_labels
 from distill_lab.distillation.losses import DistillationLoss, HiddenStateLoss
-from distill_lab.distillation.trainer import DistillationTrainer, TrainConfig, lr_factor
+from distill_lab.distillation.train_config import TrainConfig
+from distill_lab.distillation.trainer import DistillationTrainer, lr_factor
 from distill_lab.models import tiny_llama
 
 from ._helpers import flat_params, run, tiny_data
@@ -181,7 +182,7 @@ def _plain_loop(student, teacher, windows, steps, batch_size, lr, seed):
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
-    loss_fn = DistillationLoss(temperature=2.0, alpha=1.0)
+    loss_fn = DistillationLoss(kd_temperature=2.0, alpha=1.0)
     losses = []
     student.train()
     for _ in range(steps):
@@ -207,7 +208,7 @@ def test_every_position_random_sampling_reproduces_a_plain_loop(callable_loss):
     cfg = TrainConfig(steps=5, batch_size=8, lr=3e-3, weight_decay=0.0, betas=(0.9, 0.999), warmup_steps=0,
                       min_lr_ratio=0.1, schedule="cosine", sampling="random", fused=False, reseed=False,
                       teacher_bf16=False, seed=4, progress=False)
-    loss = DistillationLoss(temperature=2.0, alpha=1.0)
+    loss = DistillationLoss(kd_temperature=2.0, alpha=1.0)
     if callable_loss:
         loss = loss.forward  # a plain callable(student_logits, teacher_logits)
     rng = torch.get_rng_state()

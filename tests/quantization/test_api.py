@@ -80,7 +80,8 @@ def test_linear_from_config_builds_each_kind():
 def test_embedding_and_head_alone_and_the_summary():
     model = tiny()
     summary = QuantizationSummary(config={"type": "Int8WeightOnlyConfig"})
-    assert quantize_embedding_and_head_(model, Int8WeightOnlyConfig(), summary) == "lm_head"
+    assert quantize_embedding_and_head_(model, Int8WeightOnlyConfig(), summary) is summary
+    assert dict(summary) == {"model.embed_tokens": "int8_embedding", "lm_head": "int8_weight_only"}
     assert summary.replaced == {"int8_embedding": 1, "int8_weight_only": 1} and summary.tied_head
     assert isinstance(model.model.layers[0].mlp.up_proj, nn.Linear)  # the rest is left alone
     assert repr(summary) == ("QuantizationSummary(Int8WeightOnlyConfig: 1× int8_embedding, 1× int8_weight_only; "

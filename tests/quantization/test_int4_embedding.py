@@ -15,6 +15,8 @@ from distill_lab.pipeline import Recipe
 from distill_lab.pipeline.steps import QuantizeStep
 from distill_lab.quantization import embeddings
 from distill_lab.quantization.api import (
+    KeptInFloat,
+    Reason,
     compression_report,
     fp32_equivalent_bytes,
     memory_bytes,
@@ -123,7 +125,9 @@ def test_a_hidden_size_64_does_not_divide_keeps_embedding_and_head_in_float():
     summary = quantize_(model, Int4WeightOnlyConfig(group_size=32, embedding_bits=4))
     assert isinstance(model.model.embed_tokens, nn.Embedding) and isinstance(model.lm_head, nn.Linear)
     why = "embedding_dim=32 not divisible by the int4 embedding group size 64"
-    assert summary.float_modules == {"model.embed_tokens": why, "lm_head": f"output head follows {why}"}
+    assert summary.float_modules == {"model.embed_tokens": KeptInFloat(Reason.EMBEDDING_GROUP, why),
+                                     "lm_head": KeptInFloat(Reason.EMBEDDING_GROUP, f"output head follows {why}")}
+    assert "model.embed_tokens (embedding_dim=32 not divisible" in repr(summary)  # printed as before
     codes = torch.zeros(8, 96, dtype=torch.uint8)
     with pytest.raises(ValueError, match="embedding_dim=96 is not divisible by group_size=64"):
         Int4Embedding(codes, torch.zeros(1, 8, 2))

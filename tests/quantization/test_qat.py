@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from distill_lab.distillation import DistillationLoss
+from distill_lab.distillation import soft_target_loss
 from distill_lab.quantization.primitives import FakeQuantize
-from distill_lab.quantization.qat import QATLinear, convert_, kd_loss, prepare_qat_, train_qat
+from distill_lab.quantization.qat import QATLinear, convert_, prepare_qat_, train_qat
 from distill_lab.quantization.api import quantize_
 from distill_lab.quantization.configs import Int4WeightOnlyConfig, Int8DynamicConfig, Int8WeightOnlyConfig
 from distill_lab.quantization.modules import Int4WeightOnlyLinear
@@ -51,29 +51,15 @@ def test_qat_training_reduces_kd_loss():
     prepare_qat_(student, Int4WeightOnlyConfig(group_size=32, bits=2))
     windows = torch.randint(0, 256, (16, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        before = kd_loss(student(windows).logits, teacher(windows).logits).item()
+        before = soft_target_loss(student(windows).logits, teacher(windows).logits).item()
     history = train_qat(student, teacher, windows, steps=30, batch_size=8, lr=1e-3, bf16=False,
                         progress=False)
     with torch.no_grad():
-        after = kd_loss(student(windows).logits, teacher(windows).logits).item()
+        after = soft_target_loss(student(windows).logits, teacher(windows).logits).item()
     assert len(history) == 30 and after < 0.7 * before
     assert all(p.requires_grad for p in student.parameters())  # frozen ones restored
     convert_(student)
     assert isinstance(student.model.layers[0].mlp.up_proj, Int4WeightOnlyLinear)
-
-
-def test_kd_loss_is_zero_for_identical_logits_and_matches_formula():
-    a = torch.randn(2, 3, 11)
-    assert kd_loss(a, a).item() == pytest.approx(0, abs=1e-6)
-    b = torch.randn(2, 3, 11)
-    p = torch.softmax(b.double() / 2, -1)
-    want = (p * (p.log() - torch.log_softmax(a.double() / 2, -1))).sum(-1).mean() * 4
-    assert kd_loss(a, b, 2.0).item() == pytest.approx(want.item(), rel=1e-5)
-
-
-def test_qat_default_loss_is_the_course_distillation_loss():
-    s, t = torch.randn(2, 4, 30), torch.randn(2, 4, 30)
-    assert DistillationLoss(temperature=1.0, alpha=1.0)(s, t).item() == pytest.approx(kd_loss(s, t).item(), rel=1e-5)
 
 
 def test_qat_refuses_what_is_not_a_config():
