@@ -6,6 +6,7 @@ so one notebook serves a CI smoke test, a 10-minute laptop run and a full GPU ru
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 from dataclasses import asdict, dataclass
@@ -46,6 +47,10 @@ class Profile:
         """Return the profile as a plain dict (for JSON reports)."""
         return asdict(self)
 
+    def lesson(self, lesson: str) -> dict:
+        """Lesson ``lesson``'s own sizes and bands in this profile, e.g. ``profile.lesson("03")["heal_steps"]``."""
+        return lesson_sizes(self, lesson)
+
 
 PROFILES: dict[str, Profile] = {
     "smoke": Profile("smoke", seq_len=128, eval_windows=8, batch_size=8, train_steps=8,
@@ -61,6 +66,51 @@ PROFILES: dict[str, Profile] = {
                    decode_tokens=64, repeats=5, gen_tokens=60,
                    recipe_steps=300, recipe_batch=16, recipe_eval_windows=200, recipe_latency_batch=8),
 }
+
+
+# Sizes and bands that belong to one lesson, per profile: the lesson reads its own with
+# ``profile.lesson("02")``, so every size a run depends on lives in this file. They are not part of
+# ``Profile.to_dict()`` (recipe records compare that dict to decide whether saved work is reused).
+_SMOKE, _GPU = PROFILES["smoke"], PROFILES["gpu"]
+LESSONS: dict[str, dict[str, dict]] = {
+    "01": {  # 2 CPU cores: one student step costs about 1.5 s per 4 x 128 tokens
+        "smoke": dict(sizes=dict(seq=64, batch=2, steps=8, warmup=1, eval_at=(2, 4, 6, 8), val_windows=8,
+                                 test_windows=12, k=32, lr=1e-3, prompt=16, gen=16),
+                      bands=dict(param_ratio=1.5, ppl_ratio=4.0, rep4=0.2), lab_steps=3),
+        "laptop": dict(sizes=dict(seq=128, batch=4, steps=32, warmup=4, eval_at=(4, 8, 16, 32), val_windows=24,
+                                  test_windows=48, k=64, lr=3e-4, prompt=32, gen=32),
+                       bands=dict(param_ratio=1.5, ppl_ratio=2.0, rep4=0.2), lab_steps=5),
+        "gpu": dict(sizes=dict(seq=256, batch=16, steps=400, warmup=20, eval_at=(25, 50, 100, 200, 400),
+                               val_windows=56, test_windows=80, k=128, lr=3e-4, prompt=64, gen=64),
+                    bands=dict(param_ratio=1.5, ppl_ratio=1.5, rep4=0.2), lab_steps=20),
+    },
+    "02": {
+        "smoke": dict(sizes=dict(eval_windows=_SMOKE.eval_windows, awq_grid=3, gptq=False, qat_steps=1,
+                                 table_repeats=_SMOKE.repeats, w8a8_band=0.06, int4_band=0.25, qat_claim=False)),
+        "laptop": dict(sizes=dict(eval_windows=32, awq_grid=7, gptq=True, qat_steps=12, table_repeats=2,
+                                  w8a8_band=0.03, int4_band=0.08, qat_claim=True)),
+        "gpu": dict(sizes=dict(eval_windows=_GPU.eval_windows, awq_grid=11, gptq=True, qat_steps=_GPU.train_steps // 8,
+                               table_repeats=_GPU.repeats, w8a8_band=0.03, int4_band=0.08, qat_claim=True)),
+    },
+    "03": {  # timing: (prefill batch, decode tokens, repeats) of the size table's eight models
+        "smoke": dict(sparsities=(0.5,), heal_steps=4, heal_seq=64, heal_batch=2, timing=(2, 8, 2)),
+        "laptop": dict(sparsities=(0.3, 0.5, 0.6, 0.7), heal_steps=24, heal_seq=128, heal_batch=4, timing=(2, 16, 2)),
+        "gpu": dict(sparsities=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8), heal_steps=300, heal_seq=512,
+                    heal_batch=16, timing=(8, 64, 5)),
+    },
+    "04": {  # smoke distils 4 steps on 128-token windows, so its bands are wider
+        "smoke": dict(bands=dict(combined_ratio=20.0, heal_factor=1.5, int4_after_heal=1.5)),
+        "laptop": dict(bands=dict(combined_ratio=2.5, heal_factor=2.0, int4_after_heal=1.3)),
+        "gpu": dict(bands=dict(combined_ratio=2.5, heal_factor=2.0, int4_after_heal=1.3)),
+    },
+}
+
+
+def lesson_sizes(profile: Profile, lesson: str) -> dict:
+    """A copy of ``lesson``'s sizes and bands in ``profile`` (``LESSONS``); ValueError names the known lessons."""
+    if lesson not in LESSONS:
+        raise ValueError(f"lesson={lesson!r}; allowed: {', '.join(LESSONS)}")
+    return copy.deepcopy(LESSONS[lesson][profile.name])
 
 
 def default_device() -> torch.device:
