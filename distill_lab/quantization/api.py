@@ -15,14 +15,14 @@ from torch import nn
 
 from ..arch import check_linear_layout, swap_guard
 from ..runtime import device_of
-from ..tensors import storage_key, unique_tensors
+from ..serialization import weights_bytes
+from ..tensors import memory_bytes, storage_key, unique_tensors
 from .configs import CONFIGS, Int4WeightOnlyConfig, Int8DynamicConfig, Int8WeightOnlyConfig, config_to_dict
 from .embeddings import INT4_EMBEDDING_GROUP, Int4Embedding
 from .modules import (Int4WeightOnlyLinear, Int8DynamicLinear, Int8Embedding, Int8WeightOnlyLinear, QuantizedModule,
                       embedding_and_head, module_name, set_module)
 from .dispatch import FIXED, check_env, kernel_paths
 from .primitives import check_finite, quantize_tensor
-from .serialization import saved_size_bytes
 
 __all__ = ["QuantizationSummary", "compression_report", "fp32_equivalent_bytes", "linear_from_config",
            "memory_bytes", "quantize_", "quantize_embedding_and_head_"]
@@ -199,11 +199,6 @@ def _all_tensors(model: nn.Module) -> list[torch.Tensor]:
     return unique_tensors(list(model.parameters()) + list(model.buffers()))
 
 
-def memory_bytes(model: nn.Module) -> int:
-    """Bytes of unique parameters and buffers (tied or shared tensors counted once)."""
-    return sum(t.numel() * t.element_size() for t in _all_tensors(model))
-
-
 def fp32_equivalent_bytes(model: nn.Module) -> int:
     """What the model's weights would take in fp32 (quantized modules counted by the weights they stand for)."""
     total, seen = 0, set()
@@ -236,7 +231,7 @@ def compression_report(model: nn.Module, fp32_bytes: int | None = None, on_disk:
     report = {"memory_bytes": mem, "fp32_bytes": ref, "ratio_memory": ref / mem,
               "memory_saved_bytes": ref - mem}
     if on_disk:
-        disk = saved_size_bytes(model)
+        disk = weights_bytes(model)
         report.update(disk_bytes=disk, ratio_disk=ref / disk)
     kinds, floats = {}, []
     for name, m in model.named_modules():
