@@ -42,11 +42,11 @@ def test_latency_reports_positive_rates(tiny):
     assert r["decode_ms_per_token"] == pytest.approx(1000 / r["decode_tokens_per_s"])
 
 
-def test_model_size_memory_and_disk(tiny):
-    n = dl.count_parameters(tiny)["total"]
-    mem = dl.model_size_bytes(tiny)
+def test_bytes_in_memory_and_on_disk(tiny):
+    n = dl.parameter_count(tiny)
+    mem = dl.memory_bytes(tiny)
     assert mem >= 4 * n
-    disk = dl.model_size_bytes(tiny, on_disk=True)
+    disk = dl.weights_bytes(tiny)
     assert abs(disk - mem) < 0.05 * mem + 4096
 
 

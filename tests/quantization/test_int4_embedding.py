@@ -199,10 +199,10 @@ def test_gguf_writes_the_int4_embedding_as_q4_1_with_our_codes(tmp_path):
     from distill_lab.export import (
         float_copy,
         int4_q4_1_parts,
-        load_gguf,
         read_gguf_tensors,
         to_gguf,
     )
+    from distill_lab.models import load_gguf
 
     model = tiny_llama(vocab_size=49152, hidden_size=64, num_layers=1, intermediate_size=128, num_heads=4,
                        num_kv_heads=2)
@@ -224,5 +224,5 @@ def test_gguf_writes_the_int4_embedding_as_q4_1_with_our_codes(tmp_path):
     ids = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         exact = float_copy(model)(ids).logits
-        theirs = load_gguf(tmp_path / "e.gguf", tokenizer=False)(ids).logits
+        theirs = load_gguf(tmp_path / "e.gguf", tokenizer=False)[0](ids).logits
     torch.testing.assert_close(theirs, exact, rtol=0, atol=1e-3)
