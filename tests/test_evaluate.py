@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import distill_lab as dl
 from distill_lab import evaluate
+from distill_lab.evaluate import cost
 
 
 def test_perplexity_matches_model_loss(tiny):
@@ -65,7 +66,7 @@ def _touch(mib: int) -> None:
 
 
 def test_peak_memory_sees_an_allocation_and_forgets_earlier_peaks():
-    if not evaluate._reset_rss_peak():
+    if not cost._reset_rss_peak():
         pytest.skip("this kernel cannot reset the RSS high-water mark (/proc/self/clear_refs)")
     _touch(384)  # an earlier, larger peak that a reset must forget
     _, idle = dl.peak_memory(lambda: None)

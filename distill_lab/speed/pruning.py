@@ -42,24 +42,24 @@ def semi_structured_speed(out_features: int = 1536, in_features: int = 576, toke
     result = {"shape": [tokens, in_features, out_features], "device": str(device), "dtype": str(dtype),
               "kernel": why}
 
-    def median(fn, n=repeats):
+    def seconds(fn, n=repeats):
         return median_seconds(fn, repeats=n, warmup=2, device=device)
 
-    result["dense_s"] = median(lambda: F.linear(x, w))
+    result["dense_s"] = seconds(lambda: F.linear(x, w))
     if ok:
         from torch.sparse import to_sparse_semi_structured
 
         ws = to_sparse_semi_structured(w)
-        result["sparse_24_s"] = median(lambda: F.linear(x, ws))
+        result["sparse_24_s"] = seconds(lambda: F.linear(x, ws))
         result["speedup_24"] = result["dense_s"] / result["sparse_24_s"]
     else:
         wd = w.clone()  # the 2:4-pruned matrix, stored dense: the same dense kernel runs
-        result["sparse_24_s"] = median(lambda: F.linear(x, wd))
+        result["sparse_24_s"] = seconds(lambda: F.linear(x, wd))
         result["speedup_24"] = result["dense_s"] / result["sparse_24_s"]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             wc = w.to_sparse_csr()
-        result["csr_s"] = median(lambda: torch.sparse.mm(wc, x.t()), max(2, repeats // 3))
+        result["csr_s"] = seconds(lambda: torch.sparse.mm(wc, x.t()), max(2, repeats // 3))
         result["speedup_csr"] = result["dense_s"] / result["csr_s"]
     return result
 
