@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     t_ppl = (dl.perplexity(teacher, test, bf16="auto", progress=False),
              dl.perplexity(teacher, test_code, bf16="auto", progress=False))
     calibration = dl.calibration_batches(pydoc, 16, 8)  # as notebook 01
-    students, t_params = {}, dl.count_parameters(teacher)["non_embedding"]
+    students, t_params = {}, dl.parameter_count(teacher, "non_embedding")
 
     def config(steps, lr=S["lr"], min_lr_ratio=1.0, **extra):
         return TrainConfig(steps=steps, batch_size=S["batch"], lr=lr, warmup_steps=min(S["warmup"], steps - 1),
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
         rep = [dl.repeated_ngram_share(out["ids"], 4) for p in PROMPTS + MORE_PROMPTS
                for out in dl.generate_continuations(s, tok, [p], max_new_tokens=S["new_tokens"])]
         rep12 = sum(rep) / len(rep), sum(r <= 0.2 for r in rep)
-        fewer = t_params / dl.count_parameters(s)["non_embedding"]
+        fewer = t_params / dl.parameter_count(s, "non_embedding")
         print(f"{name:40}{fewer:6.2f}{ratio[0]:7.2f}{ratio[1]:7.2f}{rep[0]:8.0%}{rep[1]:8.0%}{rep12[0]:9.0%}"
               f"{rep12[1]:6d}{seconds:5.0f}", flush=True)
     print("\n(fewer: non-embedding parameters, teacher / student; pydoc, code: test perplexity / the teacher's;"

@@ -43,7 +43,7 @@ def main():
               "unstructured 50% (stored dense)": unstructured}
     speed = compare_speed(models, batch=args.batch, seq=args.seq, decode_tokens=args.decode,
                           repeats=args.repeats)
-    sizes = {name: P.save_dense_bytes(m) for name, m in models.items()}
+    sizes = {name: dl.weights_bytes(m) for name, m in models.items()}
     sizes_sparse = {"unstructured 50% (stored dense)": P.sparse_bytes_on_disk(unstructured)}
     if args.csr:
         csr = copy.deepcopy(unstructured)

@@ -38,9 +38,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import distill_lab as dl  # noqa: E402
 from distill_lab.hardware import cpu_model  # noqa: E402
 from distill_lab.quantization import (Int4WeightOnlyConfig, Int8DynamicConfig, Int8WeightOnlyConfig,  # noqa: E402
-                                      quantize_, saved_size_bytes)
+                                      quantize_)
 from distill_lab.quantization import dispatch  # noqa: E402
 from distill_lab.quantization.modules import Int8DynamicLinear  # noqa: E402
+from distill_lab.serialization import weights_bytes  # noqa: E402
 from distill_lab.timing import timed  # noqa: E402
 
 W8A8_SHAPES = ((2048, 576, 1536), (256, 576, 1536))  # 8 x 256 and 1 x 256 tokens through gate/up_proj
@@ -173,7 +174,7 @@ def main(argv=None):
         if windows is not None:
             row["ppl"] = dl.perplexity(m, windows, progress=False)
         if not isinstance(config, tuple):
-            row["disk_MB"] = saved_size_bytes(m) / 1e6
+            row["disk_MB"] = weights_bytes(m) / 1e6
         models[name], extra[name] = m, row
         gc.collect()
     print(f"\n3. The teacher, prefill batch {args.batch} x {args.seq}, decode batch 1 ({args.decode_tokens} tokens), "

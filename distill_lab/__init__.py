@@ -11,17 +11,19 @@ from ._lazy import lazy_exports
 from ._startup import frozen_imports as _frozen_imports
 
 with _frozen_imports():  # torch + transformers: ~570k import-time objects; see _startup.py
+    from .arch import parameter_count
     from .claims import ClaimError, claim, verdict
     from .data import calibration_batches, corpus_windows, load_corpus, token_windows, tokenize
-    from .evaluate import (Result, environment_info, generate_continuations, generate_samples, latency,
-                           model_size_bytes, peak_memory, perplexity, record, repeated_ngram_share)
-    from .models import check_vocab_compatible, count_parameters, load_model, load_teacher, make_student, tiny_llama
+    from .evaluate import (Result, environment_info, generate_continuations, generate_samples, latency, peak_memory,
+                           perplexity, record, repeated_ngram_share)
+    from .models import check_vocab_compatible, load_model, load_teacher, make_student, tiny_llama
     from .profiles import Profile, default_device, get_profile, set_seed
+    from .tensors import memory_bytes
 
 _CORE = ["ClaimError", "Profile", "Result", "calibration_batches", "check_vocab_compatible", "claim",
-         "corpus_windows", "count_parameters", "default_device", "environment_info", "generate_continuations",
-         "generate_samples", "get_profile", "latency", "load_corpus", "load_model", "load_teacher", "make_student",
-         "model_size_bytes", "peak_memory", "perplexity", "record", "repeated_ngram_share", "set_seed", "tiny_llama",
+         "corpus_windows", "default_device", "environment_info", "generate_continuations", "generate_samples",
+         "get_profile", "latency", "load_corpus", "load_model", "load_teacher", "make_student", "memory_bytes",
+         "parameter_count", "peak_memory", "perplexity", "record", "repeated_ngram_share", "set_seed", "tiny_llama",
          "token_windows", "tokenize", "verdict"]
 _EXPORTS = {
     "distillation": ["DistillationLoss", "DistillationTrainer", "TrainConfig", "cache_teacher_logits"],
@@ -29,7 +31,7 @@ _EXPORTS = {
     "pruning": ["MagnitudeConfig", "StructuredConfig", "WandaConfig", "heal", "prune_", "prune_structured"],
     "quantization": ["Int4WeightOnlyConfig", "Int8DynamicConfig", "Int8WeightOnlyConfig", "SmoothQuantConfig",
                      "awq_", "gptq_", "quantize_", "smooth_"],
-    "serialization": ["load_saved", "save_model"],
+    "serialization": ["load_saved", "save_model", "weights_bytes"],
 }
 _lazy_all, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 __all__ = sorted(_CORE + _lazy_all)

@@ -84,55 +84,12 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-EXPORT_KIND = "export"  # the manifest kind that marks a folder as an earlier `compress` export
-
-
-def _out_state(out: Path) -> tuple[str, list[str]]:
-    """``(state, extra)``: state ``missing``, ``empty``, ``export`` (an earlier distill_lab export) or ``foreign``.
-
-    An export counts as one only while it holds exactly what compress wrote (its manifest's contents);
-    ``extra`` names what was added or changed since (then the state is ``foreign``).
-    """
-    from ._fs import DamagedFileError, read_manifest, unlisted_entries
-
-    if not out.exists() and not out.is_symlink():
-        return "missing", []
-    if not out.is_dir() or out.is_symlink():
-        return "foreign", []
-    if not any(out.iterdir()):
-        return "empty", []
-    try:
-        manifest = read_manifest(out)
-    except DamagedFileError:
-        manifest = None
-    if manifest is None or manifest.get("kind") != EXPORT_KIND:
-        return "foreign", []
-    extra = unlisted_entries(out, manifest)
-    return ("foreign" if extra else EXPORT_KIND), extra
-
-
-def _check_out(out: Path, overwrite: bool) -> None:
-    """Refuse an ``--out`` that holds files distill_lab did not export (or an export, without ``--overwrite``)."""
-    from ._fs import name_some
-
-    state, extra = _out_state(out)
-    if state == "foreign" and extra:
-        raise FileExistsError(f"--out {out} holds an earlier export plus files compress did not write: "
-                              f"{name_some(extra)}; refusing to replace it (move them out, or choose a new folder)")
-    if state == "foreign":
-        what = "is not a folder" if not out.is_dir() else "is not empty and was not written by distill-lab compress"
-        raise FileExistsError(f"--out {out} {what}; refusing to replace it (choose a new or empty folder)")
-    if state == EXPORT_KIND and not overwrite:
-        raise FileExistsError(f"--out {out} holds an earlier distill-lab export; pass --overwrite to replace it")
-
-
 def _cmd_compress(args) -> int:
-    import shutil
-
-    from ._fs import clean_stale_tmp, folder_lock, make_tmp_dir, replace_dir, share_permissions, write_manifest
+    from ._fs import clean_stale_tmp, folder_lock
     from .evaluate import generate_samples
     from .models import load_model
     from .pipeline import Recipe, check_work_dir, group_size_skips, run_recipe
+    from .pipeline.publish import check_out, publish_export
 
     profile = _profile(args.profile)
     recipe = Recipe.load(args.recipe)  # before loading anything: bad recipes fail fast
@@ -142,11 +99,11 @@ def _cmd_compress(args) -> int:
     work = Path(args.work).expanduser().resolve() if args.work else out.with_name(out.name + ".steps")
     if work == out or out in work.parents or work in out.parents:
         raise ValueError(f"--work {work} and --out {out} must not lie inside one another")
-    _check_out(out, args.overwrite)  # before any work: nothing is computed for a refused folder
+    check_out(out, args.overwrite)  # before any work: nothing is computed for a refused folder
     check_work_dir(work)  # the same rule for --work: only a folder an earlier run wrote (and nobody added to)
     out.parent.mkdir(parents=True, exist_ok=True)
     with folder_lock(out.parent / f".{out.name}.distill-lab.lock", f"--out {out}"):
-        _check_out(out, args.overwrite)  # again under the lock: a run that just finished may have exported
+        check_out(out, args.overwrite)  # again under the lock: a run that just finished may have exported
         clean_stale_tmp(out.parent)
         teacher, tokenizer = _load(args.teacher)
         result = run_recipe(teacher, tokenizer, recipe, work, profile=profile, seed=args.seed,
@@ -156,17 +113,7 @@ def _cmd_compress(args) -> int:
             if rec.resumed and skipped:
                 print(f"distill-lab compress: step {rec.index} ({rec.kind}) left {len(skipped)} layer(s) in float: "
                       f"group_size does not divide their input width (e.g. {skipped[0]})", file=sys.stderr)
-        # export: the last step's folder, completed in a temporary folder, then published in one rename
-        tmp = make_tmp_dir(out.parent)
-        try:
-            shutil.copytree(result.final.folder, tmp / "m")
-            (tmp / "m" / "step.json").rename(tmp / "m" / "compression.json")
-            write_manifest(tmp / "m", kind=EXPORT_KIND, extra={"recipe": recipe.name})
-            share_permissions(tmp / "m")
-            _check_out(out, args.overwrite)  # again, under the lock: nothing appeared meanwhile
-            replace_dir(tmp / "m", out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        publish_export(result.final.folder, out, recipe.name, args.overwrite)
     print(result.markdown())
     m = result.final.metrics
     print(f"compressed model: {out} ({m['size_bytes'] / 2**20:.1f} MiB of weights, {m['size_reduction']:.1f}x "

@@ -258,22 +258,28 @@ def unlisted_entries(folder: str | Path, manifest: dict | None = None) -> list[s
 
 
 @contextlib.contextmanager
-def atomic_folder(folder: str | Path):
+def atomic_folder(folder: str | Path, kind: str = "model", extra: dict | None = None, *, manifest: bool = True,
+                  ours_only: bool = True):
     """Yield a temporary folder beside ``folder``; when the block succeeds it becomes ``folder`` in one rename.
 
-    A half-written folder is never visible under the final name, the result gets
-    ``share_permissions``, and a manifest of its weight files (``write_manifest``). An existing
-    ``folder`` is replaced only when it is empty or distill_lab wrote it (it has our manifest):
-    a folder holding anything else raises ``FileExistsError`` before any work, so a user's files
-    are never removed.
+    The package's one way to publish a folder. A half-written folder is never visible under the final
+    name, the result gets ``share_permissions`` and (unless ``manifest=False``: the block wrote its own)
+    a manifest of its files (``write_manifest(kind, extra)``). With ``ours_only`` an existing ``folder``
+    is replaced only when it is empty or distill_lab wrote it and nothing was added (``check_replaceable``),
+    checked before the block and again before the rename, so a user's files are never removed; without it
+    (a step or cache folder the package owns, possibly damaged) it is replaced whatever it holds.
     """
     folder = Path(folder)
-    check_replaceable(folder)
+    if ours_only:
+        check_replaceable(folder)
     tmp = make_tmp_dir(folder.parent)
     try:
         yield tmp
-        write_manifest(tmp)
+        if manifest:
+            write_manifest(tmp, kind=kind, extra=extra)
         share_permissions(tmp)
+        if ours_only:
+            check_replaceable(folder)  # nothing appeared meanwhile
         replace_dir(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .tensors import unique_tensors
+
 PARTS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
@@ -373,21 +375,32 @@ def adapter(model: nn.Module, technique: str = "this technique") -> Adapter:
     return Adapter(model, family)
 
 
+PARAMETER_PARTS = ("total", "embedding", "non_embedding")
+
+
 @torch.no_grad()
-def parameter_count(config) -> int:
-    """Parameters a config implies, counted on a weightless (meta) model of its family.
+def parameter_count(model_or_config, part: str = "total") -> int:
+    """Parameters of a model, or the ones a config implies (counted on a weightless meta model of its family).
 
-    The package's one parameter count from a config (``pipeline.logical_parameters`` uses it): bias terms
-    where the family has them (Qwen2's q/k/v, ``attention_bias`` / ``mlp_bias`` configs), norms and
-    all experts included, a tied output head counted once.
+    The package's one parameter count. Its rule for tied weights: shared storage counts once
+    (``tensors.unique_tensors``), so a tied output head adds nothing. ``part`` is ``"total"``,
+    ``"embedding"`` (token embedding and an untied head) or ``"non_embedding"`` (the rest). From a
+    config: bias terms where the family has them (Qwen2's q/k/v, ``attention_bias`` / ``mlp_bias``),
+    norms and all experts included. A quantized model's packed weights are buffers, not parameters:
+    count its config (``pipeline.logical_parameters``).
     """
-    from transformers import AutoModelForCausalLM
+    if part not in PARAMETER_PARTS:
+        raise ValueError(f"part={part!r}; allowed: {', '.join(PARAMETER_PARTS)}")
+    if isinstance(model_or_config, nn.Module):
+        model = model_or_config
+    else:
+        from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    seen, total = set(), 0
-    for p in model.parameters():  # tied weights appear once
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(model_or_config)
+    total = sum(p.numel() for p in unique_tensors(model.parameters()))
+    if part == "total":
+        return total
+    heads = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+    embedding = sum(p.numel() for p in unique_tensors(p for m in heads for p in m.parameters()))
+    return embedding if part == "embedding" else total - embedding

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from ._fs import atomic_write_text, clean_stale_tmp, make_tmp_dir, move, name_some, sha256_file
 from .evaluate import REPORT_ENV, environment_info
 from .profiles import ENV_VAR, get_profile
+from .timing import stopwatch
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 # The kernel draws with ipykernel's inline backend even when the caller set MPLBACKEND=agg (CI
@@ -80,7 +81,7 @@ def execute_notebook(path: Path, out_path: Path, timeout: int = 3600) -> float:
     from nbclient import NotebookClient
 
     nb = nbformat.read(path, as_version=4)
-    start = time.perf_counter()
+    elapsed = stopwatch()
     # store_widget_state: the knobs' models (and each Output's figure) go into metadata.widgets,
     # so a static view of the committed notebook shows the controls, not "interactive(children=...".
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3", store_widget_state=True,
@@ -99,7 +100,7 @@ def execute_notebook(path: Path, out_path: Path, timeout: int = 3600) -> float:
         strip_progress_bars(nb)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         nbformat.write(nb, out_path)
-    return time.perf_counter() - start
+    return elapsed()
 
 
 def _flatten(metrics: dict, prefix: str = "") -> dict:

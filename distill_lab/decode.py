@@ -25,7 +25,6 @@ general step's bit for bit (tested).
 
 from __future__ import annotations
 
-import time
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +32,7 @@ from torch import nn
 
 from .quantization.dispatch import kernel_path
 from .quantization.modules import Int4WeightOnlyLinear
-from .timing import timed
+from .timing import stopwatch, timed
 
 
 def _fuse(mods: list[nn.Module]) -> nn.Module | None:
@@ -124,12 +123,12 @@ class StaticDecoder:
         """``torch.compile`` of the one-token step, or the eager step when compiling fails (timed once)."""
         try:
             fn = torch.compile(self._forward, dynamic=True)
-            start = time.perf_counter()
+            elapsed = stopwatch()
             with torch.inference_mode():
                 token = torch.zeros(1, 1, dtype=torch.long, device=self.k.device)
                 for p in (0, 1):
                     fn(token, p)
-            self.compile_s = time.perf_counter() - start
+            self.compile_s = elapsed()
             return fn
         except Exception as err:  # no C++ compiler, unsupported op...: stay eager
             self.compile_error = f"{type(err).__name__}: {err}".splitlines()[0]

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ._fs import DamagedFileError, atomic_file
-from .models import load_gguf_file, open_gguf, teacher_gguf_path
+from .models import open_gguf, teacher_gguf_path
 from .quantization import formats  # noqa: F401  the built-in formats register their GGUF mappings
 from .quantization.embeddings import Int4Embedding
 from .quantization.modules import Int8Embedding, QuantizedModule
@@ -347,12 +347,6 @@ def _tensor_data(path, t, raw: bool) -> np.ndarray:
     except Exception as err:  # a crafted tensor table: sizes or types its data does not have  # noqa: BLE001
         raise DamagedFileError(f"GGUF file {str(path)!r}: tensor {t.name!r} cannot be read "
                                f"({type(err).__name__}: {' '.join(str(err).split())[:120]})") from None
-
-
-def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, tokenizer: bool = True):
-    """Load a GGUF file with transformers (it dequantizes to float): ``(model, tokenizer)``, or the model alone."""
-    model, tok = load_gguf_file(path, dtype=dtype, tokenizer=tokenizer)
-    return (model, tok) if tokenizer else model
 
 
 def float_copy(model: nn.Module) -> nn.Module:

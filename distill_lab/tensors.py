@@ -10,12 +10,19 @@ from typing import Iterable
 
 import torch
 
-__all__ = ["same_tensor", "storage_key", "unique_tensors"]
+from torch import nn
+
+__all__ = ["memory_bytes", "same_tensor", "storage_key", "unique_tensors"]
 
 
 def storage_key(t: torch.Tensor) -> tuple[int, int, int, torch.dtype]:
-    """(storage address, offset, numel, dtype): equal for two tensors that are views of the same memory."""
-    return (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
+    """(storage address, offset, numel, dtype): equal for two tensors that are views of the same memory.
+
+    A meta tensor has no memory (every address is 0): its identity is the tensor object itself, which is
+    what a tied weight of a meta model shares.
+    """
+    address = id(t) if t.is_meta else t.untyped_storage().data_ptr()
+    return (address, t.storage_offset(), t.numel(), t.dtype)
 
 
 def same_tensor(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
@@ -33,3 +40,11 @@ def unique_tensors(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
             seen.add(key)
             out.append(t)
     return out
+
+
+def memory_bytes(model: nn.Module) -> int:
+    """Bytes of the model's unique parameters and buffers in memory (tied or shared tensors counted once).
+
+    The package's one count of bytes in memory; bytes on disk are ``serialization.weights_bytes``.
+    """
+    return sum(t.numel() * t.element_size() for t in unique_tensors([*model.parameters(), *model.buffers()]))

@@ -96,7 +96,7 @@ def test_compress_then_load_model_then_generate(tmp_path, teacher, capsys):
     model, tok = dl.load_model(out, device="cpu")
     text = dl.generate_samples(model, tok, ["def f(x):"], max_new_tokens=4)[0]
     assert isinstance(text, str)
-    assert dl.evaluate.folder_size_bytes(out) < dl.evaluate.folder_size_bytes(src)
+    assert dl.weights_bytes(out) < dl.weights_bytes(src)
     # eval prints the model card of the export
     assert main(["eval", str(out), "--profile", "smoke"]) == 0
     card = capsys.readouterr().out

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import distill_lab as dl
 from distill_lab import evaluate
+from distill_lab.evaluate import cost
 
 
 def test_perplexity_matches_model_loss(tiny):
@@ -42,11 +43,11 @@ def test_latency_reports_positive_rates(tiny):
     assert r["decode_ms_per_token"] == pytest.approx(1000 / r["decode_tokens_per_s"])
 
 
-def test_model_size_memory_and_disk(tiny):
-    n = dl.count_parameters(tiny)["total"]
-    mem = dl.model_size_bytes(tiny)
+def test_bytes_in_memory_and_on_disk(tiny):
+    n = dl.parameter_count(tiny)
+    mem = dl.memory_bytes(tiny)
     assert mem >= 4 * n
-    disk = dl.model_size_bytes(tiny, on_disk=True)
+    disk = dl.weights_bytes(tiny)
     assert abs(disk - mem) < 0.05 * mem + 4096
 
 
@@ -65,7 +66,7 @@ def _touch(mib: int) -> None:
 
 
 def test_peak_memory_sees_an_allocation_and_forgets_earlier_peaks():
-    if not evaluate._reset_rss_peak():
+    if not cost._reset_rss_peak():
         pytest.skip("this kernel cannot reset the RSS high-water mark (/proc/self/clear_refs)")
     _touch(384)  # an earlier, larger peak that a reset must forget
     _, idle = dl.peak_memory(lambda: None)

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from distill_lab.export import float_copy, load_gguf, read_gguf_tensor, read_gguf_tensors, to_gguf
+from distill_lab.export import float_copy, read_gguf_tensor, read_gguf_tensors, to_gguf
+from distill_lab.models import load_gguf
 from distill_lab.quantization import (Int4WeightOnlyConfig, Int4WeightOnlyLinear, Int8Embedding, Int8WeightOnlyConfig,
                                       quantize_)
 from distill_lab.quantization.ggml import int4_q4_1_parts, q4_1_blocks, q8_0_blocks
@@ -106,7 +107,7 @@ def test_pruned_tiny_llama_int4_round_trip(tmp_path):
     assert report.counts() == {"Q4_1": 3 * 7, "Q8_0": 1, "F32": 3 * 2 + 1}  # tied head: no output.weight
     assert report.tokenizer_source == "teacher GGUF"
     _check_q4_1_exact(model, path, model.config.num_attention_heads, model.config.num_key_value_heads)
-    back = load_gguf(path, tokenizer=False)
+    back, _ = load_gguf(path, tokenizer=False)
     c = back.config
     assert (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size) == \
         (3, 2, 2, 16, 64)
@@ -130,7 +131,7 @@ def test_float_and_int8_tiny_export_matches(tmp_path):
     path = tmp_path / "f32.gguf"
     report = to_gguf(model, None, path)
     assert set(report.counts()) == {"F32"}
-    back = load_gguf(path, tokenizer=False)
+    back, _ = load_gguf(path, tokenizer=False)
     with torch.inference_mode():
         torch.testing.assert_close(back(ids).logits, ref, rtol=0, atol=1e-4)  # float: the same model
 
@@ -142,7 +143,7 @@ def test_float_and_int8_tiny_export_matches(tmp_path):
     raw = read_gguf_tensor(tmp_path / "int8.gguf", "blk.0.ffn_up.weight", raw=True)
     q = raw.reshape(raw.shape[0], -1, 34)[..., 2:].copy().view(np.int8).reshape(raw.shape[0], -1)
     np.testing.assert_array_equal(q, model.model.layers[0].mlp.up_proj.weight_int8.numpy())  # same codes
-    back = load_gguf(tmp_path / "int8.gguf", tokenizer=False)
+    back, _ = load_gguf(tmp_path / "int8.gguf", tokenizer=False)
     with torch.inference_mode():
         torch.testing.assert_close(back(ids).logits, exact, rtol=0, atol=2e-3)  # fp16 scales
 

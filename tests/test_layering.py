@@ -245,7 +245,7 @@ def test_the_checker_sees_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]
 
 
-# ---------------------------------------------------------------- one of each (issue 13): the old copies stay gone
+# ---------------------------------------------------------------- one of each (issues 13, 32): the old copies stay gone
 
 ONE_PLACE = {  # pattern -> the only module(s) that may contain it
     "os.replace(": {"_fs"},  # atomic writes: _fs.atomic_file / atomic_write_text / replace_dir
@@ -253,7 +253,6 @@ ONE_PLACE = {  # pattern -> the only module(s) that may contain it
     "parameters()).device": set(),  # the device of a module: runtime.device_of
     "untyped_storage().data_ptr()": {"tensors"},  # storage identity: tensors.storage_key
     "torch.optim.": {"distillation.trainer", "exercises.distillation"},  # the one loop; 01's lab has the learner write one
-    "def parameter_count": {"arch"},  # parameters of a config, every family
 }
 
 
@@ -261,3 +260,94 @@ ONE_PLACE = {  # pattern -> the only module(s) that may contain it
 def test_one_implementation_of_each_idea(pattern):
     found = {m for m, path in _module_names().items() if pattern in path.read_text()}
     assert found <= ONE_PLACE[pattern], f"{pattern!r} written again in {sorted(found - ONE_PLACE[pattern])}"
+
+
+# A behavioural guard: a function whose name says it does a concept's job, or whose body does it (the calls
+# below), may live only in the concept's home. A rewrite under a new name passes a string grep; this reads
+# every function of the package. HOMES: concept -> (the home to use, name patterns, modules allowed).
+HOMES = {
+    "parameter count": ("arch.parameter_count", ("*param*count*", "*count*param*", "n_params", "*num_param*"), {"arch"}),
+    "bytes in memory": ("tensors.memory_bytes", ("*memory_bytes*", "*model_size*", "*size_bytes*", "*model_bytes*"),
+                        {"tensors"}),
+    "bytes on disk": ("serialization.weights_bytes", ("*disk*bytes*", "*bytes*disk*", "*dense_bytes*", "*folder_size*",
+                                                      "*weights_bytes*", "*saved*bytes*", "*file*bytes*"),
+                      {"serialization"}),
+    "device": ("profiles.default_device", ("*default_device*", "*pick_device*", "*best_device*"), {"profiles"}),
+    "CPU name": ("hardware.cpu_model", ("*cpu_name*", "*cpu_model*"), {"hardware"}),
+    "timer": ("timing.median_seconds / interleaved_medians / stopwatch",
+              ("*median*", "*latency*", "timed", "*stopwatch*", "*timer*", "*time_it*"),
+              {"timing", "evaluate.cost"}),  # evaluate.cost.latency times through timing.interleaved_medians
+    "atomic folder": ("_fs.atomic_folder", ("*atomic*folder*", "*atomic*dir*", "*replace_dir*"), {"_fs"}),
+    "model loading": ("serialization.load_saved (a folder) / models.load_model",
+                      ("load_model*", "load_saved*", "load_gguf*", "load_pretrained*", "*load*folder*"),
+                      {"serialization", "models.loading"}),
+}
+# (module, function) -> why it is not a rewrite
+HOME_ALLOW = {
+    ("pruning.sparse_storage", "sparse_bytes_on_disk"): "the size of its own sparse format (save_sparse), not of a dense folder",
+}
+
+
+def _called(fn: ast.AST) -> set[str]:
+    return {ast.unparse(n.func) for n in ast.walk(fn) if isinstance(n, ast.Call)}
+
+
+def _cuda_or_cpu(fn: ast.AST) -> bool:
+    return any(isinstance(n, ast.IfExp) and "cuda.is_available" in ast.unparse(n.test)
+               and isinstance(n.body, ast.Constant) and n.body.value == "cuda" for n in ast.walk(fn))
+
+
+# what a function body does -> (concept, modules allowed to do it)
+DOES = [
+    (lambda fn: any(c.endswith("perf_counter") for c in _called(fn)), "timer", {"timing", "hardware"}),
+    (lambda fn: "statistics.median" in _called(fn), "timer", {"timing"}),
+    (lambda fn: {"make_tmp_dir", "replace_dir"} <= {c.rsplit(".", 1)[-1] for c in _called(fn)}, "atomic folder", {"_fs"}),
+    (_cuda_or_cpu, "device", {"profiles"}),
+    (lambda fn: any(isinstance(n, ast.Constant) and n.value == "/proc/cpuinfo" for n in ast.walk(fn)), "CPU name",
+     {"hardware"}),
+    (lambda fn: "AutoModelForCausalLM.from_pretrained" in _called(fn), "model loading",
+     {"serialization", "models.loading"}),
+]
+
+
+def one_place_violations(trees: dict[str, ast.Module]) -> list[str]:
+    """'module.function: <what> (use <home>)' for every function that redoes a concept outside its home."""
+    from fnmatch import fnmatch
+
+    bad = set()
+    for module, tree in trees.items():
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) or (module, fn.name) in HOME_ALLOW:
+                continue
+            for concept, (home, patterns, allowed) in HOMES.items():
+                if module not in allowed and any(fnmatch(fn.name.lower(), p) for p in patterns):
+                    bad.add(f"{module}.{fn.name}: its name says {concept} (use {home})")
+            for does, concept, allowed in DOES:
+                if module not in allowed and does(fn):
+                    bad.add(f"{module}.{fn.name}: its body does {concept} (use {HOMES[concept][0]})")
+    return sorted(bad)
+
+
+def test_each_concept_has_one_home():
+    trees = {m: ast.parse(path.read_text(), str(path)) for m, path in _module_names().items()}
+    bad = one_place_violations(trees)
+    assert not bad, "a concept written again outside its home:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("source, found", [
+    ("def count_params(model):\n    return sum(p.numel() for p in model.parameters())", "count_params: its name says parameter count"),
+    ("def save_dense_bytes(model):\n    pass", "save_dense_bytes: its name says bytes on disk"),
+    ("def model_size_bytes(model):\n    pass", "model_size_bytes: its name says bytes in memory"),
+    ("import time\ndef step():\n    start = time.perf_counter()\n    return time.perf_counter() - start",
+     "step: its body does timer"),
+    ("import statistics\ndef speed(ts):\n    return statistics.median(ts)", "speed: its body does timer"),
+    ("def publish(tmp, dst):\n    tmp = make_tmp_dir(dst.parent)\n    replace_dir(tmp, dst)", "publish: its body does atomic folder"),
+    ("import torch\ndef pick():\n    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
+     "pick: its body does device"),
+    ("def name():\n    return open('/proc/cpuinfo').read()", "name: its body does CPU name"),
+    ("def get(p):\n    return AutoModelForCausalLM.from_pretrained(p)", "get: its body does model loading"),
+])
+def test_the_one_place_check_catches_a_planted_rewrite(source, found):
+    bad = one_place_violations({"views.planted": ast.parse(source)})
+    assert any(b.startswith("views.planted." + found) for b in bad), bad
+    assert one_place_violations({"views.planted": ast.parse("def unrelated(x):\n    return x")}) == []

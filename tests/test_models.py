@@ -4,16 +4,25 @@ import pytest
 import torch
 
 from distill_lab import models
-from distill_lab.models import (HubUnavailableError, check_vocab_compatible, count_parameters,
-                                load_model, make_student, tiny_llama)
+from distill_lab.arch import parameter_count
+from distill_lab.models import HubUnavailableError, check_vocab_compatible, load_model, make_student, tiny_llama
 
 
-def test_count_parameters_splits_tied_embedding():
+def test_parameter_count_splits_tied_embedding():
     m = tiny_llama(vocab_size=256, hidden_size=32)
-    counts = count_parameters(m)
+    counts = {part: parameter_count(m, part) for part in ("total", "embedding", "non_embedding")}
     assert counts["embedding"] == 256 * 32  # tied head counted once
     assert counts["total"] == sum(p.numel() for p in m.parameters())
     assert counts["non_embedding"] == counts["total"] - counts["embedding"]
+    assert parameter_count(m.config) == counts["total"]  # a config counts the same, on a meta model
+    with pytest.raises(ValueError, match="part='head'; allowed: total, embedding, non_embedding"):
+        parameter_count(m, "head")
+
+
+def test_parameter_count_counts_shared_storage_once():
+    m = tiny_llama(vocab_size=256, hidden_size=32)
+    m.lm_head.weight = torch.nn.Parameter(m.model.embed_tokens.weight.data)  # another Parameter, the same memory
+    assert parameter_count(m, "embedding") == 256 * 32
 
 
 def test_layer_drop_student_copies_every_kth_block():
@@ -32,7 +41,7 @@ def test_layer_drop_student_copies_every_kth_block():
 def test_random_student_is_smaller_and_validates():
     teacher = tiny_llama(num_layers=4, hidden_size=64, intermediate_size=128)
     student = make_student(teacher, "random", num_layers=2, hidden_size=32, intermediate_size=64)
-    assert count_parameters(student)["non_embedding"] < count_parameters(teacher)["non_embedding"] / 2
+    assert parameter_count(student, "non_embedding") < parameter_count(teacher, "non_embedding") / 2
     assert student(torch.randint(0, 256, (1, 8))).logits.shape == (1, 8, 256)
     with pytest.raises(ValueError, match="init='distil'"):
         make_student(teacher, "distil")
@@ -62,7 +71,7 @@ def test_local_folder_roundtrip(tmp_path):
 
 
 def test_hub_id_offline_fails_fast_with_offline_hint(monkeypatch):
-    monkeypatch.setattr(models, "_hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(models.loading, "_hub_reachable", lambda *a, **k: False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
     with pytest.raises(HubUnavailableError, match="load_teacher"):
@@ -88,6 +97,5 @@ def test_real_teacher_converts_once_then_loads_fast(tmp_path, monkeypatch):
     ids = tok("def add(a, b):\n    return a + b", return_tensors="pt").input_ids
     with torch.inference_mode():
         assert torch.equal(first(ids).logits, second(ids).logits)
-    counts = count_parameters(second)
-    assert counts["total"] == 134_515_008 and counts["embedding"] == 49152 * 576
+    assert parameter_count(second) == 134_515_008 and parameter_count(second, "embedding") == 49152 * 576
     assert second.config.num_key_value_heads == 3 and not hasattr(second.config, "quantization_config")

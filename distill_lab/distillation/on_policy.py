@@ -21,14 +21,13 @@ the trainer's usual ones.
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..runtime import autocast, device_of
-from ..timing import sync
+from ..timing import stopwatch, sync
 from .data import shift_labels
 from .losses import IGNORE_INDEX, DistillationLoss
 
@@ -135,11 +134,11 @@ def on_policy_batch(student: nn.Module, windows: torch.Tensor, cfg, step: int, m
     device = windows.device
     gen = torch.Generator(device=device).manual_seed(_seed(cfg.seed, step, micro, rank))
     sync(device)
-    start = time.perf_counter()
+    elapsed = stopwatch()
     ids = sample_continuations(student, windows[:, :cfg.prompt_tokens], cfg.gen_tokens, cfg.sampling_temperature,
                                gen, cfg.bf16)
     sync(device)
-    return ids, generated_labels(ids, cfg.prompt_tokens), time.perf_counter() - start
+    return ids, generated_labels(ids, cfg.prompt_tokens), elapsed()
 
 
 @torch.no_grad()

@@ -14,7 +14,6 @@ import contextlib
 import math
 import os
 import random
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from .._fs import atomic_file
 from ..evaluate import perplexity
 from ..models import check_vocab_compatible
 from ..runtime import autocast, device_of
+from ..timing import stopwatch
 from . import on_policy as gkd
 from .cache import TeacherCache
 from .data import SequenceData, shift_labels
@@ -263,7 +263,7 @@ class DistillationTrainer:
         """
         cfg = self.config
         self.module.train()
-        start = time.perf_counter()
+        elapsed = stopwatch()
         rows_parts, on_policy = [], gkd.is_on_policy_step(cfg.seed, self.step, cfg.lmbda)
         for micro in range(cfg.grad_accum):
             rows = self._batch_rows(self.step, micro)
@@ -282,7 +282,7 @@ class DistillationTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         row = {"step": self.step, "lr": lr, "grad_norm": grad_norm,
-               "seconds": time.perf_counter() - start,  # the whole step, generation included
+               "seconds": elapsed(),  # the whole step, generation included
                "tokens": sum(p["tokens"] for p in rows_parts) * self.world,
                "on_policy": float(on_policy), "gen_seconds": sum(p.pop("gen_seconds") for p in rows_parts)}
         for key in rows_parts[0]:

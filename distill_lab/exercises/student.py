@@ -37,13 +37,13 @@ import hashlib
 import json
 import re
 import sys
-import time
 from pathlib import Path
 
 import nbformat
 
 from .._fs import atomic_write_text
 from ..course import NOTEBOOK_DIR, execute_notebook, find_notebooks
+from ..timing import stopwatch
 from ._check import NOT_ATTEMPTED
 
 BEGIN, END = "BEGIN SOLUTION", "END SOLUTION"  # nbgrader matches these inside a line ("### BEGIN SOLUTION")
@@ -208,9 +208,9 @@ def execute_all(folder: Path = STUDENT_DIR, timeout: int = 1800, executed: Path 
     """
     timings = {}
     for path in find_notebooks(folder):
-        start = time.perf_counter()
+        elapsed = stopwatch()
         execute_notebook(path, Path(executed) / path.name, timeout=timeout)
-        timings[path.name] = time.perf_counter() - start
+        timings[path.name] = elapsed()
         stubs = _not_attempted_lines(nbformat.read(Path(executed) / path.name, as_version=4))
         if not stubs:
             raise RuntimeError(f"student {path.name} printed no '{NOT_ATTEMPTED}' line: are its exercises stubs?")

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..arch import parameter_count
 from ..data import corpus_windows
-from ..evaluate import latency, model_size_bytes, perplexity
+from ..evaluate import latency, perplexity
 from ..profiles import Profile
 from ..serialization import weights_bytes
 
@@ -61,7 +61,7 @@ def measure(model: nn.Module, windows: dict[str, torch.Tensor], profile: Profile
     metrics = {}
     for name, w in windows.items():
         metrics[f"ppl_{name}"] = perplexity(model, w, batch_size=profile.batch_size, progress=progress)
-    metrics["size_bytes"] = weights_bytes(folder) if folder is not None else model_size_bytes(model, on_disk=True)
+    metrics["size_bytes"] = weights_bytes(folder if folder is not None else model)
     metrics["params"] = logical_parameters(model)
     metrics.update(measure_speed(model, profile))
     return metrics

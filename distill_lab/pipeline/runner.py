@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,11 +20,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._folder import check_model_folder
-from .._fs import (TMP_PREFIX, DamagedFileError, atomic_write_text, clean_stale_tmp, make_tmp_dir, name_some,
-                   replace_dir, sha256_file, share_permissions)
+from .._fs import TMP_PREFIX, DamagedFileError, atomic_folder, atomic_write_text, clean_stale_tmp, name_some, sha256_file
 from ..profiles import Profile, get_profile, set_seed
 from ..runtime import device_of
 from ..serialization import load_saved, save_model
+from ..timing import stopwatch
 from .context import StepContext, _notice, code_version, model_digest
 from .measure import SPEED_KEYS, eval_windows, measure, measure_speed, relative
 from .recipe import STEPS, Recipe
@@ -241,16 +240,12 @@ def _adopt_sibling(out_dir: Path, index: int, kind: str, fingerprint: str, profi
         if state is None:
             continue
         final = _step_dir(out_dir, index, kind)
-        tmp = make_tmp_dir(final.parent)
-        try:
+        with atomic_folder(final, manifest=False, ours_only=False) as tmp:  # the step's own manifest comes along
             for f in other.iterdir():
                 try:
                     os.link(f, tmp / f.name)  # same file system: no copy
                 except OSError:
                     shutil.copy2(f, tmp / f.name)
-            replace_dir(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return state
     return None
 
@@ -382,14 +377,14 @@ def run_recipe(teacher: nn.Module, tokenizer, recipe: Recipe, out_dir: str | Pat
             spec = STEPS[step.kind]
             set_seed(seed + i)
             bar.set_postfix_str(step.kind)
-            start = time.perf_counter()
+            elapsed = stopwatch()
             ctx.extras = {}
             model = spec.apply(model, dict(step.config), ctx)
             model.eval()
-            seconds = time.perf_counter() - start
+            seconds = elapsed()
             final = _step_dir(out_dir, i + 1, step.kind)
-            tmp = make_tmp_dir(final.parent)
-            try:
+            # atomic: a half-written step is never seen as finished; a damaged one is replaced
+            with atomic_folder(final, manifest=False, ours_only=False) as tmp:
                 save_model(model, tokenizer, tmp)
                 metrics = {}
                 if measure_steps == "all" or i == len(recipe.steps) - 1:
@@ -402,10 +397,6 @@ def run_recipe(teacher: nn.Module, tokenizer, recipe: Recipe, out_dir: str | Pat
                          "config": step.config, "metrics": metrics, "seconds": seconds,
                          "extras": ctx.extras}
                 (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))  # save_model wrote the manifest
-                share_permissions(tmp)
-                replace_dir(tmp, final)  # atomic: a half-written step is never seen as finished
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
             records.append(StepRecord(index=i + 1, kind=step.kind, config=dict(step.config),
                                       folder=str(final), metrics=metrics, seconds=seconds,
                                       extras=dict(ctx.extras)))

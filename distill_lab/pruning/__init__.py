@@ -17,7 +17,7 @@ _EXPORTS = {
     "healing": ["heal", "kl_to_teacher"],
     "masks": ["GRANULARITIES", "is_nm_sparse", "magnitude_scores", "nm_mask", "unstructured_mask", "wanda_scores"],
     "selection": ["DEFAULT_EXCLUDE", "default_filter", "exclude_globs", "prunable_linears"],
-    "sparse_storage": ["CSRLinear", "STORAGE_FORMATS", "load_sparse", "save_dense_bytes", "save_sparse",
+    "sparse_storage": ["CSRLinear", "STORAGE_FORMATS", "load_sparse", "save_sparse",
                        "semi_structured_available", "sparse_bytes", "sparse_bytes_on_disk", "sparsity_stats",
                        "to_semi_structured_", "to_sparse_csr_"],
     "structured": ["HEAD_GRANULARITIES", "IMPORTANCE_METRICS", "StructuredConfig", "block_influence", "importance",

@@ -21,13 +21,12 @@ from torch import nn
 
 from .._folder import check_model_folder
 from .._fs import atomic_folder
-from .._hf import quiet_transformers
 from ..summary import Summary
 from ..tensors import storage_key
 from .masks import is_nm_sparse
 from .selection import prunable_linears, resolve_filter
 
-__all__ = ["CSRLinear", "SPARSE_FORMAT_TAG", "STORAGE_FORMATS", "load_sparse", "save_dense_bytes", "save_sparse",
+__all__ = ["CSRLinear", "SPARSE_FORMAT_TAG", "STORAGE_FORMATS", "load_sparse", "save_sparse",
            "semi_structured_available", "sparse_bytes", "sparse_bytes_on_disk", "sparsity_stats",
            "to_semi_structured_", "to_sparse_csr_"]
 
@@ -185,13 +184,6 @@ def sparse_bytes_on_disk(model: nn.Module, filter_fn=None) -> int:
     """Bytes of the weights file ``save_sparse`` writes for this model (bitmask + values)."""
     with tempfile.TemporaryDirectory() as tmp:
         return save_sparse(model, Path(tmp) / "m", filter_fn=resolve_filter(filter_fn))
-
-
-def save_dense_bytes(model: nn.Module) -> int:
-    """Bytes of the safetensors weights ``save_pretrained`` writes for this model (what "stored dense" costs)."""
-    with tempfile.TemporaryDirectory() as tmp, quiet_transformers():
-        model.save_pretrained(tmp)
-        return sum(p.stat().st_size for p in Path(tmp).glob("*.safetensors"))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,11 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..arch import adapter
+from ..arch import adapter, parameter_count
 from ..calibration import calibration_pass
 from ..runtime import device_of
 from ..summary import Summary
-from ..tensors import unique_tensors
 from .selection import as_batches
 
 __all__ = ["HEAD_GRANULARITIES", "IMPORTANCE_METRICS", "StructuredConfig", "block_influence", "importance",
@@ -320,10 +319,6 @@ def prune_structured(model: nn.Module, config: StructuredConfig, *, calibration=
     return ad.shrink(layers, heads, kv, channels)
 
 
-def _parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in unique_tensors(model.parameters()))
-
-
 def prune_structured_(model: nn.Module, config: StructuredConfig, *, calibration=None,
                       scores: dict[str, torch.Tensor] | None = None, progress: bool = False) -> Summary:
     """Structured pruning in place: ``model`` becomes the smaller model ``prune_structured`` returns.
@@ -332,12 +327,12 @@ def prune_structured_(model: nn.Module, config: StructuredConfig, *, calibration
     train/eval mode; hooks registered on the old submodules are dropped with them). Returns a
     ``Summary``: ``{"model": fraction of parameters removed}``.
     """
-    before = _parameters(model)
+    before = parameter_count(model)
     small = prune_structured(model, config, calibration=calibration, scores=scores, progress=progress)
     for slot in ("_modules", "_parameters", "_buffers"):
         model.__dict__[slot] = small.__dict__[slot]
     model.config = small.config
-    return Summary("prune_structured_", dataclasses.asdict(config), {"model": 1 - _parameters(model) / before},
+    return Summary("prune_structured_", dataclasses.asdict(config), {"model": 1 - parameter_count(model) / before},
                    unit="fraction of parameters removed")
 
 

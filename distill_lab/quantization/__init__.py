@@ -35,7 +35,7 @@ _EXPORTS = {
                    "quantization_error", "quantize_tensor", "search_clip_ratios", "sqnr_db"],
     "qat": ["QATLinear", "convert_", "prepare_qat_", "train_qat"],
     "registry": ["FormatSpec", "ModuleFormat", "register_format", "unregister_format"],
-    "serialization": ["load_quantized", "save_quantized", "saved_size_bytes"],
+    "serialization": ["load_quantized", "save_quantized"],
     "smoothquant": ["ActivationStats", "collect_activation_stats", "outlier_table", "smooth_"],
 }
 __all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -16,8 +16,9 @@ from torch import nn
 
 from ..arch import check_linear_layout, swap_guard
 from ..runtime import device_of
+from ..serialization import weights_bytes
 from ..summary import Summary
-from ..tensors import storage_key, unique_tensors
+from ..tensors import memory_bytes, storage_key, unique_tensors
 from . import formats  # noqa: F401  the built-in formats register themselves
 from .configs import Int8DynamicConfig, config_to_dict
 from .embeddings import INT4_EMBEDDING_GROUP, Int4Embedding
@@ -26,7 +27,6 @@ from .modules import (Int4WeightOnlyLinear, Int8DynamicLinear, Int8Embedding, In
 from .dispatch import FIXED, check_env, kernel_paths
 from .primitives import check_finite, quantize_tensor
 from .registry import format_for, module_format
-from .serialization import saved_size_bytes
 
 __all__ = ["KeptInFloat", "QuantizationSummary", "Reason", "compression_report", "fp32_equivalent_bytes", "linear_from_config",
            "memory_bytes", "misfit", "quantize_", "quantize_embedding_and_head_"]
@@ -250,11 +250,6 @@ def _all_tensors(model: nn.Module) -> list[torch.Tensor]:
     return unique_tensors(list(model.parameters()) + list(model.buffers()))
 
 
-def memory_bytes(model: nn.Module) -> int:
-    """Bytes of unique parameters and buffers (tied or shared tensors counted once)."""
-    return sum(t.numel() * t.element_size() for t in _all_tensors(model))
-
-
 def fp32_equivalent_bytes(model: nn.Module) -> int:
     """What the model's weights would take in fp32 (quantized modules counted by the weights they stand for)."""
     total, seen = 0, set()
@@ -287,7 +282,7 @@ def compression_report(model: nn.Module, fp32_bytes: int | None = None, on_disk:
     report = {"memory_bytes": mem, "fp32_bytes": ref, "ratio_memory": ref / mem,
               "memory_saved_bytes": ref - mem}
     if on_disk:
-        disk = saved_size_bytes(model)
+        disk = weights_bytes(model)
         report.update(disk_bytes=disk, ratio_disk=ref / disk)
     kinds, floats = {}, []
     for name, m in model.named_modules():

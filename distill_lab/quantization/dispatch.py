@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from ..hardware import (PHASES, STALE, busy, cached_section, contended, cpu_model, format_rows, isa_flags,
                         machine_key, min_ms, rows_problem)
+from ..timing import stopwatch
 from .kernels import (int4_codes_and_scales, int4_layout_for, int4_linear, int8_weight_only_mm,
                       onednn_int8_pack, quantize_activations, to_kernel_layout, w8a8_int_mm_cpu, w8a8_onednn)
 
@@ -166,7 +167,8 @@ def measure_kernels(repeats: int = 7, budget_s: float = BUDGET_S, timer=None, lo
 
 def _measure(repeats, budget_s, timer, load, candidates_fn) -> dict:
     timer, load_fn, cands = timer or min_ms, load or busy, candidates_fn or candidates
-    t0 = time.perf_counter()
+    elapsed = stopwatch()
+    t0 = elapsed.start  # deadlines below are perf_counter readings
     distorted = load is None and contended()  # see hardware.contended; an injected load means injected timings
     was_busy, load = load_fn()
     layers = None if candidates_fn else _layers(*SHAPE)
@@ -228,7 +230,7 @@ def _measure(repeats, budget_s, timer, load, candidates_fn) -> dict:
             "summary": f"kernel paths: {summary}" + (" (tiny parallel kernels stalled: fixed paths kept)"
                                                     if distorted else ""),
             "distorted": distorted, "busy": was_busy, "load": max(load, load_after),
-            "cores": os.cpu_count(), "measured_s": time.perf_counter() - t0,
+            "cores": os.cpu_count(), "measured_s": elapsed(),
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 

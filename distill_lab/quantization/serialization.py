@@ -9,7 +9,6 @@ Low on purpose: it knows the registered module kinds (``registry``), not ``quant
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ from . import formats  # noqa: F401  the built-in formats register their module 
 from .modules import QuantizedModule, embedding_and_head, module_name, set_module
 from .registry import module_format
 
-__all__ = ["FORMAT", "QCONFIG_NAME", "WEIGHTS_NAME", "load_quantized", "save_quantized", "saved_size_bytes"]
+__all__ = ["FORMAT", "QCONFIG_NAME", "WEIGHTS_NAME", "load_quantized", "save_quantized"]
 
 FORMAT = "distill_lab.quantized/1"  # tag written into saved checkpoints
 WEIGHTS_NAME = "model.safetensors"
@@ -83,12 +82,6 @@ def save_quantized(model: nn.Module, folder: str | Path, tokenizer=None) -> Path
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
     return folder / WEIGHTS_NAME
-
-
-def saved_size_bytes(model: nn.Module) -> int:
-    """Size on disk of the safetensors file ``save_quantized`` writes for this model."""
-    with tempfile.TemporaryDirectory() as tmp:
-        return (save_quantized(model, Path(tmp) / "m")).stat().st_size
 
 
 def _rebuild(spec: dict, tensors: dict, device) -> QuantizedModule:

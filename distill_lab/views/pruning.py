@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..arch import parameter_count
 from ..evaluate import perplexity
 from ..pruning.masks import check_sparsity, magnitude_scores, unstructured_mask, wanda_scores
 from ..pruning.selection import StopForward, as_batches
@@ -123,7 +124,7 @@ def layer_pruning_view(weight: torch.Tensor, inputs: torch.Tensor, sparsity: flo
 def describe(model: nn.Module) -> str:
     """One line: layers, heads (query/KV), head_dim, intermediate size, parameters."""
     c = model.config
-    n = sum(p.numel() for p in model.parameters())
+    n = parameter_count(model)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     return (f"{c.num_hidden_layers} layers, {c.num_attention_heads} query / {c.num_key_value_heads} KV heads "
             f"x {head_dim}, intermediate {c.intermediate_size}, {n / 1e6:.1f}M parameters")

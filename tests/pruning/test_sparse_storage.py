@@ -9,6 +9,7 @@ from distill_lab.pruning import sparse_storage as SS
 from distill_lab.pruning.masks import nm_mask
 from distill_lab.pruning.selection import prunable_linears
 from distill_lab.pruning.unstructured import MagnitudeConfig, prune_
+from distill_lab.serialization import weights_bytes
 
 
 def test_sparsity_stats_counts_and_compression(tiny):
@@ -42,7 +43,7 @@ def test_save_sparse_roundtrip_and_smaller(tiny, calib, tmp_path):
     prune_(tiny, MagnitudeConfig(0.5))
     x = calib()[0]
     nbytes = SS.save_sparse(tiny, tmp_path / "sparse")
-    dense_bytes = SS.save_dense_bytes(tiny)
+    dense_bytes = weights_bytes(tiny)
     stats = SS.sparsity_stats(tiny)
     assert nbytes < dense_bytes
     # the file is the predicted bitmask bytes plus the safetensors header (JSON, a few KB)

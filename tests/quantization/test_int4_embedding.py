@@ -200,7 +200,8 @@ def test_size_on_disk_and_in_memory_is_the_packed_codes_scales_and_zeros_once(tm
 # ----------------------------------------------------------------------------- GGUF
 def test_gguf_writes_the_int4_embedding_as_q4_1_with_our_codes(tmp_path):
     gguf = pytest.importorskip("gguf")
-    from distill_lab.export import float_copy, load_gguf, read_gguf_tensors, to_gguf
+    from distill_lab.export import float_copy, read_gguf_tensors, to_gguf
+    from distill_lab.models import load_gguf
     from distill_lab.quantization.ggml import int4_q4_1_parts
 
     model = tiny_llama(vocab_size=49152, hidden_size=64, num_layers=1, intermediate_size=128, num_heads=4,
@@ -223,5 +224,5 @@ def test_gguf_writes_the_int4_embedding_as_q4_1_with_our_codes(tmp_path):
     ids = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         exact = float_copy(model)(ids).logits
-        theirs = load_gguf(tmp_path / "e.gguf", tokenizer=False)(ids).logits
+        theirs = load_gguf(tmp_path / "e.gguf", tokenizer=False)[0](ids).logits
     torch.testing.assert_close(theirs, exact, rtol=0, atol=1e-3)

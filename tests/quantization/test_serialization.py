@@ -15,8 +15,8 @@ from distill_lab.quantization import serialization
 from distill_lab.quantization.api import compression_report, memory_bytes, quantize_
 from distill_lab.quantization.configs import (Int4WeightOnlyConfig, Int8DynamicConfig, Int8WeightOnlyConfig,
                                               config_from_dict)
-from distill_lab.quantization.serialization import (QCONFIG_NAME, load_quantized, save_quantized,
-                                                    saved_size_bytes)
+from distill_lab.quantization.serialization import QCONFIG_NAME, load_quantized, save_quantized
+from distill_lab.serialization import weights_bytes
 
 from .helpers import SAMPLE_CONFIGS, tiny
 
@@ -75,7 +75,7 @@ def test_tied_head_is_written_once_and_tied_again(config, tmp_path):
     model = tiny()
     quantize_(model, config)
     path = save_quantized(model, tmp_path / "t")
-    assert saved_size_bytes(model) == path.stat().st_size
+    assert weights_bytes(model) == path.stat().st_size
     modules = json.loads((tmp_path / "t" / QCONFIG_NAME).read_text())["modules"]
     assert modules["lm_head"]["tied_to"] == "model.embed_tokens"
     again = load_quantized(tmp_path / "t", device="cpu")

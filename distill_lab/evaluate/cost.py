@@ -1,0 +1,118 @@
+"""What a language model costs to run: prefill and decode speed, and peak memory.
+
+Latency follows the usual LLM split: prefill (prompt processing, compute-bound) and decode (one token
+at a time, memory-bound). ``phase_probes`` is the one prefill/decode harness: ``latency`` times one
+model with it, ``distill_lab.speed.pruning.compare_speed`` several models interleaved. Bytes in memory
+and on disk have their own homes: ``tensors.memory_bytes`` and ``serialization.weights_bytes``.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..profiles import default_device
+from ..runtime import autocast, device_of
+from ..timing import interleaved_medians, timed
+
+__all__ = ["latency", "peak_memory", "phase_probes", "speed_row", "timing_prompts"]
+
+
+def timing_prompts(vocab: int, batch: int, seq: int, prompt_len: int = 32, seed: int = 0,
+                   device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded random token ids for speed tests: a (batch, seq) prefill prompt and a (1, prompt_len) decode prompt."""
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, vocab, (batch, seq), generator=g).to(device)  # (B, T)
+    short = torch.randint(0, vocab, (1, prompt_len), generator=g).to(device)  # (1, P)
+    return prompt, short
+
+
+def phase_probes(model: nn.Module, batch: int = 8, seq: int = 256, decode_tokens: int = 32,
+                 bf16: bool | str = False, prompt_len: int = 32, seed: int = 0,
+                 vocab_size: int | None = None) -> dict[str, Callable[[], float]]:
+    """``{"prefill": probe, "decode": probe}``: each call returns the seconds of one timed run.
+
+    Prefill is one forward over (batch, seq) random tokens without a cache; decode is ``decode_tokens``
+    greedy steps at batch 1 with the KV cache, after an untimed ``prompt_len``-token prompt.
+    """
+    device = device_of(model)
+    vocab = vocab_size or model.config.vocab_size
+    prompt, short = timing_prompts(vocab, batch, seq, prompt_len, seed, device)  # (B, T), (1, P)
+
+    @torch.inference_mode()
+    def prefill() -> float:
+        def run():
+            with autocast(device, bf16):
+                model(prompt, use_cache=False)
+        return timed(run, device)
+
+    @torch.inference_mode()
+    def decode() -> float:
+        with autocast(device, bf16, phase="decode"):
+            out = model(short, use_cache=True)
+            state = {"cache": out.cache, "token": out.logits[:, -1:].argmax(-1)}  # token (1, 1)
+
+            def steps():
+                for _ in range(decode_tokens):
+                    out = model(state["token"], cache=state["cache"], use_cache=True)
+                    state["cache"], state["token"] = out.cache, out.logits[:, -1:].argmax(-1)
+
+            return timed(steps, device)
+
+    return {"prefill": prefill, "decode": decode}
+
+
+def speed_row(prefill_s: float, decode_s: float, batch: int, seq: int, decode_tokens: int) -> dict[str, float]:
+    """Tokens/s of one prefill of (batch, seq) taking ``prefill_s`` and ``decode_tokens`` steps taking ``decode_s``."""
+    return {"prefill_tokens_per_s": batch * seq / prefill_s, "prefill_s": prefill_s,
+            "decode_tokens_per_s": decode_tokens / decode_s, "decode_ms_per_token": 1000 * decode_s / decode_tokens}
+
+
+def latency(model: nn.Module, batch: int = 8, seq: int = 256, decode_tokens: int = 32,
+            repeats: int = 3, warmup: int = 1, vocab_size: int | None = None,
+            bf16: bool = False, prompt_len: int = 32, seed: int = 0) -> dict[str, float]:
+    """Median prefill tokens/s at (batch, seq) and decode tokens/s at batch 1 with a KV cache."""
+    probes = phase_probes(model, batch, seq, decode_tokens, bf16, prompt_len, seed, vocab_size)
+    s = interleaved_medians(probes, repeats=repeats, warmup=warmup)
+    return {**speed_row(s["prefill"], s["decode"], batch, seq, decode_tokens),
+            "batch": batch, "seq": seq, "decode_tokens": decode_tokens, "repeats": repeats}
+
+
+def _rss_peak_bytes() -> int:
+    """Return the process's peak resident set size (VmHWM on Linux, ru_maxrss elsewhere)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def _reset_rss_peak() -> bool:
+    """Reset the kernel's RSS high-water mark (Linux ``clear_refs``); return True if it worked."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory(fn, device: str | torch.device | None = None) -> tuple[object, int]:
+    """Run ``fn()`` and return ``(result, peak bytes)``: CUDA allocator peak, or process RSS peak on the CPU."""
+    device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        result = fn()
+        torch.cuda.synchronize(device)
+        return result, torch.cuda.max_memory_allocated(device)
+    _reset_rss_peak()
+    result = fn()
+    return result, _rss_peak_bytes()
