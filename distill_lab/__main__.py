@@ -14,6 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
+__all__ = ["build_parser", "EXPORT_FORMATS", "INTERRUPTED", "main", "PROFILE_HELP"]
+
 PROFILE_HELP = ("smoke, laptop or gpu (default: $DISTILL_LAB_PROFILE, else gpu with CUDA, laptop without)")
 
 

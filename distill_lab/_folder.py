@@ -13,6 +13,8 @@ from pathlib import Path
 
 from ._fs import DamagedFileError, verify_manifest, weight_files
 
+__all__ = ["check_model_folder", "loading_problems", "read_config", "tensor_headers"]
+
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)\.")
 _EMBED = ("embed_tokens.weight", "embed_tokens.weight_int8", "wte.weight", "embed_in.weight")
 # an MLP's first projection, (intermediate, hidden) as saved: float, int8 codes or portable int4 packed rows

@@ -20,6 +20,12 @@ import tempfile
 import time
 from pathlib import Path
 
+__all__ = ["atomic_file", "atomic_folder", "atomic_write_text", "check_replaceable", "clean_stale_tmp",
+           "DamagedFileError", "folder_lock", "HOST_TAG", "LockedError", "make_tmp_dir", "make_tmp_file",
+           "MANIFEST_FORMAT", "MANIFEST_NAME", "move", "name_some", "read_manifest", "replace_dir", "sha256_file",
+           "share_permissions", "TMP_PREFIX", "unlisted_entries", "verify_manifest", "weight_files",
+           "write_manifest"]
+
 TMP_PREFIX = ".tmp-dl-"  # distill_lab's own temporary entries: .tmp-dl-<pid>-h<host>-<random>
 HOST_TAG = "h" + hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]  # this machine, in tmp names
 MANIFEST_NAME = "distill_lab_manifest.json"  # {"format": ..., "kind": ..., "files": {name: sha256}}

@@ -21,6 +21,8 @@ import contextlib
 import gc
 import os
 
+__all__ = ["ENV_VAR", "freeze_enabled", "frozen_imports"]
+
 ENV_VAR = "DISTILL_LAB_GC_FREEZE"
 
 

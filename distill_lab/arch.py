@@ -29,6 +29,10 @@ from torch import nn
 
 from .tensors import unique_tensors
 
+__all__ = ["Adapter", "adapter", "check_linear_layout", "decoder_blocks", "embedding_scale", "FAMILIES", "Family",
+           "family_of", "linear_like_problems", "parameter_count", "PARAMETER_PARTS", "PARTS", "probe_forward",
+           "PROBE_TOKENS", "supported_families", "swap_guard"]
+
 PARTS = ("q", "k", "v", "o", "gate", "up", "down")
 
 

@@ -31,6 +31,10 @@ from .evaluate import REPORT_ENV, environment_info
 from .profiles import ENV_VAR, get_profile
 from .timing import stopwatch
 
+__all__ = ["check_course_out", "COURSE_FORMAT", "COURSE_MANIFEST", "execute_notebook", "find_notebooks",
+           "INLINE_BACKEND", "kernel_env", "NOTEBOOK_DIR", "report_changes", "REPORT_ENTRIES", "results_markdown",
+           "run_course", "strip_progress_bars"]
+
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 # The kernel draws with ipykernel's inline backend even when the caller set MPLBACKEND=agg (CI
 # does): only the inline backend turns a figure into an image/png output of its cell.

@@ -19,6 +19,9 @@ from pathlib import Path
 
 import torch
 
+__all__ = ["calibration_batches", "corpus_documents", "corpus_windows", "HUB_ALIASES", "load_corpus",
+           "OFFLINE_CORPORA", "sample_batch", "SPLITS", "STDLIB_PACKAGES", "token_windows", "tokenize"]
+
 SPLITS = ("train", "validation", "test")
 OFFLINE_CORPORA = ("pydoc", "stdlib-code")
 # Standard-library packages whose .py files form the ``stdlib-code`` corpus.

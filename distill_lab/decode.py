@@ -34,6 +34,8 @@ from .quantization.dispatch import kernel_path
 from .quantization.modules import Int4WeightOnlyLinear
 from .timing import stopwatch, timed
 
+__all__ = ["StaticDecoder"]
+
 
 def _fuse(mods: list[nn.Module]) -> nn.Module | None:
     """One module computing ``cat([m(x) for m in mods], -1)``, or None when the kinds cannot be fused."""

@@ -46,6 +46,9 @@ from .quantization.modules import Int8Embedding, QuantizedModule
 from .quantization.registry import module_format
 from .tensors import same_tensor
 
+__all__ = ["check_exportable", "ExportReport", "float_copy", "FLOAT_TYPES", "read_gguf_tensor", "read_gguf_tensors",
+           "SUPPORTED_FAMILIES", "to_gguf"]
+
 SUPPORTED_FAMILIES = ("llama",)
 FLOAT_TYPES = ("f32", "f16")
 

@@ -35,6 +35,12 @@ import torch.nn.functional as F
 from ._fs import atomic_write_text
 from .timing import timed
 
+__all__ = ["BF16_MARGIN", "BF16_ROWS", "BUDGET_S", "busy", "BUSY_MARGIN", "CACHE_FILE", "cache_path",
+           "cached_section", "check_bf16", "check_env", "clear_memo", "contended", "CONTENTION_MIN_MS",
+           "CONTENTION_RATIO", "cpu_model", "ENV_BF16", "format_machine", "format_profile", "format_rows",
+           "ISA_FLAGS", "isa_flags", "machine_key", "machine_profile", "measure", "min_ms", "PHASES",
+           "resolve_bf16", "rows_problem", "SCHEMA", "STALE"]
+
 CACHE_FILE = "hardware.json"
 ENV_BF16 = "DISTILL_LAB_BF16"
 BF16_MARGIN = 1.15  # bf16 must be at least 15% faster than fp32 before "auto" leaves fp32

@@ -10,6 +10,11 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
+__all__ = ["label_points", "plot_activation_outliers", "plot_bars", "plot_budget_curves", "plot_channel_ranges",
+           "plot_distillation_view", "plot_layer_pruning_view", "plot_loss_histories", "plot_pareto",
+           "plot_quantization_view", "plot_recipe_steps", "plot_sparsity_curve", "plot_temperature_view",
+           "plot_token_distribution", "plot_topk_fidelity", "plot_val_curves", "wide_range"]
+
 
 def _axes(ax=None, figsize=(6, 3.5)):
     """Return ``(fig, ax)``: the given axes and its figure, or a new figure."""

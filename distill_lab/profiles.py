@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+__all__ = ["default_device", "ENV_VAR", "get_profile", "lesson_sizes", "LESSONS", "Profile", "PROFILES", "set_seed"]
+
 ENV_VAR = "DISTILL_LAB_PROFILE"
 
 

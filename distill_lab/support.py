@@ -16,6 +16,9 @@ import torch
 
 from .arch import FAMILIES as ADAPTED
 
+__all__ = ["ENTRY_POINTS", "FAMILY_CONFIGS", "LINEAR_ONLY", "main", "support_markdown", "support_table",
+           "supported", "tiny_config", "tiny_model"]
+
 # entry point -> what the matrix checks for it
 ENTRY_POINTS = {
     "quantize": "quantize_ (int8, W8A8, int4; embedding + head) and save/load",

@@ -32,6 +32,10 @@ from .views.distillation import distillation_view
 from .views.pruning import layer_pruning_view, sparsity_curve_view
 from .views.quantization import GRANULARITY_OPTIONS, quantization_view
 
+__all__ = ["distillation_widget", "figure_png", "granularity_label", "layer_pruning_widget", "offscreen_axes",
+           "quantization_widget", "recipe_panel", "show_figure", "SLIDER_WIDTH", "sparsity_widget",
+           "temperature_widget", "wire"]
+
 SLIDER_WIDTH = "720px"  # the whole control; its track stays >= 400 px beside the longest label and the readout
 _STYLE = {"description_width": "initial"}  # full labels ("temperature", not "temperat...")
 

@@ -24,7 +24,7 @@ LAYERS = {
     "runtime": 1, "arch": 1, "data": 1, "_folder": 1, "_hf": 1,
     "plotting": 1,  # draws plain data with matplotlib; imports no model code, so recipes' reports can use it
     # 2: numeric primitives and layer types of the techniques (no model-level logic)
-    "quantization.primitives": 2, "quantization.kernels": 2, "quantization.configs": 2, "quantization.dispatch": 2,
+    "quantization.primitives": 2, "quantization.kernels": 2, "quantization.int4_kernels": 2, "quantization.configs": 2, "quantization.dispatch": 2,
     "quantization.registry": 2, "quantization.ggml": 2,  # the format table (knows no format); ggml's block layouts
     "pruning.masks": 2, "pruning.selection": 2,
     "quantization.modules": 3, "quantization.embeddings": 3, "quantization.serialization": 3, "pruning.sparse_storage": 3,
@@ -351,3 +351,32 @@ def test_the_one_place_check_catches_a_planted_rewrite(source, found):
     bad = one_place_violations({"views.planted": ast.parse(source)})
     assert any(b.startswith("views.planted." + found) for b in bad), bad
     assert one_place_violations({"views.planted": ast.parse("def unrelated(x):\n    return x")}) == []
+
+
+# ---------------------------------------------------------------- conventions (issue 32)
+
+MAX_LINES = 450
+
+
+def test_every_module_declares_all_and_every_name_in_it_exists():
+    import importlib
+
+    missing, ghosts = [], []
+    for name, path in _module_names().items():
+        tree = ast.parse(path.read_text())
+        declares = any(isinstance(n, (ast.Assign, ast.AnnAssign)) and "__all__" in ast.unparse(n).split("=")[0]
+                       for n in tree.body)
+        if not declares:
+            missing.append(name)
+            continue
+        if name == "__main__":
+            continue  # importing it is running the command line's module top; its names are checked by test_cli
+        module = importlib.import_module(f"distill_lab.{name}" if name else "distill_lab")
+        ghosts += [f"{name}.{n}" for n in module.__all__ if not hasattr(module, n)]
+    assert not missing, f"modules without __all__: {missing}"
+    assert not ghosts, f"names in __all__ that the module does not define: {ghosts}"
+
+
+def test_no_module_is_longer_than_the_house_limit():
+    long = {m: n for m, p in _module_names().items() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines (split them by idea): {long}"

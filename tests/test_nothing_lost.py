@@ -112,7 +112,7 @@ def test_finding3_stale_step_cleanup_never_removes_a_users_folder(tmp_path, data
 
 
 def test_finding3_a_work_folder_it_wrote_is_resumed_and_an_older_one_too(tmp_path, data):
-    from distill_lab.pipeline.runner import WORK_MARKER
+    from distill_lab.pipeline.workdir import WORK_MARKER
 
     work = tmp_path / "w"
     recipe = Recipe("r", [{"quantize": {"method": "int8", "embedding_bits": None}}])

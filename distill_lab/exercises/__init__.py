@@ -3,4 +3,6 @@ teacher, and the student versions of the lessons (``student``). One module per l
 live here, not in the notebooks.
 """
 
-from ._check import compare_guess, yours_or_reference  # noqa: F401
+from ._check import compare_guess, yours_or_reference
+
+__all__ = ["compare_guess", "yours_or_reference"]

@@ -15,6 +15,9 @@ import functools
 
 import torch
 
+__all__ = ["allclose", "check", "compare_guess", "label_of", "NOT_ATTEMPTED", "yours_or_reference",
+           "YoursOrReference"]
+
 NOT_ATTEMPTED = "not attempted yet"
 
 

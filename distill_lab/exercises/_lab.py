@@ -11,6 +11,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+__all__ = ["block_linears", "weights_replaced"]
+
 
 def block_linears(model: nn.Module) -> dict[str, nn.Linear]:
     """``{name: Linear}`` of every ``nn.Linear`` but the output head (tied to the embedding, which labs leave alone)."""

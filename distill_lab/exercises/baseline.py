@@ -14,6 +14,9 @@ import torch.nn.functional as F
 from ..runtime import device_of
 from ._check import check, label_of, yours_or_reference
 
+__all__ = ["check_perplexity", "check_temperature_softmax", "check_token_nll", "entropies_with",
+           "perplexity_reference", "perplexity_with", "temperature_reference", "token_nll_reference"]
+
 
 def token_nll_reference(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """Per-token NLL (nats), shape (B, T-1): position t predicts token t+1 (``dl.perplexity``'s rule)."""

@@ -17,6 +17,10 @@ import torch
 
 from ._check import allclose, check, yours_or_reference
 
+__all__ = ["check_overall_reduction", "check_pareto_front", "check_size_model", "measured_parts",
+           "overall_reduction_reference", "pareto_names", "pareto_reference", "PARTS", "predicted_parts",
+           "pruned_config", "reduction_by_parts", "size_model_reference", "size_of_knobs"]
+
 PARTS = ("embedding", "attention", "mlp", "norms")
 
 

@@ -13,6 +13,9 @@ from ..runtime import device_of
 from ._check import allclose, check, label_of, yours_or_reference
 from ._package import KD_TEMPERATURE, DistillationLoss, TopKLogits, set_seed, tiny_llama
 
+__all__ = ["check_kd_loss", "check_reverse_kl", "check_topk_teacher", "check_train_step", "curves_agree",
+           "kd_loss_reference", "reference_train_step", "train_with"]
+
 
 def kd_loss_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                       temperature: float) -> torch.Tensor:

@@ -17,6 +17,10 @@ from ._check import allclose, check, label_of, yours_or_reference
 from ._lab import weights_replaced
 from ._package import nm_mask, unstructured_mask
 
+__all__ = ["channels_reference", "check_channels_to_keep", "check_magnitude_mask", "check_nm_mask",
+           "check_wanda_scores", "magnitude_mask_reference", "nm_reference", "pruned_perplexities", "shrink_mlp",
+           "wanda_reference"]
+
 
 def magnitude_mask_reference(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     return unstructured_mask(weight.abs(), sparsity, "row")

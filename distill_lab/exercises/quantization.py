@@ -15,6 +15,10 @@ from ._check import allclose, check, label_of, yours_or_reference
 from ._lab import weights_replaced
 from ._package import fake_quantize, quantize_tensor, sqnr_db
 
+__all__ = ["absmax_fake_quant", "absmax_reference", "check_absmax_quantize", "check_group_rtn",
+           "check_minmax_group_fake_quant", "check_sqnr", "fake_quant_perplexities", "group_rtn_reference",
+           "layer_sqnr", "package_absmax"]
+
 
 def _codes_and_scales(result) -> torch.Tensor:
     codes, scales = result

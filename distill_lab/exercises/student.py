@@ -46,6 +46,10 @@ from ..course import NOTEBOOK_DIR, execute_notebook, find_notebooks
 from ..timing import stopwatch
 from ._check import NOT_ATTEMPTED
 
+__all__ = ["cells_digest", "clear_solutions", "CODE_STUB", "edited_message", "execute_all", "EXECUTED_DIR",
+           "generate", "HEADER", "HEADER_ID", "is_edited", "main", "out_of_date", "RECORD_KEY", "render",
+           "solution_regions", "STUDENT_DIR", "student_notebook", "survey", "TEXT_STUB", "VOLATILE_CELL_METADATA"]
+
 BEGIN, END = "BEGIN SOLUTION", "END SOLUTION"  # nbgrader matches these inside a line ("### BEGIN SOLUTION")
 CODE_STUB = ("# YOUR CODE HERE", "raise NotImplementedError()")
 TEXT_STUB = ("YOUR ANSWER HERE",)

@@ -20,5 +20,7 @@ from .runner import *  # noqa: F401,F403
 from .runner import __all__ as _runner_all
 from .steps import *  # noqa: F401,F403
 from .steps import __all__ as _steps_all
+from .workdir import *  # noqa: F401,F403
+from .workdir import __all__ as _workdir_all
 
-__all__ = [*_recipe_all, *_context_all, *_steps_all, *_measure_all, *_runner_all, *_report_all]
+__all__ = [*_recipe_all, *_context_all, *_steps_all, *_measure_all, *_runner_all, *_report_all, *_workdir_all]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .kernels import INT4_KERNEL_GROUPS
+from .int4_kernels import INT4_KERNEL_GROUPS
 from .primitives import Granularity
 from .registry import config_types
 

@@ -39,8 +39,8 @@ import torch.nn.functional as F
 from ..hardware import (PHASES, STALE, busy, cached_section, contended, cpu_model, format_rows, isa_flags,
                         machine_key, min_ms, rows_problem)
 from ..timing import stopwatch
-from .kernels import (int4_codes_and_scales, int4_layout_for, int4_linear, int8_weight_only_mm,
-                      onednn_int8_pack, quantize_activations, to_kernel_layout, w8a8_int_mm_cpu, w8a8_onednn)
+from .kernels import int8_weight_only_mm, onednn_int8_pack, quantize_activations, w8a8_int_mm_cpu, w8a8_onednn
+from .int4_kernels import int4_codes_and_scales, int4_layout_for, int4_linear, to_kernel_layout
 
 __all__ = ["DECODE_MAX_ROWS", "ENV_KERNELS", "FIXED", "FORMATS", "PATH_MARGIN", "PREFILL_ROWS", "check_env",
            "format_kernel_profile", "kernel_path", "kernel_paths", "kernel_profile", "measure_kernels", "phase_of"]

@@ -15,16 +15,8 @@ import torch
 from torch import nn
 
 from ..arch import embedding_scale
-from .kernels import (
-    dequantize_int4,
-    gather_int4_rows,
-    int4_codes_and_scales,
-    int4_layout_for,
-    int4_row_positions,
-    pack_int4,
-    to_kernel_layout,
-    unpack_int4,
-)
+from .int4_kernels import (dequantize_int4, gather_int4_rows, int4_codes_and_scales, int4_layout_for,
+                           int4_row_positions, pack_int4, to_kernel_layout, unpack_int4)
 from .modules import Int4WeightOnlyLinear, QuantizedModule
 
 __all__ = ["INT4_EMBEDDING_GROUP", "Int4Embedding"]

@@ -22,7 +22,7 @@ from ..arch import check_linear_layout, swap_guard
 from ..calibration import collect_hessians
 from .api import QuantizationSummary, quantize_
 from .configs import Int4WeightOnlyConfig
-from .kernels import int4_kernel_codes
+from .int4_kernels import int4_kernel_codes
 from .modules import Int4WeightOnlyLinear, set_module
 from .primitives import QuantizedTensor, quantize_tensor, search_clip_ratios, shrink_clamp
 

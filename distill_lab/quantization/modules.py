@@ -24,10 +24,10 @@ from torch import nn
 
 from ..arch import embedding_scale
 from .dispatch import kernel_path
-from .kernels import (W8A8_CHUNK_ELEMENTS, dequantize_int4, int4_codes_and_scales, int4_layout_for, int4_linear,
-                      int8_weight_only_backend, int8_weight_only_mm, int_mm, int_mm_ok, kernels_enabled,
-                      onednn_int8_pack, pack_int4, quantize_activations, to_kernel_layout, unpack_int4,
-                      unpack_kernel_layout, w8a8_int_mm_cpu, w8a8_onednn)
+from .kernels import (W8A8_CHUNK_ELEMENTS, int8_weight_only_backend, int8_weight_only_mm, int_mm, int_mm_ok,
+                      kernels_enabled, onednn_int8_pack, quantize_activations, w8a8_int_mm_cpu, w8a8_onednn)
+from .int4_kernels import (dequantize_int4, int4_codes_and_scales, int4_layout_for, int4_linear, pack_int4,
+                           to_kernel_layout, unpack_int4, unpack_kernel_layout)
 from .primitives import Granularity, quantize_tensor
 
 __all__ = ["W8A8_CHUNK_ELEMENTS", "W8A8_ONEDNN_MIN_OUTPUTS", "W8A8_ONEDNN_MIN_ROWS", "Int4WeightOnlyLinear",

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from distill_lab import hardware
-from distill_lab.quantization import dispatch, kernels
+from distill_lab.quantization import dispatch, int4_kernels, kernels
 from distill_lab.quantization.modules import Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear
 
 
@@ -215,13 +215,13 @@ def test_every_int4_path_gives_the_kernels_numbers(rows, monkeypatch):
 @pytest.mark.parametrize("layout", ["cpu", "plain"])
 @pytest.mark.parametrize("n, k", [(64, 128), (1536, 576), (192, 576)])
 def test_dequantizing_from_the_packed_layout_is_exact(layout, n, k):
-    if layout == "cpu" and kernels.int4_layout_for(torch.device("cpu"), n, k, 64) != "cpu":
+    if layout == "cpu" and int4_kernels.int4_layout_for(torch.device("cpu"), n, k, 64) != "cpu":
         pytest.skip("no CPU int4 kernel in this build")
-    codes, sz = kernels.int4_codes_and_scales(torch.randn(n, k), 64)
+    codes, sz = int4_kernels.int4_codes_and_scales(torch.randn(n, k), 64)
     sz = sz.to(torch.bfloat16)
-    packed = kernels.to_kernel_layout(codes, layout)
-    want = kernels.dequantize_int4(codes, 64, sz, torch.float32)
-    got = kernels.int4_dequantize_packed(packed, layout, 64, sz, n, k, torch.float32)
+    packed = int4_kernels.to_kernel_layout(codes, layout)
+    want = int4_kernels.dequantize_int4(codes, 64, sz, torch.float32)
+    got = int4_kernels.int4_dequantize_packed(packed, layout, 64, sz, n, k, torch.float32)
     assert torch.equal(got, want)
 
 

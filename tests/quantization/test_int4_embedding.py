@@ -30,11 +30,8 @@ from distill_lab.quantization.configs import (
     config_to_dict,
 )
 from distill_lab.quantization.embeddings import INT4_EMBEDDING_GROUP, Int4Embedding
-from distill_lab.quantization.kernels import (
-    dequantize_int4,
-    int4_codes_and_scales,
-    use_kernels,
-)
+from distill_lab.quantization.kernels import use_kernels
+from distill_lab.quantization.int4_kernels import dequantize_int4, int4_codes_and_scales
 from distill_lab.quantization.modules import Int4WeightOnlyLinear, Int8Embedding
 from distill_lab.quantization.primitives import fake_quantize, sqnr_db
 from distill_lab.quantization.serialization import (

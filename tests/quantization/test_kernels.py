@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from distill_lab.quantization.kernels import (int4_codes_and_scales, int_mm, kernels_enabled, pack_int4, unpack_int4,
-                                              use_kernels)
+from distill_lab.quantization.kernels import int_mm, kernels_enabled, use_kernels
+from distill_lab.quantization.int4_kernels import int4_codes_and_scales, pack_int4, unpack_int4
 from distill_lab.quantization.modules import Int4WeightOnlyLinear, Int8WeightOnlyLinear
 
 from .helpers import cuda, linear

@@ -11,7 +11,8 @@ from distill_lab.models import tiny_llama
 from distill_lab.quantization import kernels, modules
 from distill_lab.quantization.api import quantize_
 from distill_lab.quantization.configs import Int4WeightOnlyConfig
-from distill_lab.quantization.kernels import int4_layout_for, int_mm, onednn_int8_pack, use_kernels
+from distill_lab.quantization.kernels import int_mm, onednn_int8_pack, use_kernels
+from distill_lab.quantization.int4_kernels import int4_layout_for
 from distill_lab.quantization.modules import (Int4WeightOnlyLinear, Int8DynamicLinear, Int8Embedding,
                                               Int8WeightOnlyLinear, QuantizedModule, embedding_and_head, module_name,
                                               set_module)
