@@ -11,8 +11,30 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import json
+import os
+import re
+import shutil
 import sys
 from pathlib import Path
+
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
+
+from . import hardware
+from ._fs import clean_stale_tmp, folder_lock
+from .course import run_course
+from .evaluate import generate_samples
+from .export import check_exportable, to_gguf
+from .hardware import check_env
+from .models import TEACHER_CACHE_NAME, cache_dir, load_model, load_teacher
+from .pipeline import (STEPS, Recipe, check_work_dir, comparison_table, eval_windows, group_size_skips, measure,
+                       run_recipe)
+from .pipeline.publish import check_out, publish_export
+from .profiles import get_profile
+from .quantization import dispatch
+from .quantization.dispatch import check_env as check_kernels_env
 
 __all__ = ["build_parser", "EXPORT_FORMATS", "INTERRUPTED", "main", "PROFILE_HELP"]
 
@@ -20,15 +42,11 @@ PROFILE_HELP = ("smoke, laptop or gpu (default: $DISTILL_LAB_PROFILE, else gpu w
 
 
 def _profile(name):
-    from .profiles import get_profile
-
     return get_profile(name)  # ValueError names the allowed profiles
 
 
 def _load(model: str, device=None):
     """Load ``teacher`` (the offline default) or a model folder / hub id."""
-    from .models import load_model, load_teacher
-
     if model == "teacher":
         return load_teacher(device=device)
     if not Path(model).expanduser().exists() and ("/" not in model or model.startswith((".", "/", "~"))):
@@ -40,16 +58,12 @@ def _load(model: str, device=None):
 def _model_path(model: str) -> Path | None:
     """The folder or file ``model`` is read from (the teacher's cache for ``teacher``); None for a hub id."""
     if model == "teacher":
-        from .models import TEACHER_CACHE_NAME, cache_dir
-
         return (cache_dir() / TEACHER_CACHE_NAME).resolve()
     path = Path(model).expanduser()
     return path.resolve() if path.exists() else None
 
 
 def _cmd_course(args) -> int:
-    from .course import run_course
-
     _profile(args.profile)
     out = run_course(args.out, profile=args.profile, overwrite=args.overwrite)
     print(f"report written to {out}/ (results.md, results.json, executed notebooks in notebooks/)")
@@ -57,12 +71,6 @@ def _cmd_course(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    import json
-
-    from .evaluate import generate_samples
-    from .models import cache_dir, TEACHER_CACHE_NAME
-    from .pipeline import eval_windows, measure
-
     profile = _profile(args.profile)
     model, tokenizer = _load(args.model)
     folder = cache_dir() / TEACHER_CACHE_NAME if args.model == "teacher" else Path(args.model)
@@ -87,12 +95,6 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_compress(args) -> int:
-    from ._fs import clean_stale_tmp, folder_lock
-    from .evaluate import generate_samples
-    from .models import load_model
-    from .pipeline import Recipe, check_work_dir, group_size_skips, run_recipe
-    from .pipeline.publish import check_out, publish_export
-
     profile = _profile(args.profile)
     recipe = Recipe.load(args.recipe)  # before loading anything: bad recipes fail fast
     if args.max_ppl_ratio is not None:
@@ -127,10 +129,7 @@ def _cmd_compress(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from .pipeline import comparison_table
-
     profile = _profile(args.profile)
-    from .models import load_teacher
 
     teacher, tokenizer = load_teacher()
     table = comparison_table(teacher, tokenizer, profile=profile, work_dir=args.work, progress=not args.quiet)
@@ -141,12 +140,6 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_doctor(args) -> int:
-    import json
-    import os
-
-    from . import hardware
-    from .quantization import dispatch
-
     entry = hardware.machine_profile(refresh=args.refresh)
     kernels = dispatch.kernel_profile(refresh=args.refresh)
     if args.json:
@@ -180,7 +173,6 @@ def _cmd_export(args) -> int:
         raise ValueError(f"--out {out} lies inside the model being exported ({source}); allowed: a path outside it")
     if out.exists() and not args.overwrite:  # never replace a user's file unasked
         raise FileExistsError(f"--out {out} exists; pass --overwrite to replace it")
-    from .export import check_exportable, to_gguf
 
     model, tokenizer = _load(args.model)
     check_exportable(model)
@@ -216,8 +208,6 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--prompt", default="The Python `with` statement is used to", help="prompt for the sample")
     ev.add_argument("--json", action="store_true", help="print the card as JSON")
     ev.set_defaults(func=_cmd_eval)
-
-    from .pipeline import STEPS
 
     kinds = "\n".join(f"  {k:<11} {STEPS[k].doc}" for k in sorted(STEPS))
     co = sub.add_parser("compress", help="apply a recipe to the teacher and export the compressed model",
@@ -316,10 +306,6 @@ def _disk_full(err: BaseException) -> str | None:
     ``shutil.copytree`` reports it as a list of every file it could not copy, numpy's ``tofile`` (the
     GGUF writer) as "N requested and M written", plain writes as ENOSPC / EDQUOT.
     """
-    import errno
-    import re
-    import shutil
-
     text = str(err)
     full = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in text \
         or "Disk quota exceeded" in text or bool(re.search(r"\d+ requested and \d+ written", text))
@@ -336,29 +322,13 @@ def _disk_full(err: BaseException) -> str | None:
 
 def _check_env() -> None:
     """The environment variables that steer choices, read before any work (ValueError: one line, exit 2)."""
-    from .hardware import check_env
-    from .quantization.dispatch import check_env as check_kernels_env
-
     check_env()
     check_kernels_env()
 
 
 def _expected_errors() -> tuple:
     """Exceptions that mean a bad path, value or file (one line, exit 2), not a bug (traceback)."""
-    errors = [ValueError, FileNotFoundError, RuntimeError, OSError]
-    try:
-        from safetensors import SafetensorError
-
-        errors.append(SafetensorError)
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from huggingface_hub.errors import StrictDataclassError
-
-        errors.append(StrictDataclassError)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(errors)
+    return (ValueError, FileNotFoundError, RuntimeError, OSError, SafetensorError, StrictDataclassError)
 
 
 if __name__ == "__main__":

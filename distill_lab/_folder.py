@@ -11,6 +11,8 @@ import json
 import re
 from pathlib import Path
 
+from safetensors import safe_open
+
 from ._fs import DamagedFileError, verify_manifest, weight_files
 
 __all__ = ["check_model_folder", "loading_problems", "read_config", "tensor_headers"]
@@ -38,8 +40,6 @@ def read_config(folder: Path) -> dict:
 
 def tensor_headers(folder: Path) -> tuple[dict, dict]:
     """``({tensor name: shape}, metadata)`` of the folder's safetensors files, read from their headers only."""
-    from safetensors import safe_open
-
     shapes, meta = {}, {}
     files = weight_files(folder)
     if not files and any(folder.glob("*.bin")):

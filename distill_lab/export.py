@@ -31,9 +31,12 @@ moves blocks and never changes a value. A tied head is not written: llama.cpp re
 
 from __future__ import annotations
 
+import copy
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
 from torch import nn
@@ -115,8 +118,6 @@ def check_exportable(model: nn.Module) -> None:
 
 # ----------------------------------------------------------------------------- tokenizer
 def _copy_teacher_tokenizer(writer, reader) -> None:
-    import gguf
-
     for key, f in reader.fields.items():
         if not key.startswith("tokenizer."):
             continue
@@ -138,10 +139,6 @@ def _same_vocab(tokenizer, reader) -> bool:
 
 def _add_hf_tokenizer(writer, tokenizer) -> None:
     """Write a byte-level BPE (GPT-2 style) HF fast tokenizer as ``tokenizer.ggml.*`` metadata."""
-    import json
-
-    import gguf
-
     backend = getattr(tokenizer, "backend_tokenizer", None)
     spec = json.loads(backend.to_str()) if backend is not None else {}
     model = spec.get("model", {})
@@ -183,8 +180,6 @@ def _module_tensor(module: nn.Module, float_type: str, n_head: int | None, repor
     A quantized module is written the way its registered kind says (``ModuleFormat.to_ggml``, see
     ``quantization/formats.py``); where its layout has no ggml block type, as its float weight.
     """
-    import gguf
-
     if isinstance(module, QuantizedModule):
         to_ggml = module_format(module.kind).to_ggml
         if to_ggml is None:
@@ -215,8 +210,6 @@ def _module_tensor(module: nn.Module, float_type: str, n_head: int | None, repor
 
 
 def _file_type(report: ExportReport):
-    import gguf
-
     counts = report.counts()
     if counts.get("Q4_1"):
         return gguf.LlamaFileType.MOSTLY_Q4_1
@@ -228,9 +221,6 @@ def _file_type(report: ExportReport):
 def to_gguf(model: nn.Module, tokenizer, path: str | Path, float_type: str = "f32",
             name: str | None = None) -> ExportReport:
     """Write ``model`` (float or quantized by ``quantize_``, pruned or not) as a llama.cpp GGUF file; atomic."""
-    import gguf
-
-
     if float_type not in FLOAT_TYPES:
         raise ValueError(f"float_type={float_type!r}; allowed: {', '.join(map(repr, FLOAT_TYPES))}")
     check_exportable(model)
@@ -342,8 +332,6 @@ def read_gguf_tensor(path: str | Path, name: str, raw: bool = False) -> np.ndarr
 
 
 def _tensor_data(path, t, raw: bool) -> np.ndarray:
-    import gguf
-
     try:
         data = np.array(t.data)
         return data if raw else gguf.quants.dequantize(data, t.tensor_type).astype(np.float32)
@@ -354,8 +342,6 @@ def _tensor_data(path, t, raw: bool) -> np.ndarray:
 
 def float_copy(model: nn.Module) -> nn.Module:
     """A float32 copy of a quantized model that computes with exactly its (dequantized) weights, in fp32."""
-    import copy
-
     out = copy.deepcopy(model).float()
     for name, m in list(out.named_modules()):
         if isinstance(m, (Int8Embedding, Int4Embedding)):  # skip_init: no random init, overwritten at once

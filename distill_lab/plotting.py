@@ -8,6 +8,7 @@ get a legend; long tick labels are rotated, never overlapped.
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
+import numpy as np
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 __all__ = ["label_points", "plot_activation_outliers", "plot_bars", "plot_budget_curves", "plot_channel_ranges",
@@ -168,8 +169,6 @@ def plot_recipe_steps(rows: list[dict], ax=None, title: str = "Quality and size 
 
 def plot_distillation_view(view: dict, axes=None):
     """Draw a ``distillation_view``: teacher vs student softened probabilities, and the weighted loss terms."""
-    import numpy as np
-
     if axes is None:
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), gridspec_kw={"width_ratios": [2, 1]})
     ax, bx = axes

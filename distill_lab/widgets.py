@@ -16,6 +16,8 @@ from __future__ import annotations
 import io
 
 import ipywidgets as widgets
+from IPython.display import Image, display
+from matplotlib.figure import Figure
 
 from .pipeline import QUANTIZE_KNOBS
 from .pipeline.report import STUDENT_PRUNE
@@ -46,8 +48,6 @@ def _layout():
 
 def offscreen_axes(figsize=(6, 3.5), ncols: int = 1, **subplots_kw):
     """Axes of a new figure that pyplot does not track (no backend can show it before it is finished)."""
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=figsize)
     return fig.subplots(1, ncols, **subplots_kw)
 
@@ -61,8 +61,6 @@ def figure_png(fig, dpi: int = 100) -> bytes:
 
 def show_figure(fig) -> None:
     """Display a finished figure exactly once, as an ``image/png`` output (any matplotlib backend)."""
-    from IPython.display import Image, display
-
     display(Image(data=figure_png(fig)))
 
 

@@ -13,6 +13,7 @@ import re
 import socket
 from pathlib import Path
 
+import gguf
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -95,8 +96,6 @@ def _gguf_problem(path: Path, err: Exception, what: str) -> DamagedFileError:
 
 def open_gguf(path: str | Path):
     """``gguf.GGUFReader`` of ``path``; a truncated, crafted or foreign file raises ``DamagedFileError`` naming it."""
-    import gguf
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,6 +94,4 @@ def model_digest(model: nn.Module) -> str:
 
 def _notice(message: str) -> None:
     """One line on stderr (printed even with progress bars off)."""
-    import sys
-
     print(f"distill_lab: {message}", file=sys.stderr)

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import yaml
+
 from .._fs import atomic_write_text
 
 __all__ = ["Recipe", "STEPS", "Step", "StepKind", "register_step", "step_kinds"]
@@ -173,7 +175,6 @@ class Recipe:
             except json.JSONDecodeError as err:
                 raise ValueError(f"recipe file {path.name}: invalid JSON ({err})") from None
         elif path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
 
             try:
                 data = yaml.safe_load(text)
@@ -192,7 +193,6 @@ class Recipe:
         if path.suffix.lower() == ".json":
             text = json.dumps(self.to_dict(), indent=2) + "\n"
         elif path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
 
             text = yaml.safe_dump(self.to_dict(), sort_keys=False)
         else:

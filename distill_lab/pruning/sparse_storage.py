@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from .._folder import check_model_folder
@@ -122,8 +124,6 @@ def save_sparse(model: nn.Module, folder: str | Path, min_sparsity: float = 0.25
     ``config.json``; ``load_sparse`` rebuilds the dense model. Written atomically (temp folder, then
     rename).
     """
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     sparse_names = set()
     for name, lin in prunable_linears(model, resolve_filter(filter_fn)).items():
@@ -146,7 +146,6 @@ def save_sparse(model: nn.Module, folder: str | Path, min_sparsity: float = 0.25
 
 def load_sparse(folder: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Load a model written by ``save_sparse`` back as a dense ``LlamaForCausalLM``."""
-    from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(folder)

@@ -10,6 +10,7 @@ them from a Linear. Modules that read or write formats import this one, so the t
 
 from __future__ import annotations
 
+import gguf
 import torch
 
 from .configs import Int4WeightOnlyConfig, Int8DynamicConfig, Int8WeightOnlyConfig
@@ -34,8 +35,6 @@ def int8_to_ggml(module: QuantizedModule) -> GGMLTensor | None:
     if getattr(module, "bias", None) is not None or module.weight_int8.shape[1] % QK:
         return None
     if getattr(module, "smooth", None) is not None:
-        import gguf
-
         w = module.dequantized_weight().cpu().numpy()
         return GGMLTensor(gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0), "Q8_0",
                           note="SmoothQuant factor folded into the weight and re-quantized to Q8_0")

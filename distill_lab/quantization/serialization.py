@@ -12,6 +12,9 @@ import json
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from .._folder import check_model_folder
@@ -42,8 +45,6 @@ def _persistent_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_quantized(model: nn.Module, folder: str | Path, tokenizer=None) -> Path:
     """Save a (quantized or float) HF model as one safetensors file of packed tensors plus its configs; atomic."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     tensors, modules, owners = {}, {}, {}
     for name, m in model.named_modules():
@@ -122,8 +123,6 @@ def load_quantized(folder: str | Path, device: str | torch.device | None = None)
 
 
 def _load_quantized(folder: Path, device: torch.device) -> nn.Module:
-    from accelerate import init_empty_weights
-    from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if not (folder / QCONFIG_NAME).is_file():
