@@ -24,8 +24,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import nbformat
-from nbclient import NotebookClient
 from tqdm.auto import tqdm
 
 from ._fs import atomic_write_text, clean_stale_tmp, make_tmp_dir, move, name_some, sha256_file
@@ -83,6 +81,11 @@ def strip_progress_bars(nb) -> int:
 
 def execute_notebook(path: Path, out_path: Path, timeout: int = 3600) -> float:
     """Execute one notebook (cwd = its folder) and write the executed copy; return seconds taken."""
+    # imported here: nbformat's JSON-schema validator takes ~1 s to import, which every command line call
+    # (``--help`` included) would pay, and only notebook execution needs it (tests/test_layering.py)
+    import nbformat
+    from nbclient import NotebookClient
+
     nb = nbformat.read(path, as_version=4)
     elapsed = stopwatch()
     # store_widget_state: the knobs' models (and each Output's figure) go into metadata.widgets,
