@@ -31,7 +31,8 @@ def _check_choice(owner: str, name: str, value, allowed) -> None:
         raise ValueError(f"{owner}.{name}={value!r}; allowed: {', '.join(map(repr, allowed))}")
 
 
-EMBEDDING_BITS = (None, 8, 4)  # float; int8 per row; int4 groups of 64 (the head on the int4 kernel)
+# the allowed embedding_bits, each with its label in notebook 04's panel (int4: the head on the int4 kernel)
+EMBEDDING_BITS = {4: "int4 (groups of 64)", 8: "int8 (per row)", None: "float"}
 
 
 @dataclass
