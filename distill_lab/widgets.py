@@ -28,6 +28,7 @@ from .plotting import (
     plot_sparsity_curve,
     plot_temperature_view,
 )
+from .quantization.configs import EMBEDDING_BITS
 from .quantization.primitives import Granularity
 from .views.baseline import temperature_view
 from .views.distillation import distillation_view
@@ -127,7 +128,7 @@ def recipe_panel(run, plot, heads_keep: float = 1.0, channels_keep: float = STUD
                                        style=_STYLE, layout=_layout()),
         quantize=widgets.Dropdown(options=list(QUANTIZE_KNOBS), value=quantize, description="quantize",
                                   style=_STYLE),
-        embedding_bits=widgets.Dropdown(options=[("int4 (groups of 64)", 4), ("int8 (per row)", 8), ("float", None)],
+        embedding_bits=widgets.Dropdown(options=[(label, bits) for bits, label in EMBEDDING_BITS.items()],
                                         value=embedding_bits, description="embedding + head", style=_STYLE),
     )
     return _interactive(wire(run, plot, figsize=(7.5, 4)), knobs, {"manual": True, "manual_name": "Run recipe"})

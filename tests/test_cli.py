@@ -54,7 +54,7 @@ def test_missing_recipe_file(tmp_path, capsys):
 
 
 def test_invalid_config_value(tmp_path, capsys):
-    rc = main(["compress", "--recipe", _recipe(tmp_path, "steps:\n  - quantize: {method: int4, group_size: 63}\n"),
+    rc = main(["compress", "--recipe", _recipe(tmp_path, "steps:\n  - quantize: {format: int4, group_size: 63}\n"),
                "--out", str(tmp_path / "o")])
     assert rc != 0 and "group_size=63" in _err(capsys)
 
@@ -85,7 +85,7 @@ def test_compress_then_load_model_then_generate(tmp_path, teacher, capsys):
     small.save_pretrained(src)
     tokenizer.save_pretrained(src)
     recipe = _recipe(tmp_path, "name: tiny\nsteps:\n  - prune: {channels_keep: 0.5}\n"
-                               "  - quantize: {method: int4, group_size: 64}\n")
+                               "  - quantize: {format: int4, group_size: 64}\n")
     out = tmp_path / "compressed"
     rc = main(["compress", "--recipe", recipe, "--out", str(out), "--teacher", str(src), "--profile", "smoke",
                "--quiet"])

@@ -365,7 +365,7 @@ def test_cli_compress_prune_distil_int4(family, teacher, tmp_path, capsys):
     tokenizer.save_pretrained(src)
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: byom\nsteps:\n  - prune: {channels_keep: 0.5, heads_keep: 0.5, layers_keep: 0.67}\n"
-                      "  - distil: {steps: 2, batch_size: 2}\n  - quantize: {method: int4, group_size: 32}\n")
+                      "  - distil: {steps: 2, batch_size: 2}\n  - quantize: {format: int4, group_size: 32}\n")
     out = tmp_path / "out"
     rc = main(["compress", "--recipe", str(recipe), "--out", str(out), "--teacher", str(src), "--profile", "smoke",
                "--quiet"])

@@ -55,7 +55,7 @@ def _one_line_err(capsys):
     return err
 
 
-def _recipe(tmp_path, text="name: r\nsteps:\n  - quantize: {method: int8}\n"):
+def _recipe(tmp_path, text="name: r\nsteps:\n  - quantize: {format: int8}\n"):
     path = tmp_path / "r.yaml"
     path.write_text(text)
     return str(path)
@@ -109,7 +109,7 @@ def test_finding1_an_earlier_export_needs_overwrite(tmp_path, capsys):
 # -- 2. reused work is keyed by the input model ---------------------------------------------------
 
 def test_finding2_a_sibling_step_from_another_input_model_is_not_adopted(tmp_path, data):
-    recipe = Recipe("same", [{"quantize": {"method": "int8", "embedding_bits": None}}])
+    recipe = Recipe("same", [{"quantize": {"format": "int8", "embedding_bits": None}}])
     a, b = tiny_llama(seed=1), tiny_llama(seed=2)
     res_a = _run(a, recipe, tmp_path / "runs" / "a", data)
     res_b = _run(b, recipe, tmp_path / "runs" / "b", data)
@@ -391,14 +391,14 @@ def test_finding7_group_size_that_divides_no_layer_is_an_error(tmp_path, data, c
     with pytest.raises(ValueError, match=r"group_size=100 divides none"):
         quantize_(tiny_llama(), Int4WeightOnlyConfig(group_size=100))
     with pytest.raises(ValueError, match=r"group_size=100 divides none"):
-        _run(tiny_llama(), Recipe("g", [{"quantize": {"method": "int4", "group_size": 100}}]), tmp_path / "g", data)
+        _run(tiny_llama(), Recipe("g", [{"quantize": {"format": "int4", "group_size": 100}}]), tmp_path / "g", data)
     # one that skips some layers is reported in the summary and printed without progress bars
     model = tiny_llama(hidden_size=64, intermediate_size=128)
     summary = quantize_(tiny_llama(hidden_size=64, intermediate_size=128), Int4WeightOnlyConfig(group_size=128))
     assert any(why.reason is Reason.GROUP_SIZE and "group_size=128" in str(why)
                for why in summary.float_modules.values())
     capsys.readouterr()
-    result = _run(model, Recipe("g", [{"quantize": {"method": "int4", "group_size": 128}}]), tmp_path / "h", data)
+    result = _run(model, Recipe("g", [{"quantize": {"format": "int4", "group_size": 128}}]), tmp_path / "h", data)
     err = capsys.readouterr().err
     assert "stayed in float" in err and "group_size" in err
     assert group_size_skips(result.final.extras)  # read back from the step's structured record

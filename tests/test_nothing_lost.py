@@ -17,7 +17,7 @@ from distill_lab.models import tiny_llama
 from distill_lab.pipeline import Recipe
 
 
-def _recipe(tmp_path, text="name: r\nsteps:\n  - quantize: {method: int8}\n", name="r.yaml"):
+def _recipe(tmp_path, text="name: r\nsteps:\n  - quantize: {format: int8}\n", name="r.yaml"):
     path = tmp_path / name
     path.write_text(text)
     return str(path)
@@ -78,7 +78,7 @@ def test_finding3_work_holding_a_users_recipe_is_refused_before_anything_is_writ
     capsys.readouterr()
     here = tmp_path / "project"
     here.mkdir()
-    text = "# my recipe, with my comments\nname: r\nsteps:\n  - quantize: {method: int8}  # int8 first\n"
+    text = "# my recipe, with my comments\nname: r\nsteps:\n  - quantize: {format: int8}  # int8 first\n"
     recipe = _recipe(here, text, "recipe.yaml")
     (here / "result.json").write_text('{"mine": 1}')
     rc = main(["compress", "--recipe", recipe, "--out", str(tmp_path / "o"), "--work", str(here),
@@ -95,11 +95,11 @@ def test_finding3_work_holding_a_users_recipe_is_refused_before_anything_is_writ
 
 def test_finding3_stale_step_cleanup_never_removes_a_users_folder(tmp_path, data):
     work = tmp_path / "w"
-    _run(tiny_llama(), Recipe("r", [{"quantize": {"method": "int8", "embedding_bits": None}}]), work, data)
+    _run(tiny_llama(), Recipe("r", [{"quantize": {"format": "int8", "embedding_bits": None}}]), work, data)
     notes = work / "steps" / "02_notes"
     notes.mkdir()
     (notes / "n.txt").write_text("mine")
-    other = Recipe("r", [{"quantize": {"method": "int8", "embedding_bits": 8}}])  # step 1 recomputed
+    other = Recipe("r", [{"quantize": {"format": "int8", "embedding_bits": 8}}])  # step 1 recomputed
     with pytest.raises(FileExistsError, match="steps/02_notes"):
         _run(tiny_llama(), other, work, data)
     assert (notes / "n.txt").read_text() == "mine"
@@ -115,7 +115,7 @@ def test_finding3_a_work_folder_it_wrote_is_resumed_and_an_older_one_too(tmp_pat
     from distill_lab.pipeline.workdir import WORK_MARKER
 
     work = tmp_path / "w"
-    recipe = Recipe("r", [{"quantize": {"method": "int8", "embedding_bits": None}}])
+    recipe = Recipe("r", [{"quantize": {"format": "int8", "embedding_bits": None}}])
     _run(tiny_llama(), recipe, work, data)
     assert _run(tiny_llama(), recipe, work, data).steps[0].resumed
     (work / WORK_MARKER).unlink()  # written by a version before the marker: steps/ and our names only
@@ -267,7 +267,7 @@ def test_finding11_a_yaml_alias_bomb_and_a_non_string_description_are_refused_at
     nested = "".join(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]\n" for i in range(2, 10))
     bomb = tmp_path / "bomb.yaml"
     bomb.write_text("a1: &a1 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + nested.replace(
-        "a9: &a9", "description: &a9") + "steps:\n  - quantize: {method: int8}\n")
+        "a9: &a9", "description: &a9") + "steps:\n  - quantize: {format: int8}\n")
     start = time.perf_counter()
     with pytest.raises(ValueError, match=r"more than 10000 values .*at most 10000"):
         Recipe.load(bomb)
@@ -276,7 +276,7 @@ def test_finding11_a_yaml_alias_bomb_and_a_non_string_description_are_refused_at
                         (f"description: {'x' * 1001}\n", "description=.*at most 1000 characters"),
                         (f"name: {'n' * 101}\n", "name=.*at most 100 characters")]:
         path = tmp_path / "r.yaml"
-        path.write_text(text + "steps:\n  - quantize: {method: int8}\n")
+        path.write_text(text + "steps:\n  - quantize: {format: int8}\n")
         with pytest.raises(ValueError, match=match):
             Recipe.load(path)
 

@@ -53,8 +53,8 @@ def test_recipe_rejects_bad_input_naming_field_value_and_allowed():
         Recipe("r", [{"prune": {"heads_keep": 1.5}}])
     with pytest.raises(ValueError, match=r"unknown field 'keep'; allowed: .*channels_keep"):
         Recipe("r", [{"prune": {"keep": 0.5}}])
-    with pytest.raises(ValueError, match=r"method='int3'; allowed: int8, w8a8, int4"):
-        Recipe("r", [{"quantize": {"method": "int3"}}])
+    with pytest.raises(ValueError, match=r"format='int3'; allowed: int8, w8a8, int4"):
+        Recipe("r", [{"quantize": {"format": "int3"}}])
     with pytest.raises(ValueError, match=r"steps=0; allowed"):
         Recipe("r", [{"distil": {"steps": 0}}])
     with pytest.raises(ValueError, match=r"max_ppl_ratio=0\.5; allowed"):
@@ -69,13 +69,45 @@ def test_recipe_rejects_bad_input_naming_field_value_and_allowed():
 def test_recipe_round_trips_through_yaml_and_json(tmp_path, suffix):
     recipe = Recipe("combo", [Step("prune", {"channels_keep": 0.5, "heads_keep": 0.67}),
                               {"kind": "distil", "config": {"steps": 3, "lr": 1e-4}},
-                              {"quantize": {"method": "int4", "group_size": 64}}],
+                              {"quantize": {"format": "int4", "group_size": 64}}],
                     max_ppl_ratio=2.0, description="test")
     path = recipe.save(tmp_path / f"r{suffix}")
     again = Recipe.load(path)
     assert again.to_dict() == recipe.to_dict()
     assert [s.kind for s in again.steps] == ["prune", "distil", "quantize"]
     assert again.fingerprint(0) == recipe.fingerprint(0) != recipe.fingerprint(1)
+
+
+def test_quantize_and_qat_steps_hold_the_format_config():
+    from distill_lab.pipeline.steps import QATStep, QuantizeStep
+    from distill_lab.quantization import Int4WeightOnlyConfig, Int8DynamicConfig, Int8WeightOnlyConfig
+
+    step = QuantizeStep.from_knobs({"format": "int4", "group_size": 32, "embedding_bits": 4, "algorithm": "awq"})
+    assert step.config == Int4WeightOnlyConfig(group_size=32, embedding_bits=4) and step.algorithm == "awq"
+    assert QuantizeStep.from_knobs({"format": "w8a8", "head": "w8a8"}).config == Int8DynamicConfig(head="w8a8")
+    assert QuantizeStep.from_knobs({}).config == Int4WeightOnlyConfig()  # format: int4 by default
+    with pytest.raises(ValueError, match=r"unknown field 'group_size'; allowed: format, algorithm, embedding_bits$"):
+        QuantizeStep.from_knobs({"format": "int8", "group_size": 64})
+    assert QuantizeStep.from_knobs({"format": "int8"}).config == Int8WeightOnlyConfig()
+    with pytest.raises(ValueError, match=r"Int4WeightOnlyConfig\.group_size=63; allowed: an even int"):
+        QuantizeStep.from_knobs({"group_size": 63})
+    with pytest.raises(ValueError, match=r"algorithm 'gptq' needs format int4"):
+        QuantizeStep.from_knobs({"format": "w8a8", "algorithm": "gptq"})
+    qat = QATStep.from_knobs({"format": "int4", "group_size": 32, "steps": 2, "kd_temperature": 3.0})
+    assert qat.config == Int4WeightOnlyConfig(group_size=32) and qat.distil_step().steps == 2
+    assert qat.distil_step().kd_temperature == 3.0
+    with pytest.raises(ValueError, match=r"step 'qat': unknown field 'algorithm'"):
+        QATStep.from_knobs({"algorithm": "awq"})
+    assert Step("quantize", {"format": "int4", "group_size": 64}).label == "quantize(format=int4, group_size=64)"
+
+
+@pytest.mark.parametrize("kind", ["quantize", "qat"])
+def test_a_recipe_that_says_method_is_told_format(tmp_path, kind):
+    path = tmp_path / "old.yaml"
+    path.write_text(f"steps:\n  - {kind}: {{method: int4, group_size: 64}}\n")
+    with pytest.raises(ValueError, match=rf"step '{kind}': method='int4'; allowed: format \(how the weights are "
+                                         r"stored: int8, w8a8, int4\), e.g. format: int4"):
+        Recipe.load(path)
 
 
 def test_recipe_load_errors(tmp_path):
@@ -103,7 +135,7 @@ def test_shipped_recipes_are_valid():
 def test_run_recipe_measures_every_step_and_saves_reloadable_models(tmp_path, teacher64, data):
     recipe = Recipe("combo", [{"prune": {"channels_keep": 0.5}},
                               {"distil": {"steps": 2, "batch_size": 2, "top_k": 8}},
-                              {"quantize": {"method": "int4", "group_size": 64}}])
+                              {"quantize": {"format": "int4", "group_size": 64}}])
     result = _run(teacher64, recipe, tmp_path / "run", data)
     assert [s.kind for s in result.steps] == ["prune", "distil", "quantize"]
     t = result.teacher
@@ -254,7 +286,7 @@ def test_guard_skips_a_step_that_distillation_heals_next():
 
 def test_layer_drop_then_int8_quantize(tmp_path, data):
     teacher = tiny_llama(num_layers=4)
-    recipe = Recipe("student", [{"layer_drop": {"keep_every": 2}}, {"quantize": {"method": "w8a8"}}])
+    recipe = Recipe("student", [{"layer_drop": {"keep_every": 2}}, {"quantize": {"format": "w8a8"}}])
     result = _run(teacher, recipe, tmp_path / "run", data)
     assert result.model.config.num_hidden_layers == 2
     assert result.steps[1].extras["quantized"]
@@ -295,7 +327,7 @@ def test_seed_rows_and_shipped_combined_recipe_agree():
 
 def test_comparison_table_on_a_tiny_teacher(tmp_path, teacher64, data, monkeypatch):
     monkeypatch.setattr(pipeline.report, "eval_windows", lambda tok, prof: data["windows"])
-    rows = [("INT8 quantization", Recipe("int8", [{"quantize": {"method": "int8"}}]),
+    rows = [("INT8 quantization", Recipe("int8", [{"quantize": {"format": "int8"}}]),
              pipeline.SeedClaim((4, 4), (2, 3), (0, 1))),
             ("50% pruning", Recipe("p", [{"prune": {"channels_keep": 0.5}}]),
              pipeline.SeedClaim((2, 2), (1.5, 1.5), (1, 2)))]
@@ -362,7 +394,7 @@ def test_exercise_checkers_accept_right_and_reject_wrong(capsys):
 
 
 def test_qat_step_trains_then_converts_to_real_int4(tmp_path, teacher64, data):
-    recipe = Recipe("qat", [{"qat": {"method": "int4", "group_size": 64, "steps": 2, "batch_size": 2,
+    recipe = Recipe("qat", [{"qat": {"format": "int4", "group_size": 64, "steps": 2, "batch_size": 2,
                                      "top_k": 8}}])
     result = _run(teacher64, recipe, tmp_path / "run", data)
     step = result.final

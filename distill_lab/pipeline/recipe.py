@@ -57,9 +57,10 @@ def step_kinds() -> list[str]:
     return sorted(STEPS)
 
 
-def _config_from(cls, config: dict, where: str):
-    """Build dataclass ``cls`` from a dict; unknown keys and bad values raise ValueError naming ``where``."""
-    allowed = [f.name for f in dataclasses.fields(cls)]
+def _config_from(cls, config: dict, where: str, also: tuple = ()):
+    """Build dataclass ``cls`` from a dict; unknown keys and bad values raise ValueError naming ``where``
+    (``also``: the step's other knobs, listed with ``cls``'s fields as allowed)."""
+    allowed = [*also, *(f.name for f in dataclasses.fields(cls))]
     unknown = [k for k in config if k not in allowed]
     if unknown:
         raise ValueError(f"{where}: unknown field {unknown[0]!r}; allowed: {', '.join(allowed)}")
@@ -96,7 +97,7 @@ class Step:
 
     @property
     def label(self) -> str:
-        """Short human label, e.g. ``quantize(method=int4, group_size=64)``."""
+        """Short human label, e.g. ``quantize(format=int4, group_size=64)``."""
         knobs = ", ".join(f"{k}={v}" for k, v in self.config.items())
         return f"{self.kind}({knobs})" if knobs else self.kind
 

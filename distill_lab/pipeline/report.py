@@ -66,7 +66,7 @@ def combined_recipe(max_ppl_ratio: float | None = None) -> Recipe:
     return Recipe("combined", [
         Step("prune", dict(STUDENT_PRUNE)),
         Step("distil", dict(STUDENT_DISTIL)),
-        Step("quantize", {"method": "int4", "group_size": 64, "embedding_bits": 4, "algorithm": "awq"}),
+        Step("quantize", {"format": "int4", "group_size": 64, "embedding_bits": 4, "algorithm": "awq"}),
     ], max_ppl_ratio=max_ppl_ratio,
         description="notebook 01's student with its MLP rounded to whole groups of 64: 22 of 30 blocks (Block "
                     "Influence) and 1216 of 1536 MLP channels (activation importance), distilled from cached "
@@ -82,12 +82,12 @@ def seed_rows() -> list[tuple[str, Recipe, SeedClaim]]:
     """
     combined = combined_recipe()
     return [
-        ("INT8 quantization", Recipe("int8", [Step("quantize", {"method": "w8a8", "embedding_bits": 8,
+        ("INT8 quantization", Recipe("int8", [Step("quantize", {"format": "w8a8", "embedding_bits": 8,
                                                                  "algorithm": "smoothquant"})],
                                      description="W8A8 (torch._int_mm) blocks after SmoothQuant (alpha 0.5) "
                                                  "+ int8 embedding and head"),
          SeedClaim((4, 4), (2, 3), (0, 1))),
-        ("INT4 quantization", Recipe("int4", [Step("quantize", {"method": "int4", "group_size": 64,
+        ("INT4 quantization", Recipe("int4", [Step("quantize", {"format": "int4", "group_size": 64,
                                                                  "embedding_bits": 4, "algorithm": "awq"})],
                                      description="int4 g64 weight-only everywhere: blocks (AWQ scaling), embedding "
                                                  "and tied head"),
@@ -221,7 +221,7 @@ def comparison_table(teacher: nn.Module, tokenizer, profile: Profile | str | Non
     return ComparisonTable(rows=out, teacher=base, profile=profile.name, env=environment_info())
 
 
-# the notebook panel's quantize choices: label -> (method, algorithm), as each format registers them
+# the notebook panel's quantize choices: label -> (format, algorithm), as each format registers them
 # (quantization/formats.py); None = no quantize step
 QUANTIZE_KNOBS = {"none": None, **quantize_knobs()}
 
@@ -246,12 +246,12 @@ def recipe_from_knobs(heads_keep: float = 1.0, channels_keep: float = 1.0, layer
     if quantize not in QUANTIZE_KNOBS:
         raise ValueError(f"quantize={quantize!r}; allowed: {', '.join(map(repr, QUANTIZE_KNOBS))}")
     if QUANTIZE_KNOBS[quantize] is not None:
-        method, algorithm = QUANTIZE_KNOBS[quantize]
-        q = {"method": method, "group_size": 64, "embedding_bits": embedding_bits} if method == "int4" else \
-            {"method": method, "embedding_bits": embedding_bits}
+        fmt, algorithm = QUANTIZE_KNOBS[quantize]
+        q = {"format": fmt, "group_size": 64, "embedding_bits": embedding_bits} if fmt == "int4" else \
+            {"format": fmt, "embedding_bits": embedding_bits}
         steps.append(Step("quantize", {**q, "algorithm": algorithm} if algorithm != "rtn" else q))
     if not steps:
         raise ValueError("the knobs select no step; allowed: at least one of heads/MLP/layers < 1, "
-                         "distil steps > 0, or a quantize method")
+                         "distil steps > 0, or a quantize format")
     name = "panel-" + hashlib.sha256(json.dumps([s.to_dict() for s in steps]).encode()).hexdigest()[:8]
     return Recipe(name, steps, max_ppl_ratio=max_ppl_ratio, description="built from the notebook's knobs")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,14 +22,15 @@ from ..quantization.qat import convert_, prepare_qat_
 from ..quantization import configs as q
 from ..quantization.api import KeptInFloat, Reason, quantize_
 from ..quantization.awq import awq_
-from ..quantization.configs import SmoothQuantConfig
+from ..quantization.configs import QuantizationConfig, SmoothQuantConfig
+from ..quantization.registry import config_type, format_for, format_names
 from ..quantization.gptq import gptq_
 from ..quantization.modules import QuantizedModule
 from ..quantization.smoothquant import collect_activation_stats, smooth_
 from .context import StepContext, _notice, model_digest
 from .recipe import _config_from, register_step
 
-__all__ = ["DistilStep", "LayerDropStep", "QATStep", "QUANT_ALGORITHMS", "QUANT_METHODS", "QuantizeStep",
+__all__ = ["DistilStep", "LayerDropStep", "QATStep", "QUANT_ALGORITHMS", "QUANT_FORMATS", "QuantizeStep",
            "group_size_skips"]
 
 
@@ -169,39 +170,54 @@ def _apply_distil(model: nn.Module, config: dict, ctx: StepContext) -> nn.Module
     return model
 
 
-QUANT_METHODS = ("int8", "w8a8", "int4")
-QUANT_ALGORITHMS = {"rtn": QUANT_METHODS, "awq": ("int4",), "gptq": ("int4",), "smoothquant": ("w8a8",)}
+QUANT_FORMATS = format_names()  # the built-in formats (quantization/formats.py); a recipe may name any registered one
+# which formats each algorithm serves (None: every registered format)
+QUANT_ALGORITHMS = {"rtn": None, "awq": ("int4",), "gptq": ("int4",), "smoothquant": ("w8a8",)}
+
+
+def _format_config(knobs: dict, where: str, own: tuple) -> tuple:
+    """A quantize/qat step's flat knobs split into the format's config and the step's ``own`` knobs.
+
+    ``format:`` names the format in the registry (``quantization.registry.config_type``); the
+    config's own fields build it, validated by the config itself, the config ``quantize_`` reads.
+    """
+    if "method" in knobs:
+        raise ValueError(f"{where}: method={knobs['method']!r}; allowed: format (how the weights are stored: "
+                         f"{', '.join(format_names())}), e.g. format: {knobs['method']}")
+    knobs = dict(knobs)
+    try:
+        cls = config_type(knobs.pop("format", "int4"))
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    step = {k: knobs.pop(k) for k in own if k in knobs}
+    return _config_from(cls, knobs, where, also=("format", *own)), step
 
 
 @dataclass
 class QuantizeStep:
-    """Post-training quantization with real integer kernels (``distill_lab.quantization``)."""
+    """Post-training quantization with real integer kernels: a registered format's config and the algorithm.
 
-    method: str = "int4"  # int8 (weight-only), w8a8 (dynamic activations) or int4 (weight-only, grouped)
-    group_size: int = 64  # int4 only: weights per scale along the input dimension
-    symmetric: bool = False  # int4 only: absmax grid (True) or min/max grid with zeros (False)
-    embedding_bits: int | None = 8  # 8: embedding and tied head to int8; 4: to int4 (groups of 64); null: float
+    A recipe writes it flat, ``{format: int4, group_size: 64, embedding_bits: 4, algorithm: awq}``:
+    ``format`` picks the config type, the other keys but ``algorithm`` are that config's fields.
+    """
+
+    config: QuantizationConfig = field(default_factory=q.Int4WeightOnlyConfig)  # what quantize_ reads
     algorithm: str = "rtn"  # rtn (round to nearest), awq or gptq (int4), smoothquant (w8a8); calibrated on pydoc train
 
     def __post_init__(self):
-        if self.method not in QUANT_METHODS:
-            raise ValueError(f"method={self.method!r}; allowed: {', '.join(QUANT_METHODS)}")
+        fmt = format_for(self.config).format  # a registered format's config, else ValueError naming them
         if self.algorithm not in QUANT_ALGORITHMS:
             raise ValueError(f"algorithm={self.algorithm!r}; allowed: {', '.join(QUANT_ALGORITHMS)}")
-        if self.method not in QUANT_ALGORITHMS[self.algorithm]:
-            raise ValueError(f"algorithm={self.algorithm!r} with method={self.method!r}; allowed: algorithm "
-                             f"{self.algorithm!r} needs method {' or '.join(QUANT_ALGORITHMS[self.algorithm])}")
-        self.to_config()  # the quantize module checks the rest (embedding_bits: null, 8 or 4)
+        serves = QUANT_ALGORITHMS[self.algorithm]
+        if serves is not None and fmt not in serves:
+            raise ValueError(f"algorithm={self.algorithm!r} with format={fmt!r}; allowed: algorithm "
+                             f"{self.algorithm!r} needs format {' or '.join(serves)}")
 
-    def to_config(self):
-        """The ``distill_lab.quantization`` config this step stands for."""
-
-        if self.method == "int8":
-            return q.Int8WeightOnlyConfig(embedding_bits=self.embedding_bits)
-        if self.method == "w8a8":
-            return q.Int8DynamicConfig(embedding_bits=self.embedding_bits)
-        return q.Int4WeightOnlyConfig(group_size=self.group_size, symmetric=self.symmetric,
-                                      embedding_bits=self.embedding_bits)
+    @classmethod
+    def from_knobs(cls, knobs: dict) -> "QuantizeStep":
+        """The step of a recipe's flat knobs (``format``, the config's fields, ``algorithm``)."""
+        config, step = _format_config(knobs, "step 'quantize'", ("algorithm",))
+        return _config_from(cls, {"config": config, **step}, "step 'quantize'")
 
 
 def _quantized_kinds(model: nn.Module) -> dict:
@@ -215,12 +231,12 @@ def _quantized_kinds(model: nn.Module) -> dict:
 
 
 def _validate_quantize(config: dict) -> None:
-    _config_from(QuantizeStep, config, "step 'quantize'")
+    QuantizeStep.from_knobs(config)
 
 
 def _apply_quantize(model: nn.Module, config: dict, ctx: StepContext) -> nn.Module:
-    cfg = _config_from(QuantizeStep, config, "step 'quantize'")
-    config = cfg.to_config()
+    cfg = QuantizeStep.from_knobs(config)
+    config = cfg.config
     if cfg.algorithm in ("awq", "smoothquant"):
 
         stats = collect_activation_stats(model, ctx.calibration(), progress=False, seed=ctx.seed)
@@ -240,33 +256,38 @@ def _apply_quantize(model: nn.Module, config: dict, ctx: StepContext) -> nn.Modu
 
 @dataclass
 class QATStep(DistilStep):
-    """Quantization-aware training: fake-quantize the Linears, distil toward the teacher, convert to real int modules."""
+    """Quantization-aware training: fake-quantize the Linears, distil toward the teacher, convert to real int modules.
 
-    method: str = "int4"  # int8, w8a8 or int4 (as in the quantize step)
-    group_size: int = 64  # int4 only: weights per scale along the input dimension
-    symmetric: bool = False  # int4 only: absmax grid (True) or min/max grid with zeros (False)
-    embedding_bits: int | None = 8  # 8: embedding and tied head to int8 at convert; 4: to int4; null: float
+    A recipe writes it flat: ``format`` and the config's fields as in the quantize step, and the distil knobs.
+    """
+
+    config: QuantizationConfig = field(default_factory=q.Int4WeightOnlyConfig)  # the grid convert_ produces
 
     def __post_init__(self):
         super().__post_init__()
-        self.quantize_step()  # validates method, group_size, symmetric, embedding_bits
+        format_for(self.config)  # a registered format's config, else ValueError naming them
 
-    def quantize_step(self) -> QuantizeStep:
-        """The PTQ step with the same grid (what ``convert_`` produces)."""
-        return QuantizeStep(self.method, self.group_size, self.symmetric, self.embedding_bits)
+    @classmethod
+    def from_knobs(cls, knobs: dict) -> "QATStep":
+        """The step of a recipe's flat knobs (``format``, the config's fields, the distil knobs)."""
+        config, step = _format_config(knobs, "step 'qat'", _DISTIL_KNOBS)
+        return _config_from(cls, {"config": config, **step}, "step 'qat'")
 
     def distil_step(self) -> DistilStep:
         """The distillation part of this step."""
-        return DistilStep(**{f.name: getattr(self, f.name) for f in dataclasses.fields(DistilStep)})
+        return DistilStep(**{name: getattr(self, name) for name in _DISTIL_KNOBS})
+
+
+_DISTIL_KNOBS = tuple(f.name for f in dataclasses.fields(DistilStep))
 
 
 def _validate_qat(config: dict) -> None:
-    _config_from(QATStep, config, "step 'qat'")
+    QATStep.from_knobs(config)
 
 
 def _apply_qat(model: nn.Module, config: dict, ctx: StepContext) -> nn.Module:
-    cfg = _config_from(QATStep, config, "step 'qat'")
-    prepare_qat_(model, cfg.quantize_step().to_config())
+    cfg = QATStep.from_knobs(config)
+    prepare_qat_(model, cfg.config)
     history = _distil_train(model, cfg.distil_step(), ctx)
     summary = convert_(model)
     ctx.report("train_loss", [round(r["loss"], 5) for r in history["train"]])
@@ -283,8 +304,9 @@ register_step("distil", _apply_distil, _validate_distil,
               "distil toward the teacher from cached top-k logits; knobs: steps, batch_size, lr, kd_temperature, "
               "alpha, kind, top_k, bf16")
 register_step("quantize", _apply_quantize, _validate_quantize,
-              "post-training quantization with integer kernels; knobs: method (int8, w8a8, int4), group_size, "
-              "symmetric, embedding_bits (null, 8 or 4)")
+              f"post-training quantization with integer kernels; knobs: format ({', '.join(QUANT_FORMATS)}), the "
+              "format config's fields (int4: group_size, symmetric, bits; every format: embedding_bits, null, 8 or 4), "
+              "algorithm (rtn, awq, gptq, smoothquant)")
 register_step("qat", _apply_qat, _validate_qat,
               "quantization-aware training with distillation, then real int modules; knobs: those of quantize "
               "and distil")

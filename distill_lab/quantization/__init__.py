@@ -26,7 +26,7 @@ _EXPORTS = {
             "quantize_embedding_and_head_"],
     "awq": ["awq_"],
     "configs": ["EMBEDDING_BITS", "Int4WeightOnlyConfig", "Int8DynamicConfig", "Int8WeightOnlyConfig",
-                "SmoothQuantConfig", "config_from_dict", "config_to_dict"],
+                "QuantizationConfig", "SmoothQuantConfig", "config_from_dict", "config_to_dict"],
     "embeddings": ["INT4_EMBEDDING_GROUP", "Int4Embedding"],
     "gptq": ["gptq_"],
     "modules": ["Int4WeightOnlyLinear", "Int8DynamicLinear", "Int8Embedding", "Int8WeightOnlyLinear",

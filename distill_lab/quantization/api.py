@@ -178,7 +178,8 @@ def quantize_(model: nn.Module, config, filter_fn=None) -> QuantizationSummary:
         head = embedding_and_head(model)[1]
         eligible = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head
                     and (filter_fn is None or filter_fn(m, n))]
-        if eligible and not any(spec.fits(m.in_features, config) for _, m in eligible):
+        done = any(isinstance(m, QuantizedModule) for m in model.modules())  # gptq_ replaced the rest already
+        if eligible and not done and not any(spec.fits(m.in_features, config) for _, m in eligible):
             widths = sorted({m.in_features for _, m in eligible})
             raise ValueError(f"{type(config).__name__}.group_size={config.group_size} divides none of the "
                              f"{len(eligible)} layers' input widths {widths}; allowed: a divisor of one of them")

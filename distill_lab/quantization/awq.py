@@ -15,8 +15,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..summary import Summary
+from .api import misfit
 from .configs import Int4WeightOnlyConfig
 from .primitives import clip_weight_, fake_quantize
+from .registry import format_for
 from .smoothquant import ActivationStats, apply_group_scale, group_scale, smoothing_groups, stats_for
 
 __all__ = ["awq_"]
@@ -57,13 +59,15 @@ def awq_(model: nn.Module, config: Int4WeightOnlyConfig | None = None, *, calibr
         raise ValueError(f"grid={grid!r}; allowed: an int >= 2")
     stats = stats_for(model, calibration, stats, progress)
     bits, group_size, symmetric = config.bits, config.group_size, config.symmetric
+    spec = format_for(config)
     chosen = Summary("awq_", {"type": type(config).__name__, "group_size": group_size, "grid": grid, "clip": clip},
                      unit="scale exponent a")
     groups = smoothing_groups(model, filter_fn)
     for group in tqdm(groups, desc="AWQ search", leave=False, disable=not progress):
         first = group.linears[0][0]
-        if group.linears[0][1].in_features % group_size:
-            chosen.kept[group.name] = f"in_features={group.linears[0][1].in_features} not divisible by group_size={group_size}"
+        width = group.linears[0][1].in_features
+        if not spec.fits(width, config):  # the format's own rule, as quantize_ will apply it
+            chosen.kept[group.name] = misfit(width, config)
             continue
         x = stats.samples[first].float()  # (S, K)
         weights = [lin.weight.detach().float().cpu() for _, lin in group.linears]

@@ -8,22 +8,22 @@ Files saved before the configs took the ``Config`` suffix name them ``Int8Weight
 ``Int8Dynamic`` and ``Int4WeightOnly``: ``config_from_dict`` still reads them. A config type
 registered as a format (``registry.register_format``) reads back too.
 
-``embedding_bits`` (every config): 8 quantizes the token embedding per row to int8 and the output
-head with it; 4 quantizes it to asymmetric int4 groups of 64 along the hidden dim and runs a tied
-head on the int4 weight-only kernel over the same packed codes (an untied head gets its own int4
-weights); None keeps both in float.
+``embedding_bits`` (every config, declared once in ``QuantizationConfig``): 8 quantizes the token
+embedding per row to int8 and the output head with it; 4 quantizes it to asymmetric int4 groups of
+64 along the hidden dim and runs a tied head on the int4 weight-only kernel over the same packed
+codes (an untied head gets its own int4 weights); None keeps both in float.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from .int4_kernels import INT4_KERNEL_GROUPS
 from .primitives import Granularity
 from .registry import config_types
 
-__all__ = ["EMBEDDING_BITS", "Int4WeightOnlyConfig", "Int8DynamicConfig", "Int8WeightOnlyConfig", "SmoothQuantConfig",
-           "config_from_dict", "config_to_dict"]
+__all__ = ["EMBEDDING_BITS", "Int4WeightOnlyConfig", "Int8DynamicConfig", "Int8WeightOnlyConfig", "QuantizationConfig",
+           "SmoothQuantConfig", "config_from_dict", "config_to_dict"]
 
 
 def _check_choice(owner: str, name: str, value, allowed) -> None:
@@ -31,49 +31,55 @@ def _check_choice(owner: str, name: str, value, allowed) -> None:
         raise ValueError(f"{owner}.{name}={value!r}; allowed: {', '.join(map(repr, allowed))}")
 
 
-EMBEDDING_BITS = (None, 8, 4)  # float; int8 per row; int4 groups of 64 (the head on the int4 kernel)
-
-
-def _check_embedding_bits(owner: str, value) -> None:
-    if isinstance(value, bool) or value not in EMBEDDING_BITS:
-        raise ValueError(f"{owner}.embedding_bits={value!r}; allowed: None (keep the embedding and "
-                         "tied head in float), 8 or 4")
+# the allowed embedding_bits, each with its label in notebook 04's panel (int4: the head on the int4 kernel)
+EMBEDDING_BITS = {4: "int4 (groups of 64)", 8: "int8 (per row)", None: "float"}
 
 
 @dataclass
-class Int8WeightOnlyConfig:
-    """int8 weights (per output channel), bf16 activations: ``aten._weight_int8pack_mm``."""
+class QuantizationConfig:
+    """What every format's config holds besides its grid: ``embedding_bits``, declared here once.
 
-    embedding_bits: int | None = 8  # 8: token embedding and (tied) head to int8 too; 4: to int4; None: float
+    Keyword-only, so each format's own fields keep their positions; a subclass's ``__post_init__``
+    calls this one.
+    """
+
+    embedding_bits: int | None = field(default=8, kw_only=True)  # 8: embedding and (tied) head to int8; 4: int4
+    # groups of 64; None: both stay in float
 
     def __post_init__(self):
-        _check_embedding_bits(type(self).__name__, self.embedding_bits)
+        if isinstance(self.embedding_bits, bool) or self.embedding_bits not in EMBEDDING_BITS:
+            raise ValueError(f"{type(self).__name__}.embedding_bits={self.embedding_bits!r}; allowed: None (keep the "
+                             "embedding and tied head in float), 8 or 4")
 
 
 @dataclass
-class Int8DynamicConfig:
+class Int8WeightOnlyConfig(QuantizationConfig):
+    """int8 weights (per output channel), bf16 activations: ``aten._weight_int8pack_mm``."""
+
+
+@dataclass
+class Int8DynamicConfig(QuantizationConfig):
     """W8A8: int8 weights (per channel) and int8 activations (dynamic scales), integer matmul ``torch._int_mm``."""
 
     act_granularity: Granularity | str = "per_token"  # 'per_token' (one scale per row) or 'per_tensor' (one per call)
     weight_granularity: Granularity | str = "per_channel"  # 'per_channel' (one scale per output row) or 'per_tensor'
-    embedding_bits: int | None = 8  # 8: embedding to int8 and the (tied) head to int8 too; 4: int4; None: float
     head: str = "weight_only"  # int8 head: 'weight_only' (bf16 activations, the usual choice) or 'w8a8'
 
     def __post_init__(self):
+        super().__post_init__()
         owner = type(self).__name__
         self.act_granularity = Granularity.parse(self.act_granularity, f"{owner}.act_granularity",
                                                  (Granularity.PER_TOKEN, Granularity.PER_TENSOR))
         _check_choice(owner, "head", self.head, ("weight_only", "w8a8"))
         self.weight_granularity = Granularity.parse(self.weight_granularity, f"{owner}.weight_granularity",
                                                     (Granularity.PER_CHANNEL, Granularity.PER_TENSOR))
-        _check_embedding_bits(owner, self.embedding_bits)
         if self.embedding_bits == 4 and self.head == "w8a8":
             raise ValueError(f"{owner}.head='w8a8' with embedding_bits=4; allowed: head='weight_only' (an int4 "
                              "embedding's head runs the int4 weight-only kernel) or embedding_bits 8 or None")
 
 
 @dataclass
-class Int4WeightOnlyConfig:
+class Int4WeightOnlyConfig(QuantizationConfig):
     """Group-wise int4 weights packed two per byte, bf16 activations: ``aten._weight_int4pack_mm[_for_cpu]``.
 
     ``bits`` below 4 (3 or 2) keeps the same 4-bit container and kernel with fewer levels used:
@@ -83,9 +89,9 @@ class Int4WeightOnlyConfig:
     group_size: int = 64  # weights per scale along the input dim; kernels take 32, 64, 128, 256
     symmetric: bool = False  # False: min/max grid with a zero per group; True: absmax grid, no zeros stored
     bits: int = 4  # levels actually used: 2**bits (2, 3 or 4)
-    embedding_bits: int | None = 8  # 8: embedding and (tied) head to int8; 4: to int4 (groups of 64); None: float
 
     def __post_init__(self):
+        super().__post_init__()
         owner = type(self).__name__
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 2 \
                 or self.group_size % 2:
@@ -96,7 +102,6 @@ class Int4WeightOnlyConfig:
             raise ValueError(f"{owner}.symmetric={self.symmetric!r}; allowed: True or False")
         if isinstance(self.bits, bool) or self.bits not in (2, 3, 4):
             raise ValueError(f"{owner}.bits={self.bits!r}; allowed: 2, 3 or 4")
-        _check_embedding_bits(owner, self.embedding_bits)
 
 
 @dataclass

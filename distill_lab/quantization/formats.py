@@ -60,7 +60,7 @@ def _int8_weight_only(tensors: dict, spec: dict, device) -> Int8WeightOnlyLinear
 
 
 register_format(Int8WeightOnlyConfig, FormatSpec(
-    method="int8",
+    format="int8",
     from_float=lambda linear, config: Int8WeightOnlyLinear.from_float(linear),
     weight_fake_quant=lambda config: FakeQuantize(8, None, True, -1),
     modules=(ModuleFormat("int8_weight_only", _int8_weight_only, int8_to_ggml, kernel="int8_weight_only",
@@ -85,7 +85,7 @@ def _w8a8_act_fake_quant(config: Int8DynamicConfig) -> FakeQuantize:
 
 
 register_format(Int8DynamicConfig, FormatSpec(
-    method="w8a8",
+    format="w8a8",
     from_float=lambda linear, config: Int8DynamicLinear.from_float(linear, config.act_granularity,
                                                                    config.weight_granularity),
     weight_fake_quant=_w8a8_weight_fake_quant,
@@ -104,7 +104,7 @@ def _int4_tied(emb, spec: dict) -> Int4WeightOnlyLinear:
 
 
 register_format(Int4WeightOnlyConfig, FormatSpec(
-    method="int4",
+    format="int4",
     from_float=lambda linear, config: Int4WeightOnlyLinear.from_float(linear, config.group_size, config.bits,
                                                                       config.symmetric),
     fits=lambda in_features, config: in_features % config.group_size == 0,

@@ -25,6 +25,7 @@ from .configs import Int4WeightOnlyConfig
 from .int4_kernels import int4_kernel_codes
 from .modules import Int4WeightOnlyLinear, set_module
 from .primitives import QuantizedTensor, quantize_tensor, search_clip_ratios, shrink_clamp
+from .registry import format_for
 
 __all__ = ["gptq_", "gptq_quantize_weight", "prepare_hessian"]
 
@@ -132,13 +133,14 @@ def gptq_(model: nn.Module, config: Int4WeightOnlyConfig | None = None, *, calib
     if not isinstance(config, Int4WeightOnlyConfig):
         raise ValueError(f"config={config!r}; allowed: an Int4WeightOnlyConfig (GPTQ serves weight-only int4)")
     check_linear_layout(model, "gptq_")
+    spec = format_for(config)
     hessians = collect_hessians(model, calibration, progress=progress)
     with swap_guard(model, "gptq_"):  # the model must still run afterwards, else it is put back
         prepared = {}  # one inverse per distinct Hessian (q/k/v and gate/up share theirs)
         for name, module in tqdm(list(model.named_modules()), desc="GPTQ", leave=False, disable=not progress):
             if name not in hessians or not isinstance(module, nn.Linear):
                 continue
-            if module.in_features % config.group_size:
+            if not spec.fits(module.in_features, config):  # quantize_ below records why it stays in float
                 continue
             h = hessians[name]
             if id(h) not in prepared:

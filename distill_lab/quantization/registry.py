@@ -15,8 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-__all__ = ["FormatSpec", "ModuleFormat", "config_types", "format_for", "module_format", "quantize_knobs",
-           "register_format", "register_module", "unregister_format"]
+__all__ = ["FormatSpec", "ModuleFormat", "config_type", "config_types", "format_for", "format_names", "module_format",
+           "quantize_knobs", "register_format", "register_module", "unregister_format"]
 
 
 def _always(in_features: int, config) -> bool:
@@ -61,11 +61,11 @@ class FormatSpec:
     format (False: it stays in float, e.g. int4 groups that do not divide its inputs);
     ``weight_fake_quant(config)`` / ``act_fake_quant(config)`` -> the QAT fake-quantizers with the
     same rounding (``act_fake_quant`` returns None for weight-only formats); ``modules``: the kinds
-    it writes; ``method``: its name in recipes (``QuantizeStep.method``); ``knobs``: the notebook
-    panel's labels for it, ``{label: algorithm}``.
+    it writes; ``format``: its name in recipes (a quantize step's ``format:``, looked up with
+    ``config_type``); ``knobs``: the notebook panel's labels for it, ``{label: algorithm}``.
     """
 
-    method: str
+    format: str
     from_float: Callable
     weight_fake_quant: Callable
     modules: tuple = ()
@@ -74,6 +74,8 @@ class FormatSpec:
     knobs: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if not isinstance(self.format, str) or not self.format:
+            raise ValueError(f"FormatSpec.format={self.format!r}; allowed: a non-empty name such as 'int4'")
         for name in ("from_float", "weight_fake_quant", "fits", "act_fake_quant"):
             if not callable(getattr(self, name)):
                 raise ValueError(f"FormatSpec.{name}={getattr(self, name)!r}; allowed: a callable")
@@ -100,6 +102,9 @@ def register_format(config_type: type, spec: FormatSpec) -> FormatSpec:
         raise ValueError(f"config_type={config_type!r}; allowed: a config class")
     if config_type in _FORMATS:
         raise ValueError(f"{config_type.__name__} is already registered; allowed: a config type not yet registered")
+    if spec.format in format_names():
+        raise ValueError(f"format {spec.format!r} is already registered; allowed: a name not in "
+                         f"{', '.join(format_names())}")
     taken = [m.kind for m in spec.modules if m.kind in _MODULES]
     if taken:
         raise ValueError(f"module kinds {taken} are already registered; allowed: kinds of this format only")
@@ -124,6 +129,19 @@ def config_types() -> tuple[type, ...]:
     return tuple(_FORMATS)
 
 
+def format_names() -> tuple[str, ...]:
+    """The registered formats' names (``FormatSpec.format``), in registration order."""
+    return tuple(spec.format for spec in _FORMATS.values())
+
+
+def config_type(format: str) -> type:
+    """The config type registered under the format name ``format`` (what a recipe's ``format:`` names)."""
+    for cls, spec in _FORMATS.items():
+        if spec.format == format:
+            return cls
+    raise ValueError(f"format={format!r}; allowed: {', '.join(format_names())}")
+
+
 def format_for(config) -> FormatSpec:
     """The ``FormatSpec`` of ``config``'s type (exact type: a subclass registers its own)."""
     spec = _FORMATS.get(type(config))
@@ -141,6 +159,6 @@ def module_format(kind: str) -> ModuleFormat:
 
 
 def quantize_knobs() -> dict[str, tuple[str, str]]:
-    """The notebook panel's quantize choices of every registered format: ``{label: (method, algorithm)}``."""
-    return {label: (spec.method, algorithm) for spec in _FORMATS.values() for label, algorithm in spec.knobs.items()}
+    """The notebook panel's quantize choices of every registered format: ``{label: (format, algorithm)}``."""
+    return {label: (spec.format, algorithm) for spec in _FORMATS.values() for label, algorithm in spec.knobs.items()}
 

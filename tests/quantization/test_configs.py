@@ -55,8 +55,8 @@ def test_granularity_fields_take_the_enum_and_its_strings_and_save_as_strings():
     c = Int8DynamicConfig(act_granularity="per_tensor", weight_granularity=Granularity.PER_TENSOR)
     assert c.act_granularity is Granularity.PER_TENSOR and c.weight_granularity == "per_tensor"
     assert Int8DynamicConfig(weight_granularity="per-channel").weight_granularity is Granularity.PER_CHANNEL
-    assert repr(Int8DynamicConfig()) == ("Int8DynamicConfig(act_granularity='per_token', "
-                                         "weight_granularity='per_channel', embedding_bits=8, head='weight_only')")
+    assert repr(Int8DynamicConfig()) == ("Int8DynamicConfig(embedding_bits=8, act_granularity='per_token', "
+                                         "weight_granularity='per_channel', head='weight_only')")
     as_dict = config_to_dict(c)
     assert all(type(v) is not Granularity for v in as_dict.values())  # plain data for JSON and YAML
     saved = json.loads(json.dumps(as_dict))
@@ -88,3 +88,15 @@ def test_config_from_dict_reads_files_saved_under_the_old_names(old, new):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # reading an old file is not the caller's deprecated use
         assert config_from_dict(saved) == new
+
+
+def test_embedding_bits_is_one_keyword_only_field_of_quantization_config():
+    from distill_lab.quantization.configs import QuantizationConfig
+
+    for cls in (Int8WeightOnlyConfig, Int8DynamicConfig, Int4WeightOnlyConfig):
+        assert issubclass(cls, QuantizationConfig) and "embedding_bits" not in cls.__annotations__
+    assert Int4WeightOnlyConfig(32).group_size == 32  # the format's own fields keep their positions
+    with pytest.raises(TypeError):
+        Int8WeightOnlyConfig(4)
+    with pytest.raises(ValueError, match=r"Int4WeightOnlyConfig\.embedding_bits=5; allowed: None .*, 8 or 4"):
+        Int4WeightOnlyConfig(embedding_bits=5)

@@ -68,11 +68,11 @@ def test_a_w8a8_head_cannot_be_an_int4_embeddings_head():
 
 
 def test_pipeline_quantize_step_takes_embedding_bits_4_and_refuses_5():
-    for method in ("int8", "w8a8", "int4"):
-        assert QuantizeStep(method=method, embedding_bits=4).to_config().embedding_bits == 4
-    assert Recipe("r", [{"quantize": {"method": "int4", "embedding_bits": 4}}]).steps
+    for fmt in ("int8", "w8a8", "int4"):
+        assert QuantizeStep.from_knobs({"format": fmt, "embedding_bits": 4}).config.embedding_bits == 4
+    assert Recipe("r", [{"quantize": {"format": "int4", "embedding_bits": 4}}]).steps
     with pytest.raises(ValueError, match=r"step 'quantize': .*embedding_bits=5; allowed: None .*, 8 or 4"):
-        Recipe("r", [{"quantize": {"method": "int4", "embedding_bits": 5}}])
+        Recipe("r", [{"quantize": {"format": "int4", "embedding_bits": 5}}])
 
 
 # ----------------------------------------------------------------------------- the module

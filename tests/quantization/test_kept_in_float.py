@@ -36,3 +36,19 @@ def test_qat_convert_says_which_reason():
     summary = convert_(model)
     down = {why.reason for name, why in summary.float_modules.items() if "down_proj" in name}
     assert down == {Reason.GROUP_SIZE}
+
+
+def test_awq_and_gptq_ask_the_format_which_layers_fit():
+    from distill_lab.quantization.awq import awq_
+    from distill_lab.quantization.gptq import gptq_
+
+    from .helpers import calibration
+
+    config = Int4WeightOnlyConfig(group_size=64, embedding_bits=None)
+    chosen = awq_(tiny_llama(hidden_size=64, intermediate_size=96), config, calibration=calibration(), grid=3)
+    kept = {name: why.reason for name, why in chosen.kept.items()}
+    assert kept == {"model.layers.0.mlp.down": Reason.GROUP_SIZE, "model.layers.1.mlp.down": Reason.GROUP_SIZE}
+    assert str(next(iter(chosen.kept.values()))) == "in_features=96 not divisible by group_size=64"
+    summary = gptq_(tiny_llama(hidden_size=64, intermediate_size=96), config, calibration=calibration())
+    assert {why.reason for n, why in summary.float_modules.items() if "down_proj" in n} == {Reason.GROUP_SIZE}
+    assert not any("down_proj" in n for n in summary.changed)

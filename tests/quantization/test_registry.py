@@ -9,7 +9,8 @@ import torch
 
 import distill_lab as dl
 from distill_lab.quantization import (FormatSpec, Int4WeightOnlyConfig, Int4WeightOnlyLinear, ModuleFormat,
-                                      convert_, prepare_qat_, quantize_, register_format, unregister_format)
+                                      QuantizationConfig, convert_, prepare_qat_, quantize_, register_format,
+                                      unregister_format)
 from distill_lab.quantization.formats import int4_to_ggml
 from distill_lab.quantization.primitives import FakeQuantize
 from distill_lab.quantization.registry import format_for, module_format
@@ -17,10 +18,9 @@ from distill_lab.serialization import save_model
 
 
 @dataclass
-class Int4PerRowConfig:
-    """The toy: int4 with one symmetric scale per output row (the whole row is one group)."""
-
-    embedding_bits: int | None = 8
+class Int4PerRowConfig(QuantizationConfig):
+    """The toy: int4 with one symmetric scale per output row (the whole row is one group); ``embedding_bits``
+    comes from ``QuantizationConfig``."""
 
 
 class Int4PerRowLinear(Int4WeightOnlyLinear):
@@ -43,7 +43,7 @@ class Int4PerRowNoGGUFLinear(Int4PerRowLinear):
 
 
 def _spec(module_type, to_ggml):
-    return FormatSpec(method="int4_per_row", from_float=module_type.from_float,
+    return FormatSpec(format=module_type.kind, from_float=module_type.from_float,
                       weight_fake_quant=lambda config: FakeQuantize(4, None, True, -1),
                       modules=(ModuleFormat(module_type.kind, module_type.from_exported, to_ggml),))
 
@@ -128,4 +128,26 @@ def test_unregistering_removes_the_format_and_its_module_kind():
         quantize_(_tiny(), Int4PerRowConfig())
     with pytest.raises(ValueError, match="unknown quantized module kind 'int4_per_row'"):
         module_format("int4_per_row")
-    assert format_for(Int4WeightOnlyConfig()).method == "int4"  # the built-ins stay
+    assert format_for(Int4WeightOnlyConfig()).format == "int4"  # the built-ins stay
+
+
+def test_a_recipe_names_a_registered_format_and_gets_its_config(toy_formats):
+    from distill_lab.pipeline.steps import QuantizeStep
+
+    step = QuantizeStep.from_knobs({"format": "int4_per_row", "embedding_bits": None})
+    assert step.config == Int4PerRowConfig(embedding_bits=None) and step.algorithm == "rtn"
+    with pytest.raises(ValueError, match="algorithm 'awq' needs format int4"):
+        QuantizeStep.from_knobs({"format": "int4_per_row", "algorithm": "awq"})
+
+
+def test_a_format_name_is_registered_once():
+    @dataclass
+    class Other(QuantizationConfig):
+        pass
+
+    with pytest.raises(ValueError, match=r"format 'int4' is already registered; allowed: a name not in int8, w8a8, int4"):
+        register_format(Other, FormatSpec(format="int4", from_float=Int4PerRowLinear.from_float,
+                                          weight_fake_quant=lambda config: FakeQuantize(4, None, True, -1)))
+    with pytest.raises(ValueError, match=r"config=.*Other\(embedding_bits=8\); allowed: an instance of"):
+        format_for(Other())  # the refused registration left nothing behind
+
