@@ -311,14 +311,14 @@ def plot_sparsity_curve(view: dict, ax=None):
     curves = view["curves"]
     xs = [100 * s for s in curves["sparsities"]]
     for name, color in (("magnitude", "tab:red"), ("wanda", "tab:blue")):
-        ax.plot(xs, curves[name], "o-", color=color, label=name, lw=2 if name == view["method"] else 1,
-                alpha=1.0 if name == view["method"] else 0.5)
+        ax.plot(xs, curves[name], "o-", color=color, label=name, lw=2 if name == view["importance"] else 1,
+                alpha=1.0 if name == view["importance"] else 0.5)
     ax.axhline(curves["dense"], color="gray", ls=":", label=f"dense ({curves['dense']:.1f})")
     ax.plot([100 * view["sparsity"]], [view["ppl"]], "k*", ms=14)
     ax.set_yscale("log")
     ax.set_xlabel("sparsity of every pruned Linear (%)")
     ax.set_ylabel("test perplexity (log)")
-    ax.set_title(f"{view['method']} at {100 * view['sparsity']:.0f}%: ppl {view['ppl']:.1f} "
+    ax.set_title(f"{view['importance']} at {100 * view['sparsity']:.0f}%: ppl {view['ppl']:.1f} "
                  f"({view['ratio_to_dense']:.2f}x dense)")
     ax.legend()
     fig.tight_layout()
@@ -334,7 +334,7 @@ def plot_layer_pruning_view(view: dict, axes=None):
     fig = ax.figure
     names = list(view["errors"])
     ax.bar(names, [100 * view["errors"][n] for n in names], color=["tab:red", "tab:blue"],
-           edgecolor=["black" if n == view["method"] else "none" for n in names], linewidth=2)  # chosen: outlined
+           edgecolor=["black" if n == view["importance"] else "none" for n in names], linewidth=2)  # chosen: outlined
     for i, n in enumerate(names):
         ax.annotate(f"{100 * view['errors'][n]:.1f}%", (i, 100 * view["errors"][n]), ha="center", va="bottom")
     ax.set_ylim(0, 1.2 * max(100 * e for e in view["errors"].values()) or 1.0)  # room for the labels
@@ -343,11 +343,11 @@ def plot_layer_pruning_view(view: dict, axes=None):
     hi = float(max(view["kept_abs"].max() if view["kept_abs"].numel() else 0, view["largest_pruned"])) or 1.0
     bins = [hi * i / 60 for i in range(61)]
     bx.hist(view["kept_abs"].numpy(), bins=bins, color="tab:gray", alpha=0.6, label="kept")
-    bx.hist(view["pruned_abs"].numpy(), bins=bins, color="tab:red" if view["method"] == "magnitude" else "tab:blue",
+    bx.hist(view["pruned_abs"].numpy(), bins=bins, color="tab:red" if view["importance"] == "magnitude" else "tab:blue",
             alpha=0.8, label="pruned")
     bx.set_yscale("log")
     bx.set_xlabel("|W|")
-    bx.set_title(f"{view['method']}: largest pruned |W| = {view['largest_pruned']:.3f}", fontsize=10)
+    bx.set_title(f"{view['importance']}: largest pruned |W| = {view['largest_pruned']:.3f}", fontsize=10)
     bx.legend(fontsize=8)
     fig.tight_layout()
     return fig

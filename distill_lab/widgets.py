@@ -19,7 +19,6 @@ import ipywidgets as widgets
 from IPython.display import Image, display
 from matplotlib.figure import Figure
 
-from .pipeline import QUANTIZE_KNOBS
 from .pipeline.report import STUDENT_PRUNE
 from .plotting import (
     plot_distillation_view,
@@ -31,8 +30,9 @@ from .plotting import (
 from .quantization.configs import EMBEDDING_BITS
 from .quantization.primitives import Granularity
 from .views.baseline import temperature_view
+from .views.combined import QUANTIZE_KNOBS
 from .views.distillation import distillation_view
-from .views.pruning import layer_pruning_view, sparsity_curve_view
+from .views.pruning import PRUNING_IMPORTANCE, layer_pruning_view, sparsity_curve_view
 from .views.quantization import GRANULARITY_OPTIONS, quantization_view
 
 __all__ = ["distillation_widget", "figure_png", "granularity_label", "layer_pruning_widget", "offscreen_axes",
@@ -184,20 +184,22 @@ def quantization_widget(weight, bits: int = 4, granularity=Granularity.PER_CHANN
     return _interactive(wire(compute, plot_quantization_view, figsize=(11, 3.5), ncols=2), knobs)
 
 
-def sparsity_widget(curves: dict, sparsity: float = 0.5, method: str = "wanda"):
-    """Sparsity slider and method picker that mark a point of precomputed perplexity-vs-sparsity curves (instant)."""
+def sparsity_widget(curves: dict, sparsity: float = 0.5, importance: str = "wanda"):
+    """Sparsity slider and importance picker that mark a point of precomputed perplexity-vs-sparsity curves (instant)."""
     slider = widgets.SelectionSlider(options=list(curves["sparsities"]), value=sparsity, description="sparsity",
                                      continuous_update=False, style=_STYLE, layout=_layout())
-    picker = widgets.Dropdown(options=["magnitude", "wanda"], value=method, description="method", style=_STYLE)
-    compute = lambda sparsity, method: sparsity_curve_view(curves, sparsity, method)  # noqa: E731
-    return _interactive(wire(compute, plot_sparsity_curve), {"sparsity": slider, "method": picker})
+    picker = widgets.Dropdown(options=list(PRUNING_IMPORTANCE), value=importance, description="importance",
+                              style=_STYLE)
+    compute = lambda sparsity, importance: sparsity_curve_view(curves, sparsity, importance)  # noqa: E731
+    return _interactive(wire(compute, plot_sparsity_curve), {"sparsity": slider, "importance": picker})
 
 
-def layer_pruning_widget(weight, inputs, sparsity: float = 0.5, method: str = "wanda", name: str = "layer"):
-    """Sparsity slider and method picker that prune one real layer live and redraw its output error (recomputed)."""
+def layer_pruning_widget(weight, inputs, sparsity: float = 0.5, importance: str = "wanda", name: str = "layer"):
+    """Sparsity slider and importance picker that prune one real layer live and redraw its output error (recomputed)."""
     slider = widgets.FloatSlider(value=sparsity, min=0.05, max=0.95, step=0.05, description="sparsity",
                                  readout_format=".0%", continuous_update=False, style=_STYLE, layout=_layout())
-    picker = widgets.Dropdown(options=["magnitude", "wanda"], value=method, description="method", style=_STYLE)
-    compute = lambda sparsity, method: layer_pruning_view(weight, inputs, sparsity, method, name)  # noqa: E731
+    picker = widgets.Dropdown(options=list(PRUNING_IMPORTANCE), value=importance, description="importance",
+                              style=_STYLE)
+    compute = lambda sparsity, importance: layer_pruning_view(weight, inputs, sparsity, importance, name)  # noqa: E731
     return _interactive(wire(compute, plot_layer_pruning_view, figsize=(10, 3.5), ncols=2),
-                        {"sparsity": slider, "method": picker})
+                        {"sparsity": slider, "importance": picker})

@@ -13,6 +13,7 @@ from distill_lab.pipeline import QualityGuardError, Recipe, Step, run_recipe
 from distill_lab.pipeline.runner import _check_guard
 from distill_lab.serialization import load_saved
 from distill_lab.profiles import get_profile
+from distill_lab.views.combined import recipe_from_knobs
 
 PROFILE = dataclasses.replace(get_profile("smoke"), seq_len=32, eval_windows=4, batch_size=4,
                               train_steps=2, train_batch_size=2, calib_windows=2, latency_batch=1,
@@ -348,22 +349,22 @@ def test_comparison_table_on_a_tiny_teacher(tmp_path, teacher64, data, monkeypat
 def test_recipe_from_knobs_and_panel_runs_only_on_click():
     from distill_lab.widgets import recipe_panel
 
-    r = pipeline.recipe_from_knobs(heads_keep=0.67, channels_keep=1.0, distil_steps=5, quantize="int4")
+    r = recipe_from_knobs(heads_keep=0.67, channels_keep=1.0, distil_steps=5, quantize="int4")
     assert [s.kind for s in r.steps] == ["prune", "distil", "quantize"]
     assert r.steps[0].config == {"heads_keep": 0.67, "importance": "activation"}
     with pytest.raises(ValueError, match="no step"):
-        pipeline.recipe_from_knobs()
+        recipe_from_knobs()
     with pytest.raises(ValueError, match="quantize='int3'.*'int4 \\+ AWQ'"):
-        pipeline.recipe_from_knobs(quantize="int3")
+        recipe_from_knobs(quantize="int3")
     # the panel's default knobs build the shipped combined recipe, step for step (distil's length aside)
     calls = []
-    panel = recipe_panel(lambda **k: calls.append(pipeline.recipe_from_knobs(**k)) or calls[-1], lambda r, ax: None)
+    panel = recipe_panel(lambda **k: calls.append(recipe_from_knobs(**k)) or calls[-1], lambda r, ax: None)
     panel.children[-2].click()  # the "Run recipe" button, on the panel's defaults
     default, shipped = calls[0], pipeline.combined_recipe()
     assert [s.kind for s in default.steps] == [s.kind for s in shipped.steps]
     assert default.steps[0].config == shipped.steps[0].config and default.steps[2].config == shipped.steps[2].config
     assert {k: v for k, v in default.steps[1].config.items() if k != "steps"} == shipped.steps[1].config
-    assert pipeline.recipe_from_knobs(quantize="w8a8 + SmoothQuant").steps[0].config["algorithm"] == "smoothquant"
+    assert recipe_from_knobs(quantize="w8a8 + SmoothQuant").steps[0].config["algorithm"] == "smoothquant"
     calls.clear()
     panel.children[1].value = 0.25  # moving a slider runs nothing (384 of 1536 channels)
     assert calls == []

@@ -5,11 +5,12 @@ on the real teacher, with its verdict computed from the numbers.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -18,14 +19,12 @@ from ..evaluate import environment_info
 from ..models import cache_dir
 from ..plotting import plot_pareto
 from ..profiles import Profile, get_profile
-from ..quantization import formats  # noqa: F401  the built-in formats register their knobs
-from ..quantization.registry import quantize_knobs
 from .measure import eval_windows, relative
 from .recipe import Recipe, Step
 from .runner import run_recipe, teacher_metrics
 
-__all__ = ["ComparisonTable", "QUANTIZE_KNOBS", "SeedClaim", "combined_recipe", "comparison_table",
-           "recipe_from_knobs", "seed_rows", "verdict"]
+__all__ = ["ComparisonTable", "STUDENT_DISTIL", "STUDENT_PRUNE", "SeedClaim", "combined_recipe", "comparison_table",
+           "seed_rows", "verdict"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,12 +166,7 @@ class ComparisonTable:
 
     def save(self, folder: str | Path = "reports") -> list[Path]:
         """Write ``comparison.md``, ``comparison.json`` and ``comparison_pareto.png`` into ``folder``."""
-        import matplotlib
-
         matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         md, js, png = folder / "comparison.md", folder / "comparison.json", folder / "comparison_pareto.png"
@@ -219,39 +213,3 @@ def comparison_table(teacher: nn.Module, tokenizer, profile: Profile | str | Non
                     "metrics": m, "verdict": verdict(m, claim),
                     "steps": [{"stage": s.label, **s.metrics} for s in result.steps if s.metrics]})
     return ComparisonTable(rows=out, teacher=base, profile=profile.name, env=environment_info())
-
-
-# the notebook panel's quantize choices: label -> (format, algorithm), as each format registers them
-# (quantization/formats.py); None = no quantize step
-QUANTIZE_KNOBS = {"none": None, **quantize_knobs()}
-
-
-def recipe_from_knobs(heads_keep: float = 1.0, channels_keep: float = 1.0, layers_keep: float = 1.0,
-                      distil_steps: int = 0, quantize: str = "none", embedding_bits: int | None = 4,
-                      importance: str = "activation", alpha: float = STUDENT_DISTIL["alpha"],
-                      max_ppl_ratio: float | None = None) -> Recipe:
-    """Build a prune → distil → quantize recipe from the notebook panel's knobs (steps with no effect are left out).
-
-    ``importance`` ranks heads and channels (``StructuredConfig.importance``); ``quantize`` picks a format
-    and algorithm from ``QUANTIZE_KNOBS``; ``embedding_bits`` (4, 8 or None for float) is the embedding's
-    and tied head's format when there is a quantize step; ``alpha`` weighs KD against CE in the distil step.
-    """
-    steps = []
-    prune = {k: v for k, v in (("heads_keep", heads_keep), ("channels_keep", channels_keep),
-                               ("layers_keep", layers_keep)) if v < 1.0}
-    if prune:
-        steps.append(Step("prune", {**prune, "importance": importance}))
-    if distil_steps:
-        steps.append(Step("distil", {"steps": int(distil_steps), **STUDENT_DISTIL, "alpha": alpha}))
-    if quantize not in QUANTIZE_KNOBS:
-        raise ValueError(f"quantize={quantize!r}; allowed: {', '.join(map(repr, QUANTIZE_KNOBS))}")
-    if QUANTIZE_KNOBS[quantize] is not None:
-        fmt, algorithm = QUANTIZE_KNOBS[quantize]
-        q = {"format": fmt, "group_size": 64, "embedding_bits": embedding_bits} if fmt == "int4" else \
-            {"format": fmt, "embedding_bits": embedding_bits}
-        steps.append(Step("quantize", {**q, "algorithm": algorithm} if algorithm != "rtn" else q))
-    if not steps:
-        raise ValueError("the knobs select no step; allowed: at least one of heads/MLP/layers < 1, "
-                         "distil steps > 0, or a quantize format")
-    name = "panel-" + hashlib.sha256(json.dumps([s.to_dict() for s in steps]).encode()).hexdigest()[:8]
-    return Recipe(name, steps, max_ppl_ratio=max_ppl_ratio, description="built from the notebook's knobs")

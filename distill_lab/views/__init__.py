@@ -8,8 +8,10 @@ from .._lazy import lazy_exports
 
 _EXPORTS = {
     "baseline": ["entropy_bits", "temperature_probs", "temperature_view", "top_tokens"],
+    "combined": ["QUANTIZE_KNOBS", "recipe_from_knobs"],
     "distillation": ["distillation_view"],
-    "pruning": ["describe", "layer_pruning_view", "linear_inputs", "sparsity_curve", "sparsity_curve_view"],
+    "pruning": ["PRUNING_IMPORTANCE", "describe", "layer_pruning_view", "linear_inputs", "sparsity_curve",
+                "sparsity_curve_view"],
     "quantization": ["GRANULARITY_OPTIONS", "quantization_view", "scale_layout"],
 }
 __all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -19,15 +19,15 @@ from ..pruning.selection import StopForward, as_batches
 from ..pruning.unstructured import MagnitudeConfig, WandaConfig, input_norms, prune_
 from ..runtime import device_of
 
-__all__ = ["PRUNING_METHODS", "describe", "layer_pruning_view", "linear_inputs", "sparsity_curve", "sparsity_curve_view",
+__all__ = ["PRUNING_IMPORTANCE", "describe", "layer_pruning_view", "linear_inputs", "sparsity_curve", "sparsity_curve_view",
            "to_json"]
 
-PRUNING_METHODS = ("magnitude", "wanda")  # the two unstructured methods the views compare
+PRUNING_IMPORTANCE = ("magnitude", "wanda")  # the two unstructured importance scores the views compare
 
 
-def _check_method(method: str) -> None:
-    if method not in PRUNING_METHODS:
-        raise ValueError(f"method={method!r}; allowed: {', '.join(PRUNING_METHODS)}")
+def _check_importance(importance: str) -> None:
+    if importance not in PRUNING_IMPORTANCE:
+        raise ValueError(f"importance={importance!r}; allowed: {', '.join(PRUNING_IMPORTANCE)}")
 
 
 def sparsity_curve(model: nn.Module, windows: torch.Tensor, calibration=None, sparsities=(0.1, 0.3, 0.5, 0.7),
@@ -44,7 +44,7 @@ def sparsity_curve(model: nn.Module, windows: torch.Tensor, calibration=None, sp
     dense = perplexity(model, windows, batch_size, bf16, progress=False)
     curves = {"sparsities": [0.0] + [float(s) for s in sparsities], "magnitude": [dense], "wanda": [dense],
               "dense": dense}
-    jobs = [(s, name) for s in sparsities for name in PRUNING_METHODS]
+    jobs = [(s, name) for s in sparsities for name in PRUNING_IMPORTANCE]
     for s, name in tqdm(jobs, desc="sparsity curve", leave=False, disable=not progress):
         pruned = copy.deepcopy(model)
         config = WandaConfig(s) if name == "wanda" else MagnitudeConfig(s)
@@ -54,17 +54,17 @@ def sparsity_curve(model: nn.Module, windows: torch.Tensor, calibration=None, sp
     return curves
 
 
-def sparsity_curve_view(curves: dict, sparsity: float, method: str = "wanda") -> dict:
-    """Pick a point of a precomputed curve: the perplexity of ``method`` at ``sparsity`` (pure, instant)."""
-    _check_method(method)
+def sparsity_curve_view(curves: dict, sparsity: float, importance: str = "wanda") -> dict:
+    """Pick a point of a precomputed curve: the perplexity of ``importance`` at ``sparsity`` (pure, instant)."""
+    _check_importance(importance)
     sparsities = curves["sparsities"]
     if sparsity not in sparsities:
         raise ValueError(f"sparsity={sparsity!r}; allowed: one of the precomputed {sparsities}")
     i = sparsities.index(sparsity)
-    other = "magnitude" if method == "wanda" else "wanda"
-    return {"curves": curves, "sparsity": sparsity, "method": method, "ppl": curves[method][i],
+    other = "magnitude" if importance == "wanda" else "wanda"
+    return {"curves": curves, "sparsity": sparsity, "importance": importance, "ppl": curves[importance][i],
             "other_ppl": curves[other][i], "dense_ppl": curves["dense"],
-            "ratio_to_dense": curves[method][i] / curves["dense"]}
+            "ratio_to_dense": curves[importance][i] / curves["dense"]}
 
 
 @torch.inference_mode()
@@ -98,14 +98,14 @@ def linear_inputs(model: nn.Module, name: str, calibration, max_tokens: int = 51
 
 
 @torch.no_grad()
-def layer_pruning_view(weight: torch.Tensor, inputs: torch.Tensor, sparsity: float, method: str = "wanda",
+def layer_pruning_view(weight: torch.Tensor, inputs: torch.Tensor, sparsity: float, importance: str = "wanda",
                        name: str = "layer") -> dict:
-    """Prune one real (out, in) weight at ``sparsity`` with both methods; return the output error on ``inputs`` (N, in).
+    """Prune one real (out, in) weight at ``sparsity`` with both scores; return the output error on ``inputs`` (N, in).
 
     Recomputed on every call (about 20 ms for a 576 x 1536 layer): the relative error
     ``||X W^T - X (M * W)^T|| / ||X W^T||`` of magnitude and Wanda masks, and which |W| the chosen one keeps.
     """
-    _check_method(method)
+    _check_importance(importance)
     check_sparsity(sparsity)
     w = weight.detach().float().cpu()  # (out, in)
     x = inputs.float().cpu()  # (N, in)
@@ -115,8 +115,8 @@ def layer_pruning_view(weight: torch.Tensor, inputs: torch.Tensor, sparsity: flo
     for kind, s in scores.items():
         masks[kind] = unstructured_mask(s, sparsity, "row")  # (out, in), True = kept
         errors[kind] = float((dense - x @ (w * masks[kind]).t()).norm() / dense.norm())
-    mask = masks[method]
-    return {"name": name, "sparsity": sparsity, "method": method, "errors": errors,
+    mask = masks[importance]
+    return {"name": name, "sparsity": sparsity, "importance": importance, "errors": errors,
             "kept_abs": w[mask].abs(), "pruned_abs": w[~mask].abs(),
             "largest_pruned": float(w[~mask].abs().max()) if (~mask).any() else 0.0}
 

@@ -23,7 +23,7 @@ def test_sparsity_curve_view_and_errors():
     assert v["ppl"] == 20.0 and v["other_ppl"] == 90.0 and v["ratio_to_dense"] == 2.0
     with pytest.raises(ValueError, match="sparsity"):
         V.sparsity_curve_view(_fake_curves(), 0.4)
-    with pytest.raises(ValueError, match="method"):
+    with pytest.raises(ValueError, match="importance="):
         V.sparsity_curve_view(_fake_curves(), 0.5, "taylor")
 
 
