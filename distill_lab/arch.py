@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
+from transformers.pytorch_utils import Conv1D
 
 from .tensors import unique_tensors
 
@@ -83,13 +85,9 @@ def _get(root: nn.Module, path: str):
 
 def linear_like_problems(model: nn.Module) -> list[str]:
     """Return one line per weight that is not an ``nn.Linear`` but acts as one (Conv1D, 3-D expert weights)."""
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - very old transformers
-        Conv1D = ()
     problems = []
     for name, module in model.named_modules():
-        if Conv1D and isinstance(module, Conv1D):
+        if isinstance(module, Conv1D):
             problems.append(f"{name} (Conv1D, transposed weight)")
             continue
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -332,8 +330,6 @@ class Adapter:
         (None keeps all). Query heads are listed group-major: kept head ``j`` belongs to kept KV
         head ``j // (H' / G')``.
         """
-        from transformers import AutoModelForCausalLM
-
         H, G, I = self.heads, self.kv_heads, self.intermediate
         new_H = len(heads[0]) if heads is not None else H
         new_G = len(kv[0]) if kv is not None else G
@@ -398,8 +394,6 @@ def parameter_count(model_or_config, part: str = "total") -> int:
     if isinstance(model_or_config, nn.Module):
         model = model_or_config
     else:
-        from transformers import AutoModelForCausalLM
-
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(model_or_config)
     total = sum(p.numel() for p in unique_tensors(model.parameters()))

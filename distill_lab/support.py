@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 
 import torch
+import transformers
+from transformers import AutoModelForCausalLM
 
 from .arch import FAMILIES as ADAPTED
 
@@ -65,16 +67,12 @@ def supported(family: str, entry: str) -> bool:
 
 def tiny_config(family: str):
     """The tiny config of ``family`` (hidden 64, 3-4 layers, GQA and a window of 8 where the family has them)."""
-    import transformers
-
     cls_name, fields = FAMILY_CONFIGS[family]
     return getattr(transformers, cls_name)(**fields)
 
 
 def tiny_model(family: str, seed: int = 0, vocab_size: int | None = None) -> torch.nn.Module:
     """A tiny random causal LM of ``family`` with random norm weights and biases (so folding errors show)."""
-    from transformers import AutoModelForCausalLM
-
     config = tiny_config(family)
     if vocab_size is not None:
         config.vocab_size = vocab_size

@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from .._folder import check_model_folder
 from .._fs import atomic_folder
@@ -146,8 +147,6 @@ def save_sparse(model: nn.Module, folder: str | Path, min_sparsity: float = 0.25
 
 def load_sparse(folder: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Load a model written by ``save_sparse`` back as a dense ``LlamaForCausalLM``."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     folder = Path(folder)
     path = folder / "model.safetensors"
     check_model_folder(folder)  # checksums, headers and config sizes, before the model is built
@@ -191,7 +190,6 @@ def sparse_bytes_on_disk(model: nn.Module, filter_fn=None) -> int:
 
 class CSRLinear(nn.Module):
     """A Linear whose weight is stored as a torch sparse CSR matrix (what "stored sparse" runs like on a CPU)."""
-
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features

@@ -16,6 +16,7 @@ from accelerate import init_empty_weights
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from .._folder import check_model_folder
 from .._fs import atomic_folder
@@ -123,8 +124,6 @@ def load_quantized(folder: str | Path, device: str | torch.device | None = None)
 
 
 def _load_quantized(folder: Path, device: torch.device) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     if not (folder / QCONFIG_NAME).is_file():
         raise ValueError(f"quantized model folder {str(folder)!r} is incomplete: {QCONFIG_NAME} is missing")
     with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as f:
