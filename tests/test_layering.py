@@ -386,8 +386,7 @@ def test_no_module_is_longer_than_the_house_limit():
 # Required dependencies (pyproject's [project] dependencies) are imported at the top of the file. The few
 # function-level imports left name an optional package, a platform module, or one that costs a second to import.
 REQUIRED = {"transformers", "gguf", "safetensors", "yaml", "nbformat", "nbclient", "matplotlib", "numpy", "IPython",
-            "accelerate",
-            "tqdm", "ipywidgets", "torch"}
+            "accelerate", "tqdm", "ipywidgets", "torch"}
 FUNCTION_LEVEL_OK = {("pruning.sparse_storage", "torch"),  # torch.sparse's 2:4 type exists only on some builds
                      ("speed.pruning", "torch"),
                      # nbformat's schema validator costs ~1 s of import (measured: python -X importtime -m
