@@ -18,7 +18,15 @@ import torch
 
 import distill_lab as dl
 from distill_lab import pruning as P
-from distill_lab.speed.pruning import compare_speed, semi_structured_speed
+from distill_lab.evaluate import compare_speed
+from distill_lab.speed.pruning import semi_structured_speed
+
+
+def _ratio(row: dict, base: dict, phase: str) -> str:
+    """The row's speed-up with its spread (timed in the same rounds as the dense model), else a plain ratio."""
+    if f"{phase}_speedup" in row:
+        return f"{row[f'{phase}_speedup']}"
+    return f"{row[f'{phase}_tokens_per_s'] / base[f'{phase}_tokens_per_s']:.2f}× (1 round)"
 
 
 def main():
@@ -42,7 +50,7 @@ def main():
     models = {"dense": teacher, "width 50% (structured)": width50,
               "unstructured 50% (stored dense)": unstructured}
     speed = compare_speed(models, batch=args.batch, seq=args.seq, decode_tokens=args.decode,
-                          repeats=args.repeats)
+                          repeats=args.repeats, baseline="dense")
     sizes = {name: dl.weights_bytes(m) for name, m in models.items()}
     sizes_sparse = {"unstructured 50% (stored dense)": P.sparse_bytes_on_disk(unstructured)}
     if args.csr:
@@ -55,14 +63,13 @@ def main():
 
     base = speed["dense"]
     print(f"\n{'model':34}{'params':>9}{'disk MB':>9}{'prefill tok/s':>15}{'decode tok/s':>14}"
-          f"{'prefill x':>11}{'decode x':>10}{'size x':>8}")
+          f"{'prefill x (IQR)':>22}{'decode x (IQR)':>22}{'size x':>8}")
     for name, s in speed.items():
         m = models.get(name, unstructured)
         n = sum(p.numel() for p in m.parameters())
         print(f"{name:34}{n / 1e6:>8.1f}M{sizes[name] / 1e6:>9.1f}{s['prefill_tokens_per_s']:>15.0f}"
               f"{s['decode_tokens_per_s']:>14.1f}"
-              f"{s['prefill_tokens_per_s'] / base['prefill_tokens_per_s']:>10.2f}x"
-              f"{s['decode_tokens_per_s'] / base['decode_tokens_per_s']:>9.2f}x"
+              f"{_ratio(s, base, 'prefill'):>22}{_ratio(s, base, 'decode'):>22}"
               f"{sizes['dense'] / sizes[name]:>7.2f}x")
     name = "unstructured 50% (stored dense)"
     print(f"{'  same, saved as bitmask + values':34}{'':>9}{sizes_sparse[name] / 1e6:>9.1f}"
@@ -70,8 +77,8 @@ def main():
 
     kernel = semi_structured_speed()
     print(f"\n2:4 kernel, one Linear {kernel['shape']} on {kernel['device']} ({kernel['dtype']}): "
-          f"2:4 speedup {kernel['speedup_24']:.2f}x" +
-          (f", CSR speedup {kernel['speedup_csr']:.2f}x" if "speedup_csr" in kernel else "") +
+          f"2:4 speedup {kernel['speedup_24']}" +
+          (f", CSR speedup {kernel['speedup_csr']}" if "speedup_csr" in kernel else "") +
           f" -- {kernel['kernel']}")
 
     w = speed["width 50% (structured)"]["prefill_tokens_per_s"] / base["prefill_tokens_per_s"]

@@ -14,13 +14,13 @@ with _frozen_imports():  # torch + transformers: ~570k import-time objects; see 
     from .arch import parameter_count
     from .claims import ClaimError, claim, verdict
     from .data import calibration_batches, corpus_windows, load_corpus, token_windows, tokenize
-    from .evaluate import (Result, environment_info, generate_continuations, generate_samples, latency, peak_memory,
-                           perplexity, record, repeated_ngram_share)
+    from .evaluate import (Result, compare_speed, environment_info, generate_continuations, generate_samples, latency,
+                           peak_memory, perplexity, record, repeated_ngram_share)
     from .models import check_vocab_compatible, load_model, load_teacher, make_student, tiny_llama
     from .profiles import Profile, default_device, get_profile, set_seed
     from .tensors import memory_bytes
 
-_CORE = ["ClaimError", "Profile", "Result", "calibration_batches", "check_vocab_compatible", "claim",
+_CORE = ["ClaimError", "Profile", "Result", "calibration_batches", "check_vocab_compatible", "claim", "compare_speed",
          "corpus_windows", "default_device", "environment_info", "generate_continuations", "generate_samples",
          "get_profile", "latency", "load_corpus", "load_model", "load_teacher", "make_student", "memory_bytes",
          "parameter_count", "peak_memory", "perplexity", "record", "repeated_ngram_share", "set_seed", "tiny_llama",

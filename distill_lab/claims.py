@@ -9,7 +9,9 @@ it). A speed claim passes ``warn=True``: a busy laptop can make any timing lose,
 
 from __future__ import annotations
 
-__all__ = ["Claim", "ClaimError", "claim", "verdict"]
+__all__ = ["MARKS", "Claim", "ClaimError", "claim", "verdict"]
+
+MARKS = {True: "✓", False: "✗", None: "within noise"}  # one check: held, did not hold, could not be decided
 
 
 class ClaimError(AssertionError):
@@ -48,13 +50,19 @@ def claim(ok, text: str, *, warn: bool = False) -> Claim:
     return Claim(ok, text)
 
 
-def verdict(checks: dict[str, bool]) -> str:
-    """Summarise named checks: ``'holds'``, ``'does not hold'`` or ``'partly holds (a ✓, b ✗)'``."""
+def verdict(checks: dict[str, bool | None]) -> str:
+    """Summarise named checks: ``'holds'``, ``'does not hold'`` or ``'partly holds (a ✓, b ✗, c within noise)'``.
+
+    A check that is ``None`` could not be decided: a speed whose spread crosses the claim's threshold
+    (``timing.SpeedRatio.holds``). The claim then holds only partly, and the line says which check was noise.
+    """
     if not checks:
         raise ValueError("checks={}; allowed: at least one named check")
-    if all(checks.values()):
+    if any(ok not in (True, False, None) for ok in checks.values()):
+        raise ValueError(f"checks={checks}; allowed: True, False or None (within noise) for each")
+    if all(ok is True for ok in checks.values()):
         return "holds"
-    if not any(checks.values()):
+    if all(ok is False for ok in checks.values()):
         return "does not hold"
-    marks = ", ".join(f"{name} {'✓' if ok else '✗'}" for name, ok in checks.items())
+    marks = ", ".join(f"{name} {MARKS[ok]}" for name, ok in checks.items())
     return f"partly holds ({marks})"

@@ -33,7 +33,7 @@ class Profile:
     latency_batch: int  # batch for prefill speed
     latency_seq: int  # sequence length for prefill speed
     decode_tokens: int  # new tokens timed at batch 1
-    repeats: int  # timing repeats (median is reported)
+    repeats: int  # timing rounds: a ratio is the median of the per-round ratios, its spread the IQR (laptop: 5)
     gen_tokens: int  # tokens generated for samples
     recipe_steps: int = 8  # distillation steps per distil/qat step of a compression recipe (lesson 04, report)
     recipe_batch: int = 4  # windows per distillation step of a compression recipe
@@ -61,7 +61,7 @@ PROFILES: dict[str, Profile] = {
                      recipe_steps=4, recipe_batch=4, recipe_eval_windows=4, recipe_latency_batch=2),
     "laptop": Profile("laptop", seq_len=256, eval_windows=40, batch_size=8, train_steps=150,
                       train_batch_size=8, calib_windows=16, latency_batch=8, latency_seq=256,
-                      decode_tokens=32, repeats=3, gen_tokens=40,
+                      decode_tokens=32, repeats=5, gen_tokens=40,
                       recipe_steps=30, recipe_batch=4, recipe_eval_windows=16, recipe_latency_batch=4),
     "gpu": Profile("gpu", seq_len=512, eval_windows=200, batch_size=16, train_steps=1500,
                    train_batch_size=16, calib_windows=64, latency_batch=8, latency_seq=256,
@@ -89,14 +89,14 @@ LESSONS: dict[str, dict[str, dict]] = {
     "02": {
         "smoke": dict(sizes=dict(eval_windows=_SMOKE.eval_windows, awq_grid=3, gptq=False, qat_steps=1,
                                  table_repeats=_SMOKE.repeats, w8a8_band=0.06, int4_band=0.25, qat_claim=False)),
-        "laptop": dict(sizes=dict(eval_windows=32, awq_grid=7, gptq=True, qat_steps=12, table_repeats=2,
+        "laptop": dict(sizes=dict(eval_windows=32, awq_grid=7, gptq=True, qat_steps=12, table_repeats=5,
                                   w8a8_band=0.03, int4_band=0.08, qat_claim=True)),
         "gpu": dict(sizes=dict(eval_windows=_GPU.eval_windows, awq_grid=11, gptq=True, qat_steps=_GPU.train_steps // 8,
                                table_repeats=_GPU.repeats, w8a8_band=0.03, int4_band=0.08, qat_claim=True)),
     },
-    "03": {  # timing: (prefill batch, decode tokens, repeats) of the size table's eight models
+    "03": {  # timing: (prefill batch, decode tokens, rounds) of the size table's seven models
         "smoke": dict(sparsities=(0.5,), heal_steps=4, heal_seq=64, heal_batch=2, timing=(2, 8, 2)),
-        "laptop": dict(sparsities=(0.3, 0.5, 0.6, 0.7), heal_steps=24, heal_seq=128, heal_batch=4, timing=(2, 16, 2)),
+        "laptop": dict(sparsities=(0.3, 0.5, 0.6, 0.7), heal_steps=24, heal_seq=128, heal_batch=4, timing=(2, 16, 5)),
         "gpu": dict(sparsities=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8), heal_steps=300, heal_seq=512,
                     heal_batch=16, timing=(8, 64, 5)),
     },

@@ -220,12 +220,15 @@ def test_speed_is_never_reused_from_an_earlier_run(tmp_path, data, scratch_steps
     _run(teacher, recipe, tmp_path / "run", data, teacher_stats=again)
     state_file = tmp_path / "run" / "steps" / "01_same" / pipeline.STATE_FILE
     state = json.loads(state_file.read_text())
-    state["metrics"]["prefill_tokens_per_s"] = 1e-3  # as if timed under heavy load
+    state["metrics"].update(prefill_tokens_per_s=1e-3, prefill_speedup=1e-3,  # as if timed under heavy load
+                            prefill_speedup_iqr=[1e-3, 1e-3])
     state_file.write_text(json.dumps(state))
     resumed = _run(teacher, recipe, tmp_path / "run", data, teacher_stats=again)
     m = resumed.steps[0].metrics
     assert resumed.steps[0].resumed and m["prefill_tokens_per_s"] > 1
-    assert m["prefill_speedup"] == pytest.approx(m["prefill_tokens_per_s"] / again["prefill_tokens_per_s"])
+    # the speed-up is timed again, round by round against the teacher in this run (not the stale 1e-3)
+    r = pipeline.speedup(m, "prefill")
+    assert r.rounds == m["speed_rounds"] == PROFILE.repeats and r.low <= r.median <= r.high and r.median != 1e-3
     assert m["ppl_pydoc"] == state["metrics"]["ppl_pydoc"]
 
 
@@ -309,6 +312,12 @@ def test_verdict_and_claim_text():
     mixed = dict(good, dppl_pct_pydoc=4.0)
     v = pipeline.verdict(mixed, claim)
     assert v["verdict"] == "partly holds" and "quality ✗" in v["why"]
+    # the better phase's spread crosses 0.9 x 2 = 1.8: speed is within noise, not a ✓ or a ✗
+    noisy = dict(good, decode_speedup=1.9, decode_speedup_iqr=[1.6, 2.2], prefill_speedup_iqr=[1.0, 1.2],
+                 speed_rounds=5)
+    v = pipeline.verdict(noisy, claim)
+    assert v["speed"] is None and v["verdict"] == "partly holds" and "speed within noise" in v["why"]
+    assert pipeline.verdict(dict(noisy, decode_speedup_iqr=[1.85, 2.2]), claim)["verdict"] == "holds"
 
 
 def test_seed_rows_and_shipped_combined_recipe_agree():

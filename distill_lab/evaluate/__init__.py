@@ -7,11 +7,11 @@
 Every public name is re-exported here: ``from distill_lab.evaluate import perplexity``.
 """
 
-from .cost import latency, peak_memory, phase_probes, speed_row, timing_prompts
+from .cost import compare_speed, latency, peak_memory, phase_probes, speed_row, timing_prompts
 from .quality import (generate_continuations, generate_samples, next_token_logits, perplexity, perplexity_units,
                       repeated_ngram_share, token_nll)
 from .records import REPORT_ENV, Result, environment_info, record
 
-__all__ = ["REPORT_ENV", "Result", "environment_info", "generate_continuations", "generate_samples", "latency",
+__all__ = ["REPORT_ENV", "Result", "compare_speed", "environment_info", "generate_continuations", "generate_samples", "latency",
            "next_token_logits", "peak_memory", "perplexity", "perplexity_units", "phase_probes", "record",
            "repeated_ngram_share", "speed_row", "timing_prompts", "token_nll"]

@@ -2,7 +2,7 @@
 
 Latency follows the usual LLM split: prefill (prompt processing, compute-bound) and decode (one token
 at a time, memory-bound). ``phase_probes`` is the one prefill/decode harness: ``latency`` times one
-model with it, ``distill_lab.speed.pruning.compare_speed`` several models interleaved. Bytes in memory
+model with it, ``compare_speed`` several models interleaved, with ``SpeedRatio``s against a baseline. Bytes in memory
 and on disk have their own homes: ``tensors.memory_bytes`` and ``serialization.weights_bytes``.
 """
 
@@ -18,9 +18,9 @@ from torch import nn
 
 from ..profiles import default_device
 from ..runtime import autocast, device_of
-from ..timing import interleaved_medians, timed
+from ..timing import MIN_ROUNDS, SpeedRatio, interleaved_medians, interleaved_times, medians, timed
 
-__all__ = ["latency", "peak_memory", "phase_probes", "speed_row", "timing_prompts"]
+__all__ = ["compare_speed", "latency", "peak_memory", "phase_probes", "speed_row", "timing_prompts"]
 
 
 def timing_prompts(vocab: int, batch: int, seq: int, prompt_len: int = 32, seed: int = 0,
@@ -81,6 +81,39 @@ def latency(model: nn.Module, batch: int = 8, seq: int = 256, decode_tokens: int
     s = interleaved_medians(probes, repeats=repeats, warmup=warmup)
     return {**speed_row(s["prefill"], s["decode"], batch, seq, decode_tokens),
             "batch": batch, "seq": seq, "decode_tokens": decode_tokens, "repeats": repeats}
+
+
+def compare_speed(models: dict[str, nn.Module], batch: int = 8, seq: int = 256, decode_tokens: int = 16,
+                  repeats: int = MIN_ROUNDS, warmup: int = 1, bf16: bool | dict[str, bool] = False, seed: int = 0,
+                  decode: bool = True, progress: bool = False, baseline: str | None = None) -> dict[str, dict]:
+    """Prefill and decode tokens/s of several models, timed interleaved (A, B, C, A, B, C, ...), medians.
+
+    Interleaving makes the ratios fair on a busy machine: a slow moment hits every model of that round alike.
+    Each model is timed by ``evaluate.phase_probes`` (the harness ``evaluate.latency`` uses): prefill is
+    one forward over (batch, seq) random tokens; decode is ``decode_tokens`` greedy steps at batch 1
+    after a 32-token prompt, with the KV cache. ``bf16`` is one flag or one per model name (the same model
+    can be timed twice, fp32 and bf16 autocast). With ``baseline`` (a name of ``models``), every row also
+    holds ``prefill_speedup`` and ``decode_speedup``: ``SpeedRatio``s against it, round by round.
+    """
+    if baseline is not None and baseline not in models:
+        raise ValueError(f"baseline={baseline!r}; allowed: one of {list(models)}")
+    flags = bf16 if isinstance(bf16, dict) else {name: bf16 for name in models}
+    probes = {}
+    for name, model in models.items():
+        phases = phase_probes(model, batch, seq, decode_tokens, flags.get(name, False), prompt_len=32, seed=seed)
+        probes[(name, "prefill")] = phases["prefill"]
+        if decode:
+            probes[(name, "decode")] = phases["decode"]
+    times = interleaved_times(probes, repeats=repeats, warmup=warmup, progress=progress)
+    med = medians(times)
+    out = {}
+    for name in models:
+        row = speed_row(med[name, "prefill"], med.get((name, "decode"), float("nan")), batch, seq, decode_tokens)
+        if baseline is not None:
+            for phase in ("prefill", "decode") if decode else ("prefill",):
+                row[f"{phase}_speedup"] = SpeedRatio.of_rounds(times[baseline, phase], times[name, phase])
+        out[name] = row
+    return out
 
 
 def _rss_peak_bytes() -> int:

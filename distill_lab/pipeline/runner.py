@@ -283,7 +283,7 @@ def run_recipe(teacher: nn.Module, tokenizer, recipe: Recipe, out_dir: str | Pat
             record.metrics = {}  # measured by an earlier run that measured every step; here only the last counts
         if record.metrics:
             timed = model if record is records[-1] and model is not None else load_saved(record.folder, device)[0]
-            record.metrics = {**record.metrics, **measure_speed(timed, profile)}
+            record.metrics = {**record.metrics, **measure_speed(timed, profile, against=teacher)}
             record.metrics.update(relative(record.metrics, teacher_stats))
     bar = tqdm(total=len(recipe.steps), initial=len(done), desc=f"recipe {recipe.name}", unit="step",
                disable=not progress, leave=False)
@@ -304,7 +304,7 @@ def run_recipe(teacher: nn.Module, tokenizer, recipe: Recipe, out_dir: str | Pat
                 save_model(model, tokenizer, tmp)
                 metrics = {}
                 if measure_steps == "all" or i == len(recipe.steps) - 1:
-                    metrics = measure(model, windows, profile, folder=tmp, progress=False)
+                    metrics = measure(model, windows, profile, folder=tmp, progress=False, against=teacher)
                     metrics.update(relative(metrics, teacher_stats))
                     _check_finite(recipe, StepRecord(i + 1, step.kind, dict(step.config), "", metrics, seconds),
                                   first_ppl_key)  # a NaN model is never saved as a finished step

@@ -1,9 +1,9 @@
-"""Does pruning make a model faster? Dense vs pruned models, and one Linear dense vs 2:4, timed here.
+"""Does pruning make a Linear faster? One Linear dense vs 2:4-pruned, timed here (whole models: ``evaluate.compare_speed``).
 
 Unstructured zeros stored dense run at dense speed; structured pruning gives a smaller dense model
-that is faster everywhere; a 2:4 kernel exists only on CUDA sm80+. Every time is a median from
-``distill_lab.timing.median_seconds`` / ``timed``, and every ratio is against a baseline measured
-in the same call.
+that is faster everywhere; a 2:4 kernel exists only on CUDA sm80+. Every time is a median of rounds
+timed round-robin (``distill_lab.timing.interleaved_times``), and every ratio is a ``SpeedRatio``
+against a baseline timed in the same rounds: its median and its spread.
 """
 
 from __future__ import annotations
@@ -12,21 +12,19 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ..evaluate import phase_probes, speed_row
 from ..profiles import default_device
 from ..pruning.masks import nm_mask
 from ..pruning.sparse_storage import semi_structured_available
-from ..timing import interleaved_medians, median_seconds
+from ..timing import MIN_ROUNDS, SpeedRatio, interleaved_times, medians, timed
 
-__all__ = ["compare_speed", "semi_structured_speed"]
+__all__ = ["semi_structured_speed"]
 
 
 @torch.inference_mode()
 def semi_structured_speed(out_features: int = 1536, in_features: int = 576, tokens: int = 2048,
                           device: str | torch.device | None = None, repeats: int = 10) -> dict:
-    """Time one Linear: dense vs 2:4-pruned, with the best kernel this device has; return times and speedups.
+    """Time one Linear: dense vs 2:4-pruned, with the best kernel this device has; median times and ``SpeedRatio``s.
 
     On CUDA sm80+ the 2:4 weight runs through ``to_sparse_semi_structured`` (fp16). Elsewhere
     there is no 2:4 kernel: the 2:4-pruned weight is timed stored dense (same kernel, same
@@ -42,44 +40,25 @@ def semi_structured_speed(out_features: int = 1536, in_features: int = 576, toke
     result = {"shape": [tokens, in_features, out_features], "device": str(device), "dtype": str(dtype),
               "kernel": why}
 
-    def seconds(fn, n=repeats):
-        return median_seconds(fn, repeats=n, warmup=2, device=device)
-
-    result["dense_s"] = seconds(lambda: F.linear(x, w))
+    probes = {"dense": lambda: timed(lambda: F.linear(x, w), device)}
     if ok:
         from torch.sparse import to_sparse_semi_structured
 
         ws = to_sparse_semi_structured(w)
-        result["sparse_24_s"] = seconds(lambda: F.linear(x, ws))
-        result["speedup_24"] = result["dense_s"] / result["sparse_24_s"]
+        probes["sparse_24"] = lambda: timed(lambda: F.linear(x, ws), device)
     else:
         wd = w.clone()  # the 2:4-pruned matrix, stored dense: the same dense kernel runs
-        result["sparse_24_s"] = seconds(lambda: F.linear(x, wd))
-        result["speedup_24"] = result["dense_s"] / result["sparse_24_s"]
+        probes["sparse_24"] = lambda: timed(lambda: F.linear(x, wd), device)
+    times = interleaved_times(probes, repeats=repeats, warmup=2)
+    med = medians(times)
+    result["dense_s"], result["sparse_24_s"] = med["dense"], med["sparse_24"]
+    result["speedup_24"] = SpeedRatio.of_rounds(times["dense"], times["sparse_24"])
+    if not ok:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             wc = w.to_sparse_csr()
-        result["csr_s"] = seconds(lambda: torch.sparse.mm(wc, x.t()), max(2, repeats // 3))
-        result["speedup_csr"] = result["dense_s"] / result["csr_s"]
+        csr = {"dense": probes["dense"], "csr": lambda: timed(lambda: torch.sparse.mm(wc, x.t()), device)}
+        times = interleaved_times(csr, repeats=max(MIN_ROUNDS, repeats // 3), warmup=1)  # CSR is slow: fewer rounds
+        result["csr_s"] = medians(times)["csr"]
+        result["speedup_csr"] = SpeedRatio.of_rounds(times["dense"], times["csr"])
     return result
-
-
-def compare_speed(models: dict[str, nn.Module], batch: int = 8, seq: int = 256, decode_tokens: int = 16,
-                  repeats: int = 3, warmup: int = 1, bf16: bool = False, seed: int = 0,
-                  decode: bool = True, progress: bool = False) -> dict[str, dict[str, float]]:
-    """Prefill and decode tokens/s of several models, timed interleaved (A, B, C, A, B, C, ...), medians.
-
-    Interleaving makes the ratios fair on a busy machine: a slow moment hits every model alike.
-    Each model is timed by ``evaluate.phase_probes`` (the harness ``evaluate.latency`` uses): prefill is
-    one forward over (batch, seq) random tokens; decode is ``decode_tokens`` greedy steps at batch 1
-    after a 32-token prompt, with the KV cache.
-    """
-    probes = {}
-    for name, model in models.items():
-        phases = phase_probes(model, batch, seq, decode_tokens, bf16, prompt_len=32, seed=seed)
-        probes[(name, "prefill")] = phases["prefill"]
-        if decode:
-            probes[(name, "decode")] = phases["decode"]
-    s = interleaved_medians(probes, repeats=repeats, warmup=warmup, progress=progress)
-    return {name: speed_row(s[name, "prefill"], s.get((name, "decode"), float("nan")), batch, seq, decode_tokens)
-            for name in models}
