@@ -135,8 +135,10 @@ class SpeedRatio:
         return self.median
 
     def __format__(self, spec: str) -> str:
-        spec = spec or ".2f"
-        return f"{self.median:{spec}}× ({self.low:{spec}}–{self.high:{spec}})"
+        """``.2f``-style specs format the three numbers; width and alignment (``>20``) pad the whole text."""
+        if spec and spec[-1] in "efg":
+            return f"{self.median:{spec}}× ({self.low:{spec}}–{self.high:{spec}})"
+        return format(f"{self.median:.2f}× ({self.low:.2f}–{self.high:.2f})", spec)
 
     def __str__(self) -> str:
         return format(self)
