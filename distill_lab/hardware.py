@@ -33,13 +33,13 @@ import torch
 import torch.nn.functional as F
 
 from ._fs import atomic_write_text
-from .timing import timed
+from .timing import MIN_ROUNDS, SpeedRatio, timed
 
 __all__ = ["BF16_MARGIN", "BF16_ROWS", "BUDGET_S", "busy", "BUSY_MARGIN", "CACHE_FILE", "cache_path",
            "cached_section", "check_bf16", "check_env", "clear_memo", "contended", "CONTENTION_MIN_MS",
            "CONTENTION_RATIO", "cpu_model", "ENV_BF16", "format_machine", "format_profile", "format_rows",
            "ISA_FLAGS", "isa_flags", "machine_key", "machine_profile", "measure", "min_ms", "PHASES",
-           "resolve_bf16", "rows_problem", "SCHEMA", "STALE"]
+           "resolve_bf16", "round_spread", "RoundTimes", "rows_problem", "SCHEMA", "STALE"]
 
 CACHE_FILE = "hardware.json"
 ENV_BF16 = "DISTILL_LAB_BF16"
@@ -48,7 +48,7 @@ BUSY_MARGIN = 1.5  # ... and 50% faster when the machine was busy while measurin
 BUDGET_S = 1.0  # the bf16 micro-benchmark stops repeating after this long (a few hundred ms when idle)
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16",
              "amx_int8")
-SCHEMA = 2  # bump when the measurement changes meaning: older cache entries are measured again
+SCHEMA = 3  # bump when the measurement changes meaning: older cache entries are measured again (3: spread)
 _MEMO: dict = {}  # (machine key, section) -> measured entry, for this process
 PHASES = ("prefill", "decode")  # many rows per call (a prompt, training, perplexity) vs one token per sequence
 
@@ -93,12 +93,18 @@ def cache_path() -> Path:
 
 
 # ----------------------------------------------------------------------------- the micro-benchmark
-def min_ms(fns: dict, repeats: int, deadline: float, cap_ms: float = 1000.0) -> dict[str, float]:
-    """Fastest of ``repeats`` calls of each callable in milliseconds, calls interleaved.
+class RoundTimes(dict):
+    """``{name: fastest ms}`` (what a choice is judged by), with every round kept in ``rounds``: ``{name: [ms]}``."""
+
+    rounds: dict[str, list[float]]
+
+
+def min_ms(fns: dict, repeats: int, deadline: float, cap_ms: float = 1000.0) -> RoundTimes:
+    """Fastest of ``repeats`` calls of each callable in milliseconds, calls interleaved (every round in ``.rounds``).
 
     Interleaving makes drift hit every candidate alike; the minimum is the run least disturbed by
-    other programs (on a shared machine the median measures the neighbours). At least 3 rounds,
-    then no new round after ``deadline`` (``time.perf_counter()``). A candidate whose warm-up call
+    other programs (on a shared machine the median measures the neighbours). At least ``MIN_ROUNDS``
+    rounds, then no new round after ``deadline`` (``time.perf_counter()``). A candidate whose warm-up call
     takes longer than ``cap_ms`` is not called again (its time is that call's): one pathological
     kernel costs one call, not seconds per repeat.
     """
@@ -109,13 +115,25 @@ def min_ms(fns: dict, repeats: int, deadline: float, cap_ms: float = 1000.0) -> 
         if 1e3 * t > cap_ms:
             times[name].append(t)
             slow.add(name)
-    for i in range(repeats):
-        if i >= 3 and time.perf_counter() > deadline:
+    for i in range(max(repeats, MIN_ROUNDS)):
+        if i >= MIN_ROUNDS and time.perf_counter() > deadline:
             break
         for name, fn in fns.items():
             if name not in slow:
                 times[name].append(timed(fn))
-    return {name: 1e3 * min(t) for name, t in times.items()}
+    out = RoundTimes({name: 1e3 * min(t) for name, t in times.items()})
+    out.rounds = {name: [1e3 * x for x in t] for name, t in times.items()}
+    return out
+
+
+def round_spread(ms: dict, name: str, base: str = "fp32") -> list[float] | None:
+    """``[low, high]``: the interquartile range of the per-round speed-ups ``base / name`` (None: no rounds kept)."""
+    rounds = getattr(ms, "rounds", None)
+    if not rounds or len(rounds.get(name, ())) < 2 or len(rounds.get(base, ())) < 2:
+        return None
+    n = min(len(rounds[name]), len(rounds[base]))
+    r = SpeedRatio.of_rounds(rounds[base][:n], rounds[name][:n])
+    return [r.low, r.high]
 
 
 CONTENTION_RATIO = 20.0  # a tiny parallel kernel this much slower on all threads than on one ...
@@ -200,7 +218,8 @@ def measure(repeats: int = 9, budget_s: float = BUDGET_S, timer=None, load=None)
         ms = timer(_bf16_candidates(n), repeats if phase == "prefill" else 3 * repeats,
                    t0 + budget_s * (i + 1) / len(BF16_ROWS))
         rows.append({"what": f"MLP block {n}x576->1536->576, autocast", "phase": phase, "path": "bf16",
-                     "fp32_ms": ms["fp32"], "ms": ms["bf16"], "speed": ms["fp32"] / ms["bf16"]})
+                     "fp32_ms": ms["fp32"], "ms": ms["bf16"], "speed": ms["fp32"] / ms["bf16"],
+                     "spread": round_spread(ms, "bf16")})
     now_busy, load_after = load_fn()
     was_busy = was_busy or now_busy
     margin = BUSY_MARGIN if was_busy else BF16_MARGIN
@@ -397,10 +416,15 @@ def format_machine(entry: dict) -> str:
 
 def format_rows(rows: list[dict], choices_of) -> list[str]:
     """Lines of a timing table: what, phase, path, fp32 ms, ms, speed vs fp32 and ``choices_of(row)`` (the verdict)."""
-    lines = [f"{'measured here':44s}{'phase':>8s}{'path':>16s}{'fp32 ms':>10s}{'ms':>10s}{'vs fp32':>9s}  chosen?"]
+    lines = [f"{'measured here':44s}{'phase':>8s}{'path':>16s}{'fp32 ms':>10s}{'ms':>10s}{'vs fp32':>9s}"
+             f"{'per round':>13s}  chosen?"]
     for r in rows:
+        spread = r.get("spread")
+        rng = f"{spread[0]:.2f}–{spread[1]:.2f}" if spread else "-"
         lines.append(f"{r['what']:44s}{r.get('phase', ''):>8s}{r['path']:>16s}{r['fp32_ms']:10.3f}{r['ms']:10.3f}"
-                     f"{r['speed']:8.2f}x  {choices_of(r)}")
+                     f"{r['speed']:8.2f}x{rng:>13s}  {choices_of(r)}")
+    lines.append("(fp32 ms, ms and vs fp32: the fastest of the alternating rounds, which the choice is judged by; "
+                 "per round: the interquartile range of the per-round speed-ups)")
     return lines
 
 

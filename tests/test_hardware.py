@@ -277,3 +277,16 @@ def _fake_kernels():
     def timer(fns, repeats, deadline):
         return {name: 10.0 if name == "fp32" else 5.0 for name in fns}
     return dispatch.measure_kernels(timer=timer, load=idle)
+
+
+def test_min_ms_keeps_every_round_and_the_table_prints_their_spread(monkeypatch):
+    """The choice is judged by the fastest round; the table also shows the per-round speed-ups' IQR."""
+    ticks = iter([0.002, 0.001] + [0.002, 0.001, 0.002, 0.0008, 0.002, 0.0005, 0.002, 0.001, 0.002, 0.001])
+    monkeypatch.setattr(hardware, "timed", lambda fn: next(ticks))
+    ms = hardware.min_ms({"fp32": lambda: None, "bf16": lambda: None}, repeats=1, deadline=0.0)  # >= MIN_ROUNDS
+    assert len(ms.rounds["fp32"]) == 5 and ms == {"fp32": 2.0, "bf16": 0.5}
+    assert hardware.round_spread(ms, "bf16") == pytest.approx([2.0, 2.5])  # per-round 2, 2.5, 4, 2, 2
+    assert hardware.round_spread({"fp32": 1.0, "bf16": 0.5}, "bf16") is None  # an injected timer keeps no rounds
+    rows = [{"what": "w", "phase": "prefill", "path": "bf16", "fp32_ms": 2.0, "ms": 0.5, "speed": 4.0,
+             "spread": [2.0, 2.5]}]
+    assert "2.00–2.50" in "\n".join(hardware.format_rows(rows, lambda r: "yes"))

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..hardware import (PHASES, STALE, busy, cached_section, contended, cpu_model, format_rows, isa_flags,
-                        machine_key, min_ms, rows_problem)
+                        machine_key, min_ms, round_spread, rows_problem)
 from ..timing import stopwatch
 from .kernels import int8_weight_only_mm, onednn_int8_pack, quantize_activations, w8a8_int_mm_cpu, w8a8_onednn
 from .int4_kernels import int4_codes_and_scales, int4_layout_for, int4_linear, to_kernel_layout
@@ -70,7 +70,7 @@ DECODE_PATHS = {"w8a8": ("int_mm",), "int8_weight_only": ("kernel",), "int4": ("
 # milliseconds per call below W8A8_ONEDNN_MIN_ROWS rows, where the layer never calls it
 SLOW_RATIO = 0.9  # a chosen path slower than this times fp32 is reported (there is no faster one with its numbers)
 BUDGET_S = 3.0  # the measurement stops repeating after this long (about 1-2 s when idle)
-SCHEMA = 2  # bump when the measurement changes meaning (2: min_rows)
+SCHEMA = 3  # bump when the measurement changes meaning (2: min_rows, 3: spread)
 
 
 def phase_of(rows: int) -> str:
@@ -215,7 +215,8 @@ def _measure(repeats, budget_s, timer, load, candidates_fn) -> dict:
             for p, t in timed.items():
                 rows.append({"what": f"{fmt} {m}x{k}->{n}", "format": fmt, "phase": phase, "path": p,
                              "fp32_ms": ms["fp32"], "ms": t, "speed": ms["fp32"] / t,
-                             "vs_raw": None if raw is None else t / raw, "chosen": p == chosen})
+                             "vs_raw": None if raw is None else t / raw, "chosen": p == chosen,
+                             "spread": round_spread(ms, f"{fmt}.{p}")})
     now_busy, load_after = load_fn()
     was_busy = was_busy or now_busy or distorted
     choices = {fmt: ch for fmt, ch in choices.items() if ch}
