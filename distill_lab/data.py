@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["calibration_batches", "corpus_documents", "corpus_windows", "HUB_ALIASES", "load_corpus",
-           "OFFLINE_CORPORA", "sample_batch", "SPLITS", "STDLIB_PACKAGES", "token_windows", "tokenize"]
+__all__ = ["calibration_batches", "corpus_documents", "corpus_windows", "HELD_OUT_PROMPTS", "HUB_ALIASES",
+           "load_corpus", "OFFLINE_CORPORA", "sample_batch", "SPLITS", "STDLIB_PACKAGES", "token_windows", "tokenize",
+           "VALIDATION_PROMPTS"]
 
 SPLITS = ("train", "validation", "test")
 OFFLINE_CORPORA = ("pydoc", "stdlib-code")
@@ -29,6 +30,18 @@ STDLIB_PACKAGES = ("json", "email", "logging", "collections", "concurrent", "imp
                    "urllib", "http", "xml", "wsgiref", "sqlite3", "tomllib", "zoneinfo")
 HUB_ALIASES = {"wikitext-2": ("wikitext", "wikitext-2-raw-v1"),
                "wikitext-103": ("wikitext", "wikitext-103-raw-v1")}
+
+# Prompts for the greedy-continuation (repetition) check, split like the windows: a recipe is chosen on
+# VALIDATION_PROMPTS (benchmarks/distill_levers.py) and reported on HELD_OUT_PROMPTS (lesson 01), which no
+# choice has seen. The first two validation prompts are the ones lesson 01's recipe was first picked on; the
+# other ten were added before any of them was run. The held-out six were written once, before any model
+# continued them; change them and every held-out verdict must be measured again.
+VALIDATION_PROMPTS = ("The try statement specifies", "A list comprehension consists of",
+                      "The with statement is used to", "A generator function is", "The import statement",
+                      "A dictionary maps", "The for statement is used to", "An exception is raised when",
+                      "A class definition defines", "A lambda expression", "The global statement", "A tuple is")
+HELD_OUT_PROMPTS = ("The while statement is used to", "A decorator is", "The return statement",
+                    "A module is", "The assert statement", "A set is")
 
 
 def _split_of(key: str) -> str:
