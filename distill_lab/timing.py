@@ -131,6 +131,13 @@ class SpeedRatio:
         """``✓``, ``✗`` or ``within noise`` against ``threshold`` (see ``holds``)."""
         return {True: "✓", False: "✗", None: "within noise"}[self.holds(threshold)]
 
+    @property
+    def basis(self) -> str:
+        """What the number is, in words: ``'median of 5 alternating rounds, IQR in brackets'``."""
+        if self.rounds == 1:
+            return "one round, so no spread: not enough to decide a verdict on"
+        return f"median of {self.rounds} alternating rounds, interquartile range in brackets"
+
     def __float__(self) -> float:
         return self.median
 

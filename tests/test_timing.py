@@ -42,6 +42,8 @@ def test_speed_ratio_pairs_rounds_and_reports_the_spread():
     r = SpeedRatio.of_rounds([1.0] * 5, [1 / 1.0, 1 / 1.2, 1 / 1.4, 1 / 1.6, 1 / 3.0])
     assert r.median == pytest.approx(1.4) and r.low == pytest.approx(1.2) and r.high == pytest.approx(1.6)
     assert f"{r}" == "1.40× (1.20–1.60)" and float(r) == pytest.approx(1.4)
+    assert r.basis == "median of 5 alternating rounds, interquartile range in brackets"
+    assert "no spread" in SpeedRatio(1.0, 1.0, 1.0, 1).basis
     assert f"{r:.1f}" == "1.4× (1.2–1.6)" and f"{r:>19}" == "  1.40× (1.20–1.60)"
 
 
