@@ -16,6 +16,7 @@ from distill_lab.exercises import combined as C
 from distill_lab.exercises import distillation as D
 from distill_lab.exercises import pruning as P
 from distill_lab.exercises import quantization as Q
+from distill_lab.exercises import quantization_algorithms as QA
 from distill_lab.exercises._check import check, label_of, yours_or_reference
 from distill_lab.exercises._lab import block_linears, weights_replaced
 
@@ -559,3 +560,116 @@ def test_compare_guess(capsys):
     assert out[0] == "the rise in %: your guess 30, measured 60 (off by a factor of 2.0)"
     assert out[1] == "todo not attempted yet: the rise in %: measured 60"
     assert out[2].endswith("(right)")
+
+
+# ------------------------------------------------------------------------------------------ 02 algorithm labs
+
+
+def my_smooth_group(norm_weight, weights, act_absmax, alpha):
+    w_max = torch.cat([w.abs() for w in weights], dim=0).max(dim=0).values
+    s = act_absmax.clamp(min=1e-5) ** alpha / w_max.clamp(min=1e-5) ** (1 - alpha)
+    s = s.clamp(min=1e-5)
+    return norm_weight / s, [w * s for w in weights]
+
+
+def test_smooth_group():
+    assert QA.check_smooth_group(my_smooth_group)
+
+    def wrong_side(norm_weight, weights, act_absmax, alpha):  # the norm multiplied, the weights divided
+        s = norm_weight / my_smooth_group(norm_weight, weights, act_absmax, alpha)[0]
+        return norm_weight * s, [w / s for w in weights]
+    rejects(QA.check_smooth_group, wrong_side, "wrong side")
+    rejects(QA.check_smooth_group, lambda n, ws, a, al: my_smooth_group(n, ws, a, 1 - al), "alpha on the wrong side")
+    rejects(QA.check_smooth_group,
+            lambda n, ws, a, al: (my_smooth_group(n, ws[:1], a, al)[0],
+                                  [my_smooth_group(n, [w], a, al)[1][0] for w in ws]), "one scale per Linear")
+
+
+def test_smooth_group_keeps_the_float_product(tiny):
+    block = tiny.model.layers[0]
+    attn = block.self_attn
+    x = torch.randn(16, attn.q_proj.in_features)
+    norm_w, ws = my_smooth_group(block.input_layernorm.weight.detach(), [attn.q_proj.weight.detach()],
+                                 x.abs().amax(0), 0.5)
+    s = block.input_layernorm.weight.detach() / norm_w
+    torch.testing.assert_close((x / s) @ ws[0].T, x @ attn.q_proj.weight.detach().T, atol=1e-5, rtol=1e-4)
+
+
+def my_w8a8_matmul(x, w):
+    sx = x.abs().max(dim=1, keepdim=True).values / 127
+    sw = w.abs().max(dim=1, keepdim=True).values / 127
+    qx, qw = (x / sx).round().clamp(-127, 127), (w / sw).round().clamp(-127, 127)
+    return (qx @ qw.T) * sx * sw.T
+
+
+def test_w8a8_matmul():
+    assert QA.check_w8a8_matmul(my_w8a8_matmul)
+    rejects(QA.check_w8a8_matmul, lambda x, w: my_w8a8_matmul(x, w) / (x.abs().max(1, keepdim=True).values / 127)
+            / (w.abs().max(1, keepdim=True).values / 127).T, "not rescaled")
+    rejects(QA.check_w8a8_matmul, _w8a8_one_scale, "one scale for all tokens")
+
+
+def _w8a8_one_scale(x, w):
+    sx = x.abs().max() / 127
+    sw = w.abs().max(dim=1, keepdim=True).values / 127
+    return ((x / sx).round().clamp(-127, 127) @ (w / sw).round().clamp(-127, 127).T) * sx * sw.T
+
+
+def test_smoothing_lab_on_a_group_with_an_outlier():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 32, generator=g)
+    x[:, 3] *= 80  # one loud channel
+    w = torch.randn(16, 32, generator=g) * 0.05
+    groups = {"g": (torch.ones(32), [w], x.abs().amax(0), x)}
+    out = QA.smoothing_lab(groups, my_smooth_group, my_w8a8_matmul)
+    r = out["g"]
+    assert out["by"] == "yours" and r["float_change"] < 1e-5
+    assert r["yours"] < r["plain"] and r["yours"] == pytest.approx(r["package"], rel=1e-3)
+    assert QA.smoothing_lab(groups, todo, todo)["by"] == "reference"
+
+
+def my_gptq(w, h, bits, group_size, damp):
+    w = w.double().clone()
+    k = w.shape[1]
+    h = h.double() + damp * torch.diag(h.double()).mean() * torch.eye(k, dtype=torch.float64)
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    q_all = torch.zeros_like(w)
+    for i in range(k):
+        if i % group_size == 0:
+            grp = w[:, i:i + group_size]
+            lo = grp.min(dim=1).values
+            step = ((grp.max(dim=1).values - lo) / (2 ** bits - 1)).clamp(min=1e-8)
+        q = ((w[:, i] - lo) / step).round().clamp(0, 2 ** bits - 1) * step + lo
+        q_all[:, i] = q
+        err = (w[:, i] - q) / u[i, i]
+        w[:, i:] -= err[:, None] * u[i, i:][None, :]
+    return q_all.float()
+
+
+def test_gptq_layer():
+    assert QA.check_gptq_layer(my_gptq)
+    rtn = lambda w, h, b, g, d: dl.quantization.primitives.fake_quantize(w, b, g, symmetric=False)  # noqa: E731
+    rejects(QA.check_gptq_layer, rtn, "no error feedback")
+
+    def plus_sign(w, h, bits, g, damp):
+        return QA._gptq_variant(sign=1.0)(w, h, bits, g, damp)
+    rejects(QA.check_gptq_layer, plus_sign, "wrong sign")
+
+    def undamped(w, h, bits, g, damp):
+        return my_gptq(w, h, bits, g, 0.0)
+    rejects(QA.check_gptq_layer, undamped, "not damped")
+
+
+@pytest.mark.parametrize("kw", [dict(grid_from_original=True), dict(use_hessian=True)], ids=str)
+def test_each_gptq_mistake_gets_its_own_hint(kw):
+    hint = {"grid_from_original": "original weights", "use_hessian": "instead of H⁻¹"}[next(iter(kw))]
+    rejects(QA.check_gptq_layer, QA._gptq_variant(**kw), hint)
+
+
+def test_gptq_layer_errors_order_rtn_above_gptq():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(256, 64, generator=g) * torch.linspace(0.1, 4, 64)
+    w = torch.randn(32, 64, generator=g) * 0.1
+    out = QA.gptq_layer_errors(w, x.T @ x / 256, my_gptq, bits=3, group_size=16)
+    assert out["by"] == "yours" and out["yours"] < out["rtn"]
+    assert out["yours"] == pytest.approx(out["package"], rel=0.05)

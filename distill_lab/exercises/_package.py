@@ -4,7 +4,8 @@ from ..distillation import KD_TEMPERATURE, DistillationLoss, TopKLogits
 from ..models import tiny_llama
 from ..profiles import set_seed
 from ..pruning.masks import nm_mask, unstructured_mask
+from ..quantization.gptq import gptq_quantize_weight
 from ..quantization.primitives import fake_quantize, quantize_tensor, sqnr_db
 
-__all__ = ["KD_TEMPERATURE", "DistillationLoss", "TopKLogits", "fake_quantize", "nm_mask", "quantize_tensor", "set_seed", "sqnr_db",
-           "tiny_llama", "unstructured_mask"]
+__all__ = ["KD_TEMPERATURE", "DistillationLoss", "TopKLogits", "fake_quantize", "gptq_quantize_weight", "nm_mask",
+           "quantize_tensor", "set_seed", "sqnr_db", "tiny_llama", "unstructured_mask"]
