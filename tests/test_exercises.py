@@ -16,6 +16,7 @@ from distill_lab.exercises import combined as C
 from distill_lab.exercises import distillation as D
 from distill_lab.exercises import pruning as P
 from distill_lab.exercises import quantization as Q
+from distill_lab.exercises import pruning_heads as PH
 from distill_lab.exercises import quantization_algorithms as QA
 from distill_lab.exercises._check import check, label_of, yours_or_reference
 from distill_lab.exercises._lab import block_linears, weights_replaced
@@ -673,3 +674,55 @@ def test_gptq_layer_errors_order_rtn_above_gptq():
     out = QA.gptq_layer_errors(w, x.T @ x / 256, my_gptq, bits=3, group_size=16)
     assert out["by"] == "yours" and out["yours"] < out["rtn"]
     assert out["yours"] == pytest.approx(out["package"], rel=0.05)
+
+
+# ------------------------------------------------------------------------------------------ 03 algorithm lab
+
+
+def my_prune_query_heads(q_weight, o_weight, head_scores, kv_heads, keep_per_group):
+    n_heads = head_scores.numel()
+    per_group, head_dim = n_heads // kv_heads, q_weight.shape[0] // n_heads
+    kept = []
+    for g in range(kv_heads):
+        scores = head_scores[g * per_group:(g + 1) * per_group]
+        best = scores.argsort(descending=True)[:keep_per_group].sort().values
+        kept += [g * per_group + int(i) for i in best]
+    kept = torch.tensor(kept)
+    rows = (kept[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+    return q_weight[rows], o_weight[:, rows], kept
+
+
+def test_prune_query_heads():
+    assert PH.check_prune_query_heads(my_prune_query_heads)
+
+    def across_groups(q, o, s, kv, k):
+        kept = s.argsort(descending=True)[:kv * k].sort().values
+        rows = (kept[:, None] * (q.shape[0] // s.numel()) + torch.arange(q.shape[0] // s.numel())).reshape(-1)
+        return q[rows], o[:, rows], kept
+    rejects(PH.check_prune_query_heads, across_groups, "GQA groups no longer match")
+
+    def o_by_rows(q, o, s, kv, k):
+        q2, _, kept = my_prune_query_heads(q, o, s, kv, k)
+        d = q.shape[0] // s.numel()
+        return q2, o[(kept[:, None] * d + torch.arange(d)).reshape(-1)], kept
+    rejects(PH.check_prune_query_heads, o_by_rows, "o_proj sliced by rows")
+
+
+def test_shrink_heads_equals_structured_pruning_on_the_same_scores(tiny):
+    from distill_lab import pruning
+
+    scores = pruning.importance(tiny, "l2_norm")
+    mine, by = PH.shrink_heads(tiny, my_prune_query_heads, scores["heads"], keep_per_group=1)
+    package = pruning.prune_structured(tiny, pruning.StructuredConfig(heads_keep=0.5, importance="l2_norm"),
+                                       scores=scores)
+    ids = torch.randint(0, 256, (1, 12))
+    assert by == "yours" and mine.config.num_attention_heads == 2 == package.config.num_attention_heads
+    assert dl.parameter_count(mine) == dl.parameter_count(package) < dl.parameter_count(tiny)
+    with torch.no_grad():
+        torch.testing.assert_close(mine(ids).logits, package(ids).logits)
+    assert PH.shrink_heads(tiny, todo, scores["heads"], 1)[1] == "reference"
+
+
+@pytest.mark.parametrize("hint,wrong", PH._MISTAKES, ids=lambda x: x[:30] if isinstance(x, str) else "")
+def test_each_head_pruning_mistake_gets_its_own_hint(hint, wrong):
+    rejects(PH.check_prune_query_heads, wrong, hint)
