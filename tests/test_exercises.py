@@ -18,6 +18,7 @@ from distill_lab.exercises import pruning as P
 from distill_lab.exercises import quantization as Q
 from distill_lab.exercises import pruning_heads as PH
 from distill_lab.exercises import quantization_algorithms as QA
+from distill_lab.exercises import students as ST
 from distill_lab.exercises._check import check, label_of, yours_or_reference
 from distill_lab.exercises._lab import block_linears, weights_replaced
 
@@ -726,3 +727,64 @@ def test_shrink_heads_equals_structured_pruning_on_the_same_scores(tiny):
 @pytest.mark.parametrize("hint,wrong", PH._MISTAKES, ids=lambda x: x[:30] if isinstance(x, str) else "")
 def test_each_head_pruning_mistake_gets_its_own_hint(hint, wrong):
     rejects(PH.check_prune_query_heads, wrong, hint)
+
+
+# ------------------------------------------------------------------------------------------ 01 algorithm lab
+
+
+def my_block_influence(pairs):
+    scores = []
+    for x_in, x_out in pairs:
+        cos = torch.nn.functional.cosine_similarity(x_in, x_out, dim=-1)  # (B, T)
+        scores.append(1 - cos.mean())
+    return torch.stack(scores)
+
+
+def my_drop_blocks(model, keep):
+    import copy
+    small = copy.deepcopy(model)
+    small.model.layers = torch.nn.ModuleList([small.model.layers[i] for i in keep])
+    for new_index, layer in enumerate(small.model.layers):
+        layer.self_attn.layer_idx = new_index
+    small.config.num_hidden_layers = len(keep)
+    if getattr(small.config, "layer_types", None) is not None:
+        small.config.layer_types = [small.config.layer_types[i] for i in keep]
+    return small
+
+
+def test_block_influence(tiny):
+    assert ST.check_block_influence(my_block_influence)
+    assert ST.check_block_influence(my_block_influence, ST.block_io(tiny, torch.randint(0, 256, (2, 10))))
+    rejects(ST.check_block_influence, lambda pairs: 1 - my_block_influence(pairs), "cosine similarity instead")
+    rejects(ST.check_block_influence,
+            lambda pairs: torch.stack([1 - torch.nn.functional.cosine_similarity(a, b, dim=1).mean() for a, b in pairs]),
+            "wrong axis")
+
+
+def test_drop_blocks(tiny):
+    model = dl.tiny_llama(num_layers=4)
+    assert ST.check_drop_blocks(my_drop_blocks, model, keep=(0, 2, 3))
+
+    def stale_layer_idx(model, keep):
+        small = my_drop_blocks(model, keep)
+        for i, layer in zip(keep, small.model.layers):
+            layer.self_attn.layer_idx = i
+        return small
+    with pytest.raises(AssertionError, match="old layer_idx"):
+        ST.check_drop_blocks(stale_layer_idx, model, keep=(0, 2, 3))
+
+    def in_place(model, keep):
+        model.model.layers = torch.nn.ModuleList([model.model.layers[i] for i in keep])
+        return my_drop_blocks(model, range(len(keep)))
+    with pytest.raises(AssertionError, match="original model changed"):
+        ST.check_drop_blocks(in_place, dl.tiny_llama(num_layers=4), keep=(0, 2, 3))
+
+
+def test_student_from_influence(tiny):
+    pairs = ST.block_io(tiny, torch.randint(0, 256, (2, 10)))
+    out = ST.student_from_influence(tiny, pairs, my_block_influence, my_drop_blocks, n_keep=1)
+    assert out["by"] == "yours" and out["keep"] == out["package_keep"] and len(out["keep"]) == 1
+    ids = torch.randint(0, 256, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(out["model"](ids).logits, out["package_model"](ids).logits)
+    assert ST.student_from_influence(tiny, pairs, todo, todo, 1)["by"] == "reference"
