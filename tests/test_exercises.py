@@ -17,6 +17,7 @@ from distill_lab.exercises import distillation as D
 from distill_lab.exercises import pruning as P
 from distill_lab.exercises import quantization as Q
 from distill_lab.exercises import pruning_heads as PH
+from distill_lab.exercises import q4_1 as Q41
 from distill_lab.exercises import quantization_algorithms as QA
 from distill_lab.exercises import students as ST
 from distill_lab.exercises._check import check, label_of, yours_or_reference
@@ -788,3 +789,64 @@ def test_student_from_influence(tiny):
     with torch.no_grad():
         torch.testing.assert_close(out["model"](ids).logits, out["package_model"](ids).logits)
     assert ST.student_from_influence(tiny, pairs, todo, todo, 1)["by"] == "reference"
+
+
+# ------------------------------------------------------------------------------------------ 04 algorithm lab
+
+
+def my_pack_q4_1(w):
+    rows, k = w.shape
+    blocks = torch.as_tensor(w, dtype=torch.float32).reshape(-1, 32)
+    lo, hi = blocks.min(dim=1, keepdim=True).values, blocks.max(dim=1, keepdim=True).values
+    d = (hi - lo) / 15
+    q = torch.where(d > 0, (blocks - lo) / torch.where(d > 0, d, torch.ones_like(d)), torch.zeros_like(blocks))
+    q = q.round().clamp(0, 15).to(torch.uint8)
+    nibbles = q[:, :16] | (q[:, 16:] << 4)  # element j low, element j + 16 high
+    head = torch.cat([d.half().view(torch.uint8), lo.half().view(torch.uint8)], dim=1)  # fp16 d, fp16 m
+    return torch.cat([head, nibbles], dim=1).reshape(rows, -1).numpy()
+
+
+def my_unpack_q4_1(blocks, k):
+    b = torch.as_tensor(blocks).reshape(-1, 20)
+    d = b[:, 0:2].contiguous().view(torch.float16).float()
+    m = b[:, 2:4].contiguous().view(torch.float16).float()
+    q = torch.cat([b[:, 4:] & 15, b[:, 4:] >> 4], dim=1).float()
+    return (d * q + m).reshape(-1, k).numpy()
+
+
+def test_pack_q4_1():
+    assert Q41.check_pack_q4_1(my_pack_q4_1)
+    rejects(Q41.check_pack_q4_1, lambda w: Q41._pack_variant(levels=16)(w), "levels off by one")
+
+    def interleaved(w):
+        out = my_pack_q4_1(w).reshape(-1, 20)
+        q = torch.cat([torch.as_tensor(out[:, 4:]) & 15, torch.as_tensor(out[:, 4:]) >> 4], 1)  # codes in order
+        out[:, 4:] = (q[:, 0::2] | (q[:, 1::2] << 4)).numpy()
+        return out.reshape(len(w), -1)
+    rejects(Q41.check_pack_q4_1, interleaved, "neighbours share a byte")
+
+
+@pytest.mark.parametrize("hint,wrong", Q41._PACK_MISTAKES, ids=lambda x: x[:30] if isinstance(x, str) else "")
+def test_each_q4_1_mistake_gets_its_own_hint(hint, wrong):
+    rejects(Q41.check_pack_q4_1, wrong, hint)
+
+
+def test_unpack_q4_1():
+    assert Q41.check_unpack_q4_1(my_unpack_q4_1)
+    rejects(Q41.check_unpack_q4_1, lambda b, k: my_unpack_q4_1(b, k) - _min_of(b, k), "minimum is missing")
+
+
+def _min_of(blocks, k):
+    b = torch.as_tensor(blocks).reshape(-1, 20)
+    m = b[:, 2:4].contiguous().view(torch.float16).float()  # (blocks, 1)
+    return m.repeat(1, 32).reshape(-1, k).numpy()
+
+
+def test_gguf_round_trip_is_lossless_on_a_grid(tmp_path):
+    codes = torch.randint(0, 16, (8, 64))
+    codes[:, 0::32], codes[:, 1::32] = 0, 15  # every block spans the whole grid, so its step is 0.125 again
+    w = codes.float() * 0.125 - 1.0  # a 4-bit grid with exact fp16 steps
+    out = Q41.gguf_round_trip(w, my_pack_q4_1, my_unpack_q4_1, tmp_path / "one.gguf")
+    assert out["by"] == "yours" and out["same_bytes_as_gguf"] and out["yours_equals_gguf"]
+    assert out["max_error_gguf"] < 1e-6 and out["file_bytes"] < out["fp32_bytes"] + 4096
+    assert Q41.gguf_round_trip(w, todo, todo, tmp_path / "two.gguf")["by"] == "reference"
