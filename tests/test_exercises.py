@@ -19,6 +19,7 @@ from distill_lab.exercises import quantization as Q
 from distill_lab.exercises import pruning_heads as PH
 from distill_lab.exercises import q4_1 as Q41
 from distill_lab.exercises import quantization_algorithms as QA
+from distill_lab.exercises import roofline as R
 from distill_lab.exercises import students as ST
 from distill_lab.exercises._check import check, label_of, yours_or_reference
 from distill_lab.exercises._lab import block_linears, weights_replaced
@@ -850,3 +851,50 @@ def test_gguf_round_trip_is_lossless_on_a_grid(tmp_path):
     assert out["by"] == "yours" and out["same_bytes_as_gguf"] and out["yours_equals_gguf"]
     assert out["max_error_gguf"] < 1e-6 and out["file_bytes"] < out["fp32_bytes"] + 4096
     assert Q41.gguf_round_trip(w, todo, todo, tmp_path / "two.gguf")["by"] == "reference"
+
+
+# ------------------------------------------------------------------------------------------ 00 algorithm lab
+
+
+def my_decode_bytes(config, context, weight_bytes=4, kv_bytes=4):
+    h, layers = config.hidden_size, config.num_hidden_layers
+    d = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    attention = h * config.num_attention_heads * d * 2 + h * config.num_key_value_heads * d * 2  # q, o; k, v
+    mlp = 3 * h * config.intermediate_size  # gate, up, down
+    params = layers * (attention + mlp + 2 * h) + h  # + two norms per block, the final norm
+    params += config.vocab_size * h * (1 if config.tie_word_embeddings else 2)  # embedding (and an untied head)
+    cache = 2 * layers * config.num_key_value_heads * d * context * kv_bytes  # keys and values so far
+    return params * weight_bytes + cache
+
+
+def my_amdahl(share, speedup):
+    return 1 / ((1 - share) + share / speedup)
+
+
+def test_decode_bytes(tiny):
+    assert R.check_decode_bytes(my_decode_bytes, tiny.config)
+    rejects(R.check_decode_bytes, lambda c, n, w=4, k=4: my_decode_bytes(c, 0, w, k), "KV cache is missing")
+    rejects(R.check_decode_bytes, lambda c, n, w=4, k=4: my_decode_bytes(c, n, w, k) - (
+        c.num_hidden_layers * c.num_key_value_heads * (getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+        * n * k), "keys only")
+
+
+@pytest.mark.parametrize("kw", [dict(heads="q"), dict(tied_twice=True), dict(two_mlp=True)], ids=str)
+def test_each_decode_bytes_mistake_gets_its_own_hint(kw):
+    hint = {"heads": "query heads", "tied_twice": "counted twice", "two_mlp": "two MLP"}[next(iter(kw))]
+    rejects(R.check_decode_bytes, R._bytes_variant(**kw), hint)
+
+
+def test_amdahl():
+    assert R.check_amdahl(my_amdahl)
+    rejects(R.check_amdahl, lambda f, s: s, "applied to the whole step")
+    rejects(R.check_amdahl, lambda f, s: (1 - f) + f / s, "the time, not the speed-up")
+
+
+def test_roofline_lab(tiny):
+    out = R.roofline_lab(tiny, measured_tokens_per_s=100.0, decode_bytes=my_decode_bytes, amdahl=my_amdahl,
+                         kernel_speedup=4.0)
+    assert out["by"] == "yours" and out["bandwidth"] > 1e8 and 0 < out["matmul_share"] <= 1
+    assert out["bytes_per_token"] == out["package"]["bytes_per_token"]
+    assert out["model_speedup"] == pytest.approx(out["package"]["model_speedup"]) and 1 <= out["model_speedup"] <= 4
+    assert R.roofline_lab(tiny, 100.0, todo, todo, 4.0)["by"] == "reference"

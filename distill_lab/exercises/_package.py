@@ -1,12 +1,14 @@
 """The one place where the exercises import the package's techniques and tools (the references they check against)."""
 
-from ..arch import adapter
+from ..arch import adapter, parameter_count
 from ..distillation import KD_TEMPERATURE, DistillationLoss, TopKLogits
 from ..models import tiny_llama
 from ..profiles import set_seed
 from ..pruning.masks import nm_mask, unstructured_mask
 from ..quantization.gptq import gptq_quantize_weight
 from ..quantization.primitives import fake_quantize, quantize_tensor, sqnr_db
+from ..speed.roofline import decode_time_shares, memory_bandwidth
 
-__all__ = ["KD_TEMPERATURE", "DistillationLoss", "TopKLogits", "adapter", "fake_quantize", "gptq_quantize_weight",
-           "nm_mask", "quantize_tensor", "set_seed", "sqnr_db", "tiny_llama", "unstructured_mask"]
+__all__ = ["KD_TEMPERATURE", "DistillationLoss", "TopKLogits", "adapter", "decode_time_shares", "fake_quantize",
+           "gptq_quantize_weight", "memory_bandwidth", "nm_mask", "parameter_count", "quantize_tensor", "set_seed",
+           "sqnr_db", "tiny_llama", "unstructured_mask"]

@@ -8,5 +8,6 @@ from .._lazy import lazy_exports
 
 _EXPORTS = {
     "pruning": ["semi_structured_speed"],
+    "roofline": ["MATMUL_OPS", "decode_time_shares", "memory_bandwidth"],
 }
 __all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
