@@ -4,6 +4,7 @@ plugs a learner's function into a model and puts the model back.
 Right and wrong answers are written here the way a learner would write them (not copied from the references).
 """
 
+import copy
 import math
 
 import pytest
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 
 import distill_lab as dl
 from distill_lab.exercises import baseline as B
+from distill_lab.exercises import gkd as G
 from distill_lab.exercises import combined as C
 from distill_lab.exercises import distillation as D
 from distill_lab.exercises import pruning as P
@@ -898,3 +900,82 @@ def test_roofline_lab(tiny):
     assert out["bytes_per_token"] == out["package"]["bytes_per_token"]
     assert out["model_speedup"] == pytest.approx(out["package"]["model_speedup"]) and 1 <= out["model_speedup"] <= 4
     assert R.roofline_lab(tiny, 100.0, todo, todo, 4.0)["by"] == "reference"
+
+
+def my_generalized_jsd(student_logits, teacher_logits, beta):
+    log_p = torch.log_softmax(student_logits, dim=-1)
+    log_q = torch.log_softmax(teacher_logits, dim=-1)
+    log_m = torch.logsumexp(torch.stack([log_q + math.log(beta), log_p + math.log(1 - beta)]), dim=0)
+    kl_q_m = (log_q.exp() * (log_q - log_m)).sum(-1)
+    kl_p_m = (log_p.exp() * (log_p - log_m)).sum(-1)
+    return beta * kl_q_m + (1 - beta) * kl_p_m
+
+
+def my_gkd_step(student, teacher, prompts, gen_tokens, beta, optimizer, generator):
+    student.eval()
+    ids = prompts
+    with torch.no_grad():
+        for _ in range(gen_tokens):  # no KV cache: slower, the same tokens
+            probs = torch.softmax(student(ids).logits[:, -1].float(), dim=-1)
+            ids = torch.cat([ids, torch.multinomial(probs, 1, generator=generator)], dim=1)
+        teacher_logits = teacher(ids).logits
+    student.train()
+    p = prompts.shape[1]
+    s = student(ids).logits[:, p - 1:-1]  # the positions that predict the generated tokens
+    t = teacher_logits[:, p - 1:-1]
+    loss = my_generalized_jsd(s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]), beta).mean()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return ids, loss.item()
+
+
+@pytest.mark.parametrize("hint,wrong", G._JSD_MISTAKES, ids=lambda x: x[:30] if isinstance(x, str) else "")
+def test_each_jsd_mistake_gets_its_own_hint(hint, wrong):
+    rejects(G.check_generalized_jsd, wrong, hint)
+
+
+def test_generalized_jsd():
+    assert G.check_generalized_jsd(my_generalized_jsd)
+
+    def mixed_logits(s, t, beta):  # the mixture taken of the logits, not of the distributions
+        log_m = torch.log_softmax(beta * t + (1 - beta) * s, dim=-1)
+        log_p, log_q = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
+        return beta * (log_q.exp() * (log_q - log_m)).sum(-1) + (1 - beta) * (log_p.exp() * (log_p - log_m)).sum(-1)
+    rejects(G.check_generalized_jsd, mixed_logits, "mixture of the logits")
+    rejects(G.check_generalized_jsd, lambda s, t, b: (torch.softmax(t, -1) * (torch.log_softmax(t, -1)
+                                                                           - torch.log_softmax(s, -1))).sum(-1),
+            "forward KL")
+
+
+def test_gkd_step():
+    student, teacher = dl.tiny_llama(seed=1), dl.tiny_llama(seed=2)
+    prompts = torch.randint(0, 256, (2, 5))
+    assert G.check_gkd_step(my_gkd_step, student, teacher, prompts)
+
+    def whole_window(student, teacher, prompts, gen_tokens, beta, optimizer, generator):
+        with torch.no_grad():
+            ids = G.sample_continuations(student, prompts, gen_tokens, 1.0, generator)
+            t = teacher(ids).logits
+        s = student(ids).logits
+        loss = my_generalized_jsd(s.reshape(-1, 256), t.reshape(-1, 256), beta).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return ids, loss.item()
+    rejects(G.check_gkd_step, whole_window, "prompt's positions are in the loss", student, teacher, prompts)
+
+    def no_step(student, teacher, prompts, gen_tokens, beta, optimizer, generator):
+        ids, _ = G.gkd_step_reference(copy.deepcopy(student), teacher, prompts, gen_tokens, beta,
+                                      torch.optim.SGD(student.parameters(), lr=0.0), generator)
+        with torch.no_grad():
+            loss = G._package_loss(student, teacher, ids, prompts.shape[1], beta)
+        return ids, float(loss)
+    rejects(G.check_gkd_step, no_step, "one step down", student, teacher, prompts)
+
+
+def test_gkd_lab_lowers_the_on_policy_divergence():
+    student, teacher = dl.tiny_llama(seed=1), dl.tiny_llama(seed=2)
+    prompts = torch.randint(0, 256, (4, 6))
+    out = G.gkd_lab(student, teacher, prompts, my_gkd_step, steps=6, gen_tokens=6, lr=3e-3)
+    assert out["by"] == "yours" and len(out["losses"]) == 6 and out["after"] < out["before"]

@@ -2,6 +2,7 @@
 
 from ..arch import adapter, parameter_count
 from ..distillation import KD_TEMPERATURE, DistillationLoss, TopKLogits
+from ..distillation.on_policy import generated_labels, on_policy_divergence, sample_continuations
 from ..models import tiny_llama
 from ..profiles import set_seed
 from ..pruning.masks import nm_mask, unstructured_mask
@@ -10,5 +11,6 @@ from ..quantization.primitives import fake_quantize, quantize_tensor, sqnr_db
 from ..speed.roofline import decode_time_shares, memory_bandwidth
 
 __all__ = ["KD_TEMPERATURE", "DistillationLoss", "TopKLogits", "adapter", "decode_time_shares", "fake_quantize",
-           "gptq_quantize_weight", "memory_bandwidth", "nm_mask", "parameter_count", "quantize_tensor", "set_seed",
-           "sqnr_db", "tiny_llama", "unstructured_mask"]
+           "generated_labels", "gptq_quantize_weight", "memory_bandwidth", "nm_mask", "on_policy_divergence",
+           "parameter_count", "quantize_tensor", "sample_continuations", "set_seed", "sqnr_db", "tiny_llama",
+           "unstructured_mask"]
