@@ -22,6 +22,7 @@ from distill_lab.exercises import pruning_heads as PH
 from distill_lab.exercises import q4_1 as Q41
 from distill_lab.exercises import quantization_algorithms as QA
 from distill_lab.exercises import roofline as R
+from distill_lab.exercises import ste as STE
 from distill_lab.exercises import students as ST
 from distill_lab.exercises._check import check, label_of, yours_or_reference
 from distill_lab.exercises._lab import block_linears, weights_replaced
@@ -979,3 +980,50 @@ def test_gkd_lab_lowers_the_on_policy_divergence():
     prompts = torch.randint(0, 256, (4, 6))
     out = G.gkd_lab(student, teacher, prompts, my_gkd_step, steps=6, gen_tokens=6, lr=3e-3)
     assert out["by"] == "yours" and len(out["losses"]) == 6 and out["after"] < out["before"]
+
+
+class MySTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, bits, group_size):
+        groups = w.reshape(w.shape[0], -1, group_size)
+        lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+        step = (hi - lo) / (2 ** bits - 1)
+        step = torch.where(step > 0, step, torch.ones_like(step))
+        q = ((groups - lo) / step).round().clamp(0, 2 ** bits - 1) * step + lo
+        return q.reshape(w.shape)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output, None, None  # straight through
+
+
+def my_fake_quant_ste(w, bits, group_size):
+    return MySTE.apply(w, bits, group_size)
+
+
+def test_fake_quant_ste(tiny):
+    assert STE.check_fake_quant_ste(my_fake_quant_ste, tiny.model.layers[0].mlp.down_proj)
+
+    class Rounded(torch.autograd.Function):  # backward returns nothing useful
+        @staticmethod
+        def forward(ctx, w, bits, g):
+            return MySTE.forward(ctx, w, bits, g)
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            return torch.zeros_like(grad_output), None, None
+    rejects(STE.check_fake_quant_ste, lambda w, b, g: Rounded.apply(w, b, g), "no straight-through gradient")
+    rejects(STE.check_fake_quant_ste, lambda w, b, g: w * 1.0, "does not quantize")
+
+
+@pytest.mark.parametrize("hint,wrong", STE._MISTAKES, ids=lambda x: x[:30] if isinstance(x, str) else "")
+def test_each_ste_mistake_gets_its_own_hint(hint, wrong):
+    rejects(STE.check_fake_quant_ste, wrong, hint)
+
+
+def test_ste_qat_lab_curves_agree(tiny):
+    windows = torch.randint(0, 256, (4, 16))
+    out = STE.ste_qat_lab(tiny, windows, my_fake_quant_ste, steps=3, bits=4, group_size=16, lr=1e-3)
+    assert out["by"] == "yours" and len(out["yours"]) == 3
+    assert out["yours"] == pytest.approx(out["package"], rel=1e-2)  # float rounding of the grid may differ
+    assert STE.ste_qat_lab(tiny, windows, todo, steps=1, group_size=16)["by"] == "reference"

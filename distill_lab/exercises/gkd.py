@@ -97,7 +97,7 @@ def gkd_step_reference(student, teacher, prompts, gen_tokens, beta, optimizer, g
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
-    return ids, float(loss)
+    return ids, float(loss.detach())
 
 
 def check_gkd_step(fn, student, teacher, prompts: torch.Tensor, gen_tokens: int = 4, beta: float = 0.5,
