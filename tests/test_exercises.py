@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import distill_lab as dl
 from distill_lab.exercises import baseline as B
 from distill_lab.exercises import gkd as G
+from distill_lab.exercises import guarded_recipe as GR
 from distill_lab.exercises import combined as C
 from distill_lab.exercises import distillation as D
 from distill_lab.exercises import pruning as P
@@ -1027,3 +1028,52 @@ def test_ste_qat_lab_curves_agree(tiny):
     assert out["by"] == "yours" and len(out["yours"]) == 3
     assert out["yours"] == pytest.approx(out["package"], rel=1e-2)  # float rounding of the grid may differ
     assert STE.ste_qat_lab(tiny, windows, todo, steps=1, group_size=16)["by"] == "reference"
+
+
+def my_run_guarded(model, steps, ratio, max_ratio):
+    history, last_good = [], model
+    for i, (label, step) in enumerate(steps):
+        model = step(copy.deepcopy(model))
+        r = ratio(model)
+        heals_next = i + 1 < len(steps) and steps[i + 1][0] in ("distil", "qat")
+        ok = heals_next or r <= max_ratio
+        history.append({"step": label, "ratio": r, "judged": not heals_next, "kept": ok})
+        if not ok:
+            break
+        if not heals_next:
+            last_good = model
+    return last_good, history
+
+
+def test_run_guarded():
+    assert GR.check_run_guarded(my_run_guarded)
+
+    def judges_prune(model, steps, ratio, max_ratio):
+        history = []
+        for label, step in steps:
+            candidate = step(copy.deepcopy(model))
+            history.append({"step": label, "ratio": ratio(candidate)})
+            if ratio(candidate) > max_ratio:
+                break
+            model = candidate
+        return model, history
+    rejects(GR.check_run_guarded, judges_prune, "judged before healing")
+
+    def in_place(model, steps, ratio, max_ratio):  # no copy: the failed step overwrote the last good model
+        history, good = [], model
+        for i, (label, step) in enumerate(steps):
+            model = step(model)
+            heal = i + 1 < len(steps) and steps[i + 1][0] == "distil"
+            history.append({"step": label, "ratio": ratio(model)})
+            if not heal and ratio(model) > max_ratio:
+                break
+            good = model if not heal else good
+        return good, history
+    rejects(GR.check_run_guarded, in_place, "run each on a copy")
+
+
+def test_guarded_recipe_lab(tiny):
+    steps = [("prune", lambda m: m), ("distil", lambda m: m)]
+    out = GR.guarded_recipe_lab(tiny, steps, lambda m: 1.0, my_run_guarded, max_ratio=1.5)
+    assert out["by"] == "yours" and [h["step"] for h in out["history"]] == ["prune", "distil"] == \
+        [h["step"] for h in out["package_history"]]

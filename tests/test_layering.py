@@ -253,7 +253,9 @@ ONE_PLACE = {  # pattern -> the only module(s) that may contain it
     "tempfile.mkstemp(": {"_fs"},
     "parameters()).device": set(),  # the device of a module: runtime.device_of
     "untyped_storage().data_ptr()": {"tensors"},  # storage identity: tensors.storage_key
-    "torch.optim.": {"distillation.trainer", "exercises.distillation"},  # the one loop; 01's lab has the learner write one
+    # the one loop; the labs where the learner writes a step (01's training step and GKD step, 02's STE
+    # compared with the package's in the same few steps) drive it with their own optimizer
+    "torch.optim.": {"distillation.trainer", "exercises.distillation", "exercises.gkd", "exercises.ste"},
 }
 
 

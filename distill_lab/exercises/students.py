@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..runtime import device_of
 from ._check import allclose, check, label_of, yours_or_reference
 from ._package import adapter
 
@@ -92,7 +93,7 @@ def block_io(model: nn.Module, input_ids: torch.Tensor) -> list:
 
     try:
         handles = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
-        model(input_ids.to(next(model.parameters()).device), use_cache=False)
+        model(input_ids.to(device_of(model)), use_cache=False)
     finally:
         for h in handles:
             h.remove()
