@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import distill_lab as dl
+from distill_lab.exercises import awq_lab as AWQ
 from distill_lab.exercises import baseline as B
 from distill_lab.exercises import gkd as G
 from distill_lab.exercises import guarded_recipe as GR
@@ -1077,3 +1078,48 @@ def test_guarded_recipe_lab(tiny):
     out = GR.guarded_recipe_lab(tiny, steps, lambda m: 1.0, my_run_guarded, max_ratio=1.5)
     assert out["by"] == "yours" and [h["step"] for h in out["history"]] == ["prune", "distil"] == \
         [h["step"] for h in out["package_history"]]
+
+
+def my_awq_search(x, weights, act_mean, grid, bits=4, group_size=64):
+    errors, best_a, best_s, best_err = [], 0.0, None, float("inf")
+    for a in torch.linspace(0, 1, grid).tolist():
+        s = act_mean.clamp(min=1e-6) ** a
+        s = s / (s.max() * s.min()).sqrt()
+        err = 0.0
+        for w in weights:
+            w_q = Q.group_rtn_reference(w * s, bits, group_size)  # round-to-nearest of the scaled weight
+            err += float(((x / s) @ w_q.T - x @ w.T).pow(2).sum())
+        errors.append(err)
+        if err < best_err:
+            best_a, best_s, best_err = a, s, err
+    return best_a, best_s, errors
+
+
+def test_awq_search():
+    assert AWQ.check_awq_search(my_awq_search)
+
+    def weights_only(x, weights, act_mean, grid, bits=4, group_size=64):  # forgot to divide the input
+        errors, best = [], (float("inf"), 0.0, None)
+        for a in torch.linspace(0, 1, grid).tolist():
+            s = act_mean.clamp(min=1e-6) ** a
+            s = s / (s.max() * s.min()).sqrt()
+            err = sum(float((x @ Q.group_rtn_reference(w * s, bits, group_size).T - x @ w.T).pow(2).sum())
+                      for w in weights)
+            errors.append(err)
+            best = min(best, (err, a, s), key=lambda b: b[0])
+        return best[1], best[2], errors
+    rejects(AWQ.check_awq_search, weights_only, "input is not divided")
+
+
+@pytest.mark.parametrize("hint,wrong", AWQ._MISTAKES, ids=lambda x: x[:30] if isinstance(x, str) else "")
+def test_each_awq_mistake_gets_its_own_hint(hint, wrong):
+    rejects(AWQ.check_awq_search, wrong, hint)
+
+
+def test_awq_block_lab():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 32, generator=g)
+    x[:, 3] *= 40
+    w = torch.randn(16, 32, generator=g) * 0.05
+    out = AWQ.awq_block_lab(x, [w], x.abs().mean(0), my_awq_search, package_a=0.5, grid=5, group_size=16)
+    assert out["by"] == "yours" and out["best_error"] <= out["rtn_error"] and len(out["errors"]) == 5
