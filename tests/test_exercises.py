@@ -624,6 +624,25 @@ def _w8a8_one_scale(x, w):
     return ((x / sx).round().clamp(-127, 127) @ (w / sw).round().clamp(-127, 127).T) * sx * sw.T
 
 
+def my_best_alpha(x, norm_weight, weights, act_absmax, alphas):
+    errors = []
+    for alpha in alphas:
+        new_norm, new_ws = my_smooth_group(norm_weight, weights, act_absmax, alpha)
+        x_s = x * new_norm / norm_weight  # the smoothed norm emits x / s
+        err = 0.0
+        for w, w_s in zip(weights, new_ws):
+            exact = x @ w.T
+            err += float(((my_w8a8_matmul(x_s, w_s) - exact) ** 2).sum() / (exact ** 2).sum())
+        errors.append(err)
+    return alphas[errors.index(min(errors))], errors
+
+
+def test_best_alpha():
+    assert QA.check_best_alpha(my_best_alpha)
+    rejects(QA.check_best_alpha, lambda *c: QA._alpha_variant(worst=True)(*c), "largest error picked")
+    rejects(QA.check_best_alpha, lambda *c: QA._alpha_variant(unscaled_input=True)(*c), "input is not divided")
+
+
 def test_smoothing_lab_on_a_group_with_an_outlier():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 32, generator=g)
@@ -1036,8 +1055,8 @@ def my_run_guarded(model, steps, ratio, max_ratio):
     for i, (label, step) in enumerate(steps):
         model = step(copy.deepcopy(model))
         r = ratio(model)
-        heals_next = i + 1 < len(steps) and steps[i + 1][0] in ("distil", "qat")
-        ok = heals_next or r <= max_ratio
+        heals_next = i + 1 < len(steps) and steps[i + 1][0] in ("distil", "qat") and math.isfinite(r)
+        ok = math.isfinite(r) and (heals_next or r <= max_ratio)
         history.append({"step": label, "ratio": r, "judged": not heals_next, "kept": ok})
         if not ok:
             break
@@ -1071,6 +1090,18 @@ def test_run_guarded():
             good = model if not heal else good
         return good, history
     rejects(GR.check_run_guarded, in_place, "run each on a copy")
+
+    def nan_passes(model, steps, ratio, max_ratio):  # a NaN compares False with everything: it slips through
+        history, good = [], model
+        for i, (label, step) in enumerate(steps):
+            model = step(copy.deepcopy(model))
+            heal = i + 1 < len(steps) and steps[i + 1][0] == "distil"
+            history.append({"step": label, "ratio": ratio(model)})
+            if not heal and ratio(model) > max_ratio:
+                break
+            good = model if not heal else good
+        return good, history
+    rejects(GR.check_run_guarded, nan_passes, "NaN ratio was let through")
 
 
 def test_guarded_recipe_lab(tiny):

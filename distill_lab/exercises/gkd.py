@@ -28,7 +28,7 @@ import math
 import torch
 
 from ._check import allclose, check, yours_or_reference
-from ._package import DistillationLoss, generated_labels, on_policy_divergence, sample_continuations
+from ._package import DistillationLoss, generated_labels, on_policy_divergence, sample_continuations, tiny_llama
 
 __all__ = ["check_generalized_jsd", "check_gkd_step", "generalized_jsd_reference", "gkd_lab", "gkd_step_reference"]
 
@@ -100,14 +100,19 @@ def gkd_step_reference(student, teacher, prompts, gen_tokens, beta, optimizer, g
     return ids, float(loss.detach())
 
 
-def check_gkd_step(fn, student, teacher, prompts: torch.Tensor, gen_tokens: int = 4, beta: float = 0.5,
-                   lr: float = 1e-2) -> bool:
+def check_gkd_step(fn, student=None, teacher=None, prompts: torch.Tensor | None = None, gen_tokens: int = 4,
+                   beta: float = 0.5, lr: float = 1e-2) -> bool:
     """Run the learner's ``gkd_step`` once on a copy of ``student`` (SGD, ``lr``) and check it.
 
     The sampled ids must extend the prompts by ``gen_tokens`` tokens; the returned loss must equal the
     package's GKD loss on those ids (generated positions only); and the update must equal one SGD step
-    on that loss. ``student`` itself is not changed.
+    on that loss. ``student`` itself is not changed. By default two tiny random Llamas and two 5-token prompts
+    (a step on them takes milliseconds).
     """
+    student = tiny_llama(seed=1) if student is None else student
+    teacher = tiny_llama(seed=2) if teacher is None else teacher
+    if prompts is None:
+        prompts = torch.randint(0, student.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(3))
     mine = copy.deepcopy(student)
     opt = torch.optim.SGD(mine.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(0)

@@ -5,7 +5,7 @@ recipe (prune → distil → quantize) one after the other, measure the perplexi
 after each, and stop as soon as a step pushes the ratio past the guard, handing back the last model
 that passed (never the one that failed). A step followed by a healing step (``distil``, ``qat``) is
 not judged: a pruned model is expected to be bad until it is healed (``pipeline.run_recipe`` does the
-same, with saved steps and resume). The learner writes the loop:
+same, with saved steps and resume); a ratio that is not finite (NaN, Inf) fails any step. The learner writes the loop:
 
     run_guarded(model, steps, ratio, max_ratio) -> (model, history)
 
@@ -17,6 +17,7 @@ same, with saved steps and resume). The learner writes the loop:
 from __future__ import annotations
 
 import copy
+import math
 
 from ._check import label_of, yours_or_reference
 from ._package import HEALING_STEPS
@@ -30,8 +31,8 @@ def run_guarded_reference(model, steps, ratio, max_ratio: float):
     for i, (label, step) in enumerate(steps):
         model = step(copy.deepcopy(model))  # a step may change its input: the last good model stays intact
         r = float(ratio(model))
-        judged = not (i + 1 < len(steps) and steps[i + 1][0] in HEALING_STEPS)
-        kept = not judged or r <= max_ratio
+        judged = not (i + 1 < len(steps) and steps[i + 1][0] in HEALING_STEPS) or not math.isfinite(r)
+        kept = math.isfinite(r) and (not judged or r <= max_ratio)
         history.append({"step": label, "ratio": r, "judged": judged, "kept": kept})
         if not kept:
             break
@@ -60,11 +61,13 @@ def _scale(f):
 def _cases():
     steps = [("prune", _scale(3.0)), ("distil", _scale(0.4)), ("quantize", _scale(1.3)), ("requantize", _scale(1.2))]
     no_heal = [("prune", _scale(3.0)), ("quantize", _scale(1.3))]
+    broken = [("prune", _scale(float("nan"))), ("distil", _scale(0.4))]
     return [(steps, 2.0, "prune 3.0 (not judged: distil follows), distil 1.2, quantize 1.56, requantize 1.87: all pass"),
             (steps, 1.5, "distil 1.2 passes, quantize 1.56 does not: the distilled model comes back"),
             (steps, 1.1, "distil 1.2 already fails: the input model comes back"),
             (steps, 1.56, "quantize 1.56 passes (at most the guard), requantize 1.87 does not"),
-            (no_heal, 2.0, "no healing step follows prune, so prune 3.0 is judged and fails")]
+            (no_heal, 2.0, "no healing step follows prune, so prune 3.0 is judged and fails"),
+            (broken, 2.0, "prune gives NaN: broken outputs fail even before a healing step")]
 
 
 def check_run_guarded(fn) -> bool:
@@ -80,7 +83,10 @@ def check_run_guarded(fn) -> bool:
         where = f"case {i} (guard {guard}: {why})"
         ran, want_ran = [h.get("step") for h in got_history], [h["step"] for h in want_history]
         if ran != want_ran:
-            if len(ran) > len(want_ran):
+            if len(ran) > len(want_ran) and not all(math.isfinite(h["ratio"]) for h in want_history):
+                hint = ("a NaN ratio was let through: a ratio that is not a finite number fails the step, even one "
+                        "followed by a healing step (math.isfinite)")
+            elif len(ran) > len(want_ran):
                 hint = "the runner did not stop: after the first judged step whose ratio exceeds the guard, stop"
             elif ran and ran[-1] == "prune" and "distil" in want_ran:
                 hint = ("the pruned model was judged before healing: skip the guard for a step followed by a "
@@ -88,7 +94,8 @@ def check_run_guarded(fn) -> bool:
             else:
                 hint = "the runner stopped too early: a step passes when its ratio is at most max_ratio (<=)"
             raise AssertionError(f"recipe runner: {where}: ran {ran}, expected {want_ran}\n  likely mistake: {hint}")
-        if any(abs(float(g.get("ratio", float("nan"))) - w["ratio"]) > 1e-9 for g, w in zip(got_history, want_history)):
+        if any(not math.isclose(float(g.get("ratio", 0.0)), w["ratio"], abs_tol=1e-9) and math.isfinite(w["ratio"])
+               for g, w in zip(got_history, want_history)):
             raise AssertionError(f"recipe runner: {where}: the history's ratios {[g.get('ratio') for g in got_history]} "
                                  f"are not {[w['ratio'] for w in want_history]}\n  likely mistake: measure each "
                                  "step's result after the step, not the model before it")
@@ -108,5 +115,7 @@ def guarded_recipe_lab(teacher, steps, ratio, run_guarded, max_ratio: float) -> 
     """
     run = yours_or_reference(run_guarded, run_guarded_reference, "my_run_guarded")
     model, history = run(copy.deepcopy(teacher), steps, ratio, max_ratio)
+    if run.fell_back:  # the reference ran already: its history is the package's
+        return {"history": history, "package_history": history, "by": label_of(run), "model": model}
     _, package_history = run_guarded_reference(copy.deepcopy(teacher), steps, ratio, max_ratio)
     return {"history": history, "package_history": package_history, "by": label_of(run), "model": model}

@@ -20,7 +20,8 @@ import torch
 from ._check import allclose, check, label_of, yours_or_reference
 from ._package import fake_quantize, gptq_quantize_weight
 
-__all__ = ["SCALE_FLOOR", "UNDAMPED", "check_gptq_layer", "check_smooth_group", "check_w8a8_matmul", "gptq_layer_errors",
+__all__ = ["SCALE_FLOOR", "UNDAMPED", "best_alpha_reference", "check_best_alpha", "check_gptq_layer",
+           "check_smooth_group", "check_w8a8_matmul", "gptq_layer_errors",
            "gptq_layer_reference", "layer_output_error", "smooth_group_reference", "smoothing_lab",
            "w8a8_matmul_reference"]
 
@@ -130,6 +131,63 @@ def check_w8a8_matmul(fn, x=None, w=None) -> bool:
                 ("scale off by one: int8 codes reach ±127, so scale = absmax / 127", _w8a8_variant(levels=128))]
     return check("W8A8 matmul", fn, w8a8_matmul_reference, cases, atol=1e-4, rtol=1e-3, labels=labels,
                  mistakes=mistakes)
+
+
+def best_alpha_reference(x: torch.Tensor, norm_weight: torch.Tensor, weights: list, act_absmax: torch.Tensor,
+                         alphas) -> tuple:
+    """``(alpha with the lowest error, [error per alpha])``: the group's W8A8 error after smoothing at each alpha.
+
+    The error of one alpha is Σ over the group's Linears of ``‖W8A8(x / s, W · s) − x Wᵀ‖² / ‖x Wᵀ‖²``.
+    """
+    errors = []
+    for alpha in alphas:
+        new_norm, new_ws = smooth_group_reference(norm_weight, weights, act_absmax, alpha)
+        x_s = x / (norm_weight / new_norm)  # what the smoothed norm emits
+        errors.append(sum(float((w8a8_matmul_reference(x_s, w_s) - x @ w.T).pow(2).sum() / (x @ w.T).pow(2).sum())
+                          for w, w_s in zip(weights, new_ws)))
+    return alphas[min(range(len(alphas)), key=errors.__getitem__)], errors
+
+
+def _alpha_variant(unscaled_input=False, worst=False):
+    def wrong(x, norm_weight, weights, act_absmax, alphas):
+        errors = []
+        for alpha in alphas:
+            new_norm, new_ws = smooth_group_reference(norm_weight, weights, act_absmax, alpha)
+            x_s = x if unscaled_input else x / (norm_weight / new_norm)
+            errors.append(sum(float((w8a8_matmul_reference(x_s, w_s) - x @ w.T).pow(2).sum() / (x @ w.T).pow(2).sum())
+                              for w, w_s in zip(weights, new_ws)))
+        pick = max if worst else min
+        return alphas[pick(range(len(alphas)), key=errors.__getitem__)], errors
+    return wrong
+
+
+def check_best_alpha(fn, group=None) -> bool:
+    """Check ``fn(x, norm_weight, weights, act_absmax, alphas) -> (best alpha, errors)``; ``group``: a teacher group
+    ``(x, norm_weight, [weights], act_absmax)``, as one more case."""
+    g = torch.Generator().manual_seed(18)
+    cases = []
+    for t, k, outs in ((64, 16, [8]), (128, 32, [16, 8])):
+        x = torch.randn(t, k, generator=g)
+        x[:, 2] *= 60  # an outlier channel
+        cases.append((x, torch.rand(k, generator=g) + 0.5, [torch.randn(n, k, generator=g) * 0.05 for n in outs],
+                      x.abs().amax(0), [0.0, 0.3, 0.5, 0.7, 0.9]))
+    labels = [None, None]
+    if group is not None:
+        x, norm_weight, weights, act = group
+        cases.append((x.float().cpu(), norm_weight.detach().float().cpu(), [w.detach().float().cpu() for w in weights],
+                      act.float().cpu(), [0.3, 0.5, 0.7]))
+        labels.append(f"the teacher's {len(weights)} Linears reading one RMSNorm")
+
+    def flat(result):
+        alpha, errors = result
+        return torch.tensor([float(alpha), *[float(e) for e in errors]], dtype=torch.float64)
+
+    mistakes = [("the input is not divided by s: the smoothed norm emits x / s, and that is what W8A8 quantizes",
+                 _alpha_variant(unscaled_input=True)),
+                ("the largest error picked: keep the alpha whose W8A8 error is lowest", _alpha_variant(worst=True))]
+    return check("SmoothQuant alpha", lambda *c: flat(fn(*c)), lambda *c: flat(best_alpha_reference(*c)), cases,
+                 atol=1e-6, rtol=1e-3, labels=labels, mistakes=[(h, (lambda v: lambda *c: flat(v(*c)))(v))
+                                                                for h, v in mistakes])
 
 
 def _relative_error(y: torch.Tensor, want: torch.Tensor) -> float:
