@@ -53,6 +53,9 @@ def claim(ok, text: str, *, warn: bool = False) -> Claim:
 def verdict(checks: dict[str, bool | None]) -> str:
     """Summarise named checks: ``'holds'``, ``'does not hold'`` or ``'partly holds (a ✓, b ✗, c within noise)'``.
 
+    With a ✗ and no ✓ the claim does not hold, whatever is within noise (``'does not hold (a ✗, b within noise)'``);
+    only checks that are all within noise, or a mix with a ✓, hold partly.
+
     A check that is ``None`` could not be decided: a speed whose spread crosses the claim's threshold
     (``timing.SpeedRatio.holds``). The claim then holds only partly, and the line says which check was noise.
     """
@@ -62,7 +65,9 @@ def verdict(checks: dict[str, bool | None]) -> str:
         raise ValueError(f"checks={checks}; allowed: True, False or None (within noise) for each")
     if all(ok is True for ok in checks.values()):
         return "holds"
+    marks = ", ".join(f"{name} {MARKS[ok]}" for name, ok in checks.items())
     if all(ok is False for ok in checks.values()):
         return "does not hold"
-    marks = ", ".join(f"{name} {MARKS[ok]}" for name, ok in checks.items())
+    if not any(ok is True for ok in checks.values()) and any(ok is False for ok in checks.values()):
+        return f"does not hold ({marks})"  # a ✗ and nothing held: the checks within noise cannot rescue it
     return f"partly holds ({marks})"

@@ -41,6 +41,7 @@ def test_verdict_names_what_fails():
     assert verdict({"size": True, "quality": False}) == "partly holds (size ✓, quality ✗)"
     assert verdict({"size": True, "speed": None}) == "partly holds (size ✓, speed within noise)"
     assert verdict({"speed": None}) == "partly holds (speed within noise)"
+    assert verdict({"size": False, "speed": None}) == "does not hold (size ✗, speed within noise)"
     with pytest.raises(ValueError, match="True, False or None"):
         verdict({"speed": 1.2})
     with pytest.raises(ValueError):

@@ -860,6 +860,14 @@ def test_unpack_q4_1():
     assert Q41.check_unpack_q4_1(my_unpack_q4_1)
     rejects(Q41.check_unpack_q4_1, lambda b, k: my_unpack_q4_1(b, k) - _min_of(b, k), "minimum is missing")
 
+    def high_nibble_first(blocks, k):  # element j read from the high 4 bits
+        b = torch.as_tensor(blocks).reshape(-1, 20)
+        d = b[:, 0:2].contiguous().view(torch.float16).float()
+        m = b[:, 2:4].contiguous().view(torch.float16).float()
+        q = torch.cat([b[:, 4:] >> 4, b[:, 4:] & 15], dim=1).float()
+        return (d * q + m).reshape(-1, k).numpy()
+    rejects(Q41.check_unpack_q4_1, high_nibble_first, "nibbles swapped")
+
 
 def _min_of(blocks, k):
     b = torch.as_tensor(blocks).reshape(-1, 20)

@@ -24,7 +24,7 @@ arguments such as ``group_size=64``: the code runs, and its outputs are what the
 inside ``$math$``, HTML comments and link targets; the course map between ``<!-- run-times`` markers (its
 run times are written from the cell timings by benchmarks/run_times.py and checked by
 tests/test_run_times.py; its study times are estimates); numbers that are part of a name (SmolLM2-135M,
-Q4_1, int8, W8A8, g64, top-64, c33), sparsity patterns (2:4), dates, years 1990–2035 without a unit,
+Q4_1, int8, W8A8, g64, top-64, c33), sparsity patterns (2:4), dates, years 1990–2035 without a unit (earlier citation years are allowed by name),
 section / lesson / cell / exercise / issue numbers ("section 10", a heading's "## 10 ·"), and the factors
 of a product of sizes ("4 × 8 matrix", "49,152 × 576": that "×" is not a ratio, and each factor is
 checked only if it has two digits).
@@ -63,7 +63,9 @@ ALLOWED: dict[str, dict[str, str]] = {
                "10.5 min); about the course map, not this run",
         "79%": "100 % minus the embedding share c5 prints (21.0 %): a property of the model",
         "255": "an illustration of context length: the last token of a 256-token window sees 255 tokens",
-        "31": "an illustration of context length: the last token of a 32-token window sees 31 tokens",
+        "63": "an illustration of context length: the last token of the shortest (64-token) window sees 63 tokens",
+        "60": "the labs' length range, 15–60 lines of solution (tests/test_labs.py checks it), a course convention",
+        "1967": "the year of Amdahl's paper (a citation, not a measurement)",
     },
     "01_distillation": {
         "10": "30 - 20: the Block Influence candidate's definition drops 10 of the teacher's 30 blocks",
