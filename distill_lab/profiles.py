@@ -99,8 +99,8 @@ LESSONS: dict[str, dict[str, dict]] = {
     "01": {  # 2 CPU cores: one student step costs about 1.5 s per 4 x 128 tokens
         # bands: what the lesson checks; basis: where each band comes from (printed by the lesson)
         "smoke": dict(sizes=dict(seq=64, batch=2, steps=8, warmup=1, eval_at=(2, 4, 6, 8), val_windows=8,
-                                 test_windows=12, k=32, lr=1e-3, prompt=16, gen=16),
-                      bands=dict(param_ratio=1.5, ppl_ratio=4.0, rep4=0.2), lab_steps=3,
+                                 test_windows=12, k=32, lr=1e-3, prompt=16, gen=16, held_out=2),
+                      bands=dict(param_ratio=1.5, ppl_ratio=4.0, rep4=0.2), lab_steps=2,
                       basis=dict(param_ratio=_CLAIM_01["param_ratio"],
                                  ppl_ratio="an earlier smoke run (1.85, AMD EPYC, 2026-12-07) plus a margin of about "
                                            "2x: 8 steps of 2 x 64 tokens leave the student far from the teacher, "
@@ -108,10 +108,10 @@ LESSONS: dict[str, dict[str, dict]] = {
                                  rep4=_CLAIM_01["rep4"] + "; a smoke student is not expected to meet it, and a miss "
                                                           "prints ✗ without stopping the run")),
         "laptop": dict(sizes=dict(seq=128, batch=4, steps=32, warmup=4, eval_at=(4, 8, 16, 32), val_windows=24,
-                                  test_windows=48, k=64, lr=3e-4, prompt=32, gen=32),
+                                  test_windows=48, k=64, lr=3e-4, prompt=32, gen=32, held_out=6),
                        bands=dict(param_ratio=1.5, ppl_ratio=2.0, rep4=0.2), lab_steps=5, basis=dict(_CLAIM_01)),
         "gpu": dict(sizes=dict(seq=256, batch=16, steps=400, warmup=20, eval_at=(25, 50, 100, 200, 400),
-                               val_windows=56, test_windows=80, k=128, lr=3e-4, prompt=64, gen=64),
+                               val_windows=56, test_windows=80, k=128, lr=3e-4, prompt=64, gen=64, held_out=6),
                     bands=dict(param_ratio=1.5, ppl_ratio=1.5, rep4=0.2), lab_steps=20,
                     basis=dict(_CLAIM_01, ppl_ratio="the course's claim, tighter for the GPU profile's 100x the laptop's "
                                                     "training tokens; not fitted to a run (none on a GPU yet)")),
@@ -127,15 +127,19 @@ LESSONS: dict[str, dict[str, dict]] = {
                                band_basis=_02_BASIS)),
     },
     "03": {  # timing: (prefill batch, decode tokens, rounds) of the size table's seven models
-        "smoke": dict(sparsities=(0.5,), heal_steps=4, heal_seq=64, heal_batch=2, timing=(2, 8, 2)),
+        "smoke": dict(sparsities=(0.5,), heal_steps=4, heal_seq=64, heal_batch=2, timing=(1, 4, 2)),
         "laptop": dict(sparsities=(0.3, 0.5, 0.6, 0.7), heal_steps=24, heal_seq=128, heal_batch=4, timing=(2, 16, 5)),
         "gpu": dict(sparsities=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8), heal_steps=300, heal_seq=512,
                     heal_batch=16, timing=(8, 64, 5)),
     },
     "04": {  # smoke distils 4 steps on 128-token windows, so its bands are wider; basis: where each band comes from
-        "smoke": dict(bands=dict(combined_ratio=20.0, heal_factor=1.5, int4_after_heal=1.5), basis=_04_SMOKE_BASIS),
-        "laptop": dict(bands=dict(combined_ratio=2.5, heal_factor=2.0, int4_after_heal=1.3), basis=_04_BASIS),
-        "gpu": dict(bands=dict(combined_ratio=2.5, heal_factor=2.0, int4_after_heal=1.3), basis=_04_BASIS),
+        # guard_lab: (test windows scored, heal steps, heal batch) of the quality-guard lab's crude recipe
+        "smoke": dict(bands=dict(combined_ratio=20.0, heal_factor=1.5, int4_after_heal=1.5), basis=_04_SMOKE_BASIS,
+                      guard_lab=(2, 2, 2)),
+        "laptop": dict(bands=dict(combined_ratio=2.5, heal_factor=2.0, int4_after_heal=1.3), basis=_04_BASIS,
+                       guard_lab=(4, 4, 4)),
+        "gpu": dict(bands=dict(combined_ratio=2.5, heal_factor=2.0, int4_after_heal=1.3), basis=_04_BASIS,
+                    guard_lab=(4, 4, 4)),
     },
 }
 

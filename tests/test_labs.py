@@ -1,7 +1,8 @@
 """The algorithm labs (issue 29): in every lesson the learner writes a real algorithm (15-60 lines), and the next
 cell runs it on the real teacher beside the package's result.
 
-A lab is a solution cell whose id starts with ``i29-NN-`` (NN the lesson) followed by its ``-apply`` cell.
+A lab is a solution cell whose id starts with ``i29-NN-`` (NN the lesson), then its graded ``-check`` cell (nbgrader),
+then its ``-apply`` cell.
 """
 
 import json
@@ -23,8 +24,10 @@ def _labs(path: Path) -> dict[str, dict]:
             src = "".join(c["source"])
             blocks = re.findall(r"### BEGIN SOLUTION\n(.*?)### END SOLUTION", src, re.S)
             lines = [ln for b in blocks for ln in b.splitlines() if ln.strip() and not ln.strip().startswith("#")]
-            apply = "".join(cells[i + 1]["source"]) if ids[i + 1] == c["id"] + "-apply" else None
-            labs[c["id"]] = {"lines": len(lines), "apply": apply, "source": src}
+            check = "".join(cells[i + 1]["source"]) if ids[i + 1] == c["id"] + "-check" else ""
+            nxt = i + 2 if check else i + 1
+            apply = "".join(cells[nxt]["source"]) if ids[nxt] == c["id"] + "-apply" else None
+            labs[c["id"]] = {"lines": len(lines), "apply": apply, "source": src + check, "check": check}
     return labs
 
 
@@ -38,6 +41,7 @@ def test_every_lesson_has_a_lab_and_there_are_at_least_eight():
 def test_each_lab_is_15_to_60_lines_and_runs_on_the_teacher_next(path):
     for lab, info in _labs(path).items():
         assert 15 <= info["lines"] <= 60, f"{path.name} {lab}: {info['lines']} solution lines (allowed 15-60)"
-        assert info["apply"] is not None, f"{path.name} {lab}: the next cell must be {lab}-apply"
+        assert info["check"], f"{path.name} {lab}: the next cell must be its graded check, {lab}-check"
+        assert info["apply"] is not None, f"{path.name} {lab}: after {lab}-check comes {lab}-apply"
         assert "teacher" in info["source"] + info["apply"] and "by" in info["apply"], \
             f"{path.name} {lab}-apply must run the learner's function on the teacher and say whose result it printed"

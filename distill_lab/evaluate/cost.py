@@ -94,6 +94,9 @@ def compare_speed(models: dict[str, nn.Module], batch: int = 8, seq: int = 256, 
     after a 32-token prompt, with the KV cache. ``bf16`` is one flag or one per model name (the same model
     can be timed twice, fp32 and bf16 autocast). With ``baseline`` (a name of ``models``), every row also
     holds ``prefill_speedup`` and ``decode_speedup``: ``SpeedRatio``s against it, round by round.
+    With decode timed, every row also holds ``prefill_per_decode_token``: how many times more tokens/s
+    the model's prefill gives than its decode, as a ``SpeedRatio`` of the two phases' per-token times in the
+    same rounds.
     """
     if baseline is not None and baseline not in models:
         raise ValueError(f"baseline={baseline!r}; allowed: one of {list(models)}")
@@ -109,6 +112,10 @@ def compare_speed(models: dict[str, nn.Module], batch: int = 8, seq: int = 256, 
     out = {}
     for name in models:
         row = speed_row(med[name, "prefill"], med.get((name, "decode"), float("nan")), batch, seq, decode_tokens)
+        if decode:
+            row["prefill_per_decode_token"] = SpeedRatio.of_rounds(
+                [t / decode_tokens for t in times[name, "decode"]],
+                [t / (batch * seq) for t in times[name, "prefill"]])
         if baseline is not None:
             for phase in ("prefill", "decode") if decode else ("prefill",):
                 row[f"{phase}_speedup"] = SpeedRatio.of_rounds(times[baseline, phase], times[name, phase])

@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import math
 
-from ._check import label_of, yours_or_reference
+from ._check import label_of, not_attempted, yours_or_reference
 from ._package import HEALING_STEPS
 
 __all__ = ["check_run_guarded", "guarded_recipe_lab", "run_guarded_reference"]
@@ -76,9 +76,7 @@ def check_run_guarded(fn) -> bool:
         try:
             got_model, got_history = fn(_Box(1.0), steps, lambda m: m.value, guard)
         except NotImplementedError:
-            print("recipe runner with a quality guard: not attempted yet - replace `raise NotImplementedError()` "
-                  "with your code and rerun.")
-            return False
+            return not_attempted("recipe runner with a quality guard")
         want_model, want_history = run_guarded_reference(_Box(1.0), steps, lambda m: m.value, guard)
         where = f"case {i} (guard {guard}: {why})"
         ran, want_ran = [h.get("step") for h in got_history], [h["step"] for h in want_history]

@@ -14,14 +14,10 @@ student version whose cells no longer match that digest holds a learner's edits 
 outputs): ``make student`` keeps it as it is and names it, and ``--check`` names it without ever sending
 the learner to a command that would replace it.
 
-Why not nbgrader's own ``ClearSolutions`` preprocessor: the preprocessor needs no gradebook database,
-but it is not importable alone. ``nbgrader.preprocessors`` imports every preprocessor of the package,
-and some of them import the gradebook (SQLAlchemy models) and ``nbgrader.utils`` (setuptools, tornado,
-dateutil). nbgrader 0.9.6 declares 18 dependencies, including ``notebook<8``, ``jupyterlab<5``,
-``sqlalchemy``, ``alembic`` and ``rapidfuzz``, for what takes 40 lines here. By default the preprocessor
-also refuses solution regions in cells that lack nbgrader's cell metadata. The markers and stubs are
-nbgrader's, so a teacher who has nbgrader can still run ``nbgrader generate_assignment
---ClearSolutions.enforce_metadata=False`` on the same notebooks.
+nbgrader: the lessons carry nbgrader's cell metadata (``exercises.grading``), and ``nbgrader
+generate_assignment`` on them writes these same cells (``tests/test_grading.py`` compares them code cell for
+code cell). The generator stays because it needs none of nbgrader's gradebook, keeps a learner's edited
+copy, and runs in ``make student`` without a course directory.
 
 ``python -m distill_lab.exercises.student [--check] [--execute]``: ``--check`` writes nothing and exits 1,
 naming the student versions that are missing, out of date or edited. ``--execute`` runs every student version
@@ -63,8 +59,8 @@ HEADER = """\
 > edit the lesson, not this copy.
 >
 > Each exercise cell says `# YOUR CODE HERE` and `raise NotImplementedError()`: replace both with your code
-> and run the cell. Its check compares your function with the course's reference, on random tensors and on
-> the teacher's own, and names the likely mistake when it finds one. Until you write it, the cells that
+> and run the cell, then the check cell under it. The check compares your function with the course's
+> reference, on random tensors and on the teacher's own, and names the likely mistake when it finds one. Until you write it, the cells that
 > plug your function into the teacher use distill_lab's reference instead and say so in one line
 > ("... not attempted yet"), so the lesson still runs from top to bottom."""
 

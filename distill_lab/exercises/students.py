@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..runtime import device_of
-from ._check import allclose, check, label_of, yours_or_reference
+from ._check import allclose, check, label_of, not_attempted, yours_or_reference
 from ._package import adapter
 
 __all__ = ["block_influence_reference", "block_io", "check_block_influence", "check_drop_blocks",
@@ -132,8 +132,7 @@ def check_drop_blocks(fn, model: nn.Module, keep=(0, 2)) -> bool:
     try:
         small = fn(model, keep)
     except NotImplementedError:
-        print("dropping blocks: not attempted yet - replace `raise NotImplementedError()` with your code and rerun.")
-        return False
+        return not_attempted("dropping blocks")
     now = model.state_dict()
     if set(now) != set(before) or any(not torch.equal(v, now[k]) for k, v in before.items()):
         raise AssertionError("dropping blocks: the original model changed; work on a copy (copy.deepcopy(model))")

@@ -27,8 +27,12 @@ def test_compare_speed_times_every_model(tiny):
     for r in out.values():
         assert r["prefill_s"] > 0 and r["prefill_tokens_per_s"] == 8 / r["prefill_s"]
         assert r["decode_tokens_per_s"] > 0 and r["decode_ms_per_token"] > 0
+        # one round: the per-token ratio of the two phases is exactly the ratio of their tokens/s
+        assert r["prefill_per_decode_token"].median == pytest.approx(
+            r["prefill_tokens_per_s"] / r["decode_tokens_per_s"])
     no_decode = compare_speed({"dense": tiny}, batch=1, seq=8, repeats=1, warmup=0, decode=False)["dense"]
     assert no_decode["prefill_s"] > 0 and no_decode["decode_tokens_per_s"] != no_decode["decode_tokens_per_s"]  # NaN
+    assert "prefill_per_decode_token" not in no_decode
 
 
 def test_compare_speed_ratios_against_the_baseline_round_by_round(tiny):
