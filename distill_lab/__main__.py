@@ -5,7 +5,8 @@
   compress  apply a recipe (prune -> distil -> quantize ...) and export the compressed model
   report    measure the seed's comparison table (INT8, INT4, distillation, pruning, combined)
   doctor    this machine: CPU, ISA flags, threads, the measured bf16 choice and int8 / int4 kernel paths
-  export    write a model as a GGUF file that llama.cpp (Ollama, LM Studio) runs
+  export    write a model as a GGUF file that llama.cpp (Ollama, LM Studio) runs, or as a
+            compressed-tensors folder that vLLM serves
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ._fs import clean_stale_tmp, folder_lock
 from .course import run_course
 from .evaluate import generate_samples
 from .export import check_exportable, to_gguf
+from .export_ct import to_compressed_tensors
 from .hardware import check_env
 from .models import TEACHER_CACHE_NAME, cache_dir, load_model, load_teacher
 from .pipeline import (STEPS, Recipe, check_work_dir, comparison_table, eval_windows, group_size_skips, measure,
@@ -158,19 +160,21 @@ def _cmd_doctor(args) -> int:
     return 0
 
 
-EXPORT_FORMATS = ("gguf",)
+EXPORT_FORMATS = ("gguf", "compressed-tensors")
 
 
 def _cmd_export(args) -> int:
     if args.format not in EXPORT_FORMATS:  # checked before the (slow) load
         raise ValueError(f"--format {args.format!r}; allowed: {', '.join(EXPORT_FORMATS)}")
     out = Path(args.out)
-    if out.is_dir():
-        raise IsADirectoryError(f"--out {out} is a folder; allowed: a .gguf file path")
     source = _model_path(args.model)
     target = out.expanduser().resolve()
     if source is not None and (target == source or source in target.parents):
         raise ValueError(f"--out {out} lies inside the model being exported ({source}); allowed: a path outside it")
+    if args.format == "compressed-tensors":
+        return _export_compressed_tensors(args, target)
+    if out.is_dir():
+        raise IsADirectoryError(f"--out {out} is a folder; allowed: a .gguf file path")
     if out.exists() and not args.overwrite:  # never replace a user's file unasked
         raise FileExistsError(f"--out {out} exists; pass --overwrite to replace it")
 
@@ -179,6 +183,19 @@ def _cmd_export(args) -> int:
     report = to_gguf(model, tokenizer, args.out, float_type=args.float_type)
     print(report.summary())
     print(f"run it: llama-cli -m {report.path}   (or python benchmarks/deploy.py --gguf {report.path})")
+    return 0
+
+
+def _export_compressed_tensors(args, target: Path) -> int:
+    """``export --format compressed-tensors``: a folder, under compress's ``--out`` rules (``check_out``)."""
+    check_out(target, args.overwrite)  # before the (slow) load: new, empty, or an earlier export with --overwrite
+    model, tokenizer = _load(args.model)
+    report = to_compressed_tensors(model, tokenizer, target, overwrite=args.overwrite)
+    print(report.summary())
+    for note in report.notes:
+        print(f"  {note}")
+    print(f"serve it on a CUDA GPU: vllm serve {report.folder} --dtype bfloat16   "
+          f"(or load it with transformers: AutoModelForCausalLM.from_pretrained('{report.folder}'))")
     return 0
 
 
@@ -259,17 +276,25 @@ def build_parser() -> argparse.ArgumentParser:
     doc.add_argument("--json", action="store_true", help="print the stored entry as JSON")
     doc.set_defaults(func=_cmd_doctor)
 
-    ex = sub.add_parser("export", help="write a model as a GGUF file for llama.cpp / Ollama / LM Studio",
+    ex = sub.add_parser("export", help="write a model as a GGUF file (llama.cpp / Ollama / LM Studio) or a "
+                                       "compressed-tensors folder (vLLM)",
                         description="Export 'teacher' or a saved model folder (float, quantized or pruned Llama) "
                                     "to GGUF: int4 g32/64/128/256 -> Q4_1 and int8 per-channel -> Q8_0 with the "
                                     "same codes, float -> F32/F16; tokenizer and chat template from the teacher's "
-                                    "GGUF. Other families exit with status 2.")
+                                    "GGUF. Other families exit with status 2. With --format compressed-tensors: a "
+                                    "quantized model (int8, W8A8 or symmetric int4) as the Hugging Face folder "
+                                    "llm-compressor writes and vLLM serves, with the same codes and scales; what "
+                                    "that format cannot hold exactly (asymmetric int4, ...) exits with status 2.")
     ex.add_argument("model", help="'teacher' or a saved model folder (for example the output of `compress`)")
-    ex.add_argument("--format", default="gguf", help="output format: gguf (the only one)")
-    ex.add_argument("--out", required=True, help="the .gguf file to write (an existing file needs --overwrite)")
-    ex.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    ex.add_argument("--format", default="gguf", help="output format: gguf (default) or compressed-tensors")
+    ex.add_argument("--out", required=True,
+                    help="gguf: the .gguf file to write (an existing file needs --overwrite); compressed-tensors: "
+                         "a new or empty folder, or an earlier export with --overwrite (a folder holding anything "
+                         "else is never touched)")
+    ex.add_argument("--overwrite", action="store_true",
+                    help="replace --out if it exists (a folder: only an earlier distill-lab export)")
     ex.add_argument("--float-type", default="f32", choices=["f32", "f16"],
-                    help="type for weights left in float (default: f32)")
+                    help="gguf only: type for weights left in float (default: f32)")
     ex.set_defaults(func=_cmd_export)
     return parser
 
@@ -279,7 +304,7 @@ INTERRUPTED = {  # what Ctrl-C leaves behind, per command
     "report": "finished rows are kept and a re-run reuses them",
     "course": "the report in --out is unchanged",
     "eval": "nothing was written",
-    "export": "--out is unchanged (the file is written whole or not at all)",
+    "export": "--out is unchanged (the file or folder is written whole or not at all)",
     "doctor": "nothing was stored",
 }
 

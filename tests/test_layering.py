@@ -38,7 +38,7 @@ LAYERS = {
     # 7: the techniques that transform a model
     "quantization": 7, "pruning": 7,
     # 8: what combines or ships techniques
-    "pipeline": 8, "export": 8, "decode": 8,
+    "pipeline": 8, "export": 8, "export_ct": 8, "decode": 8,
     # 9: what a lesson shows
     "views": 9, "speed": 9, "exercises": 9, "course": 9, "support": 9,
     "widgets": 10,

@@ -40,13 +40,17 @@ def out_state(out: Path) -> tuple[str, list[str]]:
 
 
 def check_out(out: Path, overwrite: bool) -> None:
-    """Refuse an ``--out`` that holds files distill_lab did not export (or an export, without ``--overwrite``)."""
+    """Refuse an ``--out`` that holds files distill_lab did not export (or an export, without ``--overwrite``).
+
+    The one rule of ``compress --out`` and ``export --format compressed-tensors --out``.
+    """
     state, extra = out_state(out)
     if state == "foreign" and extra:
-        raise FileExistsError(f"--out {out} holds an earlier export plus files compress did not write: "
+        raise FileExistsError(f"--out {out} holds an earlier export plus files distill-lab did not write: "
                               f"{name_some(extra)}; refusing to replace it (move them out, or choose a new folder)")
     if state == "foreign":
-        what = "is not a folder" if not out.is_dir() else "is not empty and was not written by distill-lab compress"
+        what = "is not a folder" if not out.is_dir() else \
+            "is not empty and was not written by distill-lab compress or export"
         raise FileExistsError(f"--out {out} {what}; refusing to replace it (choose a new or empty folder)")
     if state == EXPORT_KIND and not overwrite:
         raise FileExistsError(f"--out {out} holds an earlier distill-lab export; pass --overwrite to replace it")
