@@ -1,7 +1,7 @@
 """Command line: ``python -m distill_lab <command>`` (also installed as ``distill-lab``).
 
   course    execute every notebook headless and write a report (``make run``)
-  eval      print a model's card: perplexity in- and out-of-domain, size on disk, speed
+  eval      print a model's card: perplexity in- and out-of-domain, size on disk, speed (--tasks: task accuracy)
   compress  apply a recipe (prune -> distil -> quantize ...) and export the compressed model
   report    measure the seed's comparison table (INT8, INT4, distillation, pruning, combined)
   doctor    this machine: CPU, ISA flags, threads, the measured bf16 choice and int8 / int4 kernel paths
@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from . import hardware
 from ._fs import clean_stale_tmp, folder_lock
 from .course import run_course
-from .evaluate import generate_samples
+from .evaluate import check_tasks, format_accuracy, generate_samples, task_accuracy
 from .export import check_exportable, to_gguf
 from .export_ct import to_compressed_tensors
 from .hardware import check_env
@@ -74,6 +74,10 @@ def _cmd_course(args) -> int:
 
 def _cmd_eval(args) -> int:
     profile = _profile(args.profile)
+    if args.limit is not None and (not args.tasks or args.limit < 1):
+        raise ValueError(f"--limit {args.limit}" + (" without --tasks" if not args.tasks else "")
+                         + "; allowed: --limit N (N >= 1) with --tasks NAME[,NAME]")
+    tasks = check_tasks(args.tasks) if args.tasks else []  # before the load: a bad name or no lm-eval fails fast
     model, tokenizer = _load(args.model)
     folder = cache_dir() / TEACHER_CACHE_NAME if args.model == "teacher" else Path(args.model)
     print(f"measuring {args.model} ({profile.name} profile: {profile.recipe_eval_windows} windows x {profile.seq_len} "
@@ -81,14 +85,22 @@ def _cmd_eval(args) -> int:
     m = measure(model, eval_windows(tokenizer, profile), profile,
                 folder=folder if folder.is_dir() else None, progress=False)
     sample = generate_samples(model, tokenizer, [args.prompt], max_new_tokens=profile.gen_tokens)[0]
+    accuracy = {}
+    if tasks:
+        print(f"task accuracy through lm-evaluation-harness: {', '.join(tasks)}"
+              + (f" (first {args.limit} documents each)" if args.limit else ""), file=sys.stderr)
+        accuracy = task_accuracy(model, tokenizer, tasks, limit=args.limit, progress=sys.stderr.isatty())
     if args.json:
-        print(json.dumps({"model": args.model, "profile": profile.name, **m, "sample": sample}, indent=2))
+        extra = {"task_accuracy": accuracy} if tasks else {}
+        print(json.dumps({"model": args.model, "profile": profile.name, **m, "sample": sample, **extra}, indent=2))
         return 0
     print(f"model            {args.model}")
     print(f"parameters       {m['params'] / 1e6:.1f} M")
     print(f"size on disk     {m['size_bytes'] / 2**20:.1f} MiB (weights)")
     print(f"ppl pydoc        {m['ppl_pydoc']:.2f}   (in-domain, test split)")
     print(f"ppl stdlib-code  {m['ppl_stdlib-code']:.2f}   (out-of-domain)")
+    for line in format_accuracy(accuracy):  # acc ± stderr, chance: one line per task
+        print(line)
     print(f"prefill          {m['prefill_tokens_per_s']:.0f} tokens/s  (batch {profile.recipe_latency_batch} x "
           f"{profile.latency_seq})")
     print(f"decode           {m['decode_tokens_per_s']:.1f} tokens/s  (batch 1)")
@@ -215,15 +227,23 @@ def build_parser() -> argparse.ArgumentParser:
     course.add_argument("--profile", default=None, help=PROFILE_HELP)
     course.set_defaults(func=_cmd_course)
 
-    ev = sub.add_parser("eval", help="print a model's card: perplexity, size on disk, speed",
+    ev = sub.add_parser("eval", help="print a model's card: perplexity, size on disk, speed, task accuracy",
                         description="Measure one model with the course's harness: test perplexity on pydoc "
                                     "(in-domain) and stdlib code (out-of-domain), size of its weight files, "
-                                    "prefill and decode speed, and a greedy sample.")
+                                    "prefill and decode speed, and a greedy sample; with --tasks, also task "
+                                    "accuracy through EleutherAI's lm-evaluation-harness (pip install lm-eval): "
+                                    "the offline tasks pydoc_mc (4-way multiple choice, chance 0.25) and "
+                                    "pydoc_cloze, or any harness task name when online.")
     ev.add_argument("model", help="'teacher' (the offline SmolLM2-135M-Instruct), a saved model folder "
                                   "(for example the output of `compress`), or a hub id when online")
     ev.add_argument("--profile", default=None, help=PROFILE_HELP)
     ev.add_argument("--prompt", default="The Python `with` statement is used to", help="prompt for the sample")
     ev.add_argument("--json", action="store_true", help="print the card as JSON")
+    ev.add_argument("--tasks", default=None, metavar="NAME[,NAME]",
+                    help="also measure task accuracy (acc ± stderr, chance) on these tasks: pydoc_mc, pydoc_cloze "
+                         "(offline) or lm-eval harness tasks (online)")
+    ev.add_argument("--limit", type=int, default=None, metavar="N",
+                    help="score only the first N documents of each task (default: all)")
     ev.set_defaults(func=_cmd_eval)
 
     kinds = "\n".join(f"  {k:<11} {STEPS[k].doc}" for k in sorted(STEPS))
@@ -352,8 +372,10 @@ def _check_env() -> None:
 
 
 def _expected_errors() -> tuple:
-    """Exceptions that mean a bad path, value or file (one line, exit 2), not a bug (traceback)."""
-    return (ValueError, FileNotFoundError, RuntimeError, OSError, SafetensorError, StrictDataclassError)
+    """Exceptions that mean a bad path, value or file, or a missing optional package (one line, exit 2), not a
+    bug (traceback). The package imports its own modules at the top only, so an ImportError at run time is an
+    optional package (lm-eval for ``eval --tasks``) that is not installed."""
+    return (ValueError, FileNotFoundError, RuntimeError, OSError, ImportError, SafetensorError, StrictDataclassError)
 
 
 if __name__ == "__main__":
