@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-__all__ = ["label_points", "plot_activation_outliers", "plot_bars", "plot_budget_curves", "plot_channel_ranges",
+__all__ = ["label_points", "plot_accuracy", "plot_activation_outliers", "plot_bars", "plot_budget_curves", "plot_channel_ranges",
            "plot_distillation_view", "plot_layer_pruning_view", "plot_loss_histories", "plot_pareto",
            "plot_quantization_view", "plot_recipe_steps", "plot_sparsity_curve", "plot_temperature_view",
            "plot_token_distribution", "plot_topk_fidelity", "plot_val_curves", "wide_range"]
@@ -92,6 +92,37 @@ def plot_bars(values: dict[str, float], xlabel: str = "", title: str = "", ax=No
     ax.margins(y=0.12)  # room for the number above the tallest bar
     ax.set_ylabel(xlabel)
     ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_accuracy(results: dict[str, dict], ax=None, title: str = "Task accuracy (bars: ± 2 standard errors)"):
+    """Grouped bars: each model's accuracy on each task, ± 2 standard errors, and the chance level dashed.
+
+    ``results``: model name -> ``task_accuracy`` output (task -> ``{"acc", "acc_stderr", "chance"}``).
+    """
+    fig, ax = _axes(ax, figsize=(6, 3.5))
+    models = list(results)
+    tasks = list(next(iter(results.values()))) if results else []
+    width = 0.8 / max(1, len(models))
+    for m, name in enumerate(models):
+        xs = [t + (m - (len(models) - 1) / 2) * width for t in range(len(tasks))]
+        accs = [results[name][task]["acc"] for task in tasks]
+        errs = [2 * results[name][task]["acc_stderr"] for task in tasks]
+        bars = ax.bar(xs, accs, width, yerr=errs, capsize=3, label=name)
+        for bar, a in zip(bars, accs):
+            ax.annotate(f"{a:.2f}", (bar.get_x() + bar.get_width() / 2, 0.02), ha="center", va="bottom",
+                        fontsize=8, color="white")
+    for t, task in enumerate(tasks):
+        chance = results[models[0]][task].get("chance")
+        if chance is not None:
+            ax.hlines(chance, t - 0.45, t + 0.45, colors="black", linestyles="dashed",
+                      label="chance" if t == 0 else None)
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 

@@ -116,6 +116,11 @@ LESSONS: dict[str, dict[str, dict]] = {
                     basis=dict(_CLAIM_01, ppl_ratio="the course's claim, tighter for the GPU profile's 100x the laptop's "
                                                     "training tokens; not fitted to a run (none on a GPU yet)")),
     },
+    "00": {  # task_limit: documents scored per lm-eval task in section 4's accuracy check (None: all 300)
+        "smoke": dict(task_limit=16),
+        "laptop": dict(task_limit=None),
+        "gpu": dict(task_limit=None),
+    },
     "02": {
         "smoke": dict(sizes=dict(eval_windows=_SMOKE.eval_windows, awq_grid=3, gptq=False, qat_steps=1,
                                  table_repeats=_SMOKE.repeats, w8a8_band=0.06, int4_band=0.25, qat_claim=False,

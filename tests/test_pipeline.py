@@ -341,7 +341,8 @@ def test_comparison_table_on_a_tiny_teacher(tmp_path, teacher64, data, monkeypat
              pipeline.SeedClaim((4, 4), (2, 3), (0, 1))),
             ("50% pruning", Recipe("p", [{"prune": {"channels_keep": 0.5}}]),
              pipeline.SeedClaim((2, 2), (1.5, 1.5), (1, 2)))]
-    table = pipeline.comparison_table(teacher64, None, PROFILE, tmp_path / "work", rows=rows, progress=False)
+    table = pipeline.comparison_table(teacher64, None, PROFILE, tmp_path / "work", rows=rows, progress=False,
+                                      task=None)
     assert [r["name"] for r in table.rows] == ["INT8 quantization", "50% pruning"]
     md = table.markdown()
     assert md.count("\n| ") == 3 and "| INT8 quantization |" in md and "nan" not in md
@@ -351,8 +352,31 @@ def test_comparison_table_on_a_tiny_teacher(tmp_path, teacher64, data, monkeypat
     assert data_json["rows"][0]["metrics"]["size_reduction"] > 1
     # a second call reuses the finished rows (no new step folders are written)
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "work").rglob("step.json")}
-    pipeline.comparison_table(teacher64, None, PROFILE, tmp_path / "work", rows=rows, progress=False)
+    pipeline.comparison_table(teacher64, None, PROFILE, tmp_path / "work", rows=rows, progress=False, task=None)
     assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "work").rglob("step.json")}
+
+
+def test_comparison_table_scores_every_row_on_a_task_beside_perplexity(tmp_path, teacher64, data, monkeypatch):
+    # the harness itself is tested in test_task_accuracy; here: which models are scored, and the column
+    monkeypatch.setattr(pipeline.report, "eval_windows", lambda tok, prof: data["windows"])
+    scored = []
+
+    def fake_accuracy(model, tokenizer, task, limit=None, progress=True):
+        scored.append((model is teacher64, limit))
+        acc = 0.5 if model is teacher64 else 0.375  # every row's model is its saved final folder, reloaded
+        return {task: {"acc": acc, "acc_stderr": 0.05, "n": 16, "chance": 0.25}}
+
+    monkeypatch.setattr(pipeline.report, "task_accuracy", fake_accuracy)
+    rows = [("INT8 quantization", Recipe("int8", [{"quantize": {"format": "int8"}}]),
+             pipeline.SeedClaim((4, 4), (2, 3), (0, 1)))]
+    table = pipeline.comparison_table(teacher64, None, PROFILE, tmp_path / "work", rows=rows, progress=False,
+                                      task="pydoc_mc")
+    assert scored == [(True, pipeline.CLAIMS_TASK_LIMIT[PROFILE.name]), (False, pipeline.CLAIMS_TASK_LIMIT[PROFILE.name])]
+    m = table.rows[0]["metrics"]
+    assert m["acc_pydoc_mc"] == 0.375 and m["dacc_pydoc_mc"] == pytest.approx(-12.5)
+    md = table.markdown()
+    assert "pydoc_mc accuracy (± s.e.)" in md and "| 0.375 ± 0.050 |" in md and "accuracy 0.500 ± 0.050 on 16" in md
+    assert json.loads(table.save(tmp_path / "reports")[1].read_text())["task"] == "pydoc_mc"
 
 
 def test_recipe_from_knobs_and_panel_runs_only_on_click():

@@ -58,3 +58,19 @@ def test_budget_curves_are_log_log_with_fit_lines_and_the_target():
     assert "KD: fit b = 0.50" in labels and any("1.1" in t for t in labels)
     fit_line = next(line for line in ax.get_lines() if line.get_linestyle() == "--")
     assert fit_line.get_xdata()[-1] == 40_000.0  # drawn out to where it reaches ratio 1.1
+
+
+def test_plot_accuracy_draws_each_model_per_task_with_error_bars_and_chance():
+    from distill_lab.plotting import plot_accuracy
+
+    res = {"teacher": {"mc": {"acc": 0.4, "acc_stderr": 0.03, "chance": 0.25}, "cloze": {"acc": 0.39, "acc_stderr": 0.03,
+                                                                                         "chance": None}},
+           "int4": {"mc": {"acc": 0.35, "acc_stderr": 0.03, "chance": 0.25}, "cloze": {"acc": 0.30, "acc_stderr": 0.03,
+                                                                                      "chance": None}}}
+    fig, ax = plt.subplots()
+    assert plot_accuracy(res, ax=ax) is fig
+    heights = sorted(round(p.get_height(), 2) for p in ax.patches)
+    assert heights == [0.3, 0.35, 0.39, 0.4]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["mc", "cloze"]
+    assert len(ax.collections) >= 1 and "chance" in [t.get_text() for t in ax.get_legend().get_texts()]
+    plt.close(fig)

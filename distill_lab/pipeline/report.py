@@ -17,15 +17,18 @@ from tqdm.auto import tqdm
 from .._fs import atomic_write_text
 from ..claims import MARKS
 from ..claims import verdict as summarise
-from ..evaluate import environment_info
+from ..evaluate import environment_info, task_accuracy
 from ..models import cache_dir
 from ..plotting import plot_pareto
 from ..profiles import Profile, get_profile
+from ..runtime import device_of
+from ..serialization import load_saved
 from .measure import eval_windows, relative, speedup
 from .recipe import Recipe, Step
 from .runner import run_recipe, teacher_metrics
 
-__all__ = ["ComparisonTable", "STUDENT_DISTIL", "STUDENT_PRUNE", "SeedClaim", "combined_recipe", "comparison_table",
+__all__ = ["CLAIMS_TASK", "CLAIMS_TASK_LIMIT", "ComparisonTable", "STUDENT_DISTIL", "STUDENT_PRUNE", "SeedClaim",
+           "combined_recipe", "comparison_table",
            "seed_rows", "verdict"]
 
 
@@ -49,6 +52,24 @@ class SeedClaim:
         q = self.quality_loss_pct
         quality = f"<{q[1]:g}%" if q[0] == 0 else rng(q[0], q[1], "%")
         return f"{rng(*self.size, '×')} / {rng(*self.speed, '×')} / {quality}"
+
+
+# task accuracy beside perplexity (lm-evaluation-harness, an offline task): documents scored per model;
+# the verdicts stay on the seed's quality column (Δ perplexity), accuracy is shown with its standard error
+CLAIMS_TASK = "pydoc_mc"
+CLAIMS_TASK_LIMIT = {"smoke": 16, "laptop": 150, "gpu": None}
+
+
+def _accuracy(model: nn.Module, tokenizer, task: str, limit: int | None) -> dict:
+    """``acc_<task>``, ``acc_stderr_<task>``, ``acc_n_<task>`` and ``acc_chance_<task>`` of one model."""
+    r = task_accuracy(model, tokenizer, task, limit=limit, progress=False)[task]
+    return {f"acc_{task}": r["acc"], f"acc_stderr_{task}": r["acc_stderr"], f"acc_n_{task}": r["n"],
+            f"acc_chance_{task}": r.get("chance")}
+
+
+def _lm_eval_installed() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("lm_eval") is not None
 
 
 # the student of notebook 01 (22 of 30 blocks by Block Influence, 19 of 24 groups of 64 MLP channels)
@@ -134,31 +155,46 @@ class ComparisonTable:
     teacher: dict  # the teacher's metrics
     profile: str
     env: dict = field(default_factory=dict)
+    task: str | None = None  # the lm-eval task of the accuracy column (None: no column)
 
     def markdown(self) -> str:
         """Markdown table: size, speed and quality measured, the seed's claim, a verdict."""
-        t = self.teacher
+        t, task = self.teacher, self.task
+        acc = ""
+        if task is not None:
+            chance = t.get(f"acc_chance_{task}")
+            acc = (f", {task} accuracy {t[f'acc_{task}']:.3f} ± {t[f'acc_stderr_{task}']:.3f} on "
+                   f"{t[f'acc_n_{task}']} documents" + (f" (chance {chance:.2f})" if chance is not None else ""))
         lines = [f"Measured on the teacher (SmolLM2-135M-Instruct, fp32: {t['size_bytes'] / 2**20:.0f} MiB, "
-                 f"pydoc test ppl {t['ppl_pydoc']:.2f}, stdlib-code ppl {t['ppl_stdlib-code']:.2f}, prefill "
+                 f"pydoc test ppl {t['ppl_pydoc']:.2f}, stdlib-code ppl {t['ppl_stdlib-code']:.2f}{acc}, prefill "
                  f"{t['prefill_tokens_per_s']:.0f} tok/s, decode {t['decode_tokens_per_s']:.1f} tok/s), "
                  f"{self.profile} profile.", "",
                  "| technique | size on disk | size reduction | prefill speed-up (IQR) | decode speed-up (IQR) | "
-                 "Δppl pydoc | ppl ratio | Δppl stdlib-code | claimed (size / speed / loss) | verdict |",
-                 "|---|---|---|---|---|---|---|---|---|---|"]
+                 "Δppl pydoc | ppl ratio | Δppl stdlib-code | "
+                 + (f"{task} accuracy (± s.e.) | " if task else "")
+                 + "claimed (size / speed / loss) | verdict |",
+                 "|---|---|---|---|---|---|---|---|---|" + ("---|" if task else "") + "---|"]
         for r in self.rows:
             m, v = r["metrics"], r["verdict"]
             lines.append(
                 f"| {r['name']} | {m['size_bytes'] / 2**20:.1f} MiB | {m['size_reduction']:.1f}× | "
                 f"{speedup(m, 'prefill')} | {speedup(m, 'decode')} | {m['dppl_pct_pydoc']:+.2f}% | "
-                f"{m['ppl_ratio_pydoc']:.3f} | {m['dppl_pct_stdlib-code']:+.1f}% | {r['claim']} | "
-                f"{v['verdict']} ({v['why']}) |")
+                f"{m['ppl_ratio_pydoc']:.3f} | {m['dppl_pct_stdlib-code']:+.1f}% | "
+                + (f"{m[f'acc_{task}']:.3f} ± {m[f'acc_stderr_{task}']:.3f} | " if task else "")
+                + f"{r['claim']} | {v['verdict']} ({v['why']}) |")
+        if task:
+            lines += ["", f"The verdicts judge quality by Δppl, the seed's quality column; the {task} accuracy "
+                          f"(lm-evaluation-harness, an offline task of distill_lab) is shown beside it, with its "
+                          f"standard error: two accuracies closer than about twice that are not different on this "
+                          f"evidence."]
         lines += ["", "What each row ran:", ""]
         lines += [f"- **{r['name']}**: {r['description']} (`{r['recipe_text']}`)" for r in self.rows]
         return "\n".join(lines) + "\n"
 
     def to_dict(self) -> dict:
         """Plain data for JSON."""
-        return {"profile": self.profile, "teacher": self.teacher, "rows": self.rows, "env": self.env}
+        return {"profile": self.profile, "teacher": self.teacher, "rows": self.rows, "env": self.env,
+                "task": self.task}
 
     def pareto_points(self) -> list[dict]:
         """Points for the Pareto plot: name, size MiB, ppl ratio, decode ms/token (teacher first)."""
@@ -188,13 +224,21 @@ class ComparisonTable:
 def comparison_table(teacher: nn.Module, tokenizer, profile: Profile | str | None = None,
                      work_dir: str | Path | None = None, rows=None, seed: int = 0,
                      progress: bool = True, results: dict | None = None,
-                     measure_steps: str = "last", teacher_stats: dict | None = None) -> ComparisonTable:
+                     measure_steps: str = "last", teacher_stats: dict | None = None,
+                     task: str | None = "auto") -> ComparisonTable:
     """Measure the seed's five rows on ``teacher`` (each a recipe; finished rows are reused from ``work_dir``).
 
     ``rows`` defaults to ``seed_rows()``; ``results`` maps a row name to a ``RecipeResult`` that was
     already run (e.g. the notebook's combined recipe) so it is not run again; ``teacher_stats``, the
     teacher measured in this run on the same windows (``teacher_metrics``), so it is not measured again.
+    ``task``: an lm-eval task scored on the teacher and on every row's final model (its saved folder),
+    ``CLAIMS_TASK_LIMIT[profile]`` documents each; ``"auto"`` is ``CLAIMS_TASK`` when lm-eval is installed
+    (else no accuracy column, with a notice), ``None`` none.
     """
+    if task == "auto":
+        task = CLAIMS_TASK if _lm_eval_installed() else None
+        if task is None:
+            print("lm-eval is not installed (pip install lm-eval): the claims table has no task-accuracy column")
 
     profile = profile if isinstance(profile, Profile) else get_profile(profile)
     work_dir = Path(work_dir) if work_dir is not None else cache_dir() / f"compare-{profile.name}"
@@ -204,6 +248,9 @@ def comparison_table(teacher: nn.Module, tokenizer, profile: Profile | str | Non
     windows = eval_windows(tokenizer, profile)
     base = teacher_stats if teacher_stats is not None else \
         teacher_metrics(teacher, tokenizer, profile, windows, cache=work_dir / "teacher.json", progress=progress)
+    limit = CLAIMS_TASK_LIMIT.get(profile.name)
+    if task is not None and f"acc_{task}" not in base:
+        base = {**base, **_accuracy(teacher, tokenizer, task, limit)}
     out = []
     for name, recipe, claim in tqdm(rows, desc="comparison rows", unit="row", disable=not progress):
         result = results.get(name)
@@ -213,9 +260,15 @@ def comparison_table(teacher: nn.Module, tokenizer, profile: Profile | str | Non
                                 cache_dir=work_dir, measure_steps=measure_steps)
         m = dict(result.final.metrics)
         m.update(relative(m, base))  # ratios against this table's teacher measurement
+        if task is not None:
+            model = result.model if result.model is not None else load_saved(result.final.folder,
+                                                                              device=device_of(teacher))[0]
+            m.update(_accuracy(model, tokenizer, task, limit))
+            m[f"dacc_{task}"] = 100.0 * (m[f"acc_{task}"] - base[f"acc_{task}"])  # points
+            del model
         out.append({"name": name, "recipe": recipe.to_dict(), "description": recipe.description,
                     "recipe_text": " → ".join(s.label for s in recipe.steps),
                     "claim": claim.text(), "claim_ranges": dataclasses.asdict(claim),
                     "metrics": m, "verdict": verdict(m, claim),
                     "steps": [{"stage": s.label, **s.metrics} for s in result.steps if s.metrics]})
-    return ComparisonTable(rows=out, teacher=base, profile=profile.name, env=environment_info())
+    return ComparisonTable(rows=out, teacher=base, profile=profile.name, env=environment_info(), task=task)
