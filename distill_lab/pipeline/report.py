@@ -183,10 +183,10 @@ class ComparisonTable:
                 + (f"{m[f'acc_{task}']:.3f} ± {m[f'acc_stderr_{task}']:.3f} | " if task else "")
                 + f"{r['claim']} | {v['verdict']} ({v['why']}) |")
         if task:
-            lines += ["", f"The verdicts judge quality by Δppl, the seed's quality column; the {task} accuracy "
-                          f"(lm-evaluation-harness, an offline task of distill_lab) is shown beside it, with its "
-                          f"standard error: two accuracies closer than about twice that are not different on this "
-                          f"evidence."]
+            lines += ["", f"The verdicts judge quality by Δppl, the claims table's quality-loss column; the {task} "
+                          f"accuracy (lm-evaluation-harness, an offline task of distill_lab) is shown beside it, with "
+                          f"its standard error: two accuracies closer than about twice the standard error of their "
+                          f"difference are not different on this evidence."]
         lines += ["", "What each row ran:", ""]
         lines += [f"- **{r['name']}**: {r['description']} (`{r['recipe_text']}`)" for r in self.rows]
         return "\n".join(lines) + "\n"
