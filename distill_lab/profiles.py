@@ -96,6 +96,11 @@ _CLAIM_01 = dict(param_ratio="the course's claim (non-embedding parameters, teac
                  rep4="the course's claim (share of repeated 4-grams in each held-out prompt's greedy continuation), "
                       "not fitted to a run")
 LESSONS: dict[str, dict[str, dict]] = {
+    "00": {  # task_limit: documents scored per lm-eval task in section 4's accuracy check (None: all 300)
+        "smoke": dict(task_limit=16),
+        "laptop": dict(task_limit=None),
+        "gpu": dict(task_limit=None),
+    },
     "01": {  # 2 CPU cores: one student step costs about 1.5 s per 4 x 128 tokens
         # bands: what the lesson checks; basis: where each band comes from (printed by the lesson)
         "smoke": dict(sizes=dict(seq=64, batch=2, steps=8, warmup=1, eval_at=(2, 4, 6, 8), val_windows=8,
@@ -115,11 +120,6 @@ LESSONS: dict[str, dict[str, dict]] = {
                     bands=dict(param_ratio=1.5, ppl_ratio=1.5, rep4=0.2), lab_steps=20,
                     basis=dict(_CLAIM_01, ppl_ratio="the course's claim, tighter for the GPU profile's 100x the laptop's "
                                                     "training tokens; not fitted to a run (none on a GPU yet)")),
-    },
-    "00": {  # task_limit: documents scored per lm-eval task in section 4's accuracy check (None: all 300)
-        "smoke": dict(task_limit=16),
-        "laptop": dict(task_limit=None),
-        "gpu": dict(task_limit=None),
     },
     "02": {
         "smoke": dict(sizes=dict(eval_windows=_SMOKE.eval_windows, awq_grid=3, gptq=False, qat_steps=1,

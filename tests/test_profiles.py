@@ -40,7 +40,7 @@ def test_every_lesson_size_comes_from_the_profile():
     a = PROFILES["laptop"].lesson("03")
     a["heal_steps"] = -1  # a copy: the table is not changed through it
     assert PROFILES["laptop"].lesson("03")["heal_steps"] == 24
-    with pytest.raises(ValueError, match="lesson='05'; allowed: 01, 02, 03, 04"):
+    with pytest.raises(ValueError, match="lesson='05'; allowed: 00, 01, 02, 03, 04"):
         PROFILES["laptop"].lesson("05")
     assert "lesson" not in json.dumps(PROFILES["laptop"].to_dict())  # recipe records compare to_dict()
     root = Path(__file__).resolve().parents[1] / "notebooks"
