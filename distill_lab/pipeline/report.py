@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .._fs import atomic_write_text
 from ..claims import MARKS
 from ..claims import verdict as summarise
-from ..evaluate import environment_info, task_accuracy
+from ..evaluate import LM_EVAL_HINT, environment_info, require_lm_eval, task_accuracy
 from ..models import cache_dir
 from ..plotting import plot_pareto
 from ..profiles import Profile, get_profile
@@ -55,7 +55,7 @@ class SeedClaim:
 
 
 # task accuracy beside perplexity (lm-evaluation-harness, an offline task): documents scored per model;
-# the verdicts stay on the seed's quality column (Δ perplexity), accuracy is shown with its standard error
+# the verdicts stay on the claims table's quality-loss column (Δ perplexity), accuracy is shown with its standard error
 CLAIMS_TASK = "pydoc_mc"
 CLAIMS_TASK_LIMIT = {"smoke": 16, "laptop": 150, "gpu": None}
 
@@ -65,11 +65,6 @@ def _accuracy(model: nn.Module, tokenizer, task: str, limit: int | None) -> dict
     r = task_accuracy(model, tokenizer, task, limit=limit, progress=False)[task]
     return {f"acc_{task}": r["acc"], f"acc_stderr_{task}": r["acc_stderr"], f"acc_n_{task}": r["n"],
             f"acc_chance_{task}": r.get("chance")}
-
-
-def _lm_eval_installed() -> bool:
-    import importlib.util
-    return importlib.util.find_spec("lm_eval") is not None
 
 
 # the student of notebook 01 (22 of 30 blocks by Block Influence, 19 of 24 groups of 64 MLP channels)
@@ -236,9 +231,12 @@ def comparison_table(teacher: nn.Module, tokenizer, profile: Profile | str | Non
     (else no accuracy column, with a notice), ``None`` none.
     """
     if task == "auto":
-        task = CLAIMS_TASK if _lm_eval_installed() else None
-        if task is None:
-            print("lm-eval is not installed (pip install lm-eval): the claims table has no task-accuracy column")
+        try:
+            require_lm_eval()
+            task = CLAIMS_TASK
+        except ImportError:
+            task = None
+            print(f"no task-accuracy column in the claims table: {LM_EVAL_HINT}")
 
     profile = profile if isinstance(profile, Profile) else get_profile(profile)
     work_dir = Path(work_dir) if work_dir is not None else cache_dir() / f"compare-{profile.name}"
