@@ -32,7 +32,7 @@ from .export_ct import to_compressed_tensors
 from .hardware import check_env
 from .models import TEACHER_CACHE_NAME, cache_dir, load_model, load_teacher
 from .pipeline import (STEPS, Recipe, check_work_dir, comparison_table, eval_windows, group_size_skips, measure,
-                       run_recipe)
+                       relative, run_recipe, teacher_metrics)
 from .pipeline.publish import check_out, publish_export
 from .profiles import get_profile
 from .quantization import dispatch
@@ -65,6 +65,17 @@ def _model_path(model: str) -> Path | None:
     return path.resolve() if path.exists() else None
 
 
+def _teacher_on(windows: dict, tokenizer, profile) -> dict | None:
+    """The teacher's perplexity on ``windows`` (cached per profile), or None when the model's tokenizer is not
+    the teacher's (then its perplexities are not comparable, and no ratio is printed)."""
+    teacher, teacher_tok = load_teacher()
+    if len(tokenizer) != len(teacher_tok) or tokenizer("def f(x):").input_ids != teacher_tok("def f(x):").input_ids:
+        print("no ratio to the teacher: this model's tokenizer is not the teacher's", file=sys.stderr)
+        return None
+    return teacher_metrics(teacher, teacher_tok, profile, windows, progress=False, speed=False,
+                           cache=cache_dir() / f"eval-teacher-{profile.name}.json")
+
+
 def _cmd_course(args) -> int:
     _profile(args.profile)
     out = run_course(args.out, profile=args.profile, overwrite=args.overwrite)
@@ -80,10 +91,13 @@ def _cmd_eval(args) -> int:
     tasks = check_tasks(args.tasks) if args.tasks else []  # before the load: a bad name or no lm-eval fails fast
     model, tokenizer = _load(args.model)
     folder = cache_dir() / TEACHER_CACHE_NAME if args.model == "teacher" else Path(args.model)
-    print(f"measuring {args.model} ({profile.name} profile: {profile.recipe_eval_windows} windows x {profile.seq_len} "
-          f"tokens per corpus)", file=sys.stderr)
-    m = measure(model, eval_windows(tokenizer, profile), profile,
-                folder=folder if folder.is_dir() else None, progress=False)
+    print(f"measuring {args.model} ({profile.name} profile: {profile.recipe_eval_windows} pydoc and "
+          f"{profile.recipe_ood_windows} stdlib-code windows of {profile.seq_len} tokens)", file=sys.stderr)
+    windows = eval_windows(tokenizer, profile)
+    m = measure(model, windows, profile, folder=folder if folder.is_dir() else None, progress=False)
+    base = _teacher_on(windows, tokenizer, profile) if args.model != "teacher" else None
+    if base is not None:
+        m.update(relative(m, base))
     sample = generate_samples(model, tokenizer, [args.prompt], max_new_tokens=profile.gen_tokens)[0]
     accuracy = {}
     if tasks:
@@ -97,13 +111,21 @@ def _cmd_eval(args) -> int:
     print(f"model            {args.model}")
     print(f"parameters       {m['params'] / 1e6:.1f} M")
     print(f"size on disk     {m['size_bytes'] / 2**20:.1f} MiB (weights)")
-    print(f"ppl pydoc        {m['ppl_pydoc']:.2f}   (in-domain, test split)")
-    print(f"ppl stdlib-code  {m['ppl_stdlib-code']:.2f}   (out-of-domain)")
+    about = {}  # per corpus: how many windows, and the ratio to the teacher on the same windows
+    for corpus in ("pydoc", "stdlib-code"):
+        n = m.get(f"eval_windows_{corpus}")
+        ratio = (f"ratio {m[f'ppl_ratio_{corpus}']:.3f} to the teacher's {base[f'ppl_{corpus}']:.2f}"
+                 if base is not None and f"ppl_ratio_{corpus}" in m else None)
+        about[corpus] = "".join(f", {part}" for part in (f"{n} windows" if n else None, ratio) if part)
+    print(f"ppl pydoc        {m['ppl_pydoc']:.2f}   (in-domain, test split{about['pydoc']})")
+    print(f"ppl stdlib-code  {m['ppl_stdlib-code']:.2f}   (out-of-domain{about['stdlib-code']})")
     for line in format_accuracy(accuracy):  # acc ± stderr, chance: one line per task
         print(line)
     print(f"prefill          {m['prefill_tokens_per_s']:.0f} tokens/s  (batch {profile.recipe_latency_batch} x "
           f"{profile.latency_seq})")
-    print(f"decode           {m['decode_tokens_per_s']:.1f} tokens/s  (batch 1)")
+    print(f"decode           {m['decode_tokens_per_s']:.1f} tokens/s  (batch 1, the Hugging Face forward)")
+    if "decode_lean_tokens_per_s" in m:
+        print(f"decode, lean     {m['decode_lean_tokens_per_s']:.1f} tokens/s  (batch 1, distill_lab.decode.StaticDecoder)")
     print(f"sample           {args.prompt!r} ->{sample!r}")
     return 0
 

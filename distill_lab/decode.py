@@ -34,7 +34,15 @@ from .quantization.dispatch import kernel_path
 from .quantization.modules import Int4WeightOnlyLinear
 from .timing import stopwatch, timed
 
-__all__ = ["StaticDecoder"]
+__all__ = ["StaticDecoder", "lean_decode_supported"]
+
+
+def lean_decode_supported(model: nn.Module) -> str | None:
+    """None when ``StaticDecoder`` serves ``model``, else why not (one line)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type != "llama":
+        return f"StaticDecoder supports Llama models; got {model_type!r}"
+    return None
 
 
 def _fuse(mods: list[nn.Module]) -> nn.Module | None:
@@ -63,9 +71,10 @@ class StaticDecoder:
     """
 
     def __init__(self, model: nn.Module, max_len: int = 1024, fuse: bool = True, compile: bool = False):
+        reason = lean_decode_supported(model)
+        if reason is not None:
+            raise ValueError(reason)
         cfg = model.config
-        if getattr(cfg, "model_type", None) != "llama":
-            raise ValueError(f"StaticDecoder supports Llama models; got {getattr(cfg, 'model_type', None)!r}")
         self.model, self.max_len = model, max_len
         self.H, self.G = cfg.num_attention_heads, cfg.num_key_value_heads
         self.d = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.H

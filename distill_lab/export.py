@@ -44,8 +44,8 @@ from torch import nn
 from ._fs import DamagedFileError, atomic_file
 from .models import open_gguf, teacher_gguf_path
 from .quantization import formats  # noqa: F401  the built-in formats register their GGUF mappings
-from .quantization.embeddings import Int4Embedding
-from .quantization.modules import Int8Embedding, QuantizedModule
+from .quantization.api import dequantize_
+from .quantization.modules import QuantizedModule
 from .quantization.registry import module_format
 from .tensors import same_tensor
 
@@ -343,20 +343,5 @@ def _tensor_data(path, t, raw: bool) -> np.ndarray:
 def float_copy(model: nn.Module) -> nn.Module:
     """A float32 copy of a quantized model that computes with exactly its (dequantized) weights, in fp32."""
     out = copy.deepcopy(model).float()
-    for name, m in list(out.named_modules()):
-        if isinstance(m, (Int8Embedding, Int4Embedding)):  # skip_init: no random init, overwritten at once
-            new = torch.nn.utils.skip_init(nn.Embedding, m.num_embeddings, m.embedding_dim)
-            new.weight.data = m.dequantized_weight().float().cpu()
-        elif isinstance(m, QuantizedModule) and hasattr(m, "dequantized_weight"):
-            new = torch.nn.utils.skip_init(nn.Linear, m.in_features, m.out_features,
-                                           bias=getattr(m, "bias", None) is not None)
-            new.weight.data = m.dequantized_weight().float().cpu()
-            if new.bias is not None:
-                new.bias.data = m.bias.float().cpu()
-        else:
-            continue
-        parent, _, child = name.rpartition(".")
-        setattr(out.get_submodule(parent) if parent else out, child, new)
-    if getattr(out.config, "tie_word_embeddings", False):
-        out.get_output_embeddings().weight = out.get_input_embeddings().weight
+    dequantize_(out)
     return out.eval()

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-__all__ = ["label_points", "plot_accuracy", "plot_activation_outliers", "plot_bars", "plot_budget_curves", "plot_channel_ranges",
+__all__ = ["label_points", "plot_accuracy", "plot_activation_outliers", "plot_bars", "plot_speedups", "plot_budget_curves", "plot_channel_ranges",
            "plot_distillation_view", "plot_layer_pruning_view", "plot_loss_histories", "plot_pareto",
            "plot_quantization_view", "plot_recipe_steps", "plot_sparsity_curve", "plot_temperature_view",
            "plot_token_distribution", "plot_topk_fidelity", "plot_val_curves", "wide_range"]
@@ -58,6 +58,32 @@ def label_points(ax, xs, ys, names, fontsize: int = 8) -> list:
                 break
             note.remove()
     return out
+
+
+def plot_speedups(rows: dict[str, dict[str, tuple | None]], ax=None,
+                  title: str = "Speed-up against the fp32 teacher", ylabel: str = "speed-up (x)"):
+    """Grouped bars: for each row (a model), one bar per column (a phase or engine) at its median, the
+    interquartile range as an error bar; ``None`` leaves a gap (not measured). A line marks 1x."""
+    fig, ax = _axes(ax, figsize=(8, 3.8))
+    names = list(rows)
+    columns = list(dict.fromkeys(c for r in rows.values() for c in r))
+    width = 0.8 / max(len(columns), 1)
+    x = np.arange(len(names))
+    for j, col in enumerate(columns):
+        vals = [rows[n].get(col) for n in names]
+        xs = [x[i] + (j - (len(columns) - 1) / 2) * width for i, v in enumerate(vals) if v is not None]
+        med = [v[0] for v in vals if v is not None]
+        err = np.array([[v[0] - v[1], v[2] - v[0]] for v in vals if v is not None]).T.reshape(2, -1)
+        bars = ax.bar(xs, med, width, yerr=err, capsize=2, label=col)
+        for bar, m in zip(bars, med):
+            ax.annotate(f"{m:.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                        va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xticks(x, names, rotation=10)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return fig
 
 
 def plot_token_distribution(tokens: list[str], probs, title: str = "", ax=None):

@@ -37,8 +37,9 @@ class Profile:
     gen_tokens: int  # tokens generated for samples
     recipe_steps: int = 8  # distillation steps per distil/qat step of a compression recipe (lesson 04, report)
     recipe_batch: int = 4  # windows per distillation step of a compression recipe
-    recipe_eval_windows: int = 16  # test windows per corpus that score every step of a recipe (lesson 04, report)
+    recipe_eval_windows: int = 16  # pydoc test windows that score every step of a recipe (lesson 04, report)
     recipe_latency_batch: int = 4  # prefill batch (of latency_seq tokens) when a recipe times a step
+    recipe_ood_windows: int = 16  # stdlib-code test windows (out of domain) that score every step of a recipe
 
     def __post_init__(self):
         for field, value in asdict(self).items():
@@ -58,15 +59,18 @@ PROFILES: dict[str, Profile] = {
     "smoke": Profile("smoke", seq_len=128, eval_windows=8, batch_size=8, train_steps=8,
                      train_batch_size=4, calib_windows=4, latency_batch=2, latency_seq=64,
                      decode_tokens=8, repeats=1, gen_tokens=16,
-                     recipe_steps=4, recipe_batch=4, recipe_eval_windows=4, recipe_latency_batch=2),
+                     recipe_steps=4, recipe_batch=4, recipe_eval_windows=4, recipe_latency_batch=2,
+                     recipe_ood_windows=4),
     "laptop": Profile("laptop", seq_len=256, eval_windows=40, batch_size=8, train_steps=150,
                       train_batch_size=8, calib_windows=16, latency_batch=8, latency_seq=256,
                       decode_tokens=32, repeats=5, gen_tokens=40,
-                      recipe_steps=30, recipe_batch=4, recipe_eval_windows=16, recipe_latency_batch=4),
+                      recipe_steps=30, recipe_batch=4, recipe_eval_windows=40, recipe_latency_batch=4,
+                      recipe_ood_windows=8),
     "gpu": Profile("gpu", seq_len=512, eval_windows=200, batch_size=16, train_steps=1500,
                    train_batch_size=16, calib_windows=64, latency_batch=8, latency_seq=256,
                    decode_tokens=64, repeats=5, gen_tokens=60,
-                   recipe_steps=300, recipe_batch=16, recipe_eval_windows=200, recipe_latency_batch=8),
+                   recipe_steps=300, recipe_batch=16, recipe_eval_windows=200, recipe_latency_batch=8,
+                   recipe_ood_windows=200),
 }
 
 
@@ -142,7 +146,7 @@ LESSONS: dict[str, dict[str, dict]] = {
         "smoke": dict(bands=dict(combined_ratio=20.0, heal_factor=1.5, int4_after_heal=1.5), basis=_04_SMOKE_BASIS,
                       guard_lab=(2, 2, 2)),
         "laptop": dict(bands=dict(combined_ratio=2.5, heal_factor=2.0, int4_after_heal=1.3), basis=_04_BASIS,
-                       guard_lab=(4, 4, 4)),
+                       guard_lab=(2, 2, 4)),
         "gpu": dict(bands=dict(combined_ratio=2.5, heal_factor=2.0, int4_after_heal=1.3), basis=_04_BASIS,
                     guard_lab=(4, 4, 4)),
     },

@@ -105,8 +105,8 @@ def temperature_widget(logits, tokenizer, k: int = 10, value: float = 1.0):
 
 
 def recipe_panel(run, plot, heads_keep: float = 1.0, channels_keep: float = STUDENT_PRUNE["channels_keep"],
-                 layers_keep: float = STUDENT_PRUNE["layers_keep"], distil_steps: int = 8, quantize: str = "int4 + AWQ", embedding_bits: int | None = 4,
-                 max_steps: int = 300):
+                 layers_keep: float = STUDENT_PRUNE.get("layers_keep", 1.0), distil_steps: int = 8,
+                 quantize: str = "int4 QAT from AWQ + GPTQ", embedding_bits: int | None = 4, max_steps: int = 300):
     """Recipe knobs (prune, distil, quantize) that run ``run(**knobs)`` only when "Run recipe" is clicked, then ``plot``.
 
     ``run`` is a pure compute function (e.g. build a recipe from the knobs and call ``run_recipe``);

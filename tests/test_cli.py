@@ -1,5 +1,6 @@
 """The command line: help everywhere, one-line errors with non-zero exit codes, compress -> load_model -> generate."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -101,6 +102,9 @@ def test_compress_then_load_model_then_generate(tmp_path, teacher, capsys):
     assert main(["eval", str(out), "--profile", "smoke"]) == 0
     card = capsys.readouterr().out
     assert "ppl pydoc" in card and "size on disk" in card
+    # its tokenizer is the teacher's: the card gives the perplexity ratio to the teacher on the same windows
+    assert re.search(r"ppl pydoc .*\(in-domain, test split, 4 windows, ratio [0-9.]+ to the teacher's [0-9.]+\)", card)
+    assert "decode, lean" in card
     # the export is recognised: replaced only with --overwrite (issue 11), then resumed from the saved steps
     args = ["compress", "--recipe", recipe, "--out", str(out), "--teacher", str(src), "--profile", "smoke", "--quiet"]
     assert main(args) == 2 and "--overwrite" in capsys.readouterr().err

@@ -40,6 +40,44 @@ def test_pruned_shapes_and_unfused_path():
     assert torch.equal(StaticDecoder(small, max_len=32, fuse=False).generate(ids, 12), ref)
 
 
+def _narrow_mlp(mlp, keep: int) -> None:
+    """Keep the first ``keep`` channels of one block's MLP (a block narrower than the others)."""
+    from torch import nn
+
+    for name in ("gate_proj", "up_proj"):
+        old = getattr(mlp, name)
+        new = nn.Linear(old.in_features, keep, bias=False)
+        new.weight.data = old.weight.data[:keep].clone()
+        setattr(mlp, name, new)
+    old = mlp.down_proj
+    new = nn.Linear(keep, old.out_features, bias=False)
+    new.weight.data = old.weight.data[:, :keep].clone()
+    mlp.down_proj = new
+
+
+def test_pruned_int4_everywhere_student_greedy_equals_hf_generate():
+    """The combined recipe's kind of model: fewer blocks (Block Influence), fewer heads and MLP channels, one block
+    narrower than the others, then int4 everywhere (every block Linear, the embedding and its tied head)."""
+    from distill_lab.pruning import StructuredConfig, prune_structured
+    from distill_lab.quantization.modules import Int4WeightOnlyLinear
+
+    model = tiny_llama(vocab_size=256, hidden_size=64, num_layers=6, intermediate_size=256, num_heads=4,
+                       num_kv_heads=2)
+    calibration = [torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))]
+    small = prune_structured(model, StructuredConfig(layers_keep=0.67, heads_keep=0.5, channels_keep=0.75),
+                             calibration=calibration).eval()
+    assert len(small.model.layers) == 4 and small.model.layers[0].mlp.up_proj.out_features == 192
+    _narrow_mlp(small.model.layers[1].mlp, 128)  # non-uniform widths: 192, 128, 192, 192
+    quantize_(small, Int4WeightOnlyConfig(group_size=32, embedding_bits=4))
+    assert all(isinstance(m, Int4WeightOnlyLinear) for layer in small.model.layers
+               for m in (layer.self_attn.q_proj, layer.mlp.down_proj))
+    assert type(small.model.embed_tokens).__name__ != "Embedding"  # the embedding (and tied head) is int4 too
+    for seed in (1, 2):
+        ids = _ids(seed=seed)
+        ref = _hf(small, ids, 16)
+        assert torch.equal(StaticDecoder(small, max_len=32).generate(ids, 16), ref)
+
+
 def test_errors():
     model = tiny_llama()
     dec = StaticDecoder(model, max_len=16)
@@ -64,6 +102,22 @@ def test_teacher_int4_greedy_equals_hf(teacher):
     quantize_(q4, Int4WeightOnlyConfig(group_size=64))
     ids = tok("The Python `with` statement is used to", return_tensors="pt").input_ids
     assert torch.equal(StaticDecoder(q4, max_len=128).generate(ids, 16), _hf(q4, ids, 16))
+
+
+@pytest.mark.teacher
+def test_teacher_width_student_int4_everywhere_greedy_equals_hf(teacher):
+    """The combined recipe's shape on the real teacher: half of every block's MLP channels (768 of 1536), then int4
+    g64 everywhere (blocks, embedding and tied head; AWQ and GPTQ change the codes, not the modules): the same
+    greedy tokens."""
+    from distill_lab.pruning import StructuredConfig, prune_structured
+
+    model, tok = teacher
+    ids = tok("The Python `with` statement is used to", return_tensors="pt").input_ids
+    small = prune_structured(model, StructuredConfig(channels_keep=0.5, importance="l2_norm")).eval()
+    quantize_(small, Int4WeightOnlyConfig(group_size=64, embedding_bits=4))
+    assert small.model.layers[0].mlp.up_proj.out_features == 768
+    assert type(small.model.embed_tokens).__name__ == "Int4Embedding"
+    assert torch.equal(StaticDecoder(small, max_len=128).generate(ids, 16), _hf(small, ids, 16))
 
 
 @pytest.mark.parametrize("quantized", [False, True])

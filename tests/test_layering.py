@@ -31,6 +31,7 @@ LAYERS = {
     "quantization.formats": 3,  # the built-in formats, registered
     # 4: saving and loading every kind of model the package writes
     "serialization": 4,
+    "decode": 4,  # the lean batch-1 decode loop: the engine evaluate times beside the HF forward
     # 5: models and measurements
     "models": 5, "evaluate": 5, "calibration": 5,
     # 6: distillation (its trainer is the one training loop; pruning and QAT use it)
@@ -38,7 +39,7 @@ LAYERS = {
     # 7: the techniques that transform a model
     "quantization": 7, "pruning": 7,
     # 8: what combines or ships techniques
-    "pipeline": 8, "export": 8, "export_ct": 8, "decode": 8,
+    "pipeline": 8, "export": 8, "export_ct": 8,
     # 9: what a lesson shows
     "views": 9, "speed": 9, "exercises": 9, "course": 9, "support": 9,
     "widgets": 10,

@@ -320,6 +320,29 @@ def test_verdict_and_claim_text():
     assert pipeline.verdict(dict(noisy, decode_speedup_iqr=[1.85, 2.2]), claim)["verdict"] == "holds"
 
 
+def test_verdict_takes_the_lean_decode_like_for_like_never_against_the_hf_forward():
+    from distill_lab.pipeline.measure import relative, speedup
+
+    claim = pipeline.SeedClaim((4, 4), (3, 4), (0, 1))
+    slow_hf = {"size_reduction": 4.0, "prefill_speedup": 1.2, "decode_speedup": 1.5, "dppl_pct_pydoc": 0.5}
+    assert pipeline.verdict(slow_hf, claim)["speed"] is False  # the HF forward alone: 1.5x < 0.9 x 3
+    # lean decode 3.2x the fp32 teacher's lean decode: like for like, the speed column holds
+    assert pipeline.verdict(dict(slow_hf, decode_lean_speedup=3.2), claim)["speed"] is True
+    # 5x against the teacher's *HF* decode mixes two engines: never what the verdict reads
+    mixed = dict(slow_hf, decode_lean_speedup=2.0, decode_lean_hf_speedup=5.0)
+    assert pipeline.verdict(mixed, claim)["speed"] is False
+    assert speedup(slow_hf, "decode_lean") is None and speedup(mixed, "decode_lean_hf").median == 5.0
+    with pytest.raises(ValueError, match="phase='lean'"):
+        speedup(slow_hf, "lean")
+    # unpaired measurements: the ratios come from tokens/s, each engine against its own and against HF fp32
+    base = {"size_bytes": 100, "prefill_tokens_per_s": 100.0, "decode_tokens_per_s": 10.0,
+            "decode_lean_tokens_per_s": 20.0}
+    model = {"size_bytes": 25, "prefill_tokens_per_s": 150.0, "decode_tokens_per_s": 15.0,
+             "decode_lean_tokens_per_s": 60.0}
+    r = relative(model, base)
+    assert r["decode_lean_speedup"] == 3.0 and r["decode_lean_hf_speedup"] == 6.0 and r["size_reduction"] == 4.0
+
+
 def test_seed_rows_and_shipped_combined_recipe_agree():
     rows = pipeline.seed_rows()
     assert [r[0] for r in rows] == ["INT8 quantization", "INT4 quantization", "Distillation", "50% pruning",
@@ -331,8 +354,12 @@ def test_seed_rows_and_shipped_combined_recipe_agree():
     recipes = {name: recipe for name, recipe, _ in rows}
     assert [s.to_dict() for s in recipes["Distillation"].steps] == [s.to_dict() for s in shipped.steps[:2]]
     assert recipes["Distillation"].fingerprint(1) == shipped.fingerprint(1)
-    assert shipped.steps[2].config["embedding_bits"] == 4 and recipes["INT4 quantization"].steps[0].config[
-        "embedding_bits"] == 4
+    # the combined model is int4 everywhere (its 10x needs the int4 embedding), healed by QAT from AWQ + GPTQ's grid;
+    # the INT4 row is lesson 02's best one-shot variant: AWQ + GPTQ blocks with the int8 embedding
+    assert shipped.steps[2].kind == "qat" and shipped.steps[2].config["embedding_bits"] == 4
+    assert shipped.steps[2].config["start"] == "awq+gptq"
+    int4 = recipes["INT4 quantization"].steps[0].config
+    assert int4["algorithm"] == "awq+gptq" and int4["embedding_bits"] == 8
 
 
 def test_comparison_table_on_a_tiny_teacher(tmp_path, teacher64, data, monkeypatch):
@@ -346,6 +373,13 @@ def test_comparison_table_on_a_tiny_teacher(tmp_path, teacher64, data, monkeypat
     assert [r["name"] for r in table.rows] == ["INT8 quantization", "50% pruning"]
     md = table.markdown()
     assert md.count("\n| ") == 3 and "| INT8 quantization |" in md and "nan" not in md
+    # timed as deployed: every row and the teacher in the same rounds, in both engines, both fp32 baselines named
+    assert "decode, lean vs lean fp32 (IQR)" in md and "decode, lean vs HF fp32 (IQR)" in md
+    assert "tok/s in the lean decoder" in md and "the two fp32 baselines" in md
+    rounds = {r["metrics"]["speed_rounds"] for r in table.rows}
+    assert rounds == {PROFILE.repeats} and table.teacher["decode_lean_tokens_per_s"] > 0
+    bars = table.speed_bars()
+    assert list(bars) == ["INT8", "50% pruning"] and bars["INT8"]["decode, lean vs lean fp32"][0] > 0
     paths = table.save(tmp_path / "reports")
     assert [p.name for p in paths] == ["comparison.md", "comparison.json", "comparison_pareto.png"]
     data_json = json.loads(paths[1].read_text())
@@ -436,6 +470,45 @@ def test_qat_step_trains_then_converts_to_real_int4(tmp_path, teacher64, data):
     assert step.metrics["size_reduction"] > 3
     with pytest.raises(ValueError, match=r"step 'qat': .*group_size=63"):
         Recipe("bad", [{"qat": {"group_size": 63}}])
+
+
+def test_a_shorter_qat_step_reads_the_distil_steps_teacher_cache(tmp_path, teacher64, data):
+    """A qat step after a distil step trains on the first windows of the same cached teacher logits (one file)."""
+    recipe = Recipe("dq", [{"distil": {"steps": 2, "batch_size": 2, "top_k": 8}},
+                           {"qat": {"format": "int4", "group_size": 64, "steps": 1, "batch_size": 2, "top_k": 8}}])
+    _run(teacher64, recipe, tmp_path / "run", data, cache_dir=tmp_path / "cache")
+    caches = list((tmp_path / "cache").glob("teacher_top8_*.safetensors"))
+    assert len(caches) == 1
+    from distill_lab.distillation import TeacherCache
+
+    assert len(TeacherCache.load(caches[0])) >= 4  # the profile's budget of windows (or all there are), not 2
+
+
+def test_qat_from_gptq_grid_and_awq_gptq_quantize_steps(tmp_path, teacher64, data):
+    """Quantization that heals: a qat step may start from AWQ + GPTQ's int4 weights (dequantized) and trains
+    through the embedding's rounding; a quantize step may chain AWQ scaling and GPTQ rounding."""
+    from distill_lab.pipeline.steps import QATStep, QuantizeStep
+
+    assert QuantizeStep.from_knobs({"algorithm": "awq+gptq"}).algorithm == "awq+gptq"
+    with pytest.raises(ValueError, match=r"algorithm 'awq\+gptq' needs format int4"):
+        QuantizeStep.from_knobs({"format": "w8a8", "algorithm": "awq+gptq"})
+    assert QATStep.from_knobs({"start": "awq+gptq"}).start == "awq+gptq"
+    with pytest.raises(ValueError, match=r"start='gptq'; allowed: float, awq, awq\+gptq"):
+        QATStep.from_knobs({"start": "gptq"})
+    with pytest.raises(ValueError, match=r"start='awq' with format='w8a8'"):
+        QATStep.from_knobs({"format": "w8a8", "start": "awq"})
+    with pytest.raises(ValueError, match=r"embedding=1; allowed: true or false"):
+        QATStep.from_knobs({"embedding": 1})
+    one_shot = _run(teacher64, Recipe("ag", [{"quantize": {"format": "int4", "group_size": 64, "embedding_bits": 4,
+                                                            "algorithm": "awq+gptq"}}]), tmp_path / "ag", data)
+    assert one_shot.final.extras["awq_exponents"] and one_shot.final.extras["quantized"]["int4_embedding"] == 1
+    healed = _run(teacher64, Recipe("qg", [{"qat": {"format": "int4", "group_size": 64, "embedding_bits": 4,
+                                                    "start": "awq+gptq", "steps": 2, "batch_size": 2, "top_k": 8,
+                                                    "lr": 1e-6}}]), tmp_path / "qg", data)
+    assert healed.final.extras["awq_exponents"] and healed.final.extras["quantized"]["int4_embedding"] == 1
+    # two steps at a tiny learning rate from GPTQ's grid: the model is (nearly) the one-shot one
+    ratio = healed.final.metrics["ppl_pydoc"] / one_shot.final.metrics["ppl_pydoc"]
+    assert 0.9 < ratio < 1.1, ratio
 
 
 def test_sibling_recipes_share_an_identical_first_step(tmp_path, data, scratch_steps):

@@ -74,3 +74,16 @@ def test_plot_accuracy_draws_each_model_per_task_with_error_bars_and_chance():
     assert [t.get_text() for t in ax.get_xticklabels()] == ["mc", "cloze"]
     assert len(ax.collections) >= 1 and "chance" in [t.get_text() for t in ax.get_legend().get_texts()]
     plt.close(fig)
+
+
+def test_plot_speedups_groups_columns_per_model_with_iqr_and_gaps():
+    from distill_lab.plotting import plot_speedups
+
+    rows = {"INT8": {"prefill": (2.0, 1.9, 2.1), "decode, lean": None},
+            "Combined": {"prefill": (1.5, 1.4, 1.6), "decode, lean": (4.2, 4.0, 4.4)}}
+    fig, ax = plt.subplots()
+    assert plot_speedups(rows, ax=ax) is fig
+    assert sorted(round(p.get_height(), 1) for p in ax.patches) == [1.5, 2.0, 4.2]  # the missing one is a gap
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["prefill", "decode, lean"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["INT8", "Combined"]
+    fig.savefig(__import__("io").BytesIO())

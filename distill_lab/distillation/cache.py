@@ -46,6 +46,12 @@ class TeacherCache:
         """Return the cached logits of the windows ``rows`` as ``TopKLogits``."""
         return TopKLogits(self.values[rows], self.indices[rows])
 
+    def head(self, n: int) -> "TeacherCache":
+        """The first ``n`` windows with their logits (the same tensors, sliced; ``self`` when it holds no more)."""
+        if n >= len(self):
+            return self
+        return TeacherCache(self.windows[:n], self.values[:n], self.indices[:n], self.mass[:n], dict(self.meta))
+
     def nbytes(self) -> int:
         """Bytes taken by the cached logits (values, indices and mass; windows excluded)."""
         return sum(t.numel() * t.element_size() for t in (self.values, self.indices, self.mass))

@@ -2,7 +2,8 @@
 
 Latency follows the usual LLM split: prefill (prompt processing, compute-bound) and decode (one token
 at a time, memory-bound). ``phase_probes`` is the one prefill/decode harness: ``latency`` times one
-model with it, ``compare_speed`` several models interleaved, with ``SpeedRatio``s against a baseline. Bytes in memory
+model with it, ``compare_speed`` several models interleaved, with ``SpeedRatio``s against a baseline, and with
+``lean=True`` also the decode of ``decode.StaticDecoder`` (the lean engine a deployment uses). Bytes in memory
 and on disk have their own homes: ``tensors.memory_bytes`` and ``serialization.weights_bytes``.
 """
 
@@ -16,11 +17,13 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..decode import StaticDecoder, lean_decode_supported
 from ..profiles import default_device
 from ..runtime import autocast, device_of
 from ..timing import MIN_ROUNDS, SpeedRatio, interleaved_medians, interleaved_times, medians, timed
 
-__all__ = ["compare_speed", "latency", "peak_memory", "phase_probes", "speed_row", "timing_prompts"]
+__all__ = ["compare_speed", "latency", "lean_decode_probe", "peak_memory", "phase_probes", "speed_row",
+           "timing_prompts"]
 
 
 def timing_prompts(vocab: int, batch: int, seq: int, prompt_len: int = 32, seed: int = 0,
@@ -67,6 +70,21 @@ def phase_probes(model: nn.Module, batch: int = 8, seq: int = 256, decode_tokens
     return {"prefill": prefill, "decode": decode}
 
 
+def lean_decode_probe(model: nn.Module, decode_tokens: int = 32, prompt_len: int = 32,
+                      seed: int = 0) -> Callable[[], float] | None:
+    """A probe timing ``decode_tokens`` greedy steps of ``decode.StaticDecoder`` after the same untimed
+    ``prompt_len``-token prompt as ``phase_probes``' decode; None for a model the lean decoder does not serve.
+
+    Build it after the model's last change (the decoder holds fused copies of some weights).
+    """
+    reason = lean_decode_supported(model)
+    if reason is not None:
+        return None
+    _, short = timing_prompts(model.config.vocab_size, 1, 1, prompt_len, seed, device_of(model))  # (1, P)
+    decoder = StaticDecoder(model, max_len=prompt_len + decode_tokens + 1)
+    return lambda: decoder.decode_s(short, decode_tokens)
+
+
 def speed_row(prefill_s: float, decode_s: float, batch: int, seq: int, decode_tokens: int) -> dict[str, float]:
     """Tokens/s of one prefill of (batch, seq) taking ``prefill_s`` and ``decode_tokens`` steps taking ``decode_s``."""
     return {"prefill_tokens_per_s": batch * seq / prefill_s, "prefill_s": prefill_s,
@@ -85,7 +103,8 @@ def latency(model: nn.Module, batch: int = 8, seq: int = 256, decode_tokens: int
 
 def compare_speed(models: dict[str, nn.Module], batch: int = 8, seq: int = 256, decode_tokens: int = 16,
                   repeats: int = MIN_ROUNDS, warmup: int = 1, bf16: bool | dict[str, bool] = False, seed: int = 0,
-                  decode: bool = True, progress: bool = False, baseline: str | None = None) -> dict[str, dict]:
+                  decode: bool = True, progress: bool = False, baseline: str | None = None,
+                  lean: bool = False) -> dict[str, dict]:
     """Prefill and decode tokens/s of several models, timed interleaved (A, B, C, A, B, C, ...), medians.
 
     Interleaving makes the ratios fair on a busy machine: a slow moment hits every model of that round alike.
@@ -97,9 +116,16 @@ def compare_speed(models: dict[str, nn.Module], batch: int = 8, seq: int = 256, 
     With decode timed, every row also holds ``prefill_per_decode_token``: how many times more tokens/s
     the model's prefill gives than its decode, as a ``SpeedRatio`` of the two phases' per-token times in the
     same rounds.
+    With ``lean`` (and ``decode``), each model the lean decoder serves is also decoded by ``decode.StaticDecoder``
+    in the same rounds (same prompt, same number of tokens): ``decode_lean_tokens_per_s``, and with
+    ``baseline`` the like-for-like ``decode_lean_speedup`` (lean against the baseline's lean decode) and
+    ``decode_lean_hf_speedup`` (lean against the baseline's Hugging Face decode: the gain a deployment sees).
+    A row the lean decoder does not serve says why in ``decode_lean_skipped``.
     """
     if baseline is not None and baseline not in models:
         raise ValueError(f"baseline={baseline!r}; allowed: one of {list(models)}")
+    if lean and not decode:
+        raise ValueError("lean=True with decode=False; allowed: lean decode is timed only with decode=True")
     flags = bf16 if isinstance(bf16, dict) else {name: bf16 for name in models}
     probes = {}
     for name, model in models.items():
@@ -107,6 +133,8 @@ def compare_speed(models: dict[str, nn.Module], batch: int = 8, seq: int = 256, 
         probes[(name, "prefill")] = phases["prefill"]
         if decode:
             probes[(name, "decode")] = phases["decode"]
+        if lean and lean_decode_supported(model) is None:
+            probes[(name, "decode_lean")] = lean_decode_probe(model, decode_tokens, prompt_len=32, seed=seed)
     times = interleaved_times(probes, repeats=repeats, warmup=warmup, progress=progress)
     med = medians(times)
     out = {}
@@ -119,8 +147,26 @@ def compare_speed(models: dict[str, nn.Module], batch: int = 8, seq: int = 256, 
         if baseline is not None:
             for phase in ("prefill", "decode") if decode else ("prefill",):
                 row[f"{phase}_speedup"] = SpeedRatio.of_rounds(times[baseline, phase], times[name, phase])
+        if lean:
+            _lean_columns(row, name, models[name], times, baseline, decode_tokens)
         out[name] = row
     return out
+
+
+def _lean_columns(row: dict, name: str, model: nn.Module, times: dict, baseline: str | None,
+                  decode_tokens: int) -> None:
+    """Add the lean decoder's columns of ``compare_speed`` to ``row`` (or why it has none)."""
+    if (name, "decode_lean") not in times:
+        row["decode_lean_skipped"] = lean_decode_supported(model)
+        return
+    lean_s = medians({"lean": times[name, "decode_lean"]})["lean"]
+    row["decode_lean_tokens_per_s"] = decode_tokens / lean_s
+    row["decode_lean_ms_per_token"] = 1000 * lean_s / decode_tokens
+    if baseline is None:
+        return
+    row["decode_lean_hf_speedup"] = SpeedRatio.of_rounds(times[baseline, "decode"], times[name, "decode_lean"])
+    if (baseline, "decode_lean") in times:
+        row["decode_lean_speedup"] = SpeedRatio.of_rounds(times[baseline, "decode_lean"], times[name, "decode_lean"])
 
 
 def _rss_peak_bytes() -> int:

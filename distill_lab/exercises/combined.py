@@ -238,8 +238,9 @@ def size_of_knobs(size_model, config, knobs: dict, group_size: int = 64) -> dict
     """:func:`predicted_parts` of the shape a recipe's knobs give ``config`` (int4 recipes only)."""
     if not str(knobs.get("quantize", "")).startswith("int4") or knobs.get("embedding_bits", 4) != 4:
         raise ValueError(f"quantize={knobs.get('quantize')!r}, embedding_bits={knobs.get('embedding_bits', 4)!r}: "
-                         "this size model covers int4 g64 blocks + an int4 g64 embedding; choose quantize='int4' "
-                         "or 'int4 + AWQ' with embedding_bits=4")
+                         "this size model covers int4 g64 blocks + an int4 g64 embedding; choose an int4 quantize "
+                         "choice ('int4', 'int4 + AWQ', 'int4 + AWQ + GPTQ', 'int4 QAT from AWQ + GPTQ') with "
+                         "embedding_bits=4")
     cfg = pruned_config(config, knobs.get("heads_keep", 1.0), knobs.get("channels_keep", 1.0),
                         knobs.get("layers_keep", 1.0))
     return predicted_parts(size_model, cfg, group_size)

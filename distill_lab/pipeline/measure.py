@@ -11,24 +11,26 @@ from torch import nn
 
 from ..arch import parameter_count
 from ..data import corpus_windows
-from ..evaluate import compare_speed, latency, perplexity
+from ..evaluate import compare_speed, perplexity
 from ..profiles import Profile
 from ..serialization import weights_bytes
 from ..timing import SpeedRatio
 
-__all__ = ["SPEED_KEYS", "eval_windows", "logical_parameters", "measure", "measure_speed", "relative", "speedup"]
+__all__ = ["SPEED_KEYS", "SPEED_PHASES", "eval_windows", "logical_parameters", "measure", "measure_speed",
+           "measure_speeds", "relative", "speedup"]
 
 
 def eval_windows(tokenizer, profile: Profile) -> dict[str, torch.Tensor]:
     """The test windows every step is scored on: pydoc (in-domain) and stdlib-code (out-of-domain).
 
-    ``profile.recipe_eval_windows`` windows of ``profile.seq_len`` tokens per corpus: a recipe measures
-    every step and every row of the claims table, so the laptop profile scores fewer windows here
-    (16 x 256 tokens) than the lessons' own evaluations (40).
+    ``profile.recipe_eval_windows`` pydoc windows of ``profile.seq_len`` tokens, the lessons' 40 in the
+    laptop profile (the claims table's quality column and its verdicts read them: 16 windows put the same
+    model at a perplexity ratio of 1.24 where 40 measured 1.61), and ``profile.recipe_ood_windows``
+    stdlib-code windows (8 in the laptop profile: a recipe measures every step and every row of the
+    claims table, and no verdict reads that column).
     """
-
-    return {name: corpus_windows(name, "test", tokenizer, profile.seq_len, max_windows=profile.recipe_eval_windows)
-            for name in ("pydoc", "stdlib-code")}
+    sizes = {"pydoc": profile.recipe_eval_windows, "stdlib-code": profile.recipe_ood_windows}
+    return {name: corpus_windows(name, "test", tokenizer, profile.seq_len, max_windows=n) for name, n in sizes.items()}
 
 
 def logical_parameters(model: nn.Module) -> int:
@@ -39,58 +41,82 @@ def logical_parameters(model: nn.Module) -> int:
 
 # speed depends on the machine and its load at the moment, so it is never reused from an earlier run:
 # every speed-up divides two speeds measured in the same run (with ``against``, in the same rounds)
-SPEED_KEYS = ("prefill_tokens_per_s", "decode_tokens_per_s", "decode_ms_per_token", "prefill_speedup",
-              "decode_speedup", "prefill_speedup_iqr", "decode_speedup_iqr", "speed_rounds")
+SPEED_KEYS = ("prefill_tokens_per_s", "decode_tokens_per_s", "decode_ms_per_token", "decode_lean_tokens_per_s",
+              "decode_lean_ms_per_token", "decode_lean_skipped", "prefill_speedup", "decode_speedup",
+              "decode_lean_speedup", "decode_lean_hf_speedup", "prefill_speedup_iqr", "decode_speedup_iqr",
+              "decode_lean_speedup_iqr", "decode_lean_hf_speedup_iqr", "speed_rounds")
+
+# the speed-ups a measurement holds (``speedup`` rebuilds each as a ``SpeedRatio``):
+# prefill and decode through the Hugging Face forward against the fp32 teacher's; decode_lean, the lean
+# decoder (``decode.StaticDecoder``) against the teacher's lean decode (like for like); decode_lean_hf, the
+# lean decoder against the teacher's Hugging Face decode (what a deployment gains over the plain HF model)
+SPEED_PHASES = ("prefill", "decode", "decode_lean", "decode_lean_hf")
 
 
-def measure_speed(model: nn.Module, profile: Profile, against: nn.Module | None = None) -> dict:
+def measure_speed(model: nn.Module, profile: Profile, against: nn.Module | None = None, lean: bool = True) -> dict:
     """Prefill tokens/s, decode tokens/s and ms/token of one model, at the profile's recipe sizes.
 
     Prefill is timed on ``profile.recipe_latency_batch`` sequences of ``latency_seq`` tokens (a recipe
     times every step and every table row: the laptop profile uses 4, half the lessons' batch), decode
     on ``decode_tokens`` new tokens at batch 1; the median of ``repeats`` runs after a warm-up.
-    With ``against`` (the teacher), both are timed round-robin in the same rounds, and the result also
-    holds the speed-ups over it: ``prefill_speedup`` / ``decode_speedup`` (medians of the per-round
-    ratios), their interquartile ranges ``*_speedup_iqr`` and ``speed_rounds`` (``speedup`` rebuilds the
-    ``SpeedRatio``).
+    With ``lean``, decode is also timed through the lean decoder (``decode_lean_tokens_per_s``; a model
+    it does not serve has ``decode_lean_skipped``, the reason). With ``against`` (the teacher), both
+    models are timed round-robin in the same rounds, and the result also holds the speed-ups over it
+    (``SPEED_PHASES``): ``<phase>_speedup`` (the median of the per-round ratios), its interquartile range
+    ``<phase>_speedup_iqr`` and ``speed_rounds`` (``speedup`` rebuilds the ``SpeedRatio``).
     """
+    return measure_speeds({"model": model}, profile, against=against, lean=lean)["model"]
 
-    if against is None:
-        lat = latency(model, batch=profile.recipe_latency_batch, seq=profile.latency_seq,
-                      decode_tokens=profile.decode_tokens, repeats=profile.repeats)
-        return {k: lat[k] for k in SPEED_KEYS if k in lat}
-    rows = compare_speed({"teacher": against, "model": model}, batch=profile.recipe_latency_batch,
-                         seq=profile.latency_seq, decode_tokens=profile.decode_tokens, repeats=profile.repeats,
-                         baseline="teacher")
-    row = rows["model"]
-    out = {k: row[k] for k in ("prefill_tokens_per_s", "decode_tokens_per_s", "decode_ms_per_token")}
-    for phase in ("prefill", "decode"):
-        r = row[f"{phase}_speedup"]
-        out[f"{phase}_speedup"], out[f"{phase}_speedup_iqr"] = r.median, [r.low, r.high]
-    out["speed_rounds"] = row["prefill_speedup"].rounds
+
+def measure_speeds(models: dict[str, nn.Module], profile: Profile, against: nn.Module | None = None,
+                   lean: bool = True) -> dict[str, dict]:
+    """``measure_speed`` of several models at once, all timed in the same rounds (and ``against`` once per
+    round, not once per model): ``{name: speed metrics}``, plus ``"__against__"``, the baseline's own speeds."""
+    if "__against__" in models:
+        raise ValueError("a model named '__against__'; allowed: any other name")
+    timed = dict(models) if against is None else {"__against__": against, **models}
+    rows = compare_speed(timed, batch=profile.recipe_latency_batch, seq=profile.latency_seq,
+                         decode_tokens=profile.decode_tokens, repeats=profile.repeats,
+                         baseline=None if against is None else "__against__", lean=lean)
+    out = {}
+    for name, row in rows.items():
+        metrics = {k: row[k] for k in SPEED_KEYS if k in row and not k.endswith("_speedup")}
+        if against is not None and name != "__against__":
+            for phase in SPEED_PHASES:
+                r = row.get(f"{phase}_speedup")
+                if r is not None:
+                    metrics[f"{phase}_speedup"], metrics[f"{phase}_speedup_iqr"] = r.median, [r.low, r.high]
+            metrics["speed_rounds"] = row["prefill_speedup"].rounds
+        out[name] = metrics
     return out
 
 
-def speedup(metrics: dict, phase: str) -> SpeedRatio:
-    """The ``SpeedRatio`` of ``phase`` ('prefill' or 'decode') in a step's metrics (one round when unpaired)."""
-    if phase not in ("prefill", "decode"):
-        raise ValueError(f"phase={phase!r}; allowed: 'prefill', 'decode'")
-    median = metrics[f"{phase}_speedup"]
+def speedup(metrics: dict, phase: str) -> SpeedRatio | None:
+    """The ``SpeedRatio`` of ``phase`` (one of ``SPEED_PHASES``) in a step's metrics (one round when unpaired);
+    None when the measurement has no such speed-up (a model the lean decoder does not serve)."""
+    if phase not in SPEED_PHASES:
+        raise ValueError(f"phase={phase!r}; allowed: {', '.join(map(repr, SPEED_PHASES))}")
+    median = metrics.get(f"{phase}_speedup")
+    if median is None:
+        return None
     low, high = metrics.get(f"{phase}_speedup_iqr") or (median, median)
     return SpeedRatio(median, low, high, metrics.get("speed_rounds", 1) if f"{phase}_speedup_iqr" in metrics else 1)
 
 
 def measure(model: nn.Module, windows: dict[str, torch.Tensor], profile: Profile,
-            folder: str | Path | None = None, progress: bool = False, against: nn.Module | None = None) -> dict:
+            folder: str | Path | None = None, progress: bool = False, against: nn.Module | None = None,
+            speed: bool = True) -> dict:
     """Perplexity on each window set, size on disk, parameters, prefill and decode speed of one model
-    (with ``against``, timed in the same rounds as it: see ``measure_speed``)."""
+    (with ``against``, timed in the same rounds as it: see ``measure_speed``; without ``speed``, not timed)."""
 
     metrics = {}
     for name, w in windows.items():
         metrics[f"ppl_{name}"] = perplexity(model, w, batch_size=profile.batch_size, progress=progress)
+        metrics[f"eval_windows_{name}"] = len(w)  # how many test windows the perplexity is over
     metrics["size_bytes"] = weights_bytes(folder if folder is not None else model)
     metrics["params"] = logical_parameters(model)
-    metrics.update(measure_speed(model, profile, against=against))
+    if speed:
+        metrics.update(measure_speed(model, profile, against=against))
     return metrics
 
 
@@ -104,7 +130,11 @@ def relative(metrics: dict, base: dict) -> dict:
             out[f"ppl_ratio_{name}"] = metrics[key] / base[key]
             out[f"dppl_pct_{name}"] = 100.0 * (metrics[key] / base[key] - 1.0)
     out["size_reduction"] = base["size_bytes"] / metrics["size_bytes"]
-    for phase in ("prefill", "decode"):  # a speed-up timed in the same rounds as the teacher stands
-        if f"{phase}_speedup_iqr" not in metrics:
-            out[f"{phase}_speedup"] = metrics[f"{phase}_tokens_per_s"] / base[f"{phase}_tokens_per_s"]
+    pairs = {"prefill": ("prefill", "prefill"), "decode": ("decode", "decode"),
+             "decode_lean": ("decode_lean", "decode_lean"), "decode_lean_hf": ("decode_lean", "decode")}
+    for phase, (mine, theirs) in pairs.items():  # a speed-up timed in the same rounds as the teacher stands
+        if f"{phase}_speedup_iqr" in metrics:
+            continue
+        if f"{mine}_tokens_per_s" in metrics and f"{theirs}_tokens_per_s" in base:
+            out[f"{phase}_speedup"] = metrics[f"{mine}_tokens_per_s"] / base[f"{theirs}_tokens_per_s"]
     return out

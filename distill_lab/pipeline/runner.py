@@ -90,8 +90,8 @@ class RecipeResult:
         for r in self.rows():
             lines.append(f"| {r['stage']} | {r['ppl_pydoc']:.2f} | {r['ppl_ratio_pydoc']:.3f} | "
                          f"{r['ppl_stdlib-code']:.2f} | {r['size_bytes'] / 2**20:.1f} | "
-                         f"{r['size_reduction']:.2f}× | {r['prefill_tokens_per_s']:.0f} | "
-                         f"{r['decode_tokens_per_s']:.1f} |")
+                         f"{r['size_reduction']:.2f}× | {_number(r.get('prefill_tokens_per_s'), '.0f')} | "
+                         f"{_number(r.get('decode_tokens_per_s'), '.1f')} |")
         return "\n".join(lines) + "\n"
 
     def to_dict(self) -> dict:
@@ -99,6 +99,11 @@ class RecipeResult:
         return {"recipe": self.recipe.to_dict(), "profile": self.profile, "out_dir": self.out_dir,
                 "teacher": self.teacher,
                 "steps": [{k: v for k, v in dataclasses.asdict(s).items()} for s in self.steps]}
+
+
+def _number(value, fmt: str) -> str:
+    """``value`` formatted, or a dash for a step that was not timed."""
+    return "—" if value is None else format(value, fmt)
 
 
 def _step_dir(out_dir: Path, index: int, kind: str) -> Path:
@@ -167,10 +172,11 @@ def _adopt_sibling(out_dir: Path, index: int, kind: str, fingerprint: str, profi
 
 
 def teacher_metrics(teacher: nn.Module, tokenizer, profile: Profile, windows=None,
-                    cache: str | Path | None = None, progress: bool = True) -> dict:
+                    cache: str | Path | None = None, progress: bool = True, speed: bool = True) -> dict:
     """Measure the teacher with the recipe harness; ``cache`` (JSON) keeps perplexity and size, never speed.
 
-    Speed is measured again on every call, so the speed-ups computed against it compare two
+    Speed is measured again on every call (without ``speed``, not at all: for a caller that times the
+    teacher in the same rounds as its models anyway), so the speed-ups computed against it compare two
     models timed in the same run (a cached speed from a busier or idler moment would skew them).
     The cache is read only when it holds the same profile and was written by the same code
     (``code_version()``).
@@ -188,11 +194,11 @@ def teacher_metrics(teacher: nn.Module, tokenizer, profile: Profile, windows=Non
         if data.get("profile") == profile.name and data.get("code") == code_version() \
                 and data.get("profile_sizes") == profile.to_dict() and data.get("input") == digest:
             quality = {k: v for k, v in data["metrics"].items() if k not in SPEED_KEYS}
-            return {**quality, **measure_speed(teacher, profile)}
+            return {**quality, **(measure_speed(teacher, profile) if speed else {})}
     windows = windows if windows is not None else eval_windows(tokenizer, profile)
     with tempfile.TemporaryDirectory() as tmp:
         save_model(teacher, None, tmp)  # size on disk measured from the file the teacher saves as
-        metrics = measure(teacher, windows, profile, folder=tmp, progress=progress)
+        metrics = measure(teacher, windows, profile, folder=tmp, progress=progress, speed=speed)
     if cache is not None:
         quality = {k: v for k, v in metrics.items() if k not in SPEED_KEYS}
         atomic_write_text(cache, json.dumps({"profile": profile.name, "code": code_version(),
@@ -206,7 +212,7 @@ def run_recipe(teacher: nn.Module, tokenizer, recipe: Recipe, out_dir: str | Pat
                train_windows: torch.Tensor | None = None, teacher_stats: dict | None = None,
                progress: bool = True, resume: bool = True, keep_model: bool = True,
                cache_dir: str | Path | None = None, measure_steps: str = "all",
-               share: bool = True) -> RecipeResult:
+               share: bool = True, timing: str = "all") -> RecipeResult:
     """Apply ``recipe`` to a copy of ``teacher`` step by step, measuring and saving after each step.
 
     Every finished step is saved atomically under ``out_dir/steps/NN_kind/`` (model folder plus
@@ -216,7 +222,10 @@ def run_recipe(teacher: nn.Module, tokenizer, recipe: Recipe, out_dir: str | Pat
     data (both needed for models that do not use the teacher's tokenizer). Raises ``QualityGuardError`` when a step's in-domain perplexity ratio exceeds
     ``recipe.max_ppl_ratio``; the offending step stays saved so the run can be inspected.
     ``measure_steps="last"`` measures only the final step (intermediate models are still saved);
-    the quality guard then applies to the final step only. With ``share``, a step whose recipe prefix
+    the quality guard then applies to the final step only. ``timing`` says which measured steps are
+    also timed (prefill and decode against the teacher, in the same rounds): ``"all"``, ``"last"`` (the
+    final step: quality after every step, speed where it matters) or ``"none"`` (a caller that times
+    several recipes' models together, as ``comparison_table`` does). With ``share``, a step whose recipe prefix
     (same steps, same profile) was already finished by a sibling recipe in ``out_dir``'s parent folder
     is copied from there instead of recomputed (e.g. two recipes that start with the same prune step).
     ``out_dir`` must be new, empty or a folder an earlier run_recipe wrote and nobody added to
@@ -224,6 +233,8 @@ def run_recipe(teacher: nn.Module, tokenizer, recipe: Recipe, out_dir: str | Pat
     """
     if measure_steps not in ("all", "last"):
         raise ValueError(f"measure_steps={measure_steps!r}; allowed: 'all', 'last'")
+    if timing not in ("all", "last", "none"):
+        raise ValueError(f"timing={timing!r}; allowed: 'all', 'last', 'none'")
 
     profile = profile if isinstance(profile, Profile) else get_profile(profile)
     out_dir = Path(out_dir)
@@ -262,12 +273,18 @@ def run_recipe(teacher: nn.Module, tokenizer, recipe: Recipe, out_dir: str | Pat
                           seconds=done[i].get("seconds", 0.0), resumed=True,
                           extras=done[i].get("extras", {}))
                for i, s in enumerate(recipe.steps[:len(done)])]
+    def is_timed(index: int) -> bool:  # 0-based step index
+        return timing == "all" or (timing == "last" and index == len(recipe.steps) - 1)
+
     if done:
         if progress:
-            timed = "its speed is" if measure_steps == "last" or len(done) == 1 else "their speed is"
+            n_timed = sum(is_timed(i) for i in range(len(done))
+                          if measure_steps == "all" or i == len(recipe.steps) - 1)
+            timed = "" if not n_timed else (", its speed is measured again" if n_timed == 1
+                                            else ", their speed is measured again")
             reused = f"step {len(done)} is" if len(done) == 1 else f"steps 1..{len(done)} are"
             print(f"[{recipe.name}] resuming after step {len(done)} ({recipe.steps[len(done) - 1].kind}): "
-                  f"{reused} reused from saved folders, {timed} measured again"
+                  f"{reused} reused from saved folders{timed}"
                   + (" (only the last step is measured)" if measure_steps == "last" and len(done) > 1 else ""))
         if records[-1].metrics:
             _check_guard(recipe, records[-1], first_ppl_key)
@@ -282,8 +299,11 @@ def run_recipe(teacher: nn.Module, tokenizer, recipe: Recipe, out_dir: str | Pat
         if measure_steps == "last" and record is not records[-1]:
             record.metrics = {}  # measured by an earlier run that measured every step; here only the last counts
         if record.metrics:
-            timed = model if record is records[-1] and model is not None else load_saved(record.folder, device)[0]
-            record.metrics = {**record.metrics, **measure_speed(timed, profile, against=teacher)}
+            record.metrics = {k: v for k, v in record.metrics.items() if k not in SPEED_KEYS}  # never reused
+            if is_timed(record.index - 1):
+                timed = model if record is records[-1] and model is not None else load_saved(record.folder,
+                                                                                               device)[0]
+                record.metrics.update(measure_speed(timed, profile, against=teacher))
             record.metrics.update(relative(record.metrics, teacher_stats))
     bar = tqdm(total=len(recipe.steps), initial=len(done), desc=f"recipe {recipe.name}", unit="step",
                disable=not progress, leave=False)
@@ -304,7 +324,8 @@ def run_recipe(teacher: nn.Module, tokenizer, recipe: Recipe, out_dir: str | Pat
                 save_model(model, tokenizer, tmp)
                 metrics = {}
                 if measure_steps == "all" or i == len(recipe.steps) - 1:
-                    metrics = measure(model, windows, profile, folder=tmp, progress=False, against=teacher)
+                    metrics = measure(model, windows, profile, folder=tmp, progress=False, against=teacher,
+                                      speed=is_timed(i))
                     metrics.update(relative(metrics, teacher_stats))
                     _check_finite(recipe, StepRecord(i + 1, step.kind, dict(step.config), "", metrics, seconds),
                                   first_ppl_key)  # a NaN model is never saved as a finished step

@@ -20,7 +20,7 @@ from ..models import make_student
 from ..pruning.structured import StructuredConfig, prune_structured
 from ..quantization.qat import convert_, prepare_qat_
 from ..quantization import configs as q
-from ..quantization.api import KeptInFloat, Reason, quantize_
+from ..quantization.api import KeptInFloat, Reason, dequantize_, quantize_
 from ..quantization.awq import awq_
 from ..quantization.configs import QuantizationConfig, SmoothQuantConfig
 from ..quantization.registry import config_type, format_for, format_names
@@ -30,7 +30,7 @@ from ..quantization.smoothquant import collect_activation_stats, smooth_
 from .context import StepContext, _notice, model_digest
 from .recipe import _config_from, register_step
 
-__all__ = ["DistilStep", "LayerDropStep", "QATStep", "QUANT_ALGORITHMS", "QUANT_FORMATS", "QuantizeStep",
+__all__ = ["DistilStep", "LayerDropStep", "QATStep", "QAT_STARTS", "QUANT_ALGORITHMS", "QUANT_FORMATS", "QuantizeStep",
            "group_size_skips"]
 
 
@@ -150,9 +150,15 @@ def _distil_train(model: nn.Module, cfg: DistilStep, ctx: StepContext, before_tr
     steps = cfg.steps or ctx.profile.recipe_steps
     batch = cfg.batch_size or ctx.profile.recipe_batch
     windows = ctx.train_windows()
-    windows = windows[:min(len(windows), steps * batch)]  # one pass at most; fewer teacher forwards
-    batch = min(batch, len(windows))
-    train = _teacher_cache(ctx, windows, cfg.top_k) if cfg.top_k else windows
+    n = min(len(windows), steps * batch)  # one pass at most; fewer teacher forwards
+    batch = min(batch, n)
+    if cfg.top_k:
+        # the teacher's logits are cached for at least the profile's distil budget of windows, so a shorter step
+        # (e.g. 10 QAT steps after 30 distil steps) reads the first n windows of the same cache, not a new one
+        pool = windows[:max(n, min(len(windows), ctx.profile.recipe_steps * ctx.profile.recipe_batch))]
+        train = _teacher_cache(ctx, pool, cfg.top_k).head(n)
+    else:
+        train = windows[:n]
     loss = cfg.loss()
     tcfg = TrainConfig(steps=steps, batch_size=batch, lr=cfg.lr, warmup_steps=max(1, steps // 10),
                        bf16=cfg.bf16, seed=ctx.seed, progress=ctx.progress)
@@ -172,7 +178,7 @@ def _apply_distil(model: nn.Module, config: dict, ctx: StepContext) -> nn.Module
 
 QUANT_FORMATS = format_names()  # the built-in formats (quantization/formats.py); a recipe may name any registered one
 # which formats each algorithm serves (None: every registered format)
-QUANT_ALGORITHMS = {"rtn": None, "awq": ("int4",), "gptq": ("int4",), "smoothquant": ("w8a8",)}
+QUANT_ALGORITHMS = {"rtn": None, "awq": ("int4",), "gptq": ("int4",), "awq+gptq": ("int4",), "smoothquant": ("w8a8",)}
 
 
 def _format_config(knobs: dict, where: str, own: tuple) -> tuple:
@@ -202,7 +208,7 @@ class QuantizeStep:
     """
 
     config: QuantizationConfig = field(default_factory=q.Int4WeightOnlyConfig)  # what quantize_ reads
-    algorithm: str = "rtn"  # rtn (round to nearest), awq or gptq (int4), smoothquant (w8a8); calibrated on pydoc train
+    algorithm: str = "rtn"  # rtn (round to nearest), awq, gptq or awq+gptq (int4), smoothquant (w8a8); calibrated on pydoc train
 
     def __post_init__(self):
         fmt = format_for(self.config).format  # a registered format's config, else ValueError naming them
@@ -237,15 +243,13 @@ def _validate_quantize(config: dict) -> None:
 def _apply_quantize(model: nn.Module, config: dict, ctx: StepContext) -> nn.Module:
     cfg = QuantizeStep.from_knobs(config)
     config = cfg.config
-    if cfg.algorithm in ("awq", "smoothquant"):
-
+    if cfg.algorithm in ("awq", "awq+gptq", "smoothquant"):
         stats = collect_activation_stats(model, ctx.calibration(), progress=False, seed=ctx.seed)
-        if cfg.algorithm == "awq":
-            ctx.report("awq_exponents", dict(awq_(model, config, stats=stats, progress=False)))
-        else:
+        if cfg.algorithm == "smoothquant":
             smooth_(model, SmoothQuantConfig(alpha=0.5), stats=stats)
-    if cfg.algorithm == "gptq":
-
+        else:  # AWQ scaling first; awq+gptq then rounds the scaled weights with GPTQ (lesson 02's best one-shot)
+            ctx.report("awq_exponents", dict(awq_(model, config, stats=stats, progress=False)))
+    if cfg.algorithm in ("gptq", "awq+gptq"):
         summary = gptq_(model, config, calibration=ctx.calibration(), progress=False)
     else:
         summary = quantize_(model, config)
@@ -262,15 +266,24 @@ class QATStep(DistilStep):
     """
 
     config: QuantizationConfig = field(default_factory=q.Int4WeightOnlyConfig)  # the grid convert_ produces
+    start: str = "float"  # the weights training starts from: float, awq (AWQ-scaled) or awq+gptq (GPTQ's int4 grid)
+    embedding: bool = True  # train through the embedding's (and tied head's) rounding too (embedding_bits 4 or 8)
 
     def __post_init__(self):
         super().__post_init__()
-        format_for(self.config)  # a registered format's config, else ValueError naming them
+        fmt = format_for(self.config).format  # a registered format's config, else ValueError naming them
+        if not isinstance(self.embedding, bool):
+            raise ValueError(f"embedding={self.embedding!r}; allowed: true or false")
+        if self.start not in QAT_STARTS:
+            raise ValueError(f"start={self.start!r}; allowed: {', '.join(QAT_STARTS)}")
+        if self.start != "float" and fmt != "int4":
+            raise ValueError(f"start={self.start!r} with format={fmt!r}; allowed: start 'float' for {fmt!r} "
+                             f"(awq and awq+gptq serve int4)")
 
     @classmethod
     def from_knobs(cls, knobs: dict) -> "QATStep":
         """The step of a recipe's flat knobs (``format``, the config's fields, the distil knobs)."""
-        config, step = _format_config(knobs, "step 'qat'", _DISTIL_KNOBS)
+        config, step = _format_config(knobs, "step 'qat'", (*_DISTIL_KNOBS, "start", "embedding"))
         return _config_from(cls, {"config": config, **step}, "step 'qat'")
 
     def distil_step(self) -> DistilStep:
@@ -279,6 +292,10 @@ class QATStep(DistilStep):
 
 
 _DISTIL_KNOBS = tuple(f.name for f in dataclasses.fields(DistilStep))
+# where a qat step's training starts: the float weights; the same after AWQ scaling (an equivalent float model);
+# or GPTQ's rounding of the AWQ-scaled weights, dequantized, so training starts on the best one-shot int4 grid
+# (quantize with awq+gptq, then heal with KD through the fake quantizer)
+QAT_STARTS = ("float", "awq", "awq+gptq")
 
 
 def _validate_qat(config: dict) -> None:
@@ -287,7 +304,13 @@ def _validate_qat(config: dict) -> None:
 
 def _apply_qat(model: nn.Module, config: dict, ctx: StepContext) -> nn.Module:
     cfg = QATStep.from_knobs(config)
-    prepare_qat_(model, cfg.config)
+    if cfg.start != "float":
+        stats = collect_activation_stats(model, ctx.calibration(), progress=False, seed=ctx.seed)
+        ctx.report("awq_exponents", dict(awq_(model, cfg.config, stats=stats, progress=False)))
+    if cfg.start == "awq+gptq":  # GPTQ's int4 weights, back in float: training starts on its grid
+        gptq_(model, cfg.config, calibration=ctx.calibration(), progress=False)
+        dequantize_(model)
+    prepare_qat_(model, cfg.config, embedding=cfg.embedding)
     history = _distil_train(model, cfg.distil_step(), ctx)
     summary = convert_(model)
     ctx.report("train_loss", [round(r["loss"], 5) for r in history["train"]])
@@ -306,7 +329,8 @@ register_step("distil", _apply_distil, _validate_distil,
 register_step("quantize", _apply_quantize, _validate_quantize,
               f"post-training quantization with integer kernels; knobs: format ({', '.join(QUANT_FORMATS)}), the "
               "format config's fields (int4: group_size, symmetric, bits; every format: embedding_bits, null, 8 or 4), "
-              "algorithm (rtn, awq, gptq, smoothquant)")
+              "algorithm (rtn, awq, gptq, awq+gptq, smoothquant)")
 register_step("qat", _apply_qat, _validate_qat,
               "quantization-aware training with distillation, then real int modules; knobs: those of quantize "
-              "and distil")
+              "and distil, start (float, awq or awq+gptq: the weights training starts from) and embedding (train "
+              "through the embedding's rounding too)")

@@ -22,7 +22,7 @@
 from .._lazy import lazy_exports
 
 _EXPORTS = {
-    "api": ["QuantizationSummary", "compression_report", "fp32_equivalent_bytes", "memory_bytes", "quantize_",
+    "api": ["QuantizationSummary", "compression_report", "dequantize_", "fp32_equivalent_bytes", "memory_bytes", "quantize_",
             "quantize_embedding_and_head_"],
     "awq": ["awq_"],
     "configs": ["EMBEDDING_BITS", "Int4WeightOnlyConfig", "Int8DynamicConfig", "Int8WeightOnlyConfig",

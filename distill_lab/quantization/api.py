@@ -28,7 +28,8 @@ from .dispatch import FIXED, check_env, kernel_paths
 from .primitives import check_finite, quantize_tensor
 from .registry import format_for, module_format
 
-__all__ = ["KeptInFloat", "QuantizationSummary", "Reason", "compression_report", "fp32_equivalent_bytes", "linear_from_config",
+__all__ = ["KeptInFloat", "QuantizationSummary", "Reason", "compression_report", "dequantize_", "fp32_equivalent_bytes",
+           "linear_from_config",
            "memory_bytes", "misfit", "quantize_", "quantize_embedding_and_head_"]
 
 
@@ -206,6 +207,37 @@ def quantize_(model: nn.Module, config, filter_fn=None) -> QuantizationSummary:
             summary.add(name, qmod.kind)
         model.quantization_config = config_to_dict(config)  # read by save_quantized
     summary.note_paths(device_of(model))
+    return summary
+
+
+def dequantize_(model: nn.Module) -> Summary:
+    """Replace every quantized module that holds weights (Linears, the embedding and its head) with a float32 one
+    holding exactly its dequantized weight, in place: the inverse of ``quantize_`` up to rounding.
+
+    What this is for: a model whose weights lie on a quantization grid (e.g. after GPTQ) that should train
+    further, as quantization-aware training does, from that grid. A tied head is tied again. Returns a
+    ``Summary``: {module: the kind it was}.
+    """
+    summary = Summary("dequantize_", {}, unit="module")
+    for name, m in list(model.named_modules()):
+        if isinstance(m, (Int8Embedding, Int4Embedding)):  # skip_init: no random init, overwritten at once
+            new = torch.nn.utils.skip_init(nn.Embedding, m.num_embeddings, m.embedding_dim)
+        elif isinstance(m, QuantizedModule) and hasattr(m, "dequantized_weight"):
+            new = torch.nn.utils.skip_init(nn.Linear, m.in_features, m.out_features,
+                                           bias=getattr(m, "bias", None) is not None)
+            if new.bias is not None:
+                new.bias.data = m.bias.detach().float().cpu()
+        else:
+            continue
+        new.weight.data = m.dequantized_weight().float().cpu()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+        summary.changed[name] = getattr(m, "kind", type(m).__name__)
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    left = any(isinstance(m, (QuantizedModule, Int8Embedding, Int4Embedding)) for m in model.modules())
+    if not left and hasattr(model, "quantization_config"):
+        del model.quantization_config  # a float model again: saved as one
     return summary
 
 

@@ -6,6 +6,10 @@ one input, ``distill_lab.quantization.smoothquant.smoothing_groups``) gets ``s =
 the exponent ``a`` picked on calibration rows by the error of the quantized layers' output; the
 inverse scale is folded into the previous op, so the float model computes the same function.
 Then each weight's group ranges are clipped where that lowers the rounding error (AWQ's clipping step).
+The same clipping, weighted by the head's input ``E[x²]``, is applied to an int4 embedding table and the
+output head that reads it (``embedding_bits=4``): measured on the combined recipe's distilled student
+(40 pydoc test windows), the int4 embedding alone cost +11.8 % perplexity with plain min/max groups and
++6.6 % clipped this way (an unweighted clip made it worse: +21 %).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from tqdm.auto import tqdm
 from ..summary import Summary
 from .api import misfit
 from .configs import Int4WeightOnlyConfig
+from .embeddings import INT4_EMBEDDING_GROUP
+from .modules import embedding_and_head, module_name
 from .primitives import clip_weight_, fake_quantize
 from .registry import format_for
 from .smoothquant import ActivationStats, apply_group_scale, group_scale, smoothing_groups, stats_for
@@ -90,4 +96,24 @@ def awq_(model: nn.Module, config: Int4WeightOnlyConfig | None = None, *, calibr
             for _, lin in group.linears:
                 clip_weight_(lin.weight, bits, group_size, symmetric, importance.to(lin.weight.device))
         chosen.changed[group.name] = a
+    if clip and config.embedding_bits == 4:
+        _clip_head_(model, stats)
     return chosen
+
+
+def _clip_head_(model: nn.Module, stats: ActivationStats) -> None:
+    """AWQ's clipping step for the output head (and the embedding table, when tied) on the int4 embedding grid.
+
+    The head's groups are clipped to the ranges that minimize its output error, weighted by ``E[x²]`` of
+    the head's input (the final hidden states). A tied table is clipped once, for the head: its rows are
+    also what the embedding looks up. An untied embedding is left as it is.
+    """
+    emb, head = embedding_and_head(model)
+    name = module_name(model, head)
+    if not isinstance(head, nn.Linear) or name not in stats.samples or head.in_features % INT4_EMBEDDING_GROUP:
+        return
+    tied = emb is not None and getattr(emb, "weight", None) is head.weight
+    if not tied and type(emb) is nn.Embedding:
+        return  # an untied head gets its own grid in quantize_embedding_and_head_, not the embedding's
+    importance = stats.samples[name].float().pow(2).mean(0)  # (K,) E[x²] of the head's input
+    clip_weight_(head.weight.data, 4, INT4_EMBEDDING_GROUP, False, importance.to(head.weight.device))

@@ -111,7 +111,7 @@ register_format(Int4WeightOnlyConfig, FormatSpec(
     weight_fake_quant=lambda config: FakeQuantize(config.bits, config.group_size, config.symmetric, -1),
     modules=(ModuleFormat("int4_weight_only", Int4WeightOnlyLinear.from_exported, int4_to_ggml, kernel="int4",
                           tied=_int4_tied),),
-    knobs={"int4": "rtn", "int4 + AWQ": "awq"}))
+    knobs={"int4": "rtn", "int4 + AWQ": "awq", "int4 + AWQ + GPTQ": "awq+gptq"}))
 
 
 # ----------------------------------------------------------------------------- embeddings (embedding_bits)

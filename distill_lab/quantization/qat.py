@@ -20,7 +20,8 @@ from ..arch import check_linear_layout, swap_guard
 from ..distillation import KD_TEMPERATURE, DistillationLoss, DistillationTrainer, TrainConfig
 from ..summary import Summary
 from .api import KeptInFloat, QuantizationSummary, Reason, linear_from_config, misfit, quantize_embedding_and_head_
-from .configs import config_to_dict
+from .configs import Int4WeightOnlyConfig, Int8WeightOnlyConfig, config_to_dict
+from .embeddings import INT4_EMBEDDING_GROUP
 from .modules import embedding_and_head, module_name, set_module
 from .primitives import FakeQuantize
 from .registry import format_for
@@ -31,17 +32,53 @@ def weight_fake_quantizer(config) -> FakeQuantize:
     return format_for(config).weight_fake_quant(config)
 
 
+def embedding_fake_quantizer(bits: int) -> FakeQuantize:
+    """The fake-quantizer of an embedding table (and its tied head) stored with ``embedding_bits=bits``:
+    int4, asymmetric groups of ``INT4_EMBEDDING_GROUP`` along the hidden dim (``Int4Embedding``'s grid);
+    int8, one symmetric scale per row (``Int8Embedding``'s)."""
+    if bits == 4:
+        return weight_fake_quantizer(Int4WeightOnlyConfig(group_size=INT4_EMBEDDING_GROUP))
+    if bits == 8:
+        return weight_fake_quantizer(Int8WeightOnlyConfig())
+    raise ValueError(f"bits={bits!r}; allowed: 4 or 8")
+
+
+class QATEmbedding(nn.Module):
+    """An embedding that keeps its float table (trained) and looks rows up in its fake-quantized version."""
+
+    def __init__(self, embedding: nn.Embedding, fake_quant: FakeQuantize):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
+        self.padding_idx = embedding.padding_idx
+        self.weight = embedding.weight  # the same Parameter (also the tied head's)
+        self.weight_fake_quant = fake_quant
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight_fake_quant(self.weight), self.padding_idx)
+
+    def to_float(self) -> nn.Embedding:
+        """The plain ``nn.Embedding`` over the same Parameter (``convert_`` quantizes it for real)."""
+        emb = torch.nn.utils.skip_init(nn.Embedding, self.num_embeddings, self.embedding_dim,
+                                       padding_idx=self.padding_idx)
+        emb.weight = self.weight
+        return emb
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}"
+
+
 class QATLinear(nn.Module):
     """A Linear that keeps float weights (trained) and computes with their fake-quantized version."""
 
-    def __init__(self, linear: nn.Linear, config):
+    def __init__(self, linear: nn.Linear, config, weight_fake_quant: FakeQuantize | None = None):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight  # the same Parameter: training updates it
         self.bias = linear.bias
         self.config = config
-        self.weight_fake_quant = weight_fake_quantizer(config)
-        self.act_fake_quant = format_for(config).act_fake_quant(config)  # None: weight-only format
+        self.is_head = weight_fake_quant is not None  # a tied head on its embedding's grid (convert_ restores it)
+        self.weight_fake_quant = weight_fake_quant or weight_fake_quantizer(config)
+        self.act_fake_quant = None if self.is_head else format_for(config).act_fake_quant(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_fake_quant is not None:
@@ -51,12 +88,20 @@ class QATLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
+    def to_float(self) -> nn.Linear:
+        """The plain ``nn.Linear`` over the same Parameters."""
+        lin = torch.nn.utils.skip_init(nn.Linear, self.in_features, self.out_features, bias=self.bias is not None)
+        lin.weight, lin.bias = self.weight, self.bias
+        return lin
 
-def prepare_qat_(model: nn.Module, config, filter_fn=None) -> Summary:
+
+def prepare_qat_(model: nn.Module, config, filter_fn=None, embedding: bool = False) -> Summary:
     """Swap every Linear (but the output head) for a ``QATLinear`` in place.
 
-    The embedding and the head stay in float during training and follow
-    ``config.embedding_bits`` at ``convert_``. Returns a ``Summary``: {swapped Linear: "QATLinear"},
+    With ``embedding`` and ``config.embedding_bits`` (4 or 8), a plain embedding and its tied head are
+    fake-quantized on the grid ``convert_`` will store them on (``QATEmbedding``, and the head's
+    ``QATLinear`` sharing its fake-quantizer), so training sees the quantized table too; else they stay
+    in float during training and follow ``config.embedding_bits`` at ``convert_``. Returns a ``Summary``: {swapped Linear: "QATLinear"},
     and the Linears left in float with their reason.
     """
     spec = format_for(config)  # a registered format, else ValueError naming the registered ones
@@ -75,8 +120,36 @@ def prepare_qat_(model: nn.Module, config, filter_fn=None) -> Summary:
                 continue
             set_module(model, name, QATLinear(module, config))
             summary.changed[name] = "QATLinear"
+        if embedding:
+            _prepare_embedding(model, config, summary)
         model.qat_config = config
     return summary
+
+
+def _prepare_embedding(model: nn.Module, config, summary: Summary) -> None:
+    """Fake-quantize a plain embedding (and its tied head, on the same grid) as ``config.embedding_bits`` stores it.
+
+    The tied head is the largest matmul of the model and reads the same table: training through its
+    rounding lets the model adapt to the int4 embedding that ``convert_`` builds (left in float
+    otherwise; an untied head, another embedding type or a width the group does not divide stay float
+    during training and are quantized at ``convert_`` as before).
+    """
+    bits = getattr(config, "embedding_bits", None)
+    emb, head = embedding_and_head(model)
+    if bits is None or type(emb) is not nn.Embedding:
+        return
+    if bits == 4 and emb.embedding_dim % INT4_EMBEDDING_GROUP:
+        return
+    tied = type(head) is nn.Linear and head.weight is emb.weight
+    if head is not None and not tied:
+        return  # an untied head has its own grid (quantize_embedding_and_head_): not trained through here
+    fq = embedding_fake_quantizer(bits)
+    emb_name, head_name = module_name(model, emb), module_name(model, head)
+    set_module(model, emb_name, QATEmbedding(emb, fq))
+    summary.changed[emb_name] = "QATEmbedding"
+    if tied:
+        set_module(model, head_name, QATLinear(head, config, weight_fake_quant=fq))
+        summary.changed[head_name] = "QATLinear (tied head, the embedding's grid)"
 
 
 def convert_(model: nn.Module) -> QuantizationSummary:
@@ -86,6 +159,9 @@ def convert_(model: nn.Module) -> QuantizationSummary:
         raise ValueError("convert_ needs a model prepared with prepare_qat_(model, config)")
     summary = QuantizationSummary(technique="convert_", config=config_to_dict(config))
     with swap_guard(model, "convert_"):  # the model must still run afterwards, else it is put back
+        for name, module in list(model.named_modules()):  # the embedding and tied head: float again, then real below
+            if isinstance(module, QATEmbedding) or (isinstance(module, QATLinear) and module.is_head):
+                set_module(model, name, module.to_float())
         for name, module in list(model.named_modules()):
             if isinstance(module, QATLinear):
                 with torch.no_grad():
@@ -106,13 +182,14 @@ def convert_(model: nn.Module) -> QuantizationSummary:
 
 
 def qat_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters QAT trains: the fake-quantized Linear weights (and their biases)."""
-    params = []
+    """The parameters QAT trains: the fake-quantized Linear and embedding weights (and biases), each once."""
+    params, seen = [], set()
     for m in model.modules():
-        if isinstance(m, QATLinear):
-            params.append(m.weight)
-            if m.bias is not None:
-                params.append(m.bias)
+        if isinstance(m, (QATLinear, QATEmbedding)):
+            for p in (m.weight, getattr(m, "bias", None)):
+                if p is not None and id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
     return params
 
 
@@ -162,5 +239,5 @@ def train_qat(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, steps
     return history
 
 
-__all__ = ["QATLinear", "prepare_qat_", "convert_", "train_qat",
-           "qat_parameters", "weight_fake_quantizer"]
+__all__ = ["QATEmbedding", "QATLinear", "prepare_qat_", "convert_", "train_qat",
+           "embedding_fake_quantizer", "qat_parameters", "weight_fake_quantizer"]

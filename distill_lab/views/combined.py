@@ -11,15 +11,16 @@ import hashlib
 import json
 
 from ..pipeline import Recipe, Step
-from ..pipeline.report import STUDENT_DISTIL
+from ..pipeline.report import HEAL_QUANT, STUDENT_DISTIL
 from ..quantization import formats  # noqa: F401  the built-in formats register their knobs
 from ..quantization.registry import quantize_knobs
 
 __all__ = ["QUANTIZE_KNOBS", "recipe_from_knobs"]
 
 # the notebook panel's quantize choices: label -> (format, algorithm), as each format registers them
-# (quantization/formats.py); None = no quantize step
-QUANTIZE_KNOBS = {"none": None, **quantize_knobs()}
+# (quantization/formats.py); None = no quantize step; "qat": the combined recipe's last step (a qat step
+# that starts from AWQ + GPTQ's int4 grid, pipeline.report.HEAL_QUANT)
+QUANTIZE_KNOBS = {"none": None, **quantize_knobs(), "int4 QAT from AWQ + GPTQ": ("int4", "qat")}
 
 
 def recipe_from_knobs(heads_keep: float = 1.0, channels_keep: float = 1.0, layers_keep: float = 1.0,
@@ -45,7 +46,10 @@ def recipe_from_knobs(heads_keep: float = 1.0, channels_keep: float = 1.0, layer
         fmt, algorithm = QUANTIZE_KNOBS[quantize]
         q = {"format": fmt, "group_size": 64, "embedding_bits": embedding_bits} if fmt == "int4" else \
             {"format": fmt, "embedding_bits": embedding_bits}
-        steps.append(Step("quantize", {**q, "algorithm": algorithm} if algorithm != "rtn" else q))
+        if algorithm == "qat":
+            steps.append(Step("qat", {**HEAL_QUANT, **q, "alpha": alpha}))
+        else:
+            steps.append(Step("quantize", {**q, "algorithm": algorithm} if algorithm != "rtn" else q))
     if not steps:
         raise ValueError("the knobs select no step; allowed: at least one of heads/MLP/layers < 1, "
                          "distil steps > 0, or a quantize format")

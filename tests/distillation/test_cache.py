@@ -43,3 +43,6 @@ def test_cache_teacher_logits_roundtrip_atomic(tmp_path):
     assert cache.nbytes() == 5 * 12 * (8 * 2 + 8 * 4 + 4)
     with pytest.raises(ValueError, match="k="):
         cache_teacher_logits(teacher, windows, k=0)
+    first = cache.head(3)  # the first windows with their own logits
+    assert len(first) == 3 and torch.equal(first.windows, windows[:3]) and torch.equal(first.values, cache.values[:3])
+    assert cache.head(9) is cache

@@ -95,3 +95,23 @@ def test_sizes_of_a_float_model_are_its_fp32_bytes():
     assert before == fp32_equivalent_bytes(model) >= 4 * n_params  # (+ float buffers such as RoPE's)
     quantize_(model, Int8WeightOnlyConfig())
     assert fp32_equivalent_bytes(model) == before and memory_bytes(model) < before / 3
+
+
+@pytest.mark.parametrize("config", [Int4WeightOnlyConfig(group_size=32, embedding_bits=4),
+                                    Int8WeightOnlyConfig(embedding_bits=8)], ids=repr)
+def test_dequantize_gives_a_float_model_with_the_quantized_weights(config):
+    from distill_lab.quantization.api import dequantize_
+
+    model = tiny_llama(vocab_size=256, hidden_size=64, intermediate_size=128)
+    quantize_(model, config)
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+    summary = dequantize_(model)
+    assert summary.changed and not hasattr(model, "quantization_config")
+    assert all(type(m) in (nn.Linear, nn.Embedding) for m in model.modules() if hasattr(m, "weight")
+               and m.weight is not None and m.weight.dim() == 2)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied again
+    with torch.no_grad():  # the same weights, now in fp32 matmuls (the int kernels compute in bf16/int8)
+        after = model(ids).logits
+    assert ((after - before).norm() / before.norm()) < 3e-2

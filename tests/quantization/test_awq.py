@@ -73,3 +73,32 @@ def test_awq_takes_the_config_first_and_the_calibration_by_keyword():
         awq_(model, Int4WeightOnlyConfig(), calibration=calibration(), stats=stats)
     with pytest.raises(ValueError, match="grid=1"):
         awq_(model, Int4WeightOnlyConfig(), stats=stats, grid=1)
+
+
+def test_awq_clips_the_tied_int4_embedding_for_the_head_it_feeds():
+    """With embedding_bits=4 the tied table's groups are clipped for the head's output error (weighted by the
+    head input's E[x²]); with int8 rows (or clip=False) the table is left alone."""
+    from distill_lab.models import tiny_llama
+    from distill_lab.quantization.primitives import fake_quantize
+
+    base = tiny_llama(vocab_size=256, hidden_size=64, intermediate_size=128)
+    with torch.no_grad():
+        base.model.embed_tokens.weight[:, 5] *= 6  # outliers: a clipped range helps the other 63 values
+    stats = collect_activation_stats(base, calibration(), sample_tokens=64, progress=False)
+    table = base.model.embed_tokens.weight.detach().clone()
+    for config, clip, changed in ((Int4WeightOnlyConfig(group_size=32, embedding_bits=4), True, True),
+                                  (Int4WeightOnlyConfig(group_size=32, embedding_bits=8), True, False),
+                                  (Int4WeightOnlyConfig(group_size=32, embedding_bits=4), False, False)):
+        model = copy.deepcopy(base)
+        awq_(model, config, stats=stats, grid=3, clip=clip, progress=False)
+        assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+        assert (not torch.equal(model.model.embed_tokens.weight, table)) == changed
+    model = copy.deepcopy(base)
+    awq_(model, Int4WeightOnlyConfig(group_size=32, embedding_bits=4), stats=stats, grid=3, progress=False)
+    x = stats.samples["lm_head"].float()  # (S, 64) the head's calibration inputs
+    ref = x @ table.t()
+
+    def head_error(w):
+        return (x @ fake_quantize(w, 4, 64, False, axis=-1).t() - ref).pow(2).sum().item()
+
+    assert head_error(model.lm_head.weight.detach()) < head_error(table)

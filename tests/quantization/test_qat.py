@@ -65,3 +65,43 @@ def test_qat_training_reduces_kd_loss():
 def test_qat_refuses_what_is_not_a_config():
     with pytest.raises(ValueError, match="allowed: an instance of Int8WeightOnlyConfig, Int8DynamicConfig"):
         prepare_qat_(tiny(), "int4")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qat_embedding_and_tied_head_train_on_the_grid_convert_stores(bits):
+    """With embedding=True the tied table is fake-quantized where it is looked up and where the head reads it,
+    on the grid convert_ then stores it on: converting an untrained QAT model gives quantize_'s model exactly."""
+    from distill_lab.models import tiny_llama
+    from distill_lab.quantization.qat import QATEmbedding, qat_parameters
+
+    config = Int4WeightOnlyConfig(group_size=32, embedding_bits=bits)
+    model = tiny_llama(vocab_size=256, hidden_size=64, intermediate_size=128)
+    direct = copy.deepcopy(model)
+    summary = prepare_qat_(model, config, embedding=True)
+    emb, head = model.model.embed_tokens, model.lm_head
+    assert isinstance(emb, QATEmbedding) and isinstance(head, QATLinear) and head.is_head
+    assert head.weight is emb.weight and head.weight_fake_quant is emb.weight_fake_quant  # one table, one grid
+    assert "model.embed_tokens" in summary.changed and "lm_head" in summary.changed
+    assert sum(p is emb.weight for p in qat_parameters(model)) == 1  # trained once, not twice
+    ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))
+    fake = model(ids).logits
+    fake.sum().backward()
+    assert emb.weight.grad is not None and emb.weight.grad.abs().sum() > 0  # the STE reaches the table
+    convert_(model)
+    quantize_(direct, config)
+    assert type(model.model.embed_tokens) is type(direct.model.embed_tokens)
+    with torch.no_grad():
+        real = model(ids).logits
+        torch.testing.assert_close(real, direct(ids).logits, rtol=0, atol=0)
+    assert ((real - fake.detach()).norm() / fake.norm()) < 3e-2  # the fake grid is the real one up to bf16
+
+
+def test_qat_embedding_off_by_default_and_float_embedding_kept():
+    from distill_lab.models import tiny_llama
+
+    model = tiny_llama(vocab_size=256, hidden_size=64, intermediate_size=128)
+    prepare_qat_(model, Int4WeightOnlyConfig(group_size=32, embedding_bits=4))
+    assert type(model.model.embed_tokens) is nn.Embedding and type(model.lm_head) is nn.Linear
+    model = tiny_llama(vocab_size=256, hidden_size=64, intermediate_size=128)
+    prepare_qat_(model, Int4WeightOnlyConfig(group_size=32, embedding_bits=None), embedding=True)
+    assert type(model.model.embed_tokens) is nn.Embedding  # nothing to train toward: the table stays float
