@@ -113,8 +113,6 @@ ALLOWED: dict[str, dict[str, str]] = {
         "40": _EVAL_WINDOWS + " (lessons 00–03)",
         "49,152": _VOCAB,
         "576": _VOCAB,
-        "0.21": "arithmetic on the embedding share (21 %): 1 / (0.21 + 0.79 / 2) ≈ 1.65×",
-        "1.65×": "arithmetic on the embedding share (21 %): 1 / (0.21 + 0.79 / 2) ≈ 1.65×",
     },
 }
 
