@@ -61,6 +61,10 @@ def _rows() -> dict[str, list[Step]]:
                                                                                "steps": 10, "lr": 1e-4})],
         "width-qat30-only": [Step("prune", dict(WIDTH)), Step("qat", {**QAT, "start": "awq", "steps": 30,
                                                                       "lr": 3e-4})],
+        # the claims table's INT4 row on the teacher: AWQ + GPTQ with an int4 or an int8 embedding and tied head
+        "teacher-awq-gptq-int4-embedding": [Step("quantize", {**INT4_EVERYWHERE, "algorithm": "awq+gptq"})],
+        "teacher-awq-gptq-int8-embedding": [Step("quantize", {**INT4_EVERYWHERE, "embedding_bits": 8,
+                                                              "algorithm": "awq+gptq"})],
     }
 
 
