@@ -30,63 +30,13 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import distill_lab as dl  # noqa: E402
+from distill_lab import llamacpp  # noqa: E402
 from distill_lab.quantization import Int4WeightOnlyConfig, quantize_  # noqa: E402
 
-INSTALL_HINT = ("llama.cpp columns skipped: llama-cpp-python is not installed. Install it with\n"
-                "  pip install cmake ninja && CMAKE_ARGS=\"-DGGML_NATIVE=ON\" pip install 'distill_lab[deploy]'\n"
-                "(built from source, about 20 min on 2 cores; needs a C++ compiler). If llama.cpp then dies with\n"
-                "'Illegal instruction' on a CPU with AMX, rebuild without native AMX (docs/deploy.md).")
-
-
-def llama_cpp_available() -> bool:
-    """True when ``import llama_cpp`` works."""
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-class LlamaCppEngine:
-    """llama-cpp-python's ``Llama`` driven token by token: prefill, greedy decode and perplexity."""
-
-    def __init__(self, path, threads: int, n_ctx: int = 512):
-        from llama_cpp import Llama
-
-        self.path = str(path)
-        self.llm = Llama(model_path=self.path, n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads,
-                         n_threads_batch=threads, logits_all=True, verbose=False)
-
-    def nll(self, window: list[int]) -> tuple[float, int]:
-        """Summed next-token negative log-likelihood of one window and the number of predicted tokens."""
-        import numpy as np
-
-        self.llm.reset()
-        self.llm.eval(window)
-        logits = np.asarray(self.llm.scores[:len(window) - 1], dtype=np.float64)  # (T-1, V)
-        logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
-        target = np.asarray(window[1:])
-        return float((logz - logits[np.arange(len(target)), target]).sum()), len(target)
-
-    def prefill_s(self, prompt: list[int]) -> float:
-        """Seconds to evaluate ``prompt`` from an empty cache."""
-        self.llm.reset()
-        start = time.perf_counter()
-        self.llm.eval(prompt)
-        return time.perf_counter() - start
-
-    def decode_s(self, prompt: list[int], tokens: int) -> float:
-        """Seconds for ``tokens`` greedy decode steps after ``prompt``."""
-        import numpy as np
-
-        self.llm.reset()
-        self.llm.eval(prompt)
-        token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
-        start = time.perf_counter()
-        for _ in range(tokens):
-            self.llm.eval([token])
-            token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
-        return time.perf_counter() - start
+# the llama.cpp engine is the package's (distill_lab.llamacpp), the one the claims table times
+INSTALL_HINT = "llama.cpp columns skipped: " + llamacpp.INSTALL_HINT
+llama_cpp_available = llamacpp.available
+LlamaCppEngine = llamacpp.LlamaCppEngine
 
 
 class TorchEngine:

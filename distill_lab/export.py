@@ -114,6 +114,14 @@ def check_exportable(model: nn.Module) -> None:
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise ValueError("Llama with attention_bias or mlp_bias has no mapping in distill_lab.export")
     _rope_theta(config)
+    widths = {i: (layer.self_attn.q_proj.out_features, layer.self_attn.k_proj.out_features,
+                  layer.mlp.gate_proj.out_features) for i, layer in enumerate(model.model.layers)}
+    if len(set(widths.values())) > 1:
+        first = widths[0]
+        odd = next(i for i, w in widths.items() if w != first)
+        raise ValueError(f"block {odd} has (q, k, MLP) widths {widths[odd]}, block 0 {first}; allowed: every "
+                         "block the same width (llama.cpp's llama architecture reads one head count and one "
+                         "MLP width for all blocks)")
 
 
 # ----------------------------------------------------------------------------- tokenizer

@@ -40,6 +40,7 @@ class Profile:
     recipe_eval_windows: int = 16  # pydoc test windows that score every step of a recipe (lesson 04, report)
     recipe_latency_batch: int = 4  # prefill batch (of latency_seq tokens) when a recipe times a step
     recipe_ood_windows: int = 16  # stdlib-code test windows (out of domain) that score every step of a recipe
+    recipe_decode_tokens: int = 16  # new tokens a recipe's timing decodes at batch 1 (in each engine it times)
 
     def __post_init__(self):
         for field, value in asdict(self).items():
@@ -60,17 +61,17 @@ PROFILES: dict[str, Profile] = {
                      train_batch_size=4, calib_windows=4, latency_batch=2, latency_seq=64,
                      decode_tokens=8, repeats=1, gen_tokens=16,
                      recipe_steps=4, recipe_batch=4, recipe_eval_windows=4, recipe_latency_batch=2,
-                     recipe_ood_windows=4),
+                     recipe_ood_windows=4, recipe_decode_tokens=8),
     "laptop": Profile("laptop", seq_len=256, eval_windows=40, batch_size=8, train_steps=150,
                       train_batch_size=8, calib_windows=16, latency_batch=8, latency_seq=256,
                       decode_tokens=32, repeats=5, gen_tokens=40,
                       recipe_steps=30, recipe_batch=4, recipe_eval_windows=40, recipe_latency_batch=4,
-                      recipe_ood_windows=8),
+                      recipe_ood_windows=8, recipe_decode_tokens=32),
     "gpu": Profile("gpu", seq_len=512, eval_windows=200, batch_size=16, train_steps=1500,
                    train_batch_size=16, calib_windows=64, latency_batch=8, latency_seq=256,
                    decode_tokens=64, repeats=5, gen_tokens=60,
                    recipe_steps=300, recipe_batch=16, recipe_eval_windows=200, recipe_latency_batch=8,
-                   recipe_ood_windows=200),
+                   recipe_ood_windows=200, recipe_decode_tokens=64),
 }
 
 

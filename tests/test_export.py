@@ -239,3 +239,20 @@ def test_teacher_int4_export_round_trip(teacher, tmp_path):
     assert (theirs.argmax(-1) == exact.argmax(-1)).float().mean() == 1
     # against our int4 kernel, which computes in bf16: measured mean 0.064, max 0.54
     assert (theirs - ours).abs().mean() < 0.15 and (theirs - ours).abs().max() < 1.5
+
+
+def test_blocks_of_different_widths_are_refused_not_written(tmp_path):
+    """llama.cpp's llama architecture reads one MLP width for every block: a file written from the config's
+    width would not load, so export says which block differs instead."""
+    from torch import nn
+
+    model = _pruned_tiny()
+    mlp = model.model.layers[1].mlp
+    keep = mlp.gate_proj.out_features // 2
+    for name in ("gate_proj", "up_proj"):
+        old = getattr(mlp, name)
+        setattr(mlp, name, nn.Linear(old.in_features, keep, bias=False))
+    mlp.down_proj = nn.Linear(keep, mlp.down_proj.out_features, bias=False)
+    with pytest.raises(ValueError, match=r"block 1 has \(q, k, MLP\) widths .*allowed: every block the same width"):
+        to_gguf(model, None, tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()

@@ -32,6 +32,7 @@ LAYERS = {
     # 4: saving and loading every kind of model the package writes
     "serialization": 4,
     "decode": 4,  # the lean batch-1 decode loop: the engine evaluate times beside the HF forward
+    "llamacpp": 4,  # llama.cpp on a GGUF file (optional llama-cpp-python): the third engine evaluate times
     # 5: models and measurements
     "models": 5, "evaluate": 5, "calibration": 5,
     # 6: distillation (its trainer is the one training loop; pruning and QAT use it)

@@ -542,3 +542,33 @@ def test_seed_rows_carry_the_course_table_claims():
                       "Distillation": ((5, 10), (5, 10), (2, 5)),
                       "50% pruning": ((2, 2), (1.5, 1.5), (1, 2)),
                       "Combined": ((10, 20), (5, 10), (3, 8))}
+
+
+def test_claims_table_llamacpp_columns_appear_only_where_timed():
+    """Two more columns and a third fp32 baseline where llama.cpp was timed; elsewhere, a line saying why not.
+    The verdict may read llama.cpp against the teacher's F32 GGUF in llama.cpp (like for like)."""
+    claim = pipeline.SeedClaim((4, 4), (3, 4), (0, 1))
+    teacher = {"size_bytes": 2**20, "ppl_pydoc": 10.0, "ppl_stdlib-code": 20.0, "prefill_tokens_per_s": 100.0,
+               "decode_tokens_per_s": 10.0, "decode_lean_tokens_per_s": 20.0, "decode_ms_per_token": 100.0}
+    m = {"size_bytes": 2**18, "size_reduction": 4.0, "prefill_speedup": 1.2, "decode_speedup": 1.5,
+         "decode_lean_speedup": 2.0, "decode_lean_hf_speedup": 4.0, "dppl_pct_pydoc": 0.5, "ppl_ratio_pydoc": 1.005,
+         "dppl_pct_stdlib-code": 1.0, "decode_ms_per_token": 50.0}
+    cpp = dict(m, decode_llamacpp_speedup=3.1, decode_llamacpp_hf_speedup=9.0)
+
+    def table(metrics, teacher):
+        row = {"name": "INT8 quantization", "metrics": metrics, "verdict": pipeline.verdict(metrics, claim),
+               "claim": claim.text(), "description": "d", "recipe_text": "quantize"}
+        return pipeline.ComparisonTable(rows=[row], teacher=teacher, profile="smoke")
+
+    timed = table(cpp, dict(teacher, decode_llamacpp_tokens_per_s=30.0))
+    md = timed.markdown()
+    assert "decode, llama.cpp vs llama.cpp fp32 (IQR) | decode, llama.cpp vs HF fp32 (IQR) |" in md
+    assert "30.0 tok/s in llama.cpp (F32 GGUF): the three fp32 baselines" in md and "| 3.10× (3.10–3.10) | 9.00× (9.00–9.00) |" in md
+    assert md.count("---|") == 13 and timed.rows[0]["verdict"]["speed"] is True  # 3.1x >= 0.9 x 3, llama.cpp alone
+    assert list(timed.speed_bars()["INT8"])[-2:] == ["decode, llama.cpp vs llama.cpp fp32",
+                                                     "decode, llama.cpp vs HF fp32"]
+    not_timed = table(m, dict(teacher, decode_llamacpp_skipped="llama-cpp-python is not installed (pip ...)"))
+    md = not_timed.markdown()
+    assert "llama.cpp vs" not in md and "the two fp32 baselines" in md and md.count("---|") == 11
+    assert "No llama.cpp columns: llama-cpp-python is not installed" in md
+    assert not_timed.rows[0]["verdict"]["speed"] is False and "llama.cpp" not in "".join(not_timed.speed_bars()["INT8"])

@@ -3,7 +3,8 @@
 Latency follows the usual LLM split: prefill (prompt processing, compute-bound) and decode (one token
 at a time, memory-bound). ``phase_probes`` is the one prefill/decode harness: ``latency`` times one
 model with it, ``compare_speed`` several models interleaved, with ``SpeedRatio``s against a baseline, and with
-``lean=True`` also the decode of ``decode.StaticDecoder`` (the lean engine a deployment uses). Bytes in memory
+``lean=True`` also the decode of ``decode.StaticDecoder`` (the lean engine a deployment uses) and with
+``gguf`` that of llama.cpp (``llamacpp``) on each model's exported GGUF file. Bytes in memory
 and on disk have their own homes: ``tensors.memory_bytes`` and ``serialization.weights_bytes``.
 """
 
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from ..decode import StaticDecoder, lean_decode_supported
+from ..llamacpp import llamacpp_decode_probe
 from ..profiles import default_device
 from ..runtime import autocast, device_of
 from ..timing import MIN_ROUNDS, SpeedRatio, interleaved_medians, interleaved_times, medians, timed
@@ -71,16 +73,17 @@ def phase_probes(model: nn.Module, batch: int = 8, seq: int = 256, decode_tokens
 
 
 def lean_decode_probe(model: nn.Module, decode_tokens: int = 32, prompt_len: int = 32,
-                      seed: int = 0) -> Callable[[], float] | None:
+                      seed: int = 0, batch: int = 8, seq: int = 256) -> Callable[[], float] | None:
     """A probe timing ``decode_tokens`` greedy steps of ``decode.StaticDecoder`` after the same untimed
-    ``prompt_len``-token prompt as ``phase_probes``' decode; None for a model the lean decoder does not serve.
+    ``prompt_len``-token prompt as ``phase_probes``' decode (drawn after its (``batch``, ``seq``) prefill
+    prompt, as there); None for a model the lean decoder does not serve.
 
     Build it after the model's last change (the decoder holds fused copies of some weights).
     """
     reason = lean_decode_supported(model)
     if reason is not None:
         return None
-    _, short = timing_prompts(model.config.vocab_size, 1, 1, prompt_len, seed, device_of(model))  # (1, P)
+    _, short = timing_prompts(model.config.vocab_size, batch, seq, prompt_len, seed, device_of(model))  # (1, P)
     decoder = StaticDecoder(model, max_len=prompt_len + decode_tokens + 1)
     return lambda: decoder.decode_s(short, decode_tokens)
 
@@ -104,7 +107,7 @@ def latency(model: nn.Module, batch: int = 8, seq: int = 256, decode_tokens: int
 def compare_speed(models: dict[str, nn.Module], batch: int = 8, seq: int = 256, decode_tokens: int = 16,
                   repeats: int = MIN_ROUNDS, warmup: int = 1, bf16: bool | dict[str, bool] = False, seed: int = 0,
                   decode: bool = True, progress: bool = False, baseline: str | None = None,
-                  lean: bool = False) -> dict[str, dict]:
+                  lean: bool = False, gguf: dict[str, str | Path] | None = None) -> dict[str, dict]:
     """Prefill and decode tokens/s of several models, timed interleaved (A, B, C, A, B, C, ...), medians.
 
     Interleaving makes the ratios fair on a busy machine: a slow moment hits every model of that round alike.
@@ -121,11 +124,22 @@ def compare_speed(models: dict[str, nn.Module], batch: int = 8, seq: int = 256, 
     ``baseline`` the like-for-like ``decode_lean_speedup`` (lean against the baseline's lean decode) and
     ``decode_lean_hf_speedup`` (lean against the baseline's Hugging Face decode: the gain a deployment sees).
     A row the lean decoder does not serve says why in ``decode_lean_skipped``.
+    With ``gguf`` ({model name: its GGUF file, as ``export.to_gguf`` wrote it}; needs ``llama-cpp-python``), those
+    models are also decoded by llama.cpp in the same rounds, with the same prompt and number of tokens, on
+    ``torch.get_num_threads()`` threads: ``decode_llamacpp_tokens_per_s``, and with ``baseline`` (when it has a
+    GGUF too) ``decode_llamacpp_speedup`` (llama.cpp against the baseline's llama.cpp decode, like for like) and
+    ``decode_llamacpp_hf_speedup`` (against the baseline's Hugging Face decode).
     """
     if baseline is not None and baseline not in models:
         raise ValueError(f"baseline={baseline!r}; allowed: one of {list(models)}")
     if lean and not decode:
         raise ValueError("lean=True with decode=False; allowed: lean decode is timed only with decode=True")
+    gguf = dict(gguf or {})
+    if gguf and not decode:
+        raise ValueError("gguf with decode=False; allowed: llama.cpp decode is timed only with decode=True")
+    unknown = sorted(set(gguf) - set(models))
+    if unknown:
+        raise ValueError(f"gguf names {unknown}; allowed: names of models {list(models)}")
     flags = bf16 if isinstance(bf16, dict) else {name: bf16 for name in models}
     probes = {}
     for name, model in models.items():
@@ -134,8 +148,15 @@ def compare_speed(models: dict[str, nn.Module], batch: int = 8, seq: int = 256, 
         if decode:
             probes[(name, "decode")] = phases["decode"]
         if lean and lean_decode_supported(model) is None:
-            probes[(name, "decode_lean")] = lean_decode_probe(model, decode_tokens, prompt_len=32, seed=seed)
-    times = interleaved_times(probes, repeats=repeats, warmup=warmup, progress=progress)
+            probes[(name, "decode_lean")] = lean_decode_probe(model, decode_tokens, 32, seed, batch, seq)
+        if name in gguf:
+            _, short = timing_prompts(model.config.vocab_size, batch, seq, 32, seed)  # (1, 32): the HF decode's prompt
+            probes[(name, "decode_llamacpp")] = llamacpp_decode_probe(gguf[name], short, decode_tokens)
+    try:
+        times = interleaved_times(probes, repeats=repeats, warmup=warmup, progress=progress)
+    finally:
+        for probe in probes.values():  # llama.cpp engines hold their file open: free them now
+            getattr(probe, "close", lambda: None)()
     med = medians(times)
     out = {}
     for name in models:
@@ -149,6 +170,8 @@ def compare_speed(models: dict[str, nn.Module], batch: int = 8, seq: int = 256, 
                 row[f"{phase}_speedup"] = SpeedRatio.of_rounds(times[baseline, phase], times[name, phase])
         if lean:
             _lean_columns(row, name, models[name], times, baseline, decode_tokens)
+        if name in gguf:
+            _engine_columns(row, "decode_llamacpp", name, times, baseline, decode_tokens)
         out[name] = row
     return out
 
@@ -159,14 +182,20 @@ def _lean_columns(row: dict, name: str, model: nn.Module, times: dict, baseline:
     if (name, "decode_lean") not in times:
         row["decode_lean_skipped"] = lean_decode_supported(model)
         return
-    lean_s = medians({"lean": times[name, "decode_lean"]})["lean"]
-    row["decode_lean_tokens_per_s"] = decode_tokens / lean_s
-    row["decode_lean_ms_per_token"] = 1000 * lean_s / decode_tokens
+    _engine_columns(row, "decode_lean", name, times, baseline, decode_tokens)
+
+
+def _engine_columns(row: dict, phase: str, name: str, times: dict, baseline: str | None, decode_tokens: int) -> None:
+    """A second decode engine's columns: ``<phase>_tokens_per_s``, ``_ms_per_token``, and against ``baseline``
+    ``<phase>_speedup`` (its decode in the same engine) and ``<phase>_hf_speedup`` (its HF decode)."""
+    s = medians({phase: times[name, phase]})[phase]
+    row[f"{phase}_tokens_per_s"] = decode_tokens / s
+    row[f"{phase}_ms_per_token"] = 1000 * s / decode_tokens
     if baseline is None:
         return
-    row["decode_lean_hf_speedup"] = SpeedRatio.of_rounds(times[baseline, "decode"], times[name, "decode_lean"])
-    if (baseline, "decode_lean") in times:
-        row["decode_lean_speedup"] = SpeedRatio.of_rounds(times[baseline, "decode_lean"], times[name, "decode_lean"])
+    row[f"{phase}_hf_speedup"] = SpeedRatio.of_rounds(times[baseline, "decode"], times[name, phase])
+    if (baseline, phase) in times:
+        row[f"{phase}_speedup"] = SpeedRatio.of_rounds(times[baseline, phase], times[name, phase])
 
 
 def _rss_peak_bytes() -> int:

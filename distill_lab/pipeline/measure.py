@@ -4,14 +4,17 @@ each also relative to the teacher.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .. import llamacpp
 from ..arch import parameter_count
 from ..data import corpus_windows
 from ..evaluate import compare_speed, perplexity
+from ..export import to_gguf
 from ..profiles import Profile
 from ..serialization import weights_bytes
 from ..timing import SpeedRatio
@@ -42,23 +45,27 @@ def logical_parameters(model: nn.Module) -> int:
 # speed depends on the machine and its load at the moment, so it is never reused from an earlier run:
 # every speed-up divides two speeds measured in the same run (with ``against``, in the same rounds)
 SPEED_KEYS = ("prefill_tokens_per_s", "decode_tokens_per_s", "decode_ms_per_token", "decode_lean_tokens_per_s",
-              "decode_lean_ms_per_token", "decode_lean_skipped", "prefill_speedup", "decode_speedup",
-              "decode_lean_speedup", "decode_lean_hf_speedup", "prefill_speedup_iqr", "decode_speedup_iqr",
-              "decode_lean_speedup_iqr", "decode_lean_hf_speedup_iqr", "speed_rounds")
+              "decode_lean_ms_per_token", "decode_lean_skipped", "decode_llamacpp_tokens_per_s",
+              "decode_llamacpp_ms_per_token", "decode_llamacpp_skipped", "prefill_speedup", "decode_speedup",
+              "decode_lean_speedup", "decode_lean_hf_speedup", "decode_llamacpp_speedup", "decode_llamacpp_hf_speedup",
+              "prefill_speedup_iqr", "decode_speedup_iqr", "decode_lean_speedup_iqr", "decode_lean_hf_speedup_iqr",
+              "decode_llamacpp_speedup_iqr", "decode_llamacpp_hf_speedup_iqr", "speed_rounds")
 
 # the speed-ups a measurement holds (``speedup`` rebuilds each as a ``SpeedRatio``):
 # prefill and decode through the Hugging Face forward against the fp32 teacher's; decode_lean, the lean
 # decoder (``decode.StaticDecoder``) against the teacher's lean decode (like for like); decode_lean_hf, the
-# lean decoder against the teacher's Hugging Face decode (what a deployment gains over the plain HF model)
-SPEED_PHASES = ("prefill", "decode", "decode_lean", "decode_lean_hf")
+# lean decoder against the teacher's Hugging Face decode (what a deployment gains over the plain HF model);
+# decode_llamacpp and decode_llamacpp_hf, the same two for llama.cpp on the exported GGUF (where installed)
+SPEED_PHASES = ("prefill", "decode", "decode_lean", "decode_lean_hf", "decode_llamacpp", "decode_llamacpp_hf")
 
 
 def measure_speed(model: nn.Module, profile: Profile, against: nn.Module | None = None, lean: bool = True) -> dict:
     """Prefill tokens/s, decode tokens/s and ms/token of one model, at the profile's recipe sizes.
 
     Prefill is timed on ``profile.recipe_latency_batch`` sequences of ``latency_seq`` tokens (a recipe
-    times every step and every table row: the laptop profile uses 4, half the lessons' batch), decode
-    on ``decode_tokens`` new tokens at batch 1; the median of ``repeats`` runs after a warm-up.
+    times every step, and the claims table six models in up to three engines every round: the laptop profile
+    uses 4, half the lessons' batch), decode on ``recipe_decode_tokens`` new tokens at batch 1 (the laptop
+    profile: the lessons' 32); the median of ``repeats`` runs after a warm-up.
     With ``lean``, decode is also timed through the lean decoder (``decode_lean_tokens_per_s``; a model
     it does not serve has ``decode_lean_skipped``, the reason). With ``against`` (the teacher), both
     models are timed round-robin in the same rounds, and the result also holds the speed-ups over it
@@ -69,15 +76,26 @@ def measure_speed(model: nn.Module, profile: Profile, against: nn.Module | None 
 
 
 def measure_speeds(models: dict[str, nn.Module], profile: Profile, against: nn.Module | None = None,
-                   lean: bool = True) -> dict[str, dict]:
+                   lean: bool = True, llama_cpp: bool = False, tokenizer=None) -> dict[str, dict]:
     """``measure_speed`` of several models at once, all timed in the same rounds (and ``against`` once per
-    round, not once per model): ``{name: speed metrics}``, plus ``"__against__"``, the baseline's own speeds."""
+    round, not once per model): ``{name: speed metrics}``, plus ``"__against__"``, the baseline's own speeds.
+
+    With ``llama_cpp`` (and ``llama-cpp-python`` installed), every model ``export.to_gguf`` can write (the
+    teacher as F32, int4 as Q4_1, int8 as Q8_0) is exported to a temporary GGUF file (``tokenizer`` for a
+    vocabulary that is not the teacher's) and decoded by llama.cpp in the same rounds
+    (``decode_llamacpp_*``); a model it cannot run says why in ``decode_llamacpp_skipped``, and so does
+    every model when llama-cpp-python is missing.
+    """
     if "__against__" in models:
         raise ValueError("a model named '__against__'; allowed: any other name")
     timed = dict(models) if against is None else {"__against__": against, **models}
-    rows = compare_speed(timed, batch=profile.recipe_latency_batch, seq=profile.latency_seq,
-                         decode_tokens=profile.decode_tokens, repeats=profile.repeats,
-                         baseline=None if against is None else "__against__", lean=lean)
+    with tempfile.TemporaryDirectory(prefix="distill_lab-gguf-") as tmp:
+        gguf, skipped = _export_for_llamacpp(timed, tokenizer, Path(tmp)) if llama_cpp else ({}, {})
+        rows = compare_speed(timed, batch=profile.recipe_latency_batch, seq=profile.latency_seq,
+                             decode_tokens=profile.recipe_decode_tokens, repeats=profile.repeats,
+                             baseline=None if against is None else "__against__", lean=lean, gguf=gguf)
+    for name, why in skipped.items():
+        rows[name]["decode_llamacpp_skipped"] = why
     out = {}
     for name, row in rows.items():
         metrics = {k: row[k] for k in SPEED_KEYS if k in row and not k.endswith("_speedup")}
@@ -89,6 +107,22 @@ def measure_speeds(models: dict[str, nn.Module], profile: Profile, against: nn.M
             metrics["speed_rounds"] = row["prefill_speedup"].rounds
         out[name] = metrics
     return out
+
+
+def _export_for_llamacpp(models: dict[str, nn.Module], tokenizer, folder: Path) -> tuple[dict, dict]:
+    """``({name: GGUF path}, {name: why not})``: each model written by ``export.to_gguf`` into ``folder``."""
+    if not llamacpp.available():
+        why = "llama-cpp-python is not installed (pip install 'distill_lab[deploy]', docs/deploy.md)"
+        return {}, {name: why for name in models}
+    paths, skipped = {}, {}
+    for i, (name, model) in enumerate(models.items()):
+        try:
+            to_gguf(model, tokenizer, folder / f"model{i}.gguf")
+        except ValueError as e:  # a family, layer kind or tokenizer GGUF has no mapping for
+            skipped[name] = str(e).splitlines()[0]
+            continue
+        paths[name] = folder / f"model{i}.gguf"
+    return paths, skipped
 
 
 def speedup(metrics: dict, phase: str) -> SpeedRatio | None:
@@ -131,7 +165,9 @@ def relative(metrics: dict, base: dict) -> dict:
             out[f"dppl_pct_{name}"] = 100.0 * (metrics[key] / base[key] - 1.0)
     out["size_reduction"] = base["size_bytes"] / metrics["size_bytes"]
     pairs = {"prefill": ("prefill", "prefill"), "decode": ("decode", "decode"),
-             "decode_lean": ("decode_lean", "decode_lean"), "decode_lean_hf": ("decode_lean", "decode")}
+             "decode_lean": ("decode_lean", "decode_lean"), "decode_lean_hf": ("decode_lean", "decode"),
+             "decode_llamacpp": ("decode_llamacpp", "decode_llamacpp"),
+             "decode_llamacpp_hf": ("decode_llamacpp", "decode")}
     for phase, (mine, theirs) in pairs.items():  # a speed-up timed in the same rounds as the teacher stands
         if f"{phase}_speedup_iqr" in metrics:
             continue

@@ -29,7 +29,7 @@ from .runner import run_recipe, teacher_metrics
 
 __all__ = ["CLAIMS_TASK", "CLAIMS_TASK_LIMIT", "ComparisonTable", "HEAL_QUANT", "INT4_EVERYWHERE", "STUDENT_DISTIL",
            "STUDENT_PRUNE", "SeedClaim",
-           "SPEED_COLUMNS", "VERDICT_PHASES",
+           "LLAMACPP_COLUMNS", "SPEED_COLUMNS", "VERDICT_PHASES",
            "combined_recipe", "comparison_table",
            "seed_rows", "verdict"]
 
@@ -138,18 +138,21 @@ def seed_rows() -> list[tuple[str, Recipe, SeedClaim]]:
 
 # the table's speed-up columns: label -> phase (measure.SPEED_PHASES)
 SPEED_COLUMNS = {"prefill": "prefill", "decode, HF forward": "decode", "decode, lean vs lean fp32": "decode_lean",
-                 "decode, lean vs HF fp32": "decode_lean_hf"}
+                 "decode, lean vs HF fp32": "decode_lean_hf", "decode, llama.cpp vs llama.cpp fp32": "decode_llamacpp",
+                 "decode, llama.cpp vs HF fp32": "decode_llamacpp_hf"}
+# the llama.cpp columns appear only where llama-cpp-python is installed (``comparison_table(llama_cpp=...)``)
+LLAMACPP_COLUMNS = ("decode, llama.cpp vs llama.cpp fp32", "decode, llama.cpp vs HF fp32")
 # the speed-ups a verdict may use: each compares a model with the fp32 teacher in the same engine
-VERDICT_PHASES = ("prefill", "decode", "decode_lean")
+VERDICT_PHASES = ("prefill", "decode", "decode_lean", "decode_llamacpp")
 
 
 def verdict(measured: dict, claim: SeedClaim, tolerance: float = 0.9) -> dict:
     """Compare one measured row with the seed's claim: per-column checks, an overall word and a reason.
 
     Speed takes the best like-for-like speed-up (by median) and its spread: prefill, decode through the
-    Hugging Face forward against the fp32 teacher's, and decode through the lean decoder against the fp32
-    teacher's lean decode (``VERDICT_PHASES``; never the lean decode against the HF one, which mixes two
-    engines). The check is ``None`` ("within noise") when the interquartile range of that speed-up crosses
+    Hugging Face forward against the fp32 teacher's, decode through the lean decoder against the fp32
+    teacher's lean decode, and (where timed) llama.cpp against the fp32 teacher's F32 GGUF in llama.cpp
+    (``VERDICT_PHASES``; never one engine against another). The check is ``None`` ("within noise") when the interquartile range of that speed-up crosses
     ``tolerance`` times the claim's lower end (``timing.SpeedRatio.holds``).
     """
     size_ok = measured["size_reduction"] >= tolerance * claim.size[0]
@@ -181,26 +184,29 @@ class ComparisonTable:
             chance = t.get(f"acc_chance_{task}")
             acc = (f", {task} accuracy {t[f'acc_{task}']:.3f} ± {t[f'acc_stderr_{task}']:.3f} on "
                    f"{t[f'acc_n_{task}']} documents" + (f" (chance {chance:.2f})" if chance is not None else ""))
-        lean = t.get("decode_lean_tokens_per_s")
+        lean, cpp = t.get("decode_lean_tokens_per_s"), t.get("decode_llamacpp_tokens_per_s")
+        columns = self.speed_columns()
         windows = f" on {t['eval_windows_pydoc']} windows" if "eval_windows_pydoc" in t else ""
+        engines = [f"{lean:.1f} tok/s in the lean decoder"] if lean else []
+        engines += [f"{cpp:.1f} tok/s in llama.cpp (F32 GGUF)"] if cpp else []
         decode = (f"decode {t['decode_tokens_per_s']:.1f} tok/s in the Hugging Face forward"
-                  + (f" and {lean:.1f} tok/s in the lean decoder" if lean else ""))
+                  + "".join(f", {e}" for e in engines[:-1]) + (f" and {engines[-1]}" if engines else ""))
+        baselines = {0: "", 1: "the two fp32 baselines", 2: "the three fp32 baselines"}[len(engines)]
         lines = [f"Measured on the teacher (SmolLM2-135M-Instruct, fp32: {t['size_bytes'] / 2**20:.0f} MiB, "
                  f"pydoc test ppl {t['ppl_pydoc']:.2f}{windows}, stdlib-code "
-                 f"ppl {t['ppl_stdlib-code']:.2f}{acc}, prefill {t['prefill_tokens_per_s']:.0f} tok/s, {decode}: "
-                 f"the two fp32 baselines), {self.profile} profile.", "",
-                 "| technique | size on disk | size reduction | prefill speed-up (IQR) | decode, HF forward (IQR) | "
-                 "decode, lean vs lean fp32 (IQR) | decode, lean vs HF fp32 (IQR) | "
-                 "Δppl pydoc | ppl ratio | Δppl stdlib-code | "
+                 f"ppl {t['ppl_stdlib-code']:.2f}{acc}, prefill {t['prefill_tokens_per_s']:.0f} tok/s, {decode}"
+                 + (f": {baselines}" if baselines else "") + f"), {self.profile} profile.", "",
+                 "| technique | size on disk | size reduction | "
+                 + "".join(f"{c} (IQR) | " if c != "prefill" else "prefill speed-up (IQR) | " for c in columns)
+                 + "Δppl pydoc | ppl ratio | Δppl stdlib-code | "
                  + (f"{task} accuracy (± s.e.) | " if task else "")
                  + "claimed (size / speed / loss) | verdict |",
-                 "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if task else "") + "---|"]
+                 "|---|---|---|" + "---|" * len(columns) + "---|---|---|" + ("---|" if task else "") + "---|"]
         for r in self.rows:
             m, v = r["metrics"], r["verdict"]
-            lean_x, lean_hf = (speedup(m, p) for p in ("decode_lean", "decode_lean_hf"))
+            speeds = "".join(f"{speedup(m, SPEED_COLUMNS[c]) or '—'} | " for c in columns)
             lines.append(
-                f"| {r['name']} | {m['size_bytes'] / 2**20:.1f} MiB | {m['size_reduction']:.1f}× | "
-                f"{speedup(m, 'prefill')} | {speedup(m, 'decode')} | {lean_x or '—'} | {lean_hf or '—'} | "
+                f"| {r['name']} | {m['size_bytes'] / 2**20:.1f} MiB | {m['size_reduction']:.1f}× | {speeds}"
                 f"{m['dppl_pct_pydoc']:+.2f}% | "
                 f"{m['ppl_ratio_pydoc']:.3f} | {m['dppl_pct_stdlib-code']:+.1f}% | "
                 + (f"{m[f'acc_{task}']:.3f} ± {m[f'acc_stderr_{task}']:.3f} | " if task else "")
@@ -209,9 +215,18 @@ class ComparisonTable:
                       "against the fp32 teacher in the same forward; *lean* is `distill_lab.decode.StaticDecoder` "
                       "(static KV cache, fused projections, the int4 kernel called directly: what a deployment "
                       "runs), against the fp32 teacher in the same lean decoder (like for like) and against the "
-                      "fp32 teacher's HF forward (the gain over the plain model). The speed verdict takes the best "
-                      "like-for-like column (prefill, HF decode, lean decode); a dash: the lean decoder does not "
-                      "serve that model."]
+                      "fp32 teacher's HF forward (the gain over the plain model)"
+                      + ("; *llama.cpp* is the row's model exported by `distill_lab.export.to_gguf` (int4 as Q4_1, "
+                         "int8 as Q8_0, float as F32) and decoded by llama.cpp through llama-cpp-python on the same "
+                         "threads, against the fp32 teacher's F32 GGUF in llama.cpp and against its HF forward"
+                         if LLAMACPP_COLUMNS[0] in columns else "")
+                      + ". The speed verdict takes the best like-for-like column (prefill, HF decode, lean decode"
+                      + (", llama.cpp decode" if LLAMACPP_COLUMNS[0] in columns else "") + ")"
+                      + ("; a dash: that engine does not serve that model (the reason is in comparison.json)."
+                         if any(f"{p}_skipped" in r["metrics"] for r in self.rows
+                                for p in ("decode_lean", "decode_llamacpp")) else ".")]
+        if LLAMACPP_COLUMNS[0] not in columns and t.get("decode_llamacpp_skipped"):
+            lines += ["", f"No llama.cpp columns: {t['decode_llamacpp_skipped']}."]
         if task:
             lines += ["", f"The verdicts judge quality by Δppl, the claims table's quality-loss column; the {task} "
                           f"accuracy (lm-evaluation-harness, an offline task of distill_lab) is shown beside it, with "
@@ -226,11 +241,16 @@ class ComparisonTable:
         return {"profile": self.profile, "teacher": self.teacher, "rows": self.rows, "env": self.env,
                 "task": self.task}
 
+    def speed_columns(self) -> list[str]:
+        """The labels of ``SPEED_COLUMNS`` this table has: the llama.cpp ones only where llama.cpp was timed."""
+        timed = any(speedup(r["metrics"], "decode_llamacpp_hf") is not None for r in self.rows)
+        return [c for c in SPEED_COLUMNS if timed or c not in LLAMACPP_COLUMNS]
+
     def speed_bars(self) -> dict[str, dict[str, tuple | None]]:
         """Per row, each speed-up column as ``(median, low, high)`` (None where not measured), for ``plot_speedups``."""
         out = {}
         for r in self.rows:
-            ratios = {label: speedup(r["metrics"], phase) for label, phase in SPEED_COLUMNS.items()}
+            ratios = {label: speedup(r["metrics"], SPEED_COLUMNS[label]) for label in self.speed_columns()}
             out[r["name"].replace(" quantization", "")] = {label: None if x is None else (x.median, x.low, x.high)
                                                            for label, x in ratios.items()}
         return out
@@ -264,7 +284,7 @@ def comparison_table(teacher: nn.Module, tokenizer, profile: Profile | str | Non
                      work_dir: str | Path | None = None, rows=None, seed: int = 0,
                      progress: bool = True, results: dict | None = None,
                      measure_steps: str = "last", teacher_stats: dict | None = None,
-                     task: str | None = "auto") -> ComparisonTable:
+                     task: str | None = "auto", llama_cpp: bool = True) -> ComparisonTable:
     """Measure the seed's five rows on ``teacher`` (each a recipe; finished rows are reused from ``work_dir``).
 
     ``rows`` defaults to ``seed_rows()``; ``results`` maps a row name to a ``RecipeResult`` that was
@@ -275,7 +295,9 @@ def comparison_table(teacher: nn.Module, tokenizer, profile: Profile | str | Non
     (else no accuracy column, with a notice), ``None`` none.
     Speed: every row's final model and the teacher are timed together, in the same rounds (``measure_speeds``:
     the Hugging Face forward at prefill and decode, and the lean decoder at decode), after all rows ran;
-    a row's own earlier timing (a ``results`` entry's) is not used.
+    a row's own earlier timing (a ``results`` entry's) is not used. With ``llama_cpp`` and llama-cpp-python
+    installed, every row and the teacher are also exported to GGUF and decoded by llama.cpp in those rounds
+    (two more columns); without it the table says llama.cpp was not timed, and why.
     """
     if task == "auto":
         try:
@@ -308,7 +330,7 @@ def comparison_table(teacher: nn.Module, tokenizer, profile: Profile | str | Non
         models[name] = result.model if result.model is not None else load_saved(result.final.folder,
                                                                                 device=device_of(teacher))[0]
     # every row's final model and the teacher, timed in the same rounds (the teacher once per round)
-    speeds = measure_speeds(models, profile, against=teacher)
+    speeds = measure_speeds(models, profile, against=teacher, llama_cpp=llama_cpp, tokenizer=tokenizer)
     base = {**base, **speeds.pop("__against__")}  # the two fp32 baselines (HF forward, lean) of these rounds
     out = []
     for name, recipe, claim in rows:

@@ -258,6 +258,12 @@ def _apply_quantize(model: nn.Module, config: dict, ctx: StepContext) -> nn.Modu
     return model
 
 
+# where a qat step's training starts: the float weights; the same after AWQ scaling (an equivalent float model);
+# or GPTQ's rounding of the AWQ-scaled weights, dequantized, so training starts on the best one-shot int4 grid
+# (quantize with awq+gptq, then heal with KD through the fake quantizer)
+QAT_STARTS = ("float", "awq", "awq+gptq")
+
+
 @dataclass
 class QATStep(DistilStep):
     """Quantization-aware training: fake-quantize the Linears, distil toward the teacher, convert to real int modules.
@@ -292,10 +298,6 @@ class QATStep(DistilStep):
 
 
 _DISTIL_KNOBS = tuple(f.name for f in dataclasses.fields(DistilStep))
-# where a qat step's training starts: the float weights; the same after AWQ scaling (an equivalent float model);
-# or GPTQ's rounding of the AWQ-scaled weights, dequantized, so training starts on the best one-shot int4 grid
-# (quantize with awq+gptq, then heal with KD through the fake quantizer)
-QAT_STARTS = ("float", "awq", "awq+gptq")
 
 
 def _validate_qat(config: dict) -> None:
