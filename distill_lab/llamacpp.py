@@ -69,9 +69,10 @@ class LlamaCppEngine:
     """
 
     def __init__(self, path: str | Path, threads: int | None = None, n_ctx: int = 512, logits_all: bool = True):
-        from llama_cpp import Llama
+        from llama_cpp import Llama, llama_get_logits_ith
 
         _quiet_logs()
+        self._logits_ith = llama_get_logits_ith  # bound once: _next_token runs inside the timed decode loop
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no GGUF file at {path}")
@@ -87,9 +88,7 @@ class LlamaCppEngine:
     def _next_token(self) -> int:
         """Greedy next token after the last ``eval``, read from llama.cpp's own last logits (llama-cpp-python
         fills ``Llama.scores`` only with ``logits_all``: without it, ``scores`` stays zero)."""
-        import llama_cpp
-
-        ptr = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)  # the batch's last output
+        ptr = self._logits_ith(self.llm.ctx, -1)  # the batch's last output
         return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))))
 
     def close(self) -> None:
