@@ -32,6 +32,7 @@ moves blocks and never changes a value. A tied head is not written: llama.cpp re
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -226,6 +227,18 @@ def _file_type(report: ExportReport):
     return gguf.LlamaFileType.MOSTLY_F16 if counts.get("F16") else gguf.LlamaFileType.ALL_F32
 
 
+def _teacher_gguf(path: Path):
+    """The teacher's parsed GGUF, whose tokenizer every export copies: parsed once per file version
+    (its 49k-token vocabulary takes ~4 s to parse; ``measure_speeds`` exports six models in a row)."""
+    stat = path.stat()
+    return _parsed_gguf(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=1)
+def _parsed_gguf(path: str, mtime_ns: int, size: int):
+    return open_gguf(path)
+
+
 def to_gguf(model: nn.Module, tokenizer, path: str | Path, float_type: str = "f32",
             name: str | None = None) -> ExportReport:
     """Write ``model`` (float or quantized by ``quantize_``, pruned or not) as a llama.cpp GGUF file; atomic."""
@@ -240,7 +253,7 @@ def to_gguf(model: nn.Module, tokenizer, path: str | Path, float_type: str = "f3
     report = ExportReport(path=path)
 
     try:
-        teacher = open_gguf(teacher_gguf_path())
+        teacher = _teacher_gguf(teacher_gguf_path())
     except (FileNotFoundError, ImportError):
         teacher = None
     use_teacher_vocab = teacher is not None and cfg.vocab_size == len(teacher.fields["tokenizer.ggml.tokens"].data) \

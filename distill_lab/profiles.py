@@ -66,7 +66,7 @@ PROFILES: dict[str, Profile] = {
                       train_batch_size=8, calib_windows=16, latency_batch=8, latency_seq=256,
                       decode_tokens=32, repeats=5, gen_tokens=40,
                       recipe_steps=30, recipe_batch=4, recipe_eval_windows=40, recipe_latency_batch=4,
-                      recipe_ood_windows=8, recipe_decode_tokens=32),
+                      recipe_ood_windows=8, recipe_decode_tokens=16),
     "gpu": Profile("gpu", seq_len=512, eval_windows=200, batch_size=16, train_steps=1500,
                    train_batch_size=16, calib_windows=64, latency_batch=8, latency_seq=256,
                    decode_tokens=64, repeats=5, gen_tokens=60,

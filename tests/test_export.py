@@ -256,3 +256,21 @@ def test_blocks_of_different_widths_are_refused_not_written(tmp_path):
     with pytest.raises(ValueError, match=r"block 1 has \(q, k, MLP\) widths .*allowed: every block the same width"):
         to_gguf(model, None, tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_load_gguf_names_a_damaged_file_and_restores_the_libraries_it_speeds_up(tmp_path):
+    from distill_lab._fs import DamagedFileError
+
+    model = _pruned_tiny()
+    path = tmp_path / "tiny.gguf"
+    to_gguf(model, None, path)
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    load_gguf(path, tokenizer=False)
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (reader, name_map)  # patched only while loading
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[:4096])  # truncated inside the tokenizer's metadata
+    with pytest.raises(DamagedFileError, match="cut.gguf.*damaged or not a GGUF file"):
+        load_gguf(cut, tokenizer=False)
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (reader, name_map)
+    with pytest.raises(FileNotFoundError, match="missing.gguf"):
+        load_gguf(tmp_path / "missing.gguf")

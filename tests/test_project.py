@@ -1,6 +1,7 @@
 """Project-level checks: environment.yml and pyproject.toml stay in sync; the lock pins CPU torch; the README
-stays a short page and every relative link in it and in docs/ resolves."""
+stays a short page and every relative link in it and in docs/ resolves; every Markdown table renders."""
 
+import json
 import re
 import shutil
 import tomllib
@@ -143,3 +144,32 @@ def test_every_in_place_technique_returns_one_summary_type():
             "to_sparse_csr_", "to_semi_structured_"} <= set(found)
     wrong = {n: r for n, r in found.items() if not (isinstance(r, type) and issubclass(r, Summary))}
     assert not wrong, f"in-place techniques that do not return a Summary: {wrong}"
+
+
+_SEPARATOR = re.compile(r"^\|(\s*:?-+:?\s*\|)+\s*$")
+
+
+def table_width_mismatches(text: str) -> list[str]:
+    """Markdown tables whose separator row has another number of cells than their header (not rendered)."""
+    lines = text.splitlines()
+    cells = lambda line: len(line.strip().strip("|").split("|"))  # noqa: E731
+    return [f"{cells(head)} header cells, {cells(sep)} in the separator: {head.strip()[:60]}"
+            for head, sep in zip(lines, lines[1:]) if _SEPARATOR.match(sep.strip()) and head.strip().startswith("|")
+            and cells(head) != cells(sep)]
+
+
+def test_table_check_finds_a_short_separator():
+    assert table_width_mismatches("| a | b | c |\n|---|---|\n| 1 | 2 | 3 |") == [
+        "3 header cells, 2 in the separator: | a | b | c |"]
+    assert table_width_mismatches("| a | b |\n|---|:--:|\n| 1 | 2 |") == []
+
+
+def test_every_markdown_table_renders():
+    """Docs, lesson prose and the Markdown the lessons printed (the claims table printed one cell short once)."""
+    found = [f"{p.relative_to(ROOT)}: {m}" for p in DOC_PAGES for m in table_width_mismatches(p.read_text())]
+    for path in sorted((ROOT / "notebooks").rglob("*.ipynb")):
+        for i, cell in enumerate(json.loads(path.read_text())["cells"]):
+            texts = ["".join(cell["source"])] + ["".join(o.get("data", {}).get("text/markdown", ""))
+                                                  for o in cell.get("outputs", [])]
+            found += [f"{path.relative_to(ROOT)} cell {i}: {m}" for t in texts for m in table_width_mismatches(t)]
+    assert not found, "\n".join(found)

@@ -1,7 +1,7 @@
 """Load a model from a local folder, a .gguf file or the Hugging Face Hub (never remote code).
 
 A folder is read by ``serialization.load_saved``, the package's one folder loader; a .gguf file is
-dequantized by transformers (``load_gguf``, after ``open_gguf`` parsed it); a hub id is tried in the
+dequantized by transformers (``load_gguf``; ``open_gguf`` names a damaged one); a hub id is tried in the
 local hub cache first and downloaded only when the hub is reachable (``HubUnavailableError`` otherwise).
 """
 
@@ -108,20 +108,26 @@ def open_gguf(path: str | Path):
 def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, tokenizer: bool = True):
     """Load a .gguf file with transformers (it dequantizes to float): ``(model, tokenizer or None)``.
 
-    The file is parsed first (``open_gguf``), so a damaged one fails with one line naming it.
+    A damaged file fails with one line naming it (``open_gguf`` parses it when transformers could not).
     """
     path = Path(path).expanduser().resolve()
-    open_gguf(path)
-    bar = gguf_utils.tqdm  # its per-tensor bar ignores transformers' progress-bar switch: off here
-    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist")
+    bar, name_map, reader = gguf_utils.tqdm, gguf.get_tensor_name_map, gguf.GGUFReader
+    gguf_utils.tqdm = functools.partial(bar, disable=True)  # its per-tensor bar ignores transformers' switch
+    # transformers parses the file twice (config, then weights: ~4 s each for a 49k-token vocabulary) and builds
+    # the same tensor-name map once per submodule (~400 times, 5 s): each is done once here
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(name_map)
+    gguf.GGUFReader = functools.lru_cache(maxsize=1)(reader)
     try:
         with quiet_transformers():
             model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
             tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name) if tokenizer else None
-    except Exception as err:  # a well-formed file that transformers cannot build a model from  # noqa: BLE001
-        raise _gguf_problem(path, err, "cannot be loaded as a causal LM") from None
+    except Exception as err:  # noqa: BLE001
+        open_gguf(path)  # a damaged file fails here with one line naming it (parsed only when loading failed)
+        raise _gguf_problem(path, err, "cannot be loaded as a causal LM") from None  # well-formed, not a causal LM
     finally:
-        gguf_utils.tqdm = bar
+        gguf_utils.tqdm, gguf.get_tensor_name_map, gguf.GGUFReader = bar, name_map, reader
     return _plain_model(model).to(dtype).eval(), tok
 
 

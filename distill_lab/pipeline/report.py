@@ -201,7 +201,7 @@ class ComparisonTable:
                  + "Δppl pydoc | ppl ratio | Δppl stdlib-code | "
                  + (f"{task} accuracy (± s.e.) | " if task else "")
                  + "claimed (size / speed / loss) | verdict |",
-                 "|---|---|---|" + "---|" * len(columns) + "---|---|---|" + ("---|" if task else "") + "---|"]
+                 "|---|---|---|" + "---|" * len(columns) + "---|---|---|" + ("---|" if task else "") + "---|---|"]
         for r in self.rows:
             m, v = r["metrics"], r["verdict"]
             speeds = "".join(f"{speedup(m, SPEED_COLUMNS[c]) or '—'} | " for c in columns)
@@ -213,8 +213,8 @@ class ComparisonTable:
                 + f"{r['claim']} | {v['verdict']} ({v['why']}) |")
         lines += ["", "Decode engines: *HF forward* is the Hugging Face model's own `forward` with its KV cache, "
                       "against the fp32 teacher in the same forward; *lean* is `distill_lab.decode.StaticDecoder` "
-                      "(static KV cache, fused projections, the int4 kernel called directly: what a deployment "
-                      "runs), against the fp32 teacher in the same lean decoder (like for like) and against the "
+                      "(static KV cache, fused projections, the int4 kernel called directly: a deployment in "
+                      "PyTorch), against the fp32 teacher in the same lean decoder (like for like) and against the "
                       "fp32 teacher's HF forward (the gain over the plain model)"
                       + ("; *llama.cpp* is the row's model exported by `distill_lab.export.to_gguf` (int4 as Q4_1, "
                          "int8 as Q8_0, float as F32) and decoded by llama.cpp through llama-cpp-python on the same "
