@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import os
 import statistics
 import sys
@@ -83,12 +82,8 @@ class LeanEngine(TorchEngine):
 
 
 def perplexity(engine, windows) -> float:
-    """exp(mean NLL) over all predicted tokens of ``windows``."""
-    total, count = 0.0, 0
-    for w in windows:
-        nll, n = engine.nll(w)
-        total, count = total + nll, count + n
-    return math.exp(total / count)
+    """exp(mean NLL) over all predicted tokens of ``windows`` (either engine's ``nll``)."""
+    return llamacpp.perplexity_of(engine.nll, windows)
 
 
 def main(argv=None):

@@ -23,13 +23,15 @@ import torch
 
 from .timing import timed
 
-__all__ = ["INSTALL_HINT", "LlamaCppEngine", "available", "llamacpp_decode_probe"]
+__all__ = ["INSTALL_HINT", "MISSING", "LlamaCppEngine", "available", "llamacpp_decode_probe", "perplexity_of"]
 
 INSTALL_HINT = ("llama-cpp-python is not installed. Install it with\n"
                 "  pip install cmake ninja && CMAKE_ARGS=\"-DGGML_NATIVE=ON\" pip install 'distill_lab[deploy]'\n"
                 "(built from source, about 20 min on 2 cores; needs a C++ compiler). If llama.cpp then dies with\n"
                 "'Illegal instruction' on a CPU with AMX, rebuild without native AMX (docs/deploy.md).")
 
+# one line for a table or a report (INSTALL_HINT is the whole how-to)
+MISSING = "llama-cpp-python is not installed (pip install 'distill_lab[deploy]', docs/deploy.md)"
 
 _GGML_LOG_ERROR = 4  # ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
 _log_callback = None  # kept referenced: llama.cpp calls it from C
@@ -114,11 +116,7 @@ class LlamaCppEngine:
 
     def perplexity(self, windows: list[list[int]]) -> float:
         """exp(mean NLL) over every predicted token of ``windows``."""
-        total, count = 0.0, 0
-        for w in windows:
-            nll, n = self.nll(w)
-            total, count = total + nll, count + n
-        return math.exp(total / count)
+        return perplexity_of(self.nll, windows)
 
     def prefill_s(self, prompt: list[int]) -> float:
         """Seconds to evaluate ``prompt`` from an empty cache."""
@@ -151,6 +149,16 @@ class LlamaCppEngine:
             if i + 1 < tokens:
                 self.llm.eval([out[-1]])
         return out
+
+
+def perplexity_of(nll: Callable[[list[int]], tuple[float, int]], windows: list[list[int]]) -> float:
+    """exp(mean NLL) over every predicted token of ``windows``, from an engine's ``nll(window)`` ->
+    (summed NLL, predicted tokens): one formula for every engine (``benchmarks/deploy.py`` compares two)."""
+    total, count = 0.0, 0
+    for w in windows:
+        nll_sum, n = nll(w)
+        total, count = total + nll_sum, count + n
+    return math.exp(total / count)
 
 
 def llamacpp_decode_probe(path: str | Path, prompt: torch.Tensor, decode_tokens: int,

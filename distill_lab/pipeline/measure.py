@@ -113,8 +113,7 @@ def measure_speeds(models: dict[str, nn.Module], profile: Profile, against: nn.M
 def _export_for_llamacpp(models: dict[str, nn.Module], tokenizer, folder: Path) -> tuple[dict, dict]:
     """``({name: GGUF path}, {name: why not})``: each model written by ``export.to_gguf`` into ``folder``."""
     if not llamacpp.available():
-        why = "llama-cpp-python is not installed (pip install 'distill_lab[deploy]', docs/deploy.md)"
-        return {}, {name: why for name in models}
+        return {}, {name: llamacpp.MISSING for name in models}
     paths, skipped = {}, {}
     for i, (name, model) in enumerate(models.items()):
         try:
